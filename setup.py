@@ -1,0 +1,3 @@
+from setuptools import setup
+
+setup(cffi_modules=["unclaw_tui/engine/build.py:ffibuilder"])
