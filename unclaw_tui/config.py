@@ -1,0 +1,42 @@
+"""Settings of a gateway run, built by the CLI from flags and the state dir's saved values."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_LISTEN_PORT = 51820
+DEFAULT_ADDRESS = "10.77.0.1/24"
+DEFAULT_MTU = 1420
+VIP_NETWORK = "10.78.0.0/16"
+
+
+def default_state_dir() -> Path:
+    """$XDG_STATE_HOME/unclaw-tui, else ~/.local/state/unclaw-tui."""
+    base = os.environ.get("XDG_STATE_HOME")
+    root = Path(base) if base else Path.home() / ".local" / "state"
+    return root / "unclaw-tui"
+
+
+@dataclass(slots=True)
+class Settings:
+    state_dir: Path = field(default_factory=default_state_dir)
+    listen_port: int = DEFAULT_LISTEN_PORT
+    # host[:port] written into client configs; None means "this host's primary IPv4 address".
+    endpoint: str | None = None
+    address: ipaddress.IPv4Interface = field(
+        default_factory=lambda: ipaddress.IPv4Interface(DEFAULT_ADDRESS)
+    )
+    mtu: int = DEFAULT_MTU
+    max_peers: int = 4096
+    json_events: bool = False
+
+    @property
+    def gateway_ip(self) -> ipaddress.IPv4Address:
+        return self.address.ip
+
+    @property
+    def tunnel_network(self) -> ipaddress.IPv4Network:
+        return self.address.network

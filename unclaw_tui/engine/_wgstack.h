@@ -1,0 +1,181 @@
+/*
+ * _wgstack.h: the C data plane of unclaw-tui, the contract between C and Python.
+ *
+ * The core is sans-IO: datagrams and the time go in (wg_input, wg_tick), datagrams to send
+ * (wg_next_output) and events for Python (wg_next_event) come out.  It never reads a clock and
+ * never blocks.  A thin IO helper (wg_io_recv / wg_io_flush) runs the same core over a UDP
+ * socket that Python owns, with recvmmsg/sendmmsg on Linux.
+ *
+ * Python does per-handshake work (Noise IKpsk2, cookies, retransmission policy) and installs the
+ * resulting keypairs here; C does per-packet work (transport encrypt/decrypt, replay window,
+ * cryptokey routing, inner IP, ICMP echo, keepalives, counters).
+ *
+ * Conventions: IPv4 addresses are uint32_t in host byte order; times are seconds (double) on
+ * Python's monotonic clock; peer ids are small integers chosen by Python (< max_peers).
+ * Functions returning int return 0 (or a count) on success and a negative WG_E* code on error.
+ * This header is also read by build.py as the cffi cdef: keep it free of preprocessor
+ * conditionals and macros other than the include guard and plain integer #defines.
+ */
+#ifndef UNCLAW_WGSTACK_H
+#define UNCLAW_WGSTACK_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+/* libsodium entry points, taken from the libsodium PyNaCl already loaded (no crypto of ours). */
+typedef int (*wg_aead_encrypt_fn)(unsigned char *c, unsigned long long *clen_p,
+                                  const unsigned char *m, unsigned long long mlen,
+                                  const unsigned char *ad, unsigned long long adlen,
+                                  const unsigned char *nsec, const unsigned char *npub,
+                                  const unsigned char *k);
+typedef int (*wg_aead_decrypt_fn)(unsigned char *m, unsigned long long *mlen_p,
+                                  unsigned char *nsec, const unsigned char *c,
+                                  unsigned long long clen, const unsigned char *ad,
+                                  unsigned long long adlen, const unsigned char *npub,
+                                  const unsigned char *k);
+typedef void (*wg_memzero_fn)(void *pnt, size_t len);
+
+/* Error codes (negative return values). */
+#define WG_EINVAL -1
+#define WG_ENOPEER -2
+#define WG_EEXIST -3
+#define WG_ENOSPC -4
+#define WG_EINDEX -5
+#define WG_EIO -6
+
+/* A UDP endpoint. family is 4 or 6 (0: none); addr holds 4 or 16 bytes in network order. */
+typedef struct {
+    uint8_t family;
+    uint8_t addr[16];
+    uint16_t port; /* host byte order */
+} wg_endpoint;
+
+typedef struct {
+    uint32_t tunnel_ip;        /* the gateway's tunnel address, e.g. 10.77.0.1 */
+    uint8_t tunnel_prefix_len; /* e.g. 24 */
+    uint16_t mtu;              /* inner MTU (1420) */
+    uint32_t max_peers;        /* peer ids are 0 .. max_peers-1 */
+    uint32_t staged_per_peer;  /* inner packets queued per peer while waiting for a handshake (128) */
+} wg_config;
+
+/* Events for Python, read with wg_next_event after wg_input / wg_io_recv / wg_tick. */
+#define WG_EV_HANDSHAKE_PACKET 1 /* a message of type 1, 2 or 3: data/len/src. peer_id unknown (-1) */
+#define WG_EV_NEED_HANDSHAKE 2   /* peer_id: the data path wants a new handshake; arg = WG_NEED_* */
+#define WG_EV_KEYPAIR_CONFIRMED 3 /* peer_id: a responder keypair (arg = local index) became current */
+#define WG_EV_KEYPAIR_FREED 4    /* peer_id: keypair with local index arg was dropped (rotated out or expired) */
+#define WG_EV_ENDPOINT_CHANGED 5 /* peer_id: an authenticated packet came from a new endpoint (src) */
+#define WG_EV_KEYS_EXPIRED 6     /* peer_id: no handshake for 540 s, every key of the peer was zeroed */
+
+#define WG_NEED_NO_KEY 1         /* data to send but no usable keypair (packets staged) */
+#define WG_NEED_REKEY_TIME 2     /* our initiator keypair is older than REKEY_AFTER_TIME */
+#define WG_NEED_REKEY_MESSAGES 3 /* send counter passed REKEY_AFTER_MESSAGES */
+#define WG_NEED_NO_RESPONSE 4    /* data sent, nothing received for KEEPALIVE + REKEY_TIMEOUT */
+#define WG_NEED_RECV_OLD 5       /* receiving on our initiator keypair older than 165 s */
+
+typedef struct {
+    uint32_t type;
+    int32_t peer_id;
+    uint32_t arg;
+    wg_endpoint src;
+    uint32_t len;
+    uint8_t data[148]; /* handshake message bytes for WG_EV_HANDSHAKE_PACKET */
+} wg_event;
+
+/* Reasons a datagram or inner packet is dropped; each is counted (wg_drop_count). */
+#define WG_DROP_TRUNCATED 0        /* shorter than its type requires */
+#define WG_DROP_BAD_SIZE 1         /* handshake message of the wrong size */
+#define WG_DROP_BAD_TYPE 2         /* unknown message type or nonzero reserved bytes */
+#define WG_DROP_UNKNOWN_INDEX 3    /* receiver index matches no keypair */
+#define WG_DROP_REPLAY 4           /* counter already seen or behind the window */
+#define WG_DROP_DECRYPT 5          /* authentication tag did not verify */
+#define WG_DROP_KEY_EXPIRED 6      /* keypair past REJECT_AFTER_TIME / MESSAGES */
+#define WG_DROP_BAD_IP 7           /* inner packet: bad version, header, length or checksum */
+#define WG_DROP_SPOOFED_SRC 8      /* inner source not in the peer's allowed IPs */
+#define WG_DROP_NO_ROUTE 9         /* outgoing inner packet matches no peer */
+#define WG_DROP_STAGED_FULL 10     /* per-peer queue waiting for a handshake is full */
+#define WG_DROP_UNHANDLED 11       /* inner packet the stack does not handle (yet) */
+#define WG_DROP_EVENT_OVERFLOW 12  /* event queue full */
+#define WG_DROP_OUTPUT_OVERFLOW 13 /* output queue full and no socket to flush to */
+#define WG_DROP_FRAGMENT 14        /* inner IPv4 fragment */
+#define WG_DROP__COUNT 15
+
+typedef struct {
+    wg_endpoint endpoint;
+    uint64_t rx_bytes;   /* WireGuard datagram bytes received (authenticated) */
+    uint64_t tx_bytes;   /* WireGuard datagram bytes sent */
+    uint64_t rx_packets;
+    uint64_t tx_packets;
+    double last_rx;      /* time of the last authenticated packet, 0 = never */
+    double last_tx;      /* time of the last sent transport packet, 0 = never */
+    double current_created; /* time the current keypair was installed, 0 = none */
+    uint32_t has_current;   /* a current keypair usable for sending */
+    uint32_t staged;        /* inner packets waiting for a handshake */
+} wg_peer_stats;
+
+typedef struct {
+    uint64_t rx_datagrams;
+    uint64_t tx_datagrams;
+    uint64_t rx_bytes;
+    uint64_t tx_bytes;
+    uint64_t icmp_echo_replies;
+} wg_engine_stats;
+
+typedef struct wg_engine wg_engine;
+
+/* Lifecycle.  Returns NULL on bad config or out of memory. */
+wg_engine *wg_engine_new(const wg_config *cfg, wg_aead_encrypt_fn enc, wg_aead_decrypt_fn dec,
+                         wg_memzero_fn memzero);
+void wg_engine_free(wg_engine *e); /* zeroes every key */
+
+/* Peers.  Changes take effect for the next packet. */
+int wg_peer_add(wg_engine *e, uint32_t peer_id, uint16_t persistent_keepalive_s);
+int wg_peer_remove(wg_engine *e, uint32_t peer_id); /* zeroes keys, drops staged, frees its indices */
+int wg_peer_add_allowed_ip(wg_engine *e, uint32_t peer_id, uint8_t family, const uint8_t *addr,
+                           uint8_t prefix_len); /* addr: 4 or 16 bytes, network order */
+int wg_peer_set_endpoint(wg_engine *e, uint32_t peer_id, const wg_endpoint *ep);
+/* Install a keypair from a completed handshake.  Initiator: it becomes current at once (the old
+ * current becomes previous), staged packets are sent, or a keepalive if none were staged.
+ * Responder: it becomes next and is promoted to current on the first packet received with it
+ * (WG_EV_KEYPAIR_CONFIRMED).  A keypair pushed out of the three slots is zeroed and its index
+ * freed (WG_EV_KEYPAIR_FREED).  Returns WG_EINDEX if local_index is already in use. */
+int wg_peer_install_keypair(wg_engine *e, uint32_t peer_id, uint32_t local_index,
+                            uint32_t remote_index, const uint8_t *send_key,
+                            const uint8_t *recv_key, int is_initiator, double now);
+/* Python gave up on handshaking (REKEY_ATTEMPT_TIME): drop the staged packets. */
+int wg_peer_drop_staged(wg_engine *e, uint32_t peer_id);
+int wg_peer_get_stats(wg_engine *e, uint32_t peer_id, wg_peer_stats *out);
+int wg_index_in_use(wg_engine *e, uint32_t local_index); /* 1 if a keypair holds it */
+
+/* The sans-IO core. */
+/* One datagram received from src.  Returns 0 (processed or dropped and counted). */
+int wg_input(wg_engine *e, const uint8_t *data, size_t len, const wg_endpoint *src, double now);
+/* Queue a raw datagram (a handshake message built in Python) for dst. */
+int wg_send_raw(wg_engine *e, const uint8_t *data, size_t len, const wg_endpoint *dst);
+/* Route an inner IP packet to the peer whose allowed IPs hold its destination, encrypt, queue. */
+int wg_send_inner(wg_engine *e, const uint8_t *packet, size_t len, double now);
+/* Run the timers due at now: keepalives, NEED_HANDSHAKE after silence, key zeroing. */
+void wg_tick(wg_engine *e, double now);
+/* Earliest time wg_tick has something to do; 0 if nothing is armed. */
+double wg_next_deadline(wg_engine *e);
+/* Pop the next datagram to send: copies it into buf, fills dst, returns its length; 0 if none;
+ * WG_ENOSPC if cap is too small. */
+int wg_next_output(wg_engine *e, uint8_t *buf, size_t cap, wg_endpoint *dst);
+/* Pop the next event: returns 1 and fills out, or 0 if none. */
+int wg_next_event(wg_engine *e, wg_event *out);
+
+/* Counters. */
+uint64_t wg_drop_count(wg_engine *e, int reason);
+const char *wg_drop_reason_name(int reason);
+void wg_engine_get_stats(wg_engine *e, wg_engine_stats *out);
+
+/* The IO helper over a non-blocking UDP socket owned by Python. family is 4 (AF_INET socket)
+ * or 6 (AF_INET6 socket, dual-stack: IPv4 peers appear as family 4 endpoints). */
+int wg_io_attach(wg_engine *e, int fd, int family);
+/* Receive until EAGAIN or max_datagrams, feed each to wg_input, then flush.  Returns the number
+ * of datagrams received, or a negative errno on a socket error other than EAGAIN. */
+int wg_io_recv(wg_engine *e, double now, int max_datagrams);
+/* Send every queued output datagram (sendmmsg).  Returns the number sent; datagrams the
+ * socket refuses with EAGAIN stay queued, other errors drop and count them. */
+int wg_io_flush(wg_engine *e);
+
+#endif

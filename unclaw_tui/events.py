@@ -1,0 +1,163 @@
+"""Typed gateway events and their fan-out to observers (the TUI, the headless printer).
+
+Events are small frozen dataclasses with a wall-clock timestamp.  They never carry private
+keys or preshared keys: only public keys (base64), names and addresses.  `to_dict()` gives the
+JSON-lines form documented in the README: {"ts": ..., "type": "...", ...fields}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    type: ClassVar[str] = "event"
+    ts: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ts": round(self.ts, 3), "type": self.type}
+        for f in dataclasses.fields(self):
+            if f.name != "ts":
+                out[f.name] = getattr(self, f.name)
+        return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayStarted(Event):
+    type: ClassVar[str] = "gateway_started"
+    listen_port: int
+    public_key: str
+    endpoint: str
+    address: str
+    state_dir: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayStopped(Event):
+    type: ClassVar[str] = "gateway_stopped"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerAdded(Event):
+    type: ClassVar[str] = "peer_added"
+    name: str
+    public_key: str
+    ip: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerRemoved(Event):
+    type: ClassVar[str] = "peer_removed"
+    name: str
+    public_key: str
+    ip: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerHandshake(Event):
+    """A handshake with the peer completed (as responder or initiator)."""
+
+    type: ClassVar[str] = "peer_handshake"
+    name: str
+    public_key: str
+    ip: str
+    endpoint: str
+    initiator: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerEndpointChanged(Event):
+    """The peer roamed: an authenticated packet came from a new address."""
+
+    type: ClassVar[str] = "peer_endpoint"
+    name: str
+    public_key: str
+    ip: str
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerHandshakeFailed(Event):
+    """We initiated and got no answer within REKEY_ATTEMPT_TIME."""
+
+    type: ClassVar[str] = "peer_handshake_failed"
+    name: str
+    public_key: str
+    ip: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnderLoad(Event):
+    """The handshake rate crossed the threshold: cookie replies (MAC2) are now required."""
+
+    type: ClassVar[str] = "under_load"
+    active: bool
+
+
+class EventBus:
+    """Fan-out of events to any number of subscribers, each with a bounded queue.
+
+    Publishing never blocks and never fails: a subscriber that falls behind loses its oldest
+    events and is told how many through its `dropped` count.
+    """
+
+    def __init__(self) -> None:
+        self._subscribers: list[Subscription] = []
+
+    def publish(self, event: Event) -> None:
+        for sub in self._subscribers:
+            sub._offer(event)
+
+    def subscribe(self, maxsize: int = 10_000) -> Subscription:
+        sub = Subscription(self, maxsize)
+        self._subscribers.append(sub)
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subscribers:
+            self._subscribers.remove(sub)
+
+
+class Subscription:
+    """An async iterator of events; `close()` ends it."""
+
+    def __init__(self, bus: EventBus, maxsize: int) -> None:
+        self._bus = bus
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize)
+        self.dropped = 0
+
+    def _offer(self, event: Event | None) -> None:
+        while True:
+            try:
+                self._queue.put_nowait(event)
+                return
+            except asyncio.QueueFull:
+                self._queue.get_nowait()
+                self.dropped += 1
+
+    def get_nowait(self) -> Event | None:
+        """The next queued event, or None; for observers that poll at a few Hz."""
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    def close(self) -> None:
+        self._bus._unsubscribe(self)
+        self._offer(None)
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self._queue.get()
+            if event is None:
+                return
+            yield event
