@@ -161,3 +161,109 @@ class Subscription:
             if event is None:
                 return
             yield event
+
+
+# Flow, DNS, TLS and HTTP events: what the console's Connections, DNS and TLS panes show.
+# Routes: "tls" (443/8443), "dns" (53), "vip" (a 10.78/16 hostname address), "relay".
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TcpOpened(Event):
+    type: ClassVar[str] = "tcp_opened"
+    conn_id: int
+    peer: str
+    peer_public_key: str
+    peer_ip: str
+    dst_ip: str
+    dst_port: int
+    hostname: str | None = None  # from the VIP map or the TLS SNI
+    route: str = "relay"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TcpClosed(Event):
+    type: ClassVar[str] = "tcp_closed"
+    conn_id: int
+    peer: str
+    peer_public_key: str
+    peer_ip: str
+    dst_ip: str
+    dst_port: int
+    hostname: str | None = None
+    route: str = "relay"
+    bytes_up: int = 0  # peer -> destination
+    bytes_down: int = 0  # destination -> peer
+    duration: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UdpFlowOpened(Event):
+    type: ClassVar[str] = "udp_flow_opened"
+    conn_id: int
+    peer: str
+    peer_public_key: str
+    peer_ip: str
+    dst_ip: str
+    dst_port: int
+    hostname: str | None = None
+    route: str = "relay"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UdpFlowClosed(Event):
+    """A UDP flow ended (idle timeout or error)."""
+
+    type: ClassVar[str] = "udp_flow_closed"
+    conn_id: int
+    peer: str
+    peer_public_key: str
+    peer_ip: str
+    dst_ip: str
+    dst_port: int
+    hostname: str | None = None
+    route: str = "relay"
+    bytes_up: int = 0
+    bytes_down: int = 0
+    duration: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DnsQuery(Event):
+    type: ClassVar[str] = "dns_query"
+    peer: str
+    peer_ip: str
+    qname: str
+    qtype: str  # "A", "AAAA", "HTTPS", ...
+    answers: list[str] = field(default_factory=list)
+    rcode: str = "NOERROR"
+    upstream_ms: float | None = None  # None when answered locally (VIP or cache)
+    cached: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsHost(Event):
+    """A TLS ClientHello was seen and handled."""
+
+    type: ClassVar[str] = "tls_host"
+    peer: str
+    sni: str
+    alpn: str | None = None
+    mode: str = "intercepted"  # "intercepted" / "passthrough" / "rejected"
+    ok: bool = True
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpRequest(Event):
+    """An HTTP request seen inside an intercepted TLS connection."""
+
+    type: ClassVar[str] = "http_request"
+    peer: str
+    method: str
+    host: str
+    path: str
+    status: int | None = None  # None when no response came
+    bytes: int = 0  # response body bytes
+    ms: float = 0.0
