@@ -6,10 +6,41 @@ GatewayProtocol); a FakeGateway in the TUI tests implements the same protocol.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from unclaw_tui.events import Subscription
+from unclaw_tui.config import Settings
+from unclaw_tui.engine.noise import unb64
+from unclaw_tui.events import (
+    EventBus,
+    GatewayStarted,
+    GatewayStopped,
+    PeerAdded,
+    PeerEndpointChanged,
+    PeerHandshake,
+    PeerHandshakeFailed,
+    PeerRemoved,
+    Subscription,
+    UnderLoad,
+)
+from unclaw_tui.state import PeerRecord, PeerRuntime, StateDir
+from unclaw_tui.wgquick import client_config, resolve_endpoint
+
+if TYPE_CHECKING:  # the engine (a compiled module) is imported when the gateway starts
+    from unclaw_tui.engine.tunnel import Tunnel, TunnelEvent
+
+log = logging.getLogger(__name__)
+
+
+def format_endpoint(ep: tuple[str, int] | None) -> str | None:
+    if ep is None:
+        return None
+    host, port = ep
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +73,6 @@ class GatewaySnapshot:
     @property
     def peers_online(self) -> int:
         """Peers with a handshake in the last 180 s (REJECT_AFTER_TIME)."""
-        import time
-
         now = time.time()
         return sum(
             1 for p in self.peers if p.last_handshake is not None and now - p.last_handshake < 180
@@ -68,3 +97,227 @@ class GatewayProtocol(Protocol):
     def client_config(self, name: str) -> str:
         """The peer's wg-quick config text. Raises KeyError if unknown."""
         ...
+
+
+# --- the real gateway --------------------------------------------------------------------
+
+# How often the state dir is polled for peers added or removed by the CLI, and stats written.
+PEERS_POLL_INTERVAL = 0.5
+STATS_WRITE_INTERVAL = 2.0
+
+
+class Gateway:
+    """Engine + state, offered to the UI and the CLI as one object (see GatewayProtocol)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bus = EventBus()
+        self.state = StateDir(settings.state_dir)
+        self.identity = self.state.identity()
+        self.endpoint = resolve_endpoint(settings.endpoint, settings.listen_port)
+        self.started_at = time.time()
+        self._tunnel: Tunnel | None = None
+        self._records: dict[str, PeerRecord] = {}  # by name
+        self._by_key: dict[bytes, PeerRecord] = {}
+        self._baseline: dict[str, PeerRuntime] = {}  # stats from earlier runs, by public key
+        self._peers_signature: tuple[int, int, int] = (0, 0, 0)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from unclaw_tui.engine.tunnel import Tunnel
+
+        s = self.settings
+        self._tunnel = Tunnel(
+            unb64(self.identity.private_key),
+            s.listen_port,
+            s.address,
+            mtu=s.mtu,
+            max_peers=s.max_peers,
+            on_event=self._on_tunnel_event,
+        )
+        await self._tunnel.start()
+        self._baseline = self.state.read_stats()
+        self._reconcile_peers(announce=False)
+        self._tasks.append(asyncio.create_task(self._poll_state()))
+        self.bus.publish(
+            GatewayStarted(
+                listen_port=self._tunnel.listen_port,
+                public_key=self.identity.public_key,
+                endpoint=self.endpoint,
+                address=str(s.address),
+                state_dir=str(s.state_dir),
+            )
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._tunnel is not None:
+            self._write_stats()
+            self._tunnel.close()
+            self._tunnel = None
+            self.bus.publish(GatewayStopped())
+
+    @property
+    def tunnel(self) -> Tunnel:
+        if self._tunnel is None:
+            raise RuntimeError("gateway not started")
+        return self._tunnel
+
+    # -- GatewayProtocol -------------------------------------------------------------------
+
+    def subscribe(self) -> Subscription:
+        return self.bus.subscribe()
+
+    def add_peer(self, name: str, ip: str | None = None) -> PeerSnapshot:
+        record = self.state.add_peer(
+            name, ip, self.settings.tunnel_network, self.settings.gateway_ip
+        )
+        self._reconcile_peers(announce=True)
+        return self._peer_snapshot(record)
+
+    def remove_peer(self, name: str) -> None:
+        self.state.remove_peer(name)
+        self._reconcile_peers(announce=True)
+
+    def client_config(self, name: str) -> str:
+        record = self._records.get(name) or self.state.peer(name)
+        return client_config(
+            record, self.identity.public_key, self.endpoint, str(self.settings.gateway_ip)
+        )
+
+    def snapshot(self) -> GatewaySnapshot:
+        tunnel = self._tunnel
+        return GatewaySnapshot(
+            listen_port=tunnel.listen_port if tunnel else self.settings.listen_port,
+            public_key=self.identity.public_key,
+            endpoint=self.endpoint,
+            address=str(self.settings.address),
+            started_at=self.started_at,
+            peers=tuple(self._peer_snapshot(r) for r in self._records.values()),
+            drops=tunnel.drop_counts() if tunnel else {},
+            under_load=tunnel.under_load if tunnel else False,
+        )
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _peer_runtime(self, record: PeerRecord) -> PeerRuntime:
+        """Counters of this run added to those saved by earlier runs."""
+        base = self._baseline.get(record.public_key)
+        live = None
+        if self._tunnel is not None and unb64(record.public_key) in self._by_key:
+            live = self._tunnel.peer_info(unb64(record.public_key))
+        endpoint = format_endpoint(live.endpoint) if live else None
+        last = live.last_handshake if live else None
+        return PeerRuntime(
+            endpoint=endpoint or (base.endpoint if base else None),
+            last_handshake=last or (base.last_handshake if base else None),
+            rx_bytes=(base.rx_bytes if base else 0) + (live.rx_bytes if live else 0),
+            tx_bytes=(base.tx_bytes if base else 0) + (live.tx_bytes if live else 0),
+            rx_packets=(base.rx_packets if base else 0) + (live.rx_packets if live else 0),
+            tx_packets=(base.tx_packets if base else 0) + (live.tx_packets if live else 0),
+        )
+
+    def _peer_snapshot(self, record: PeerRecord) -> PeerSnapshot:
+        rt = self._peer_runtime(record)
+        return PeerSnapshot(
+            name=record.name,
+            public_key=record.public_key,
+            ip=record.ip,
+            created=record.created,
+            endpoint=rt.endpoint,
+            last_handshake=rt.last_handshake,
+            rx_bytes=rt.rx_bytes,
+            tx_bytes=rt.tx_bytes,
+            rx_packets=rt.rx_packets,
+            tx_packets=rt.tx_packets,
+        )
+
+    def _reconcile_peers(self, *, announce: bool) -> None:
+        """Make the tunnel's peers match peers.json (the CLI may have changed it)."""
+        self._peers_signature = self.state.peers_signature()
+        wanted = {r.public_key: r for r in self.state.peers()}
+        current = {r.public_key: r for r in self._records.values()}
+        for key, record in current.items():
+            if key not in wanted or wanted[key].ip != record.ip:
+                self._drop_peer(record, announce)
+        for key, record in wanted.items():
+            if key not in current or current[key].ip != record.ip:
+                self._take_peer(record, announce)
+            else:
+                self._records[record.name] = record
+
+    def _take_peer(self, record: PeerRecord, announce: bool) -> None:
+        key = unb64(record.public_key)
+        self.tunnel.add_peer(
+            key,
+            preshared_key=unb64(record.preshared_key),
+            allowed_ips=[f"{record.ip}/32"],
+        )
+        self._records[record.name] = record
+        self._by_key[key] = record
+        if announce:
+            self.bus.publish(
+                PeerAdded(name=record.name, public_key=record.public_key, ip=record.ip)
+            )
+
+    def _drop_peer(self, record: PeerRecord, announce: bool) -> None:
+        key = unb64(record.public_key)
+        # Keep its counters for the stats file before the engine forgets them.
+        self._baseline[record.public_key] = self._peer_runtime(record)
+        self.tunnel.remove_peer(key)
+        self._by_key.pop(key, None)
+        if self._records.get(record.name) is record:
+            del self._records[record.name]
+        else:
+            self._records = {n: r for n, r in self._records.items() if r is not record}
+        if announce:
+            self.bus.publish(
+                PeerRemoved(name=record.name, public_key=record.public_key, ip=record.ip)
+            )
+
+    async def _poll_state(self) -> None:
+        last_stats = time.monotonic()
+        while True:
+            await asyncio.sleep(PEERS_POLL_INTERVAL)
+            try:
+                if self.state.peers_signature() != self._peers_signature:
+                    self._reconcile_peers(announce=True)
+                if time.monotonic() - last_stats >= STATS_WRITE_INTERVAL:
+                    last_stats = time.monotonic()
+                    self._write_stats()
+            except Exception:  # a bad edit of the state files must not stop the gateway
+                log.exception("state poll failed")
+
+    def _write_stats(self) -> None:
+        stats = dict(self._baseline)
+        for record in self._records.values():
+            stats[record.public_key] = self._peer_runtime(record)
+        self.state.write_stats(stats)
+
+    def _on_tunnel_event(self, ev: TunnelEvent) -> None:
+        if ev.kind == "under_load":
+            self.bus.publish(UnderLoad(active=ev.active))
+            return
+        record = self._by_key.get(ev.public_key or b"")
+        if record is None:
+            return
+        who = {"name": record.name, "public_key": record.public_key, "ip": record.ip}
+        if ev.kind == "handshake":
+            self.bus.publish(
+                PeerHandshake(
+                    endpoint=format_endpoint(ev.endpoint) or "", initiator=ev.initiator, **who
+                )
+            )
+        elif ev.kind == "endpoint":
+            self.bus.publish(
+                PeerEndpointChanged(endpoint=format_endpoint(ev.endpoint) or "", **who)
+            )
+        elif ev.kind == "handshake_failed":
+            self.bus.publish(PeerHandshakeFailed(**who))

@@ -1,0 +1,439 @@
+"""Asyncio glue around the C data plane and the Python handshake.
+
+The pipeline: the UDP socket becomes readable → one call into C receives a batch (recvmmsg),
+decrypts, answers pings and queues replies → Python drains the few events C raised (handshake
+messages, "a handshake is needed", roaming, key expiry) → one call flushes the batch (sendmmsg).
+A single timer armed at the earliest of C's deadline and our handshake retransmissions drives
+the protocol timers.  Nothing here runs per data packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import random
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from unclaw_tui.engine import _ffi, constants
+from unclaw_tui.engine.noise import HandshakeCore, HandshakeError, Keypair
+from unclaw_tui.engine.ratelimit import LoadMonitor, SourceRateLimiter
+
+log = logging.getLogger(__name__)
+
+Endpoint = tuple[str, int]
+
+# How many datagrams one readable callback may take before yielding to the loop.
+RECV_BUDGET = 4096
+SOCKET_BUFFER_BYTES = 8 * 1024 * 1024
+
+
+def endpoint_bytes(ep: Endpoint) -> bytes:
+    """The cookie's view of a source: IP bytes then the port, big-endian."""
+    return ipaddress.ip_address(ep[0]).packed + ep[1].to_bytes(2, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelEvent:
+    """Something the gateway may want to tell the operator."""
+
+    kind: str  # "handshake", "endpoint", "handshake_failed", "under_load", "keys_expired"
+    public_key: bytes | None = None
+    endpoint: Endpoint | None = None
+    initiator: bool = False
+    active: bool = False
+
+
+@dataclass(slots=True)
+class PeerInfo:
+    """Per-peer view for the gateway: identity plus live counters from C."""
+
+    public_key: bytes
+    allowed_ips: tuple[str, ...]
+    endpoint: Endpoint | None
+    last_handshake: float | None  # wall clock
+    rx_bytes: int
+    tx_bytes: int
+    rx_packets: int
+    tx_packets: int
+
+
+@dataclass(slots=True)
+class _Peer:
+    peer_id: int
+    public_key: bytes
+    allowed_ips: tuple[str, ...]
+    last_handshake_wall: float | None = None
+    # Our own initiation attempt (gateway as initiator), per the whitepaper's timer rules.
+    attempt_started: float | None = None
+    next_retransmit: float | None = None
+    last_initiation_sent: float = field(default=-1e9)
+
+
+class Tunnel:
+    """A WireGuard interface in userspace: `Tunnel(private_key, listen_port, address)`."""
+
+    def __init__(
+        self,
+        private_key: bytes,
+        listen_port: int,
+        address: ipaddress.IPv4Interface,
+        *,
+        listen_host: str = "",
+        mtu: int = 1420,
+        max_peers: int = 4096,
+        on_event: Callable[[TunnelEvent], None] | None = None,
+        clock: Callable[[], float] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.listen_port = listen_port
+        self.listen_host = listen_host
+        self.address = address
+        self._core = HandshakeCore(private_key)
+        self.public_key = self._core.public_key
+        self._engine = _ffi.Engine(
+            str(address.ip), address.network.prefixlen, mtu=mtu, max_peers=max_peers
+        )
+        self._max_peers = max_peers
+        self._peers: dict[bytes, _Peer] = {}
+        self._by_id: dict[int, _Peer] = {}
+        self._free_ids: list[int] = list(range(max_peers - 1, -1, -1))
+        self._on_event = on_event or (lambda _e: None)
+        self._clock = clock
+        self._wall = wall_clock
+        self._load = LoadMonitor()
+        self._limiter = SourceRateLimiter()
+        self._under_load = False
+        self.handshake_drops: Counter[str] = Counter()
+        self.cookies_sent = 0
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        sock, family = self._bind()
+        self._sock = sock
+        self.listen_port = sock.getsockname()[1]
+        self._engine.io_attach(sock.fileno(), family)
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+        self._rearm()
+
+    def _bind(self) -> tuple[socket.socket, int]:
+        host = self.listen_host
+        if host in ("", "::") and socket.has_ipv6:
+            try:
+                sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                family = 6
+                sock.bind(("::", self.listen_port))
+            except OSError:
+                sock.close()
+                sock, family = self._bind_v4("0.0.0.0")
+        elif ":" in host:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            family = 6
+            sock.bind((host, self.listen_port))
+        else:
+            sock, family = self._bind_v4(host or "0.0.0.0")
+        sock.setblocking(False)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+        return sock, family
+
+    def _bind_v4(self, host: str) -> tuple[socket.socket, int]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind((host, self.listen_port))
+        except OSError:
+            sock.close()
+            raise
+        return sock, 4
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._sock is not None:
+            if self._loop is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+        self._engine.close()
+
+    # -- peers -----------------------------------------------------------------------------
+
+    def add_peer(
+        self,
+        public_key: bytes,
+        *,
+        preshared_key: bytes | None = None,
+        allowed_ips: Iterable[str] = (),
+        persistent_keepalive: int = 0,
+        endpoint: Endpoint | None = None,
+    ) -> None:
+        if public_key in self._peers:
+            raise ValueError("peer already present")
+        if not self._free_ids:
+            raise ValueError(f"too many peers (max {self._max_peers})")
+        nets = tuple(str(ipaddress.ip_network(n, strict=False)) for n in allowed_ips)
+        peer_id = self._free_ids.pop()
+        self._engine.peer_add(peer_id, persistent_keepalive)
+        try:
+            for net in nets:
+                self._engine.peer_add_allowed_ip(peer_id, net)
+            if endpoint is not None:
+                self._engine.peer_set_endpoint(peer_id, endpoint)
+            self._core.add_peer(public_key, preshared_key)
+        except Exception:
+            self._engine.peer_remove(peer_id)
+            self._free_ids.append(peer_id)
+            raise
+        peer = _Peer(peer_id, public_key, nets)
+        self._peers[public_key] = peer
+        self._by_id[peer_id] = peer
+
+    def remove_peer(self, public_key: bytes) -> None:
+        peer = self._peers.pop(public_key)
+        del self._by_id[peer.peer_id]
+        self._engine.peer_remove(peer.peer_id)
+        self._core.remove_peer(public_key)
+        self._free_ids.append(peer.peer_id)
+
+    def peer_info(self, public_key: bytes) -> PeerInfo:
+        peer = self._peers[public_key]
+        st = self._engine.peer_stats(peer.peer_id)
+        return PeerInfo(
+            public_key=public_key,
+            allowed_ips=peer.allowed_ips,
+            endpoint=st.endpoint,
+            last_handshake=peer.last_handshake_wall,
+            rx_bytes=st.rx_bytes,
+            tx_bytes=st.tx_bytes,
+            rx_packets=st.rx_packets,
+            tx_packets=st.tx_packets,
+        )
+
+    @property
+    def peers(self) -> dict[bytes, PeerInfo]:
+        return {pk: self.peer_info(pk) for pk in self._peers}
+
+    def drop_counts(self) -> dict[str, int]:
+        counts = {k: v for k, v in self._engine.drop_counts().items() if v}
+        for reason, n in self.handshake_drops.items():
+            counts[f"handshake_{reason}"] = n
+        return counts
+
+    def engine_stats(self) -> dict[str, int]:
+        stats = dict(self._engine.stats())
+        stats["cookie_replies_sent"] = self.cookies_sent
+        return stats
+
+    @property
+    def under_load(self) -> bool:
+        return self._under_load
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        if self._clock is not None:
+            return self._clock()
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _on_readable(self) -> None:
+        if self._closed:
+            return
+        now = self._now()
+        try:
+            received = self._engine.io_recv(now, RECV_BUDGET)
+        except _ffi.EngineError:
+            log.exception("receive failed")
+            return
+        if received < 0:
+            log.warning("UDP receive error %d", -received)
+        self._after_engine_work(now)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self._closed:
+            return
+        now = self._now()
+        self._engine.tick(now)
+        self._handshake_timers(now)
+        self._after_engine_work(now)
+
+    def _after_engine_work(self, now: float) -> None:
+        """Handle what C raised, send what is queued, re-arm the single timer."""
+        try:
+            self._drain_events(now)
+        except Exception:  # the loop must survive any single bad event
+            log.exception("event handling failed")
+        self._engine.io_flush()
+        self._rearm()
+
+    def _rearm(self) -> None:
+        if self._loop is None or self._closed:
+            return
+        deadlines = [d for d in (self._engine.next_deadline(),) if d]
+        deadlines += [p.next_retransmit for p in self._peers.values() if p.next_retransmit]
+        if self._under_load:
+            deadlines.append(self._now() + 1.0)
+        if not deadlines:
+            return
+        at = min(deadlines)
+        if self._timer is not None:
+            if self._timer_at is not None and self._timer_at <= at:
+                return
+            self._timer.cancel()
+        delay = max(0.0, at - self._now())
+        self._timer = self._loop.call_later(delay, self._on_timer)
+        self._timer_at = at
+
+    # -- events from C ---------------------------------------------------------------------
+
+    def _drain_events(self, now: float) -> None:
+        for ev in self._engine.events():
+            if ev.type == _ffi.EV_HANDSHAKE_PACKET:
+                assert ev.src is not None
+                self._handle_handshake_packet(ev.data, ev.src, now)
+                continue
+            peer = self._by_id.get(ev.peer_id)
+            if peer is None:
+                continue
+            if ev.type == _ffi.EV_NEED_HANDSHAKE:
+                self._want_handshake(peer, now)
+            elif ev.type == _ffi.EV_KEYPAIR_CONFIRMED:
+                # The initiator used the keypair we answered with: the handshake is complete.
+                self._handshake_complete(peer, initiator=False)
+            elif ev.type == _ffi.EV_ENDPOINT_CHANGED:
+                self._on_event(TunnelEvent("endpoint", peer.public_key, ev.src))
+            elif ev.type == _ffi.EV_KEYS_EXPIRED:
+                self._on_event(TunnelEvent("keys_expired", peer.public_key))
+        self._check_load(now)
+
+    def _check_load(self, now: float) -> None:
+        under = self._load.under_load(now)
+        if under != self._under_load:
+            self._under_load = under
+            self._on_event(TunnelEvent("under_load", active=under))
+
+    def _handle_handshake_packet(self, data: bytes, src: Endpoint, now: float) -> None:
+        self._load.note(now)
+        msg_type = data[0]
+        try:
+            if msg_type == constants.MSG_COOKIE_REPLY:
+                self._core.consume_cookie_reply(data, now)
+                return
+            if not self._core.check_mac1(data):
+                self.handshake_drops["bad_mac1"] += 1
+                return
+            if self._load.under_load(now):
+                src_bytes = endpoint_bytes(src)
+                if not self._core.check_mac2(data, src_bytes):
+                    reply = self._core.create_cookie_reply(data, src_bytes, now)
+                    self._engine.send_raw(reply, src)
+                    self.cookies_sent += 1
+                    return
+                if not self._limiter.allow(src_bytes[:-2], now):
+                    self.handshake_drops["rate_limited"] += 1
+                    return
+            if msg_type == constants.MSG_INITIATION:
+                self._answer_initiation(data, src, now)
+            elif msg_type == constants.MSG_RESPONSE:
+                peer_key, keypair = self._core.consume_response(data, now)
+                peer = self._peers.get(peer_key)
+                if peer is None:
+                    self.handshake_drops["unknown_peer"] += 1
+                    return
+                self._engine.peer_set_endpoint(peer.peer_id, src)
+                self._install(peer, keypair, now)
+                self._handshake_complete(peer, initiator=True)
+        except HandshakeError as exc:
+            self.handshake_drops[exc.reason] += 1
+
+    def _answer_initiation(self, data: bytes, src: Endpoint, now: float) -> None:
+        consumed = self._core.consume_initiation(data, now)
+        peer = self._peers.get(consumed.peer_public_key)
+        if peer is None:  # removed between the core's check and now
+            self.handshake_drops["unknown_peer"] += 1
+            return
+        index = self._allocate_index()
+        response, keypair = self._core.create_response(peer.public_key, index, now)
+        # The initiation authenticated the peer: its source is now its endpoint (roaming).
+        self._engine.peer_set_endpoint(peer.peer_id, src)
+        self._engine.send_raw(response, src)
+        self._install(peer, keypair, now)
+
+    def _install(self, peer: _Peer, keypair: Keypair, now: float) -> None:
+        self._engine.install_keypair(
+            peer.peer_id,
+            keypair.local_index,
+            keypair.remote_index,
+            keypair.send_key,
+            keypair.recv_key,
+            keypair.is_initiator,
+            now,
+        )
+
+    def _handshake_complete(self, peer: _Peer, *, initiator: bool) -> None:
+        peer.attempt_started = None
+        peer.next_retransmit = None
+        peer.last_handshake_wall = self._wall()
+        st = self._engine.peer_stats(peer.peer_id)
+        self._on_event(TunnelEvent("handshake", peer.public_key, st.endpoint, initiator=initiator))
+
+    def _allocate_index(self) -> int:
+        pending = self._core.pending_indices()
+        for _ in range(64):
+            index = random.getrandbits(32)
+            if index not in pending and not self._engine.index_in_use(index):
+                return index
+        raise RuntimeError("no free session index")  # 2^32 space: unreachable in practice
+
+    # -- our own handshakes (gateway as initiator) -----------------------------------------
+
+    def _want_handshake(self, peer: _Peer, now: float) -> None:
+        if peer.attempt_started is not None:
+            return
+        if self._engine.peer_stats(peer.peer_id).endpoint is None:
+            return  # never heard from it: nowhere to send an initiation
+        peer.attempt_started = now
+        self._send_initiation(peer, now)
+
+    def _send_initiation(self, peer: _Peer, now: float) -> None:
+        endpoint = self._engine.peer_stats(peer.peer_id).endpoint
+        if endpoint is None:
+            peer.attempt_started = peer.next_retransmit = None
+            return
+        message = self._core.create_initiation(peer.public_key, self._allocate_index(), now)
+        self._engine.send_raw(message, endpoint)
+        peer.last_initiation_sent = now
+        peer.next_retransmit = (
+            now + constants.REKEY_TIMEOUT + random.uniform(0, constants.REKEY_TIMEOUT_JITTER_MAX)
+        )
+
+    def _handshake_timers(self, now: float) -> None:
+        for peer in self._peers.values():
+            if peer.next_retransmit is None or now < peer.next_retransmit:
+                continue
+            assert peer.attempt_started is not None
+            if now - peer.attempt_started >= constants.REKEY_ATTEMPT_TIME:
+                peer.attempt_started = peer.next_retransmit = None
+                self._engine.peer_drop_staged(peer.peer_id)
+                self._on_event(TunnelEvent("handshake_failed", peer.public_key))
+            else:
+                self._send_initiation(peer, now)
