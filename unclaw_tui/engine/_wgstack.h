@@ -83,7 +83,7 @@ typedef struct {
 
 /* Reasons a datagram or inner packet is dropped; each is counted (wg_drop_count). */
 #define WG_DROP_TRUNCATED 0        /* shorter than its type requires */
-#define WG_DROP_BAD_SIZE 1         /* handshake message of the wrong size */
+#define WG_DROP_BAD_SIZE 1         /* handshake message of the wrong size, or an oversized datagram */
 #define WG_DROP_BAD_TYPE 2         /* unknown message type or nonzero reserved bytes */
 #define WG_DROP_UNKNOWN_INDEX 3    /* receiver index matches no keypair */
 #define WG_DROP_REPLAY 4           /* counter already seen or behind the window */
@@ -97,7 +97,8 @@ typedef struct {
 #define WG_DROP_EVENT_OVERFLOW 12  /* event queue full */
 #define WG_DROP_OUTPUT_OVERFLOW 13 /* output queue full and no socket to flush to */
 #define WG_DROP_FRAGMENT 14        /* inner IPv4 fragment */
-#define WG_DROP__COUNT 15
+#define WG_DROP_SEND_ERROR 15      /* the socket refused a datagram (error other than EAGAIN) */
+#define WG_DROP__COUNT 16
 
 typedef struct {
     wg_endpoint endpoint;

@@ -1,0 +1,62 @@
+"""cffi builder for the C data plane (`_wgstack.c`), declared by `_wgstack.h`.
+
+Used by setup.py (`cffi_modules`) and, for development, in place:
+`python -m unclaw_tui.engine.build` puts `_wgstack_cffi*.so` beside this file.
+`UNCLAW_SANITIZE=1` builds with AddressSanitizer and UBSan.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cffi import FFI
+
+ENGINE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = ENGINE_DIR.parent.parent
+HEADER = ENGINE_DIR / "_wgstack.h"
+SOURCE = ENGINE_DIR / "_wgstack.c"
+
+
+def cdef_from_header(text: str) -> str:
+    """The header minus what cffi's parser does not take: the include guard and #includes."""
+    kept = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("#ifndef", "#endif", "#include")):
+            continue
+        if stripped.startswith("#define") and len(stripped.split()) == 2:
+            continue  # the include guard's bare #define
+        kept.append(line)
+    return "\n".join(kept)
+
+
+def _relative(path: Path) -> str:
+    # setuptools wants paths relative to the project root when pip builds; absolute otherwise.
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+compile_args = ["-O2", "-std=c11", "-Wall", "-Wextra"]
+link_args: list[str] = []
+if os.environ.get("UNCLAW_SANITIZE") == "1":
+    sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+    compile_args += sanitize
+    link_args += sanitize
+
+ffibuilder = FFI()
+ffibuilder.cdef(cdef_from_header(HEADER.read_text()))
+ffibuilder.set_source(
+    "unclaw_tui.engine._wgstack_cffi",
+    '#include "_wgstack.h"',
+    sources=[_relative(SOURCE)],
+    include_dirs=[_relative(ENGINE_DIR)],
+    extra_compile_args=compile_args,
+    extra_link_args=link_args,
+)
+
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(REPO_ROOT), verbose=False)
