@@ -472,3 +472,19 @@ def test_random_bodies_with_valid_mac1_fail_cleanly(body: bytes) -> None:
         initiator.consume_response(response, 0.0)
     assert error.value.reason in {"decrypt", "low_order"}
     assert initiator.pending_indices() == {_PENDING_INDEX}
+
+
+def test_cookie_reply_index_belongs_to_the_latest_sender_only() -> None:
+    # Our response to A used index 5; the integrator later reuses 5 for an initiation to C.
+    # A cookie reply naming 5 is then C's, even after a new message to A moves A's index on.
+    pair = Pair()
+    a, us = pair.initiator, pair.responder
+    c = HandshakeCore(generate_private_key())
+    us.add_peer(c.public_key)
+    c.add_peer(us.public_key)
+    consumed = us.consume_initiation(pair.initiation(index=1), 0.0)
+    us.create_response(consumed.peer_public_key, 5, 0.0)
+    to_c = us.create_initiation(c.public_key, 5, 0.0)
+    us.create_initiation(a.public_key, 6, 0.0)
+    reply = c.create_cookie_reply(to_c, b"\x7f\x00\x00\x01\x00\x01", 0.0)
+    assert us.consume_cookie_reply(reply, 0.0) == c.public_key

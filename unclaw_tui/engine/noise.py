@@ -264,19 +264,20 @@ class IKpsk2:
         prologue: bytes = IDENTIFIER,
         ephemeral_private: bytes | None = None,
     ) -> None:
-        if initiator and remote_static is None:
-            raise ValueError("the initiator of IK knows the responder's static key")
         self.initiator = initiator
         self._static_private = static_private
         self._static_public = crypto_scalarmult_base(static_private)
+        responder_static = self._static_public
+        if initiator:
+            if remote_static is None:
+                raise ValueError("the initiator of IK knows the responder's static key")
+            responder_static = remote_static
         self._ephemeral_private = ephemeral_private or os.urandom(KEY_SIZE)
         self._psk = psk
         self.remote_static = remote_static
         self.remote_ephemeral: bytes | None = None
         self._sym = SymmetricState.initialize(protocol_name, prologue)
-        # Pre-message "<- s": both sides hash the responder's static key.
-        responder_static = remote_static if remote_static is not None else self._static_public
-        self._sym.mix_hash(responder_static if initiator else self._static_public)
+        self._sym.mix_hash(responder_static)  # pre-message "<- s"
 
     @property
     def handshake_hash(self) -> bytes:
@@ -485,8 +486,7 @@ class HandshakeCore:
         if peer.responder is not None:
             peer.responder[0].clear()
             peer.responder = None
-        if peer.last_mac1_index is not None:
-            self._mac1_senders.pop(peer.last_mac1_index, None)
+        self._forget_mac1_index(peer)
 
     def has_peer(self, public_key: bytes) -> bool:
         return public_key in self._peers
@@ -506,9 +506,15 @@ class HandshakeCore:
             peer.initiation = None
             self._pending.pop(peer.initiation_index, None)
 
+    def _forget_mac1_index(self, peer: _Peer) -> None:
+        index = peer.last_mac1_index
+        if index is not None and self._mac1_senders.get(index) is peer:
+            del self._mac1_senders[index]
+        peer.last_mac1_index = None
+
     def _add_macs(self, peer: _Peer, body: bytes, sender_index: int, now: float) -> bytes:
-        if peer.last_mac1_index is not None:
-            self._mac1_senders.pop(peer.last_mac1_index, None)
+        """body + mac1 + mac2; a cookie reply naming sender_index will be taken for peer."""
+        self._forget_mac1_index(peer)
         peer.last_mac1_index = sender_index
         self._mac1_senders[sender_index] = peer
         return peer.cookies.add_macs(body, now)
