@@ -1,0 +1,411 @@
+"""Command line: run the gateway (TUI or headless), or manage peers in the state dir.
+
+Every user error prints one line `unclaw-tui: error: <reason>` on stderr and exits 2 with
+nothing written: arguments are validated before the state dir is created or touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from unclaw_tui import config, wgquick
+from unclaw_tui.state import (
+    PeerRecord,
+    PeerRuntime,
+    StateDir,
+    StateError,
+    validate_address,
+    validate_listen_port,
+    validate_peer_ip,
+    validate_peer_name,
+)
+
+PROG = "unclaw-tui"
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A user error; main() prints it as one line and exits 2."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse prints the whole usage block; one line is easier to read and to script.
+        raise UsageError(" ".join(message.split()))
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("unclaw-tui")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+# --- argument types: raise ArgumentTypeError so argparse reports them as usage errors ---------
+
+
+def _listen_port(text: str) -> int:
+    try:
+        return validate_listen_port(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid listen port {text!r}: expected 1..65535"
+        ) from None
+
+
+def _address(text: str) -> ipaddress.IPv4Interface:
+    try:
+        return validate_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _endpoint(text: str) -> str:
+    try:
+        return wgquick.validate_endpoint(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _peer_name(text: str) -> str:
+    try:
+        return validate_peer_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _ipv4(text: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid IP {text!r}: expected an IPv4 address like 10.77.0.2"
+        ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog=PROG,
+        description="Userspace WireGuard gateway with a live operator console.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    parser.add_argument(
+        "--state-dir", type=Path, metavar="DIR", help="state directory (keys, peers, stats)"
+    )
+    parser.add_argument(
+        "--listen-port", type=_listen_port, metavar="N", help="UDP port (saved; default 51820)"
+    )
+    parser.add_argument(
+        "--endpoint",
+        type=_endpoint,
+        metavar="HOST[:PORT]",
+        help="address clients connect to (saved; default: this host's primary IPv4)",
+    )
+    parser.add_argument(
+        "--address",
+        type=_address,
+        metavar="A.B.C.D/N",
+        help="gateway tunnel address (saved; default 10.77.0.1/24)",
+    )
+    parser.add_argument("--no-ui", action="store_true", help="run headless, no console UI")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    peer = commands.add_parser("peer", help="manage peers")
+    peer_commands = peer.add_subparsers(dest="peer_command", metavar="ACTION", required=True)
+
+    add = peer_commands.add_parser("add", help="add a peer and print its client config")
+    add.add_argument("name", type=_peer_name, metavar="NAME")
+    add.add_argument("--ip", type=_ipv4, metavar="A.B.C.D", help="tunnel IP (default: next free)")
+    add.add_argument("--qr", action="store_true", help="also print the config as a QR code")
+
+    listing = peer_commands.add_parser("list", help="list peers with live stats")
+    listing.add_argument("--json", dest="list_json", action="store_true", help="JSON output")
+
+    show = peer_commands.add_parser("show", help="print a peer's client config")
+    show.add_argument("name", metavar="NAME")
+    show.add_argument("--qr", action="store_true", help="also print the config as a QR code")
+    show.add_argument("--png", type=Path, metavar="FILE", help="write the QR code as a PNG")
+
+    remove = peer_commands.add_parser("remove", help="remove a peer")
+    remove.add_argument("name", metavar="NAME")
+    return parser
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+def _explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
+    explicit: dict[str, Any] = {}
+    if args.listen_port is not None:
+        explicit["listen_port"] = args.listen_port
+    if args.endpoint is not None:
+        explicit["endpoint"] = args.endpoint
+    if args.address is not None:
+        explicit["address"] = str(args.address)
+    return explicit
+
+
+def _open_existing(path: Path) -> StateDir | None:
+    """The state dir if it exists (validated), without creating anything."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # e.g. a path below a regular file
+        raise StateError(f"cannot access state dir {path}: {exc.strerror}") from None
+    return StateDir(path, create=False)
+
+
+def _build_settings(
+    state_dir: Path, saved: dict[str, Any], explicit: dict[str, Any], args: argparse.Namespace
+) -> config.Settings:
+    merged = {**saved, **explicit}
+    settings = config.Settings(state_dir=state_dir, json_events=bool(args.json))
+    if "listen_port" in merged:
+        settings.listen_port = merged["listen_port"]
+    if merged.get("endpoint") is not None:
+        settings.endpoint = merged["endpoint"]
+    if "address" in merged:
+        settings.address = ipaddress.IPv4Interface(merged["address"])
+    return settings
+
+
+def _prepare(
+    args: argparse.Namespace,
+) -> tuple[Path, StateDir | None, dict[str, Any], config.Settings]:
+    """Validate the state dir (if any) and the flags against it; nothing is written."""
+    path = args.state_dir if args.state_dir is not None else config.default_state_dir()
+    path = path.expanduser()
+    existing = _open_existing(path)
+    saved = existing.saved_settings() if existing is not None else {}
+    explicit = _explicit_settings(args)
+    if existing is not None and "address" in explicit:
+        existing.check_address(ipaddress.IPv4Interface(explicit["address"]))
+    settings = _build_settings(path, saved, explicit, args)
+    return path, existing, explicit, settings
+
+
+def _persist(state: StateDir, explicit: dict[str, Any]) -> None:
+    if explicit:
+        state.save_settings(**explicit)
+
+
+# --- output helpers ----------------------------------------------------------------------------
+
+
+def _ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "never"
+    seconds = max(0, int(now - ts))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def _human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"  # pragma: no cover - loop always returns
+
+
+def _peer_row(peer: PeerRecord, runtime: PeerRuntime | None) -> dict[str, Any]:
+    """A peer as public data only (never its private or preshared key)."""
+    return {
+        "name": peer.name,
+        "ip": peer.ip,
+        "public_key": peer.public_key,
+        "created": peer.created,
+        "endpoint": runtime.endpoint if runtime else None,
+        "last_handshake": runtime.last_handshake if runtime else None,
+        "rx_bytes": runtime.rx_bytes if runtime else 0,
+        "tx_bytes": runtime.tx_bytes if runtime else 0,
+        "rx_packets": runtime.rx_packets if runtime else 0,
+        "tx_packets": runtime.tx_packets if runtime else 0,
+    }
+
+
+def _print_table(rows: list[dict[str, Any]], out: TextIO) -> None:
+    now = time.time()
+    headers = ("NAME", "IP", "PUBLIC KEY", "ENDPOINT", "HANDSHAKE", "RX", "TX")
+    cells = [
+        (
+            row["name"],
+            row["ip"],
+            row["public_key"],
+            row["endpoint"] or "-",
+            _ago(row["last_handshake"], now),
+            _human_bytes(row["rx_bytes"]),
+            _human_bytes(row["tx_bytes"]),
+        )
+        for row in rows
+    ]
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(headers)]
+    for line in (headers, *cells):
+        out.write("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() + "\n")
+
+
+def _print_config(text: str, qr: bool, out: TextIO) -> None:
+    out.write(text)
+    if qr:
+        from unclaw_tui.qr import render_half_blocks  # qrcode loads only when asked for
+
+        out.write("\n")
+        out.write(render_half_blocks(text, ansi=out.isatty()))
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def _peer_config(state: StateDir, peer: PeerRecord, settings: config.Settings) -> str:
+    endpoint = wgquick.resolve_endpoint(settings.endpoint, settings.listen_port)
+    return wgquick.client_config(
+        peer, state.identity().public_key, endpoint, str(settings.gateway_ip)
+    )
+
+
+def _cmd_peer_add(args: argparse.Namespace, out: TextIO) -> int:
+    path, existing, explicit, settings = _prepare(args)
+    if args.ip is not None:
+        validate_peer_ip(args.ip, settings.tunnel_network, settings.gateway_ip)
+    if existing is not None:
+        # add_peer checks again under the lock; checking here first keeps a failing add from
+        # touching the dir at all (not even creating the lock file).
+        existing.check_new_peer(args.name, args.ip, settings.tunnel_network, settings.gateway_ip)
+    state = existing or StateDir(path)
+    peer = state.add_peer(args.name, args.ip, settings.tunnel_network, settings.gateway_ip)
+    _persist(state, explicit)
+    _print_config(_peer_config(state, peer, settings), args.qr, out)
+    return 0
+
+
+def _cmd_peer_list(args: argparse.Namespace, out: TextIO) -> int:
+    path, existing, explicit, _settings = _prepare(args)
+    if existing is None and explicit:
+        existing = StateDir(path)
+    peers = existing.peers() if existing is not None else []
+    stats = existing.read_stats() if existing is not None else {}
+    if existing is not None:
+        _persist(existing, explicit)
+    rows = [_peer_row(p, stats.get(p.public_key)) for p in peers]
+    if args.list_json or args.json:
+        out.write(json.dumps(rows, indent=2) + "\n")
+    else:
+        _print_table(rows, out)
+    return 0
+
+
+def _cmd_peer_show(args: argparse.Namespace, out: TextIO) -> int:
+    _path, existing, explicit, settings = _prepare(args)
+    if existing is None:
+        raise KeyError(f"unknown peer {args.name!r}")
+    peer = existing.peer(args.name)
+    text = _peer_config(existing, peer, settings)
+    if args.png is not None:
+        from unclaw_tui.qr import save_png
+
+        try:
+            save_png(text, args.png)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.png}: {exc.strerror or exc}") from None
+    _persist(existing, explicit)
+    _print_config(text, args.qr, out)
+    return 0
+
+
+def _cmd_peer_remove(args: argparse.Namespace, out: TextIO) -> int:
+    _path, existing, explicit, _settings = _prepare(args)
+    if existing is None:
+        raise KeyError(f"unknown peer {args.name!r}")
+    existing.peer(args.name)  # unknown → KeyError before anything is written
+    _persist(existing, explicit)
+    removed = existing.remove_peer(args.name)
+    out.write(f"removed peer {removed.name} ({removed.ip})\n")
+    return 0
+
+
+def _prepare_run(args: argparse.Namespace) -> config.Settings:
+    """Create/validate the state dir and identity and save explicit settings before running."""
+    path, existing, explicit, settings = _prepare(args)
+    state = existing or StateDir(path)
+    state.identity()
+    _persist(state, explicit)
+    return settings
+
+
+def _run_gateway(settings: config.Settings, no_ui: bool) -> int:
+    # Imported lazily so that peer commands stay fast and need no engine build.
+    if no_ui:
+        from unclaw_tui.headless import run_headless
+
+        try:
+            import uvloop
+        except ImportError:
+            import asyncio
+
+            return asyncio.run(run_headless(settings))
+        return uvloop.run(run_headless(settings))
+    from unclaw_tui.app import run_app
+
+    return run_app(settings)
+
+
+PEER_COMMANDS = {
+    "add": _cmd_peer_add,
+    "list": _cmd_peer_list,
+    "show": _cmd_peer_show,
+    "remove": _cmd_peer_remove,
+}
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"{PROG}: error: {' '.join(message.split())}\n")
+    sys.stderr.flush()
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 user error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        return _fail(str(exc))
+    except SystemExit as exc:  # --help / --version
+        return exc.code if isinstance(exc.code, int) else 0
+    try:
+        if args.command is None:
+            settings = _prepare_run(args)
+        else:
+            return PEER_COMMANDS[args.peer_command](args, sys.stdout)
+    except (UsageError, StateError, ValueError) as exc:
+        return _fail(str(exc))
+    except KeyError as exc:
+        return _fail(str(exc.args[0]) if exc.args else "unknown key")
+    except BrokenPipeError:
+        # `unclaw-tui peer list | head`: the reader left; not an error worth a traceback.
+        return 0
+    # Errors inside the running gateway are bugs or runtime failures, not usage errors: they
+    # keep their traceback.
+    try:
+        return _run_gateway(settings, args.no_ui)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,584 @@
+"""The state directory: gateway identity, peers and live stats as small JSON files.
+
+Every file is written atomically (temp file in the same dir, fsync, rename, fsync the dir) with
+mode 0600, so a `kill -9` at any moment leaves either the old or the new file, never a partial
+one.  Read-modify-write cycles hold an `fcntl.flock` on `.lock`, so the CLI and a running
+gateway (or two CLIs) never lose each other's changes.  Readers need no lock: a rename is atomic.
+
+Operations validate everything before writing, so a failing operation leaves the dir untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import re
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unclaw_tui import keys
+
+GATEWAY_FILE = "gateway.json"
+PEERS_FILE = "peers.json"
+STATS_FILE = "stats.json"
+LOCK_FILE = ".lock"
+PEERS_VERSION = 1
+SETTING_KEYS = ("listen_port", "endpoint", "address")
+MIN_PREFIX = 8
+MAX_PREFIX = 30
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+_TMP_SUFFIX = ".tmp"
+
+
+class StateError(Exception):
+    """A problem with the state dir or its files; the message is one line for the user."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRecord:
+    name: str
+    public_key: str
+    private_key: str = field(repr=False)
+    preshared_key: str = field(repr=False)
+    ip: str
+    created: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "public_key": self.public_key,
+            "private_key": self.private_key,
+            "preshared_key": self.preshared_key,
+            "ip": self.ip,
+            "created": self.created,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayIdentity:
+    private_key: str = field(repr=False)
+    public_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRuntime:
+    endpoint: str | None
+    last_handshake: float | None
+    rx_bytes: int
+    tx_bytes: int
+    rx_packets: int
+    tx_packets: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "last_handshake": self.last_handshake,
+            "rx_bytes": self.rx_bytes,
+            "tx_bytes": self.tx_bytes,
+            "rx_packets": self.rx_packets,
+            "tx_packets": self.tx_packets,
+        }
+
+
+# --- pure validation, usable before any state dir exists ------------------------------------
+
+
+def validate_peer_name(name: str) -> str:
+    """ValueError unless name is 1..32 of [A-Za-z0-9._-] starting with a letter or digit."""
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"invalid peer name {name!r}: use 1-32 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def validate_address(value: str) -> ipaddress.IPv4Interface:
+    """Parse the gateway's tunnel interface address "A.B.C.D/N" (N in 8..30, a host address)."""
+    try:
+        iface = ipaddress.IPv4Interface(value)
+    except ValueError:
+        raise ValueError(
+            f"invalid address {value!r}: expected A.B.C.D/N, e.g. 10.77.0.1/24"
+        ) from None
+    if "/" not in value or not MIN_PREFIX <= iface.network.prefixlen <= MAX_PREFIX:
+        raise ValueError(
+            f"invalid address {value!r}: the prefix length must be {MIN_PREFIX}..{MAX_PREFIX}"
+        )
+    if iface.ip in (iface.network.network_address, iface.network.broadcast_address):
+        raise ValueError(f"invalid address {value!r}: the gateway needs a host address of the net")
+    return iface
+
+
+def validate_listen_port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"invalid listen port {value!r}: expected 1..65535")
+    return value
+
+
+def validate_peer_ip(
+    ip: str, network: ipaddress.IPv4Network, gateway_ip: ipaddress.IPv4Address
+) -> ipaddress.IPv4Address:
+    """Check a requested peer IP against the tunnel net (not whether it is in use)."""
+    try:
+        addr = ipaddress.IPv4Address(ip)
+    except ValueError:
+        raise ValueError(f"invalid IP {ip!r}: expected an IPv4 address like 10.77.0.2") from None
+    if addr not in network:
+        raise ValueError(f"IP {addr} is not in the tunnel network {network}")
+    if addr == network.network_address:
+        raise ValueError(f"IP {addr} is the network address of {network}")
+    if addr == network.broadcast_address:
+        raise ValueError(f"IP {addr} is the broadcast address of {network}")
+    if addr == gateway_ip:
+        raise ValueError(f"IP {addr} is the gateway's own address")
+    return addr
+
+
+# --- file parsing: malformed content becomes a StateError naming the file ------------------
+
+
+def _require(cond: bool, filename: str, what: str) -> None:
+    if not cond:
+        raise StateError(f"{filename} is malformed: {what}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _checked_key(value: Any, filename: str, what: str) -> str:
+    _require(isinstance(value, str), filename, f"{what} is not a string")
+    try:
+        keys.validate_key(value)
+    except ValueError as exc:
+        raise StateError(f"{filename} is malformed: {what}: {exc}") from None
+    return value
+
+
+def _parse_peer(item: Any, index: int) -> PeerRecord:
+    where = f"peer #{index + 1}"
+    _require(isinstance(item, dict), PEERS_FILE, f"{where} is not an object")
+    name = item.get("name")
+    _require(isinstance(name, str), PEERS_FILE, f"{where} has no name")
+    try:
+        validate_peer_name(name)
+    except ValueError as exc:
+        raise StateError(f"{PEERS_FILE} is malformed: {exc}") from None
+    where = f"peer {name!r}"
+    ip = item.get("ip")
+    try:
+        ipaddress.IPv4Address(ip)
+    except ValueError:
+        raise StateError(f"{PEERS_FILE} is malformed: {where} has an invalid ip") from None
+    created = item.get("created")
+    _require(_is_number(created), PEERS_FILE, f"{where} has an invalid 'created'")
+    private_key = _checked_key(item.get("private_key"), PEERS_FILE, f"{where} private_key")
+    public_key = _checked_key(item.get("public_key"), PEERS_FILE, f"{where} public_key")
+    return PeerRecord(
+        name=name,
+        public_key=public_key,
+        private_key=private_key,
+        preshared_key=_checked_key(item.get("preshared_key"), PEERS_FILE, f"{where} preshared_key"),
+        ip=str(ipaddress.IPv4Address(ip)),
+        created=float(created),
+    )
+
+
+def _parse_peers(doc: Any) -> list[PeerRecord]:
+    _require(isinstance(doc, dict), PEERS_FILE, "not a JSON object")
+    _require(doc.get("version") == PEERS_VERSION, PEERS_FILE, "unsupported version")
+    items = doc.get("peers")
+    _require(isinstance(items, list), PEERS_FILE, "'peers' is not a list")
+    peers = [_parse_peer(item, i) for i, item in enumerate(items)]
+    for attr in ("name", "ip", "public_key"):
+        values = [getattr(p, attr).lower() if attr == "name" else getattr(p, attr) for p in peers]
+        _require(len(set(values)) == len(values), PEERS_FILE, f"duplicate peer {attr}")
+    return peers
+
+
+def _parse_gateway(doc: Any) -> tuple[GatewayIdentity, dict[str, Any], float]:
+    _require(isinstance(doc, dict), GATEWAY_FILE, "not a JSON object")
+    private_key = _checked_key(doc.get("private_key"), GATEWAY_FILE, "private_key")
+    public_key = _checked_key(doc.get("public_key"), GATEWAY_FILE, "public_key")
+    _require(
+        keys.public_from_private(private_key) == public_key,
+        GATEWAY_FILE,
+        "public_key does not match private_key",
+    )
+    settings: dict[str, Any] = {}
+    if doc.get("listen_port") is not None:
+        try:
+            settings["listen_port"] = validate_listen_port(doc["listen_port"])
+        except ValueError as exc:
+            raise StateError(f"{GATEWAY_FILE} is malformed: {exc}") from None
+    if doc.get("endpoint") is not None:
+        _require(isinstance(doc["endpoint"], str), GATEWAY_FILE, "endpoint is not a string")
+        settings["endpoint"] = doc["endpoint"]
+    if doc.get("address") is not None:
+        _require(isinstance(doc["address"], str), GATEWAY_FILE, "address is not a string")
+        try:
+            settings["address"] = str(validate_address(doc["address"]))
+        except ValueError as exc:
+            raise StateError(f"{GATEWAY_FILE} is malformed: {exc}") from None
+    created = doc.get("created")
+    _require(_is_number(created), GATEWAY_FILE, "invalid 'created'")
+    return GatewayIdentity(private_key=private_key, public_key=public_key), settings, created
+
+
+def _parse_stats(doc: Any) -> dict[str, PeerRuntime]:
+    _require(isinstance(doc, dict), STATS_FILE, "not a JSON object")
+    out: dict[str, PeerRuntime] = {}
+    for public_key, item in doc.items():
+        _require(isinstance(item, dict), STATS_FILE, f"entry {public_key!r} is not an object")
+        endpoint = item.get("endpoint")
+        last_handshake = item.get("last_handshake")
+        _require(endpoint is None or isinstance(endpoint, str), STATS_FILE, "bad endpoint")
+        _require(
+            last_handshake is None or _is_number(last_handshake), STATS_FILE, "bad last_handshake"
+        )
+        counters = {}
+        for name in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"):
+            value = item.get(name, 0)
+            _require(_is_count(value), STATS_FILE, f"bad {name} for {public_key!r}")
+            counters[name] = value
+        out[public_key] = PeerRuntime(
+            endpoint=endpoint,
+            last_handshake=None if last_handshake is None else float(last_handshake),
+            **counters,
+        )
+    return out
+
+
+# --- the directory ----------------------------------------------------------------------------
+
+
+class StateDir:
+    """One gateway's state directory (mode 0700)."""
+
+    def __init__(self, path: Path, *, create: bool = True) -> None:
+        self.path = Path(path).expanduser()
+        if create:
+            self._create()
+        self._check()
+        if create:
+            # Made up front so that a later failing operation leaves the dir exactly as it was.
+            self._ensure_lock_file()
+
+    # ... directory checks
+
+    def _create(self) -> None:
+        try:
+            if self.path.exists():
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(mode=0o700)
+            except FileExistsError:
+                return  # another process created it first; _check validates it
+        except OSError as exc:
+            raise StateError(f"cannot create state dir {self.path}: {exc.strerror}") from None
+        # The umask may have narrowed (or oddly widened nothing of) the mode; pin it.
+        os.chmod(self.path, 0o700)
+
+    def _check(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise StateError(f"state dir {self.path} does not exist") from None
+        except OSError as exc:
+            raise StateError(f"cannot access state dir {self.path}: {exc.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise StateError(f"state dir {self.path} is not a directory")
+        if st.st_mode & 0o022:
+            raise StateError(
+                f"state dir {self.path} is group/world-writable; run: chmod 700 {self.path}"
+            )
+        euid = os.geteuid()
+        if euid != 0 and st.st_uid != euid:
+            raise StateError(f"state dir {self.path} is owned by another user")
+        if not os.access(self.path, os.R_OK | os.W_OK | os.X_OK):
+            raise StateError(f"state dir {self.path} is not readable and writable")
+
+    # ... low-level IO
+
+    def _ensure_lock_file(self) -> None:
+        try:
+            os.close(os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError as exc:
+            raise StateError(f"cannot create lock file in {self.path}: {exc.strerror}") from None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StateError(f"cannot open lock file in {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def _read_json(self, filename: str) -> Any | None:
+        """The parsed file, or None if it does not exist."""
+        try:
+            text = (self.path / filename).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"cannot read {self.path / filename}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise StateError(f"{filename} is malformed: not UTF-8 text") from None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StateError(f"{filename} is malformed: {exc.msg} at line {exc.lineno}") from None
+
+    def _write_json(self, filename: str, doc: Any) -> None:
+        """Atomically replace filename with doc (caller holds the lock)."""
+        text = json.dumps(doc, indent=2) + "\n"
+        self._remove_stale_temp_files()
+        tmp_path: str | None = None
+        try:
+            # mkstemp creates the file with mode 0600.
+            fd, tmp_path = tempfile.mkstemp(
+                prefix=f".{filename}.", suffix=_TMP_SUFFIX, dir=self.path
+            )
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_path, self.path / filename)
+            tmp_path = None
+            dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise StateError(f"cannot write {self.path / filename}: {exc.strerror}") from None
+        finally:
+            if tmp_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp_path)
+
+    def _remove_stale_temp_files(self) -> None:
+        # Writers hold the lock while a temp file exists, so any temp file seen under the lock
+        # was left by a writer that was killed.
+        with contextlib.suppress(OSError), os.scandir(self.path) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") and entry.name.endswith(_TMP_SUFFIX):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+
+    # ... gateway identity and settings
+
+    def _load_gateway(self) -> tuple[GatewayIdentity, dict[str, Any], float] | None:
+        doc = self._read_json(GATEWAY_FILE)
+        return None if doc is None else _parse_gateway(doc)
+
+    def _gateway_doc(
+        self, identity: GatewayIdentity, created: float, settings: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {
+            "private_key": identity.private_key,
+            "public_key": identity.public_key,
+            "created": created,
+            "listen_port": settings.get("listen_port"),
+            "endpoint": settings.get("endpoint"),
+            "address": settings.get("address"),
+        }
+
+    def identity(self) -> GatewayIdentity:
+        """The gateway's key pair; created (once, atomically) on first use."""
+        loaded = self._load_gateway()
+        if loaded is not None:
+            return loaded[0]
+        with self._locked():
+            loaded = self._load_gateway()  # another process may have won the race
+            if loaded is not None:
+                return loaded[0]
+            private_key, public_key = keys.generate_keypair()
+            identity = GatewayIdentity(private_key=private_key, public_key=public_key)
+            self._write_json(GATEWAY_FILE, self._gateway_doc(identity, time.time(), {}))
+            return identity
+
+    def has_identity(self) -> bool:
+        return self._load_gateway() is not None
+
+    def saved_settings(self) -> dict[str, Any]:
+        """listen_port / endpoint / address saved earlier; only the ones that are set."""
+        loaded = self._load_gateway()
+        return {} if loaded is None else dict(loaded[1])
+
+    def save_settings(self, **values: Any) -> None:
+        """Save listen_port / endpoint / address (endpoint=None clears it) into gateway.json."""
+        unknown = set(values) - set(SETTING_KEYS)
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        if "listen_port" in values:
+            validate_listen_port(values["listen_port"])
+        if values.get("endpoint") is not None and not isinstance(values["endpoint"], str):
+            raise ValueError("endpoint must be a string or None")
+        if "address" in values:
+            values["address"] = str(validate_address(str(values["address"])))
+        with self._locked():
+            loaded = self._load_gateway()
+            if loaded is None:
+                private_key, public_key = keys.generate_keypair()
+                identity = GatewayIdentity(private_key=private_key, public_key=public_key)
+                settings: dict[str, Any] = {}
+                created = time.time()
+            else:
+                identity, settings, created = loaded
+            if "address" in values:
+                self._check_address_fits_peers(ipaddress.IPv4Interface(values["address"]))
+            settings.update(values)
+            self._write_json(GATEWAY_FILE, self._gateway_doc(identity, created, settings))
+
+    def _check_address_fits_peers(self, address: ipaddress.IPv4Interface) -> None:
+        for peer in self.peers():
+            try:
+                validate_peer_ip(peer.ip, address.network, address.ip)
+            except ValueError as exc:
+                raise ValueError(
+                    f"address {address} does not suit peer {peer.name!r}: {exc}"
+                ) from None
+
+    def check_address(self, address: ipaddress.IPv4Interface) -> None:
+        """ValueError if the existing peers' IPs do not fit a (new) gateway address."""
+        self._check_address_fits_peers(address)
+
+    # ... peers
+
+    def peers(self) -> list[PeerRecord]:
+        doc = self._read_json(PEERS_FILE)
+        return [] if doc is None else _parse_peers(doc)
+
+    def peer(self, name: str) -> PeerRecord:
+        for record in self.peers():
+            if record.name == name:
+                return record
+        raise KeyError(f"unknown peer {name!r}")
+
+    def _write_peers(self, peers: list[PeerRecord]) -> None:
+        doc = {"version": PEERS_VERSION, "peers": [p.to_json() for p in peers]}
+        self._write_json(PEERS_FILE, doc)
+
+    @classmethod
+    def _choose_ip(
+        cls,
+        peers: list[PeerRecord],
+        name: str,
+        ip: str | None,
+        network: ipaddress.IPv4Network,
+        gateway_ip: ipaddress.IPv4Address,
+    ) -> ipaddress.IPv4Address:
+        """Validate a new peer against the existing ones; the IP it would get."""
+        validate_peer_name(name)
+        requested = None if ip is None else validate_peer_ip(ip, network, gateway_ip)
+        # Names differing only in case would confuse people (and case-insensitive file systems).
+        if any(p.name.lower() == name.lower() for p in peers):
+            raise ValueError(f"a peer named {name!r} already exists")
+        if requested is None:
+            used = {ipaddress.IPv4Address(p.ip) for p in peers}
+            return cls._lowest_free(network, used | {gateway_ip})
+        for p in peers:
+            if p.ip == str(requested):
+                raise ValueError(f"IP {requested} is already used by peer {p.name!r}")
+        return requested
+
+    def check_new_peer(
+        self,
+        name: str,
+        ip: str | None,
+        network: ipaddress.IPv4Network,
+        gateway_ip: ipaddress.IPv4Address,
+    ) -> None:
+        """Raise the ValueError add_peer would raise now, without writing anything."""
+        self._choose_ip(self.peers(), name, ip, network, gateway_ip)
+
+    def add_peer(
+        self,
+        name: str,
+        ip: str | None,
+        network: ipaddress.IPv4Network,
+        gateway_ip: ipaddress.IPv4Address,
+    ) -> PeerRecord:
+        """Add a peer with fresh keys; the record is on disk when this returns.
+
+        ValueError (one line) for an invalid or duplicate name, an IP outside the net or in use,
+        or a full net.  With ip=None the lowest free host address is taken (.2 upward when the
+        gateway is .1).
+        """
+        validate_peer_name(name)
+        if ip is not None:
+            validate_peer_ip(ip, network, gateway_ip)
+        with self._locked():
+            peers = self.peers()
+            chosen = self._choose_ip(peers, name, ip, network, gateway_ip)
+            private_key, public_key = keys.generate_keypair()
+            record = PeerRecord(
+                name=name,
+                public_key=public_key,
+                private_key=private_key,
+                preshared_key=keys.generate_preshared_key(),
+                ip=str(chosen),
+                created=time.time(),
+            )
+            self._write_peers([*peers, record])
+            return record
+
+    @staticmethod
+    def _lowest_free(
+        network: ipaddress.IPv4Network, taken: set[ipaddress.IPv4Address]
+    ) -> ipaddress.IPv4Address:
+        first = int(network.network_address) + 1
+        last = int(network.broadcast_address) - 1
+        for value in range(first, last + 1):
+            candidate = ipaddress.IPv4Address(value)
+            if candidate not in taken:
+                return candidate
+        raise ValueError(f"the tunnel network {network} is full")
+
+    def remove_peer(self, name: str) -> PeerRecord:
+        with self._locked():
+            peers = self.peers()
+            for record in peers:
+                if record.name == name:
+                    self._write_peers([p for p in peers if p is not record])
+                    return record
+        raise KeyError(f"unknown peer {name!r}")
+
+    def peers_signature(self) -> tuple[int, int, int]:
+        """A cheap change marker of peers.json for polling; (0, 0, 0) if it is missing."""
+        try:
+            st = os.stat(self.path / PEERS_FILE)
+        except OSError:
+            return (0, 0, 0)
+        return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+    # ... stats
+
+    def read_stats(self) -> dict[str, PeerRuntime]:
+        doc = self._read_json(STATS_FILE)
+        return {} if doc is None else _parse_stats(doc)
+
+    def write_stats(self, stats: dict[str, PeerRuntime]) -> None:
+        doc = {public_key: runtime.to_json() for public_key, runtime in stats.items()}
+        with self._locked():
+            self._write_json(STATS_FILE, doc)
