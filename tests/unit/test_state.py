@@ -478,3 +478,35 @@ def test_peer_record_is_frozen() -> None:
     record = PeerRecord("a", "pub", "priv", "psk", "10.77.0.2", 0.0)
     with pytest.raises(AttributeError):
         record.name = "b"  # type: ignore[misc]
+
+
+def test_refuses_unwritable_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Root bypasses permission bits, so the access check itself is simulated.
+    path = tmp_path / "state"
+    path.mkdir(mode=0o700)
+    monkeypatch.setattr(os, "access", lambda *_args, **_kwargs: False)
+    with pytest.raises(StateError, match="not readable and writable"):
+        StateDir(path)
+
+
+def test_refuses_dir_of_another_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "state"
+    path.mkdir(mode=0o700)
+    other_uid = path.stat().st_uid + 1
+    monkeypatch.setattr(os, "geteuid", lambda: other_uid)
+    with pytest.raises(StateError, match="owned by another user"):
+        StateDir(path)
+
+
+def test_unreadable_file_is_a_state_error(state: StateDir, monkeypatch: pytest.MonkeyPatch) -> None:
+    state.add_peer("phone", None, NET, GW)
+    original = Path.read_text
+
+    def denied(self: Path, *args: object, **kwargs: object) -> str:
+        if self.name == "peers.json":
+            raise PermissionError(13, "Permission denied")
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(StateError, match=r"cannot read .*peers\.json: Permission denied"):
+        state.peers()
