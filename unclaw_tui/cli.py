@@ -350,15 +350,9 @@ def _prepare_run(args: argparse.Namespace) -> config.Settings:
 def _run_gateway(settings: config.Settings, no_ui: bool) -> int:
     # Imported lazily so that peer commands stay fast and need no engine build.
     if no_ui:
-        from unclaw_tui.headless import run_headless
+        from unclaw_tui.headless import run
 
-        try:
-            import uvloop
-        except ImportError:
-            import asyncio
-
-            return asyncio.run(run_headless(settings))
-        return uvloop.run(run_headless(settings))
+        return run(settings)
     from unclaw_tui.app import run_app
 
     return run_app(settings)

@@ -291,15 +291,19 @@ class Gateway:
                     self._reconcile_peers(announce=True)
                 if time.monotonic() - last_stats >= STATS_WRITE_INTERVAL:
                     last_stats = time.monotonic()
-                    self._write_stats()
+                    # fsync and the file lock may block: keep them off the packet loop.
+                    await asyncio.to_thread(self.state.write_stats, self._collect_stats())
             except Exception:  # a bad edit of the state files must not stop the gateway
                 log.exception("state poll failed")
 
-    def _write_stats(self) -> None:
+    def _collect_stats(self) -> dict[str, PeerRuntime]:
         stats = dict(self._baseline)
         for record in self._records.values():
             stats[record.public_key] = self._peer_runtime(record)
-        self.state.write_stats(stats)
+        return stats
+
+    def _write_stats(self) -> None:
+        self.state.write_stats(self._collect_stats())
 
     def _on_tunnel_event(self, ev: TunnelEvent) -> None:
         if ev.kind == "under_load":

@@ -305,13 +305,11 @@ def test_run_without_subcommand_builds_settings_and_runs_headless(
 ) -> None:
     seen: list[config.Settings] = []
 
-    async def run_headless(settings: config.Settings) -> int:
+    def run(settings: config.Settings) -> int:
         seen.append(settings)
         return 7
 
-    monkeypatch.setitem(
-        sys.modules, "unclaw_tui.headless", types.SimpleNamespace(run_headless=run_headless)
-    )
+    monkeypatch.setitem(sys.modules, "unclaw_tui.headless", types.SimpleNamespace(run=run))
     rc = cli.main(
         ["--state-dir", str(state_dir), "--no-ui", "--json", "--listen-port", "5000",
          "--endpoint", "gw.example", "--address", "10.50.0.1/16"]
