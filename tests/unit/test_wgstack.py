@@ -228,6 +228,13 @@ def test_replay_same_counter_twice(wg_session: Engine) -> None:
     assert drops(wg_session) == {"replay": 2}
 
 
+def test_counter_at_reject_after_messages_is_refused(wg_session: Engine) -> None:
+    reject_after_messages = 2**64 - 2**13 - 1
+    assert not accepted(wg_session, reject_after_messages)
+    assert drops(wg_session) == {"key_expired": 1}
+    assert accepted(wg_session, reject_after_messages - 1)
+
+
 def test_replay_out_of_order_within_window(wg_session: Engine) -> None:
     for counter in (5, 3, 4, 2, 1, 70, 6, 65):
         assert accepted(wg_session, counter), counter
@@ -249,9 +256,9 @@ def test_replay_far_ahead_then_old_within_window_accepted_once(wg_session: Engin
 
 def test_replay_window_slides_and_clears_reused_blocks(wg_session: Engine) -> None:
     assert accepted(wg_session, 100)
-    # 128 blocks of 64 bits later the ring reuses 100's block: it must be cleared on the jump.
-    assert accepted(wg_session, 100 + 64 * 128 + 1)
-    assert accepted(wg_session, 101 + 64 * 127)  # inside the window, same block as 100 was
+    # 128 blocks of 64 bits later the ring reuses the same bits: the jump must clear them.
+    assert accepted(wg_session, 100 + 64 * 128)
+    assert accepted(wg_session, 64 * 128)  # the bit counter 0 (the confirming keepalive) used
     assert not accepted(wg_session, 100)  # now behind the window
 
 
@@ -579,12 +586,14 @@ def test_receiving_on_old_initiator_keypair_asks_once(wg_peer: Engine) -> None:
 
 def test_keys_expire_after_180s_and_are_zeroed_after_540s(wg_session: Engine) -> None:
     wg_session.input(transport(LOCAL_INDEX, 1, b""), PEER_ENDPOINT, T0 + 179.9)
+    assert wg_session.peer_stats(PEER_ID).has_current is True
     wg_session.input(transport(LOCAL_INDEX, 2, b""), PEER_ENDPOINT, T0 + 180)
     assert drops(wg_session) == {"key_expired": 1}
 
     wg_session.send_inner(udp_packet(GATEWAY_IP, PEER_IP), T0 + 181)
     assert wg_session.outputs() == []
     assert wg_session.peer_stats(PEER_ID).staged == 1
+    assert wg_session.peer_stats(PEER_ID).has_current is False
     assert need_handshake_events(wg_session.events()) == [_ffi.NEED_NO_KEY]
 
     wg_session.tick(T0 + 539)

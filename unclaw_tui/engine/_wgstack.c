@@ -162,6 +162,7 @@ struct wg_engine {
     uint32_t *timer_list; /* ids of peers with an armed timer */
     uint32_t timer_list_len;
     double next_deadline; /* earliest armed deadline, may be early (never late); 0 = none */
+    double now;           /* the latest time passed in, for stats that have no now argument */
 
     index_table indices;
     route_table routes;
@@ -748,6 +749,7 @@ int wg_peer_install_keypair(wg_engine *e, uint32_t peer_id, uint32_t local_index
     if (!p) return WG_ENOPEER;
     if (!send_key || !recv_key) return WG_EINVAL;
     if (index_lookup(&e->indices, local_index)) return WG_EINDEX;
+    e->now = now;
     keypair *kp = calloc(1, sizeof *kp);
     if (!kp) return WG_ENOSPC;
     memcpy(kp->send_key, send_key, KEY_SIZE);
@@ -809,7 +811,7 @@ int wg_peer_get_stats(wg_engine *e, uint32_t peer_id, wg_peer_stats *out) {
     out->last_rx = p->last_rx;
     out->last_tx = p->last_tx;
     out->current_created = p->current ? p->current->created : 0;
-    out->has_current = p->current && p->current->send_counter < REJECT_AFTER_MESSAGES;
+    out->has_current = keypair_usable_for_send(p->current, e->now);
     out->staged = p->staged_count;
     return 0;
 }
@@ -999,6 +1001,7 @@ static void transport_input(wg_engine *e, const uint8_t *data, size_t len, const
 }
 
 int wg_input(wg_engine *e, const uint8_t *data, size_t len, const wg_endpoint *src, double now) {
+    e->now = now;
     e->stats.rx_datagrams++;
     e->stats.rx_bytes += len;
     if (!data || !src || len < 4) {
@@ -1045,6 +1048,7 @@ int wg_send_raw(wg_engine *e, const uint8_t *data, size_t len, const wg_endpoint
 
 int wg_send_inner(wg_engine *e, const uint8_t *packet, size_t len, double now) {
     if (!packet || len == 0 || len > e->cfg.mtu) return WG_EINVAL;
+    e->now = now;
     const uint8_t *dst;
     uint8_t family;
     if (packet[0] >> 4 == 4 && len >= 20) {
@@ -1106,6 +1110,7 @@ static double peer_earliest_timer(const peer *p) {
 }
 
 void wg_tick(wg_engine *e, double now) {
+    e->now = now;
     if (e->next_deadline == 0 || now < e->next_deadline) return;
     /* Timers fired below may re-arm: recompute the cache from scratch after the pass. */
     e->next_deadline = 0;
