@@ -15,7 +15,10 @@ from cffi import FFI
 ENGINE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = ENGINE_DIR.parent.parent
 HEADER = ENGINE_DIR / "_wgstack.h"
-SOURCE = ENGINE_DIR / "_wgstack.c"
+# Relative to the repo root, the working directory of setuptools builds (and of __main__ below):
+# setuptools rejects absolute source paths, and distutils would mirror them under its tmpdir.
+SOURCE_REL = "unclaw_tui/engine/_wgstack.c"
+ENGINE_DIR_REL = "unclaw_tui/engine"
 
 
 def cdef_from_header(text: str) -> str:
@@ -31,14 +34,6 @@ def cdef_from_header(text: str) -> str:
     return "\n".join(kept)
 
 
-def _relative(path: Path) -> str:
-    # setuptools wants paths relative to the project root when pip builds; absolute otherwise.
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
 compile_args = ["-O2", "-std=c11", "-Wall", "-Wextra"]
 link_args: list[str] = []
 if os.environ.get("UNCLAW_SANITIZE") == "1":
@@ -51,12 +46,13 @@ ffibuilder.cdef(cdef_from_header(HEADER.read_text()))
 ffibuilder.set_source(
     "unclaw_tui.engine._wgstack_cffi",
     '#include "_wgstack.h"',
-    sources=[_relative(SOURCE)],
-    include_dirs=[_relative(ENGINE_DIR)],
+    sources=[SOURCE_REL],
+    include_dirs=[ENGINE_DIR_REL],
     extra_compile_args=compile_args,
     extra_link_args=link_args,
 )
 
 
 if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=str(REPO_ROOT), verbose=False)
+    os.chdir(REPO_ROOT)
+    ffibuilder.compile(tmpdir=".", verbose=False)
