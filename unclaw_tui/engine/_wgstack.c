@@ -148,7 +148,7 @@ typedef struct {
 } route_table;
 
 typedef struct {
-    uint16_t len;
+    uint32_t len;
     wg_endpoint dst;
 } output_meta;
 
@@ -326,7 +326,7 @@ static uint8_t *output_reserve(wg_engine *e) {
 
 static void output_commit(wg_engine *e, size_t len, const wg_endpoint *dst) {
     uint32_t slot = (e->out_head + e->out_count) % OUTPUT_RING_SIZE;
-    e->out_meta[slot].len = (uint16_t)len;
+    e->out_meta[slot].len = (uint32_t)len;
     endpoint_copy(&e->out_meta[slot].dst, dst);
     e->out_count++;
     e->stats.tx_datagrams++;
@@ -344,7 +344,7 @@ int wg_next_output(wg_engine *e, uint8_t *buf, size_t cap, wg_endpoint *dst) {
     if (cap < m->len) return WG_ENOSPC;
     memcpy(buf, e->out_bufs + (size_t)e->out_head * e->out_slot_size, m->len);
     *dst = m->dst;
-    int len = m->len;
+    int len = (int)m->len;
     output_pop(e);
     return len;
 }
@@ -1319,6 +1319,7 @@ int wg_io_flush(wg_engine *e) {
         }
         for (int i = 0; i < r; i++) output_pop(e);
         sent += r;
+        if (r == 0) break; /* nothing accepted and no error: try again on the next flush */
 #else
         uint32_t slot = e->out_head;
         struct sockaddr_storage addr;
