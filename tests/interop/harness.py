@@ -203,7 +203,7 @@ class GatewayProcess:
     """`unclaw-tui --no-ui --json` in a namespace, its events collected from stdout."""
 
     def __init__(
-        self, topo: Topology, ns: Namespace, state_dir: Path, *args: str, user: str | None = None
+        self, topo: Topology, ns: Namespace, state_dir: Path, *args: str, drop_caps: bool = False
     ) -> None:
         cmd = [
             sys.executable,
@@ -215,8 +215,10 @@ class GatewayProcess:
             "--json",
             *args,
         ]
-        if user:
-            cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+        if drop_caps:
+            # No capability at all (no CAP_NET_ADMIN, NET_RAW, NET_BIND_SERVICE, DAC_OVERRIDE):
+            # what an unprivileged user has, while the files stay readable.
+            cmd = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", *cmd]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
         self.proc = topo.spawn(
             ns,
@@ -343,7 +345,7 @@ class GatewaySetup:
             name,
         ).stdout
 
-    def start_gateway(self, *args: str, user: str | None = None) -> GatewayProcess:
+    def start_gateway(self, *args: str, drop_caps: bool = False) -> GatewayProcess:
         gw = GatewayProcess(
             self.topo,
             self.gateway_ns,
@@ -351,7 +353,7 @@ class GatewaySetup:
             "--listen-port",
             str(self.port),
             *args,
-            user=user,
+            drop_caps=drop_caps,
         )
         gw.wait_event(lambda e: e["type"] == "gateway_started", 20, "gateway_started")
         self.gateways.append(gw)

@@ -258,12 +258,9 @@ class Tunnel:
             return
         now = self._now()
         try:
-            received = self._engine.io_recv(now, RECV_BUDGET)
-        except _ffi.EngineError:
-            log.exception("receive failed")
-            return
-        if received < 0:
-            log.warning("UDP receive error %d", -received)
+            self._engine.io_recv(now, RECV_BUDGET)
+        except OSError as exc:  # e.g. ICMP errors surfaced on the socket: keep serving
+            log.debug("UDP receive error: %s", exc)
         self._after_engine_work(now)
 
     def _on_timer(self) -> None:
@@ -335,7 +332,7 @@ class Tunnel:
         self._load.note(now)
         msg_type = data[0]
         try:
-            if msg_type == constants.MSG_COOKIE_REPLY:
+            if msg_type == constants.MESSAGE_COOKIE_REPLY_TYPE:
                 self._core.consume_cookie_reply(data, now)
                 return
             if not self._core.check_mac1(data):
@@ -343,7 +340,7 @@ class Tunnel:
                 return
             if self._load.under_load(now):
                 src_bytes = endpoint_bytes(src)
-                if not self._core.check_mac2(data, src_bytes):
+                if not self._core.check_mac2(data, src_bytes, now):
                     reply = self._core.create_cookie_reply(data, src_bytes, now)
                     self._engine.send_raw(reply, src)
                     self.cookies_sent += 1
@@ -351,9 +348,9 @@ class Tunnel:
                 if not self._limiter.allow(src_bytes[:-2], now):
                     self.handshake_drops["rate_limited"] += 1
                     return
-            if msg_type == constants.MSG_INITIATION:
+            if msg_type == constants.MESSAGE_INITIATION_TYPE:
                 self._answer_initiation(data, src, now)
-            elif msg_type == constants.MSG_RESPONSE:
+            elif msg_type == constants.MESSAGE_RESPONSE_TYPE:
                 peer_key, keypair = self._core.consume_response(data, now)
                 peer = self._peers.get(peer_key)
                 if peer is None:
