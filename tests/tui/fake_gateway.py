@@ -1,0 +1,338 @@
+"""A FakeGateway implementing GatewayProtocol with deterministic data, for TUI tests and demos.
+
+Keys are derived from names (not real key pairs); times come from a fixed, settable clock.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import re
+from dataclasses import replace
+
+from unclaw_tui import events as ev
+from unclaw_tui.gateway import GatewaySnapshot, PeerSnapshot
+from unclaw_tui.widgets.model import PeersModel
+
+# 2026-01-01 12:00:00 UTC: every rendered time derives from this in tests.
+FIXED_NOW = 1_767_268_800.0
+GATEWAY_KEY = base64.b64encode(hashlib.sha256(b"gateway").digest()).decode()
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+
+
+def fake_key(label: str) -> str:
+    return base64.b64encode(hashlib.sha256(label.encode()).digest()).decode()
+
+
+class FakeClock:
+    def __init__(self, now: float = FIXED_NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeGateway:
+    """Records every command in `calls`; publishes the events a real gateway would."""
+
+    def __init__(self, clock: FakeClock | None = None) -> None:
+        self.clock = clock or FakeClock()
+        self.bus = ev.EventBus()
+        self.peers: dict[str, PeerSnapshot] = {}
+        self.calls: list[tuple[str, ...]] = []
+        self.started = False
+        self.stopped = False
+        self.open_flows = 0
+        self.started_at = self.clock() - 3723.0  # up 01:02:03
+        self._network = ipaddress.IPv4Network("10.77.0.0/16")
+        self._next_host = 2
+
+    # -- lifecycle (the real Gateway has these too) --------------------------------------
+
+    async def start(self) -> None:
+        self.calls.append(("start",))
+        self.started = True
+
+    async def stop(self) -> None:
+        self.calls.append(("stop",))
+        self.stopped = True
+
+    # -- GatewayProtocol ---------------------------------------------------------------------
+
+    def snapshot(self) -> GatewaySnapshot:
+        return GatewaySnapshot(
+            listen_port=51820,
+            public_key=GATEWAY_KEY,
+            endpoint="203.0.113.10:51820",
+            address="10.77.0.1/24",
+            started_at=self.started_at,
+            peers=tuple(self.peers.values()),
+            open_flows=self.open_flows,
+        )
+
+    def subscribe(self) -> ev.Subscription:
+        return self.bus.subscribe()
+
+    def add_peer(self, name: str, ip: str | None = None) -> PeerSnapshot:
+        self.calls.append(("add_peer", name))
+        if not NAME_RE.fullmatch(name):
+            raise ValueError(f"invalid peer name {name!r}: use letters, digits, '.', '_' or '-'")
+        if name in self.peers:
+            raise ValueError(f"a peer named {name!r} exists already")
+        if ip is None:
+            ip = str(self._network[self._next_host])
+            self._next_host += 1
+        peer = PeerSnapshot(
+            name=name,
+            public_key=fake_key(name),
+            ip=ip,
+            created=self.clock(),
+            endpoint=None,
+            last_handshake=None,
+            rx_bytes=0,
+            tx_bytes=0,
+            rx_packets=0,
+            tx_packets=0,
+        )
+        self.peers[name] = peer
+        self.bus.publish(
+            ev.PeerAdded(ts=self.clock(), name=name, public_key=peer.public_key, ip=ip)
+        )
+        return peer
+
+    def remove_peer(self, name: str) -> None:
+        self.calls.append(("remove_peer", name))
+        peer = self.peers.pop(name)  # KeyError if unknown, as the protocol says
+        self.bus.publish(
+            ev.PeerRemoved(ts=self.clock(), name=name, public_key=peer.public_key, ip=peer.ip)
+        )
+
+    def client_config(self, name: str) -> str:
+        self.calls.append(("client_config", name))
+        peer = self.peers[name]
+        return (
+            "[Interface]\n"
+            f"PrivateKey = {fake_key('private ' + name)}\n"
+            f"Address = {peer.ip}/32\n"
+            "DNS = 10.77.0.1\n"
+            "MTU = 1420\n"
+            "\n"
+            "[Peer]\n"
+            f"PublicKey = {GATEWAY_KEY}\n"
+            "AllowedIPs = 0.0.0.0/0, ::/0\n"
+            "Endpoint = 203.0.113.10:51820\n"
+            "PersistentKeepalive = 25\n"
+        )
+
+    # -- test helpers ------------------------------------------------------------------------
+
+    def set_peer(self, name: str, **changes: object) -> None:
+        self.peers[name] = replace(self.peers[name], **changes)  # type: ignore[arg-type]
+
+    def publish(self, event: ev.Event) -> None:
+        self.bus.publish(event)
+
+
+def demo_gateway(clock: FakeClock | None = None) -> FakeGateway:
+    """Four peers in different states: fresh, busy, stale, never seen."""
+    gw = FakeGateway(clock)
+    now = gw.clock()
+    for name in ("phone", "laptop", "vm-build", "tablet"):
+        gw.add_peer(name)
+    gw.set_peer(
+        "phone",
+        endpoint="198.51.100.7:41641",
+        last_handshake=now - 12,
+        rx_bytes=1_234_567,
+        tx_bytes=45_678_901,
+        open_connections=3,
+    )
+    gw.set_peer(
+        "laptop",
+        endpoint="[2001:db8::5]:51820",
+        last_handshake=now - 95,
+        rx_bytes=987_654_321,
+        tx_bytes=12_345_678_901,
+        open_connections=2,
+    )
+    gw.set_peer(
+        "vm-build",
+        endpoint="192.0.2.44:51820",
+        last_handshake=now - 3 * 3600,
+        rx_bytes=4_096,
+        tx_bytes=8_192,
+    )
+    gw.open_flows = 4
+    gw.calls.clear()
+    return gw
+
+
+def demo_events(gw: FakeGateway) -> list[ev.Event]:
+    """Flows, DNS queries, TLS hosts and HTTP requests of the demo peers, at fixed times."""
+    now = gw.clock()
+    phone, laptop = gw.peers["phone"], gw.peers["laptop"]
+
+    def who(peer: PeerSnapshot) -> dict[str, str]:
+        return {"peer": peer.name, "peer_public_key": peer.public_key, "peer_ip": peer.ip}
+
+    out: list[ev.Event] = [
+        ev.DnsQuery(
+            ts=now - 30,
+            peer="phone",
+            peer_ip=phone.ip,
+            qname="api.example.com.",
+            qtype="A",
+            answers=["10.78.0.5"],
+            upstream_ms=None,
+        ),
+        ev.DnsQuery(
+            ts=now - 29,
+            peer="phone",
+            peer_ip=phone.ip,
+            qname="cdn.example.net.",
+            qtype="AAAA",
+            answers=[],
+            rcode="NOERROR",
+            upstream_ms=21.4,
+        ),
+        ev.DnsQuery(
+            ts=now - 20,
+            peer="laptop",
+            peer_ip=laptop.ip,
+            qname="nope.invalid.",
+            qtype="A",
+            answers=[],
+            rcode="NXDOMAIN",
+            upstream_ms=8.0,
+        ),
+        ev.DnsQuery(
+            ts=now - 5,
+            peer="laptop",
+            peer_ip=laptop.ip,
+            qname="api.example.com.",
+            qtype="A",
+            answers=["10.78.0.5"],
+            cached=True,
+        ),
+        ev.TcpOpened(
+            ts=now - 28,
+            conn_id=1,
+            **who(phone),
+            dst_ip="10.78.0.5",
+            dst_port=443,
+            hostname="api.example.com",
+            route="tls",
+        ),
+        ev.TlsHost(ts=now - 28, peer="phone", sni="api.example.com", alpn="h2"),
+        ev.HttpRequest(
+            ts=now - 27,
+            peer="phone",
+            method="GET",
+            host="api.example.com",
+            path="/v1/items",
+            status=200,
+            bytes=5120,
+            ms=84.0,
+        ),
+        ev.TcpOpened(
+            ts=now - 25,
+            conn_id=2,
+            **who(phone),
+            dst_ip="93.184.216.34",
+            dst_port=80,
+            route="relay",
+        ),
+        ev.TcpClosed(
+            ts=now - 10,
+            conn_id=2,
+            **who(phone),
+            dst_ip="93.184.216.34",
+            dst_port=80,
+            route="relay",
+            bytes_up=420,
+            bytes_down=90_112,
+            duration=15.0,
+        ),
+        ev.UdpFlowOpened(
+            ts=now - 20,
+            conn_id=3,
+            **who(laptop),
+            dst_ip="10.77.0.1",
+            dst_port=53,
+            route="dns",
+        ),
+        ev.TcpOpened(
+            ts=now - 18,
+            conn_id=4,
+            **who(laptop),
+            dst_ip="10.78.0.9",
+            dst_port=22,
+            hostname="git.internal",
+            route="vip",
+        ),
+        ev.TcpOpened(
+            ts=now - 15,
+            conn_id=5,
+            **who(laptop),
+            dst_ip="203.0.113.99",
+            dst_port=443,
+            hostname="pinned.example.org",
+            route="tls",
+        ),
+        ev.TlsHost(
+            ts=now - 15,
+            peer="laptop",
+            sni="pinned.example.org",
+            mode="passthrough",
+        ),
+        ev.TlsHost(
+            ts=now - 12,
+            peer="laptop",
+            sni="tracker.example",
+            mode="rejected",
+            ok=False,
+            error="denied by policy",
+        ),
+        ev.TcpClosed(
+            ts=now - 12,
+            conn_id=6,
+            **who(laptop),
+            dst_ip="198.18.0.1",
+            dst_port=443,
+            hostname="tracker.example",
+            route="tls",
+            duration=0.2,
+            error="denied by policy",
+        ),
+    ]
+    return sorted(out, key=lambda e: e.ts)
+
+
+# Bytes per second of the demo peers over the last 16 s, so rates and sparklines have shape.
+RATE_PATTERN = (3, 5, 8, 13, 9, 6, 4, 7, 12, 15, 11, 8, 5, 9, 14, 10)
+RATE_SCALE = {"phone": 20_000, "laptop": 150_000}
+
+
+def seed_rates(model: PeersModel, gw: FakeGateway) -> None:
+    """Feed the model one snapshot a second for the last 16 s, ending where `gw` is now."""
+    now = gw.clock()
+    final = gw.snapshot()
+    steps = len(RATE_PATTERN)
+    for i in range(steps):
+        t = now - (steps - i)
+        # Bytes still to come after time t: the pattern's increments from index i on.
+        peers = []
+        for p in final.peers:
+            to_come = sum(RATE_PATTERN[i:]) * RATE_SCALE.get(p.name, 0)
+            peers.append(
+                replace(
+                    p,
+                    rx_bytes=p.rx_bytes - to_come // 4,
+                    tx_bytes=p.tx_bytes - to_come + to_come // 4,
+                )
+            )
+        model.update(replace(final, peers=tuple(peers)), t)

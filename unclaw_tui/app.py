@@ -1,0 +1,385 @@
+"""The operator console: a Textual app over a gateway that runs on the same event loop.
+
+The gateway is injected (`UnclawApp(gateway)`), so tests pass a fake and integration tests a
+real `Gateway`. The app never blocks the loop: it reads `gateway.snapshot()` a few times a
+second and a worker moves subscribed events into an inbox, announced by a collapsing
+`EventsArrived` message; the panes then update only the rows that changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from textual import on, work
+from textual.app import App, SystemCommand
+from textual.binding import Binding, BindingType
+from textual.screen import Screen
+from textual.timer import Timer
+from textual.widgets import DataTable
+
+from unclaw_tui import events as ev
+from unclaw_tui.gateway import GatewayProtocol, GatewaySnapshot
+from unclaw_tui.screens.add_peer import AddPeerScreen
+from unclaw_tui.screens.confirm_remove import ConfirmRemoveScreen
+from unclaw_tui.screens.dashboard import DashboardScreen
+from unclaw_tui.screens.help import HelpScreen
+from unclaw_tui.screens.peer_qr import PeerQrScreen
+from unclaw_tui.widgets.filter_bar import FilterBar
+from unclaw_tui.widgets.live_table import LiveTable
+from unclaw_tui.widgets.messages import (
+    EventsArrived,
+    PauseToggled,
+    PeerCreated,
+    PeerDeleted,
+    SnapshotTaken,
+)
+from unclaw_tui.widgets.model import ConsoleModel
+from unclaw_tui.widgets.peers_table import PeersTable
+
+if TYPE_CHECKING:
+    from unclaw_tui import config
+
+REFRESH_INTERVAL_S = 0.25
+EVENT_BATCH = 2_000
+INBOX_LIMIT = 50_000
+FILTER_DEBOUNCE_S = 0.15
+# Events that change the peer list or its counters: take a snapshot now rather than later.
+PEER_EVENTS = (ev.PeerAdded, ev.PeerRemoved, ev.PeerHandshake, ev.PeerEndpointChanged)
+DASHBOARD_ACTIONS = {"add_peer", "remove_peer", "filter", "toggle_scope", "toggle_pause"}
+
+
+class UnclawApp(App[int]):
+    # The dashboard is the default screen, which Textual does not load a CSS_PATH for.
+    CSS_PATH: ClassVar[list[str | Path]] = ["app.tcss", "screens/dashboard.tcss"]
+    TITLE = "unclaw-tui"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("a", "add_peer", "Add peer"),
+        Binding("d", "remove_peer", "Remove peer"),
+        Binding("slash", "filter", "Filter"),
+        Binding("c", "toggle_scope", "Conns scope"),
+        Binding("p", "toggle_pause", "Pause"),
+        Binding("t", "toggle_dark", "Theme", show=False),
+        Binding("question_mark", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(
+        self,
+        gateway: GatewayProtocol,
+        *,
+        title_suffix: str = "",
+        clock: Callable[[], float] = time.time,
+        state_dir: Path | None = None,
+        manage_gateway: bool = True,
+        refresh_interval: float = REFRESH_INTERVAL_S,
+        max_connections: int = 10_000,
+    ) -> None:
+        """`clock` gives the wall time shown in the panes (tests freeze it); `state_dir` is
+        where QR PNGs go; with `manage_gateway` the app calls `gateway.start()` on mount and
+        `gateway.stop()` on exit when the gateway has them."""
+        super().__init__()
+        self.gateway = gateway
+        self.clock = clock
+        self.state_dir = state_dir
+        self.manage_gateway = manage_gateway
+        self.refresh_interval = refresh_interval
+        self.title = f"unclaw-tui{title_suffix}"
+        self.model = ConsoleModel(max_connections=max_connections)
+        self.paused = False
+        self.snapshot: GatewaySnapshot | None = None
+        self.gateway_started = False
+        self._subscription: ev.Subscription | None = None
+        self._inbox: deque[ev.Event] = deque()
+        self._inbox_dropped = 0
+        self._filter_target: LiveTable[Any] | None = None
+        self._filter_timer: Timer | None = None
+        self._scope_timer: Timer | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def get_default_screen(self) -> Screen[Any]:
+        return DashboardScreen(self.model, self.clock)
+
+    @property
+    def dashboard(self) -> DashboardScreen:
+        screen = self.screen_stack[0]
+        assert isinstance(screen, DashboardScreen)
+        return screen
+
+    async def on_mount(self) -> None:
+        # Subscribe before starting, so GatewayStarted and early handshakes are seen.
+        self._subscription = self.gateway.subscribe()
+        self._pump_events(self._subscription)
+        start = getattr(self.gateway, "start", None)
+        if self.manage_gateway and start is not None:
+            try:
+                await start()
+            except Exception as exc:
+                self.exit(1, return_code=1, message=f"unclaw-tui: the gateway did not start: {exc}")
+                return
+            self.gateway_started = True
+        self.set_interval(self.refresh_interval, self.take_snapshot)
+
+    @on(DashboardScreen.Ready)
+    def _dashboard_ready(self) -> None:
+        self.take_snapshot()
+        if self._inbox:  # events queued before the app ran (tests, demos)
+            self.post_message(EventsArrived())
+
+    async def on_unmount(self) -> None:
+        if self._subscription is not None:
+            self._subscription.close()
+        stop = getattr(self.gateway, "stop", None)
+        if self.gateway_started and stop is not None:
+            self.gateway_started = False
+            await stop()
+
+    # -- data in ------------------------------------------------------------------------------
+
+    def take_snapshot(self) -> None:
+        self.post_message(SnapshotTaken(self.gateway.snapshot()))
+
+    @work(exclusive=True, group="events")
+    async def _pump_events(self, subscription: ev.Subscription) -> None:
+        async for event in subscription:
+            self._push(event)
+            # Take what is queued already in one go: one message per batch, not per event.
+            for _ in range(EVENT_BATCH):
+                more = subscription.get_nowait()
+                if more is None:
+                    break
+                self._push(more)
+            self.post_message(EventsArrived())
+            await asyncio.sleep(0)
+
+    def _push(self, event: ev.Event) -> None:
+        if len(self._inbox) >= INBOX_LIMIT:
+            self._inbox.popleft()
+            self._inbox_dropped += 1
+        self._inbox.append(event)
+
+    def inject_events(self, events: Iterable[ev.Event]) -> None:
+        """Feed events as if they came from the subscription (used by tests and demos)."""
+        for event in events:
+            self._push(event)
+        if self.is_running:
+            self.post_message(EventsArrived())
+
+    @on(SnapshotTaken)
+    def _apply_snapshot(self, message: SnapshotTaken) -> None:
+        now = self.clock()
+        self.snapshot = message.snapshot
+        self.model.peers.update(message.snapshot, now)
+        self.model.connections.prune(now)
+        dashboard = self.dashboard
+        dashboard.refresh_panes(now, live=not self.paused)
+        dashboard.show_status(
+            dashboard.status_for(message.snapshot, now, paused=self.paused, lost=self.lost_events)
+        )
+
+    @on(EventsArrived)
+    def _apply_events(self) -> None:
+        peers_changed = False
+        model = self.model
+        while self._inbox:
+            event = self._inbox.popleft()
+            model.apply(event)
+            peers_changed = peers_changed or isinstance(event, PEER_EVENTS)
+        if peers_changed:
+            self.take_snapshot()
+        if not self.paused:
+            # Incremental: the cost follows the number of changed rows, and under a flood
+            # EventsArrived messages collapse, so this runs a bounded number of times.
+            self.dashboard.refresh_logs(self.clock(), clock_text=False)
+
+    @property
+    def lost_events(self) -> int:
+        dropped = self._subscription.dropped if self._subscription is not None else 0
+        return dropped + self._inbox_dropped
+
+    # -- actions -------------------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # Dashboard keys do nothing (and are hidden) while a dialog or the QR screen is up.
+        return action not in DASHBOARD_ACTIONS or isinstance(self.screen, DashboardScreen)
+
+    def action_add_peer(self) -> None:
+        self.push_screen(AddPeerScreen(self.gateway.add_peer), callback=self._peer_added)
+
+    def _peer_added(self, peer: Any) -> None:
+        if peer is not None:
+            self.post_message(PeerCreated(peer))
+
+    @on(PeerCreated)
+    def _show_new_peer(self, message: PeerCreated) -> None:
+        self.take_snapshot()
+        self.show_peer_qr(message.peer.name)
+
+    @on(PeersTable.ShowPeer)
+    def _show_selected_peer(self, message: PeersTable.ShowPeer) -> None:
+        row = self.model.peers.store.get(message.public_key)
+        if row is not None:
+            self.show_peer_qr(row.name)
+
+    def show_peer_qr(self, name: str) -> None:
+        try:
+            config_text = self.gateway.client_config(name)
+        except KeyError:
+            self.notify(f"No peer named {name}", severity="error")
+            return
+        self.push_screen(PeerQrScreen(name, config_text, self.state_dir))
+
+    def action_remove_peer(self) -> None:
+        peer = self.dashboard.peers.selected_peer()
+        if peer is None:
+            self.notify("Select a peer in the Peers pane first", severity="warning")
+            return
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                try:
+                    self.gateway.remove_peer(peer.name)
+                except KeyError:
+                    self.notify(f"{peer.name} was already gone", severity="warning")
+                self.post_message(PeerDeleted(peer.name))
+
+        self.push_screen(ConfirmRemoveScreen(peer.name, peer.ip), callback=confirmed)
+
+    @on(PeerDeleted)
+    def _peer_deleted(self, message: PeerDeleted) -> None:
+        self.take_snapshot()
+        self.notify(f"Removed peer {message.name}")
+
+    def action_toggle_pause(self) -> None:
+        self.paused = not self.paused
+        self.post_message(PauseToggled(self.paused))
+
+    @on(PauseToggled)
+    def _pause_toggled(self, message: PauseToggled) -> None:
+        now = self.clock()
+        dashboard = self.dashboard
+        if not message.paused:  # catch up with everything that came meanwhile
+            dashboard.refresh_logs(now)
+        dashboard.show_status(
+            dashboard.status_for(self.snapshot, now, paused=self.paused, lost=self.lost_events)
+        )
+
+    def action_toggle_scope(self) -> None:
+        connections = self.dashboard.connections
+        selected = self.dashboard.peers.selected_key
+        connections.peer_scope = None if connections.peer_scope is not None else selected
+        self._rescope()
+
+    def _rescope(self) -> None:
+        connections = self.dashboard.connections
+        connections.rebuild(self.clock())
+        self.dashboard.retitle(connections)
+
+    @on(DataTable.RowHighlighted, "#peers")
+    def _peer_highlighted(self, message: DataTable.RowHighlighted) -> None:
+        connections = self.dashboard.connections
+        key = message.row_key.value
+        if connections.peer_scope is None or key == connections.peer_scope or key is None:
+            return
+        connections.peer_scope = key
+        # Moving through peers with the arrow keys should not rebuild the table at every step.
+        if self._scope_timer is not None:
+            self._scope_timer.stop()
+        self._scope_timer = self.set_timer(FILTER_DEBOUNCE_S, self._rescope)
+
+    def action_filter(self) -> None:
+        dashboard = self.dashboard
+        focused = dashboard.focused
+        target = focused if isinstance(focused, LiveTable) else self._filter_target
+        self._filter_target = target or dashboard.peers
+        bar = dashboard.query_one(FilterBar)
+        bar.value = self._filter_target.filter_text
+        bar.placeholder = f"filter {self._filter_target.border_title}… (enter keeps, escape clears)"
+        bar.add_class("-open")
+        bar.focus()
+
+    @on(FilterBar.Changed)
+    def _filter_changed(self) -> None:
+        if self._filter_timer is not None:
+            self._filter_timer.stop()
+        self._filter_timer = self.set_timer(FILTER_DEBOUNCE_S, self._apply_filter)
+
+    def _apply_filter(self) -> None:
+        target = self._filter_target
+        if target is None:
+            return
+        target.set_filter(self.dashboard.query_one(FilterBar).value.strip(), self.clock())
+        self.dashboard.retitle(target)
+
+    @on(FilterBar.Submitted)
+    def _filter_submitted(self) -> None:
+        self._apply_filter()
+        self._close_filter()
+
+    @on(FilterBar.Cancelled)
+    def _filter_cancelled(self) -> None:
+        self.dashboard.query_one(FilterBar).value = ""
+        self._apply_filter()
+        self._close_filter()
+
+    def _close_filter(self) -> None:
+        if self._filter_timer is not None:
+            self._filter_timer.stop()
+            self._filter_timer = None
+        self.dashboard.query_one(FilterBar).remove_class("-open")
+        if self._filter_target is not None:
+            self._filter_target.focus()
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_toggle_dark(self) -> None:
+        self.theme = "textual-light" if self.theme == "textual-dark" else "textual-dark"
+
+    async def action_quit(self) -> None:
+        self.exit(0)
+
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        if isinstance(screen, DashboardScreen):
+            yield SystemCommand("Add peer", "Add a peer and show its QR code", self.action_add_peer)
+            yield SystemCommand(
+                "Show peer config",
+                "Config text and QR code of the selected peer",
+                screen.peers.action_show_peer,
+            )
+            yield SystemCommand(
+                "Remove peer", "Remove the selected peer (asks first)", self.action_remove_peer
+            )
+            yield SystemCommand("Filter", "Filter the focused pane", self.action_filter)
+            yield SystemCommand(
+                "Pause / resume", "Pause or resume the live panes", self.action_toggle_pause
+            )
+            yield SystemCommand(
+                "Connections scope",
+                "Connections of all peers / of the selected peer",
+                self.action_toggle_scope,
+            )
+        yield SystemCommand("Help", "What each key does", self.action_help)
+        yield SystemCommand(
+            "Dark / light", "Switch between dark and light", self.action_toggle_dark
+        )
+
+
+def run_app(settings: config.Settings) -> int:
+    """Run the console and the gateway on one event loop (uvloop when installed)."""
+    from unclaw_tui.gateway import Gateway  # the real engine; tests import this module with fakes
+
+    app = UnclawApp(Gateway(settings), state_dir=settings.state_dir)
+    try:
+        import uvloop
+    except ImportError:
+        return app.run() or 0
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(app.run_async()) or 0

@@ -1,0 +1,52 @@
+"""The help screen: what each key does."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from rich.table import Table
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Label, Static
+
+KEYS: tuple[tuple[str, str], ...] = (
+    ("a", "add a peer: a name is asked, the IP is assigned, its QR code opens"),
+    ("enter", "show the selected peer's config and QR code"),
+    ("d", "remove the selected peer (asks first)"),
+    ("/", "filter the focused pane (enter keeps it, escape clears it)"),
+    ("c", "connections: all peers / only the selected peer"),
+    ("p", "pause or resume the live panes (connections, DNS, TLS)"),
+    ("tab", "move to the next pane (shift+tab: previous)"),
+    ("t", "switch between dark and light themes"),
+    ("ctrl+p", "command palette"),
+    ("?", "this help"),
+    ("q", "quit (the gateway stops)"),
+)
+
+
+def keys_table() -> Table:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    for key, what in KEYS:
+        table.add_row(key, what)
+    return table
+
+
+class HelpScreen(ModalScreen[None]):
+    CSS_PATH = "modals.tcss"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,q,question_mark", "close", "Close"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog", classes="help"):
+            yield Label("unclaw-tui keys", id="dialog-title")
+            yield Static(keys_table(), id="keys")
+            yield Label("Mouse: click a row to select it, scroll with the wheel.", classes="hint")
+            yield Label("escape closes", classes="hint")
+
+    def action_close(self) -> None:
+        self.dismiss(None)

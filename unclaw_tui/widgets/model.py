@@ -1,0 +1,381 @@
+"""What the console knows, without Textual: rows per pane, fed by snapshots and events.
+
+Each pane's rows live in a `RowStore` that remembers which keys changed since the view last
+looked, so a table can be brought up to date in place, in time proportional to the changes
+(and a paused view can catch up later). Time is always passed in.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from unclaw_tui import events as ev
+from unclaw_tui.gateway import GatewaySnapshot
+
+R = TypeVar("R")
+
+# A peer without a handshake for this long has no usable session (REJECT_AFTER_TIME).
+STALE_AFTER_S = 180.0
+
+
+class RowStore(Generic[R]):
+    """Rows by key in insertion order, plus the set of keys changed since `take_changes()`."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, R] = {}
+        self._changed: dict[str, None] = {}  # an ordered set
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._rows
+
+    def get(self, key: str) -> R | None:
+        return self._rows.get(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def items(self) -> Iterator[tuple[str, R]]:
+        return iter(self._rows.items())
+
+    def put(self, key: str, row: R) -> None:
+        self._rows[key] = row
+        self._changed[key] = None
+
+    def touch(self, key: str) -> None:
+        """Mark a row changed after mutating it in place."""
+        if key in self._rows:
+            self._changed[key] = None
+
+    def remove(self, key: str) -> None:
+        if self._rows.pop(key, None) is not None:
+            self._changed[key] = None
+
+    def oldest_key(self) -> str | None:
+        return next(iter(self._rows), None)
+
+    def take_changes(self) -> list[str]:
+        """Keys added, changed or removed since the last call, in first-change order."""
+        keys = list(self._changed)
+        self._changed.clear()
+        return keys
+
+
+# -- peers ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRow:
+    name: str
+    public_key: str
+    ip: str
+    endpoint: str | None
+    last_handshake: float | None
+    rx_bytes: int
+    tx_bytes: int
+    open_connections: int
+    rate: float  # bytes/s, both directions
+    history: tuple[float, ...]  # recent rates, oldest first
+
+
+class PeersModel:
+    """Peer rows from successive snapshots; rates are sampled at most once per second."""
+
+    HISTORY = 16
+    TOTAL_HISTORY = 120
+    SAMPLE_EVERY_S = 1.0
+
+    def __init__(self) -> None:
+        self.store: RowStore[PeerRow] = RowStore()
+        self._last_sample: dict[str, tuple[float, int]] = {}
+        self._history: dict[str, deque[float]] = {}
+        self._total_sample: tuple[float, int] | None = None
+        self.total_history: deque[float] = deque(maxlen=self.TOTAL_HISTORY)
+        self.rx_total = 0
+        self.tx_total = 0
+
+    def update(self, snapshot: GatewaySnapshot, now: float) -> None:
+        seen: set[str] = set()
+        for peer in snapshot.peers:
+            key = peer.public_key
+            seen.add(key)
+            history = self._history.setdefault(key, deque(maxlen=self.HISTORY))
+            self._sample(self._last_sample, key, peer.rx_bytes + peer.tx_bytes, now, history)
+            row = PeerRow(
+                name=peer.name,
+                public_key=peer.public_key,
+                ip=peer.ip,
+                endpoint=peer.endpoint,
+                last_handshake=peer.last_handshake,
+                rx_bytes=peer.rx_bytes,
+                tx_bytes=peer.tx_bytes,
+                open_connections=peer.open_connections,
+                rate=history[-1] if history else 0.0,
+                history=tuple(history),
+            )
+            if self.store.get(key) != row:
+                self.store.put(key, row)
+        for key in [k for k in self.store if k not in seen]:
+            self.store.remove(key)
+            self._last_sample.pop(key, None)
+            self._history.pop(key, None)
+        self.rx_total = sum(p.rx_bytes for p in snapshot.peers)
+        self.tx_total = sum(p.tx_bytes for p in snapshot.peers)
+        total = self.rx_total + self.tx_total
+        if self._total_sample is None:
+            self._total_sample = (now, total)
+        elif now - self._total_sample[0] >= self.SAMPLE_EVERY_S:
+            then, before = self._total_sample
+            self.total_history.append(max(0.0, (total - before) / (now - then)))
+            self._total_sample = (now, total)
+
+    def _sample(
+        self,
+        last: dict[str, tuple[float, int]],
+        key: str,
+        total: int,
+        now: float,
+        history: deque[float],
+    ) -> None:
+        prev = last.get(key)
+        if prev is None:
+            last[key] = (now, total)
+        elif now - prev[0] >= self.SAMPLE_EVERY_S:
+            history.append(max(0.0, (total - prev[1]) / (now - prev[0])))
+            last[key] = (now, total)
+
+    def online(self, now: float) -> int:
+        return sum(
+            1
+            for _, row in self.store.items()
+            if row.last_handshake is not None and now - row.last_handshake < STALE_AFTER_S
+        )
+
+
+# -- connections -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ConnectionRow:
+    proto: str  # "TCP" / "UDP"
+    peer: str
+    peer_public_key: str
+    dst: str  # "ip:port"
+    hostname: str | None
+    route: str
+    opened_at: float
+    closed_at: float | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    error: str | None = None
+
+
+OpenedEvent = ev.TcpOpened | ev.UdpFlowOpened
+ClosedEvent = ev.TcpClosed | ev.UdpFlowClosed
+
+
+def _dst(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+class ConnectionsModel:
+    """Open flows, and closed ones for `closed_ttl` seconds; at most `max_rows` rows."""
+
+    def __init__(self, max_rows: int = 10_000, closed_ttl: float = 60.0) -> None:
+        self.store: RowStore[ConnectionRow] = RowStore()
+        self.max_rows = max_rows
+        self.closed_ttl = closed_ttl
+        self._closed_order: deque[tuple[float, str]] = deque()
+
+    @staticmethod
+    def key_of(event: OpenedEvent | ClosedEvent) -> str:
+        # TCP and UDP ids are separate spaces in the engine.
+        proto = "t" if isinstance(event, ev.TcpOpened | ev.TcpClosed) else "u"
+        return f"{proto}{event.conn_id}"
+
+    def opened(self, event: OpenedEvent) -> None:
+        key = self.key_of(event)
+        self.store.put(
+            key,
+            ConnectionRow(
+                proto="TCP" if isinstance(event, ev.TcpOpened) else "UDP",
+                peer=event.peer,
+                peer_public_key=event.peer_public_key,
+                dst=_dst(event.dst_ip, event.dst_port),
+                hostname=event.hostname,
+                route=event.route,
+                opened_at=event.ts,
+            ),
+        )
+        self._bound()
+
+    def closed(self, event: ClosedEvent) -> None:
+        key = self.key_of(event)
+        row = self.store.get(key)
+        if row is None:  # the open event was dropped, or came before we subscribed
+            row = ConnectionRow(
+                proto="TCP" if isinstance(event, ev.TcpClosed) else "UDP",
+                peer=event.peer,
+                peer_public_key=event.peer_public_key,
+                dst=_dst(event.dst_ip, event.dst_port),
+                hostname=event.hostname,
+                route=event.route,
+                opened_at=event.ts - event.duration,
+            )
+            self.store.put(key, row)
+        row.closed_at = event.ts
+        row.bytes_up = event.bytes_up
+        row.bytes_down = event.bytes_down
+        row.error = event.error
+        row.hostname = row.hostname or event.hostname
+        self.store.touch(key)
+        self._closed_order.append((event.ts, key))
+        self._bound()
+
+    def prune(self, now: float) -> None:
+        """Forget closed flows older than the TTL."""
+        while self._closed_order and self._closed_order[0][0] + self.closed_ttl <= now:
+            _, key = self._closed_order.popleft()
+            row = self.store.get(key)
+            if row is not None and row.closed_at is not None:
+                self.store.remove(key)
+
+    def _bound(self) -> None:
+        while len(self.store) > self.max_rows:
+            victim: str | None = None
+            while self._closed_order:  # closed flows go first
+                _, key = self._closed_order.popleft()
+                row = self.store.get(key)
+                if row is not None and row.closed_at is not None:
+                    victim = key
+                    break
+            if victim is None:
+                victim = self.store.oldest_key()
+            if victim is None:
+                return
+            self.store.remove(victim)
+
+
+# -- DNS -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DnsRow:
+    ts: float
+    peer: str
+    qname: str
+    qtype: str
+    answer: str
+    rcode: str
+    upstream_ms: float | None
+    cached: bool
+
+
+class DnsModel:
+    def __init__(self, max_rows: int = 2_000) -> None:
+        self.store: RowStore[DnsRow] = RowStore()
+        self.max_rows = max_rows
+        self._seq = 0
+
+    def query(self, event: ev.DnsQuery) -> None:
+        self._seq += 1
+        answer = ", ".join(event.answers) if event.answers else "-"
+        self.store.put(
+            f"q{self._seq}",
+            DnsRow(
+                ts=event.ts,
+                peer=event.peer,
+                qname=event.qname.rstrip("."),
+                qtype=event.qtype,
+                answer=answer,
+                rcode=event.rcode,
+                upstream_ms=event.upstream_ms,
+                cached=event.cached,
+            ),
+        )
+        while len(self.store) > self.max_rows:
+            oldest = self.store.oldest_key()
+            assert oldest is not None
+            self.store.remove(oldest)
+
+
+# -- TLS hosts -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TlsHostRow:
+    hostname: str
+    peers: set[str] = field(default_factory=set)
+    connections: int = 0
+    mode: str = "intercepted"
+    last_request: str | None = None
+    errors: int = 0
+    last_error: str | None = None
+    last_seen: float = 0.0
+
+
+class TlsHostsModel:
+    def __init__(self, max_rows: int = 1_000) -> None:
+        self.store: RowStore[TlsHostRow] = RowStore()
+        self.max_rows = max_rows
+
+    def _row(self, hostname: str, ts: float) -> tuple[str, TlsHostRow]:
+        key = hostname.lower().rstrip(".")
+        row = self.store.get(key)
+        if row is None:
+            row = TlsHostRow(hostname=key)
+            self.store.put(key, row)
+            while len(self.store) > self.max_rows:
+                oldest = self.store.oldest_key()
+                assert oldest is not None
+                self.store.remove(oldest)
+        row.last_seen = ts
+        return key, row
+
+    def host(self, event: ev.TlsHost) -> None:
+        key, row = self._row(event.sni, event.ts)
+        row.peers.add(event.peer)
+        row.connections += 1
+        row.mode = event.mode
+        if not event.ok:
+            row.errors += 1
+            row.last_error = event.error
+        self.store.touch(key)
+
+    def request(self, event: ev.HttpRequest) -> None:
+        host = event.host.rsplit(":", 1)[0] if event.host.count(":") == 1 else event.host
+        key, row = self._row(host, event.ts)
+        row.peers.add(event.peer)
+        status = "-" if event.status is None else str(event.status)
+        row.last_request = f"{event.method} {event.path} {status}"
+        self.store.touch(key)
+
+
+class ConsoleModel:
+    """All panes' rows; `apply()` takes any event and ignores what no pane shows."""
+
+    def __init__(self, max_connections: int = 10_000, closed_ttl: float = 60.0) -> None:
+        self.peers = PeersModel()
+        self.connections = ConnectionsModel(max_connections, closed_ttl)
+        self.dns = DnsModel()
+        self.tls = TlsHostsModel()
+
+    def apply(self, event: ev.Event) -> None:
+        match event:
+            case ev.TcpOpened() | ev.UdpFlowOpened():
+                self.connections.opened(event)
+            case ev.TcpClosed() | ev.UdpFlowClosed():
+                self.connections.closed(event)
+            case ev.DnsQuery():
+                self.dns.query(event)
+            case ev.TlsHost():
+                self.tls.host(event)
+            case ev.HttpRequest():
+                self.tls.request(event)
+            case _:
+                pass
