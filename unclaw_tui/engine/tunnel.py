@@ -245,6 +245,13 @@ class Tunnel:
     def under_load(self) -> bool:
         return self._under_load
 
+    def send_inner(self, packet: bytes) -> None:
+        """Route an inner IP packet to its peer by allowed IPs, encrypt and send it (staged,
+        with a handshake started, if there is no session yet)."""
+        now = self._now()
+        self._engine.send_inner(packet, now)
+        self._after_engine_work(now)
+
     # -- the loop --------------------------------------------------------------------------
 
     def _now(self) -> float:
