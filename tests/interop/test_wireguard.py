@@ -48,8 +48,13 @@ def test_handshake_ping_and_peer_list_without_privileges(wg_setup: GatewaySetup)
 
 def test_two_peers_each_seen_with_its_own_key(wg_setup: GatewaySetup) -> None:
     s = wg_setup
-    configs = {name: s.add_peer(name) for name in ("alpha", "beta")}
+    configs = {"alpha": s.add_peer("alpha")}
     gw = s.start_gateway()
+    # beta is added by the CLI while the gateway runs: live within a second, with an event.
+    t0 = time.monotonic()
+    configs["beta"] = s.add_peer("beta")
+    gw.wait_event(lambda e: e["type"] == "peer_added" and e["name"] == "beta", 3, "peer_added")
+    assert time.monotonic() - t0 < 1.0 + 1.0  # poll interval 0.5 s, plus the CLI's own start
     keys = {p["name"]: p["public_key"] for p in json.loads(s.cli("peer", "list", "--json").stdout)}
     # A second client machine on another link to the gateway.
     other_ns = s.topo.namespace("d")
