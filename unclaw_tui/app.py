@@ -44,7 +44,7 @@ from unclaw_tui.widgets.peers_table import PeersTable
 if TYPE_CHECKING:
     from unclaw_tui import config
 
-REFRESH_INTERVAL_S = 0.25
+REFRESH_INTERVAL_S = 0.5
 EVENT_BATCH = 2_000
 INBOX_LIMIT = 50_000
 FILTER_DEBOUNCE_S = 0.15

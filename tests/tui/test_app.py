@@ -353,3 +353,17 @@ async def test_gateway_start_failure_exits_nonzero() -> None:
     async with app.run_test(size=BIG) as pilot:
         await pilot.pause()
     assert app.return_code == 1
+
+
+async def test_command_palette_offers_the_console_actions(gateway: FakeGateway) -> None:
+    app = make_app(gateway)
+    async with app.run_test(size=BIG) as pilot:
+        await pilot.pause()
+        titles = {command.title for command in app.get_system_commands(app.screen)}
+        for title in ("Add peer", "Show peer config", "Remove peer", "Filter", "Help"):
+            assert title in titles
+        await pilot.press("ctrl+p", *"add peer")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, AddPeerScreen)

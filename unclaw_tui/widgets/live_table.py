@@ -9,13 +9,13 @@ survives inserts and removals, and the viewport stays on the same rows.
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import ClassVar, Generic, TypeVar
+from typing import ClassVar, Generic, Self, TypeVar
 
-from rich.text import Text
+from rich.text import Text, TextType
 from textual._two_way_dict import TwoWayDict
 from textual.coordinate import Coordinate
 from textual.widgets import DataTable
-from textual.widgets.data_table import CellKey, RowKey
+from textual.widgets.data_table import CellKey, ColumnKey, Row, RowKey
 
 from unclaw_tui.widgets.model import RowStore
 
@@ -32,6 +32,12 @@ class LiveTable(DataTable[Text], Generic[R]):
     # Keep the cursor on the newest row while it is there already, like `tail -f`.
     FOLLOW_TAIL: ClassVar[bool] = False
 
+    # Class-level defaults: DataTable.__init__ already reads ordered_rows.
+    # Bumped when rows are added, removed or reordered (not when a cell changes).
+    _rows_version: int = 0
+    _ordered_cache: tuple[tuple[int, int], list[Row[Text]]] | None = None
+    _offsets_cache: tuple[tuple[int, int], list[tuple[RowKey, int]]] | None = None
+
     def __init__(self, store: RowStore[R], *, id: str | None = None) -> None:
         super().__init__(id=id, cursor_type="row", zebra_stripes=False)
         self.store = store
@@ -41,6 +47,45 @@ class LiveTable(DataTable[Text], Generic[R]):
     def on_mount(self) -> None:
         for key, label in self.COLUMNS:
             self.add_column(label, key=key)
+
+    # -- row order caches ----------------------------------------------------------------------
+    # DataTable keys its row-order and line-offset caches on a counter that every update_cell
+    # bumps, so one changed cell makes the next frame walk all rows (tens of ms at 10,000).
+    # Rows here are always one line high and never sorted, so the order only changes with
+    # the row set; these caches follow that instead.
+
+    @property
+    def ordered_rows(self) -> list[Row[Text]]:
+        key = (self._rows_version, self.row_count)
+        if self._ordered_cache is None or self._ordered_cache[0] != key:
+            self._ordered_cache = (key, super().ordered_rows)
+        return self._ordered_cache[1]
+
+    @property
+    def _y_offsets(self) -> list[tuple[RowKey, int]]:
+        key = (self._rows_version, self.row_count)
+        if self._offsets_cache is None or self._offsets_cache[0] != key:
+            self._offsets_cache = (key, [(row.key, 0) for row in self.ordered_rows])
+        return self._offsets_cache[1]
+
+    def add_row(
+        self,
+        *cells: Text,
+        height: int | None = 1,
+        key: str | None = None,
+        label: TextType | None = None,
+    ) -> RowKey:
+        assert height == 1, "the row caches assume one-line rows"
+        self._rows_version += 1
+        return super().add_row(*cells, height=height, key=key, label=label)
+
+    def remove_row(self, row_key: RowKey | str) -> None:
+        self._rows_version += 1
+        super().remove_row(row_key)
+
+    def clear(self, columns: bool = False) -> Self:
+        self._rows_version += 1
+        return super().clear(columns)
 
     # -- what a pane defines ------------------------------------------------------------------
 
@@ -88,6 +133,7 @@ class LiveTable(DataTable[Text], Generic[R]):
             return
         follow = self.FOLLOW_TAIL and (self.row_count == 0 or self.cursor_row >= self.row_count - 1)
         doomed: list[str] = []
+        changed = False
         for key in changes:
             row = self.store.get(key)
             if row is None or not self.matches(row):
@@ -96,10 +142,12 @@ class LiveTable(DataTable[Text], Generic[R]):
                 continue
             cells = self.cells(row, now)
             if key in self._shown:
-                self._update_row(key, cells)
+                changed = self._update_row(key, cells) or changed
             else:
                 self.add_row(*(Text(t, style=s) for t, s in cells), key=key)
                 self._shown[key] = cells
+        if changed:
+            self._cells_changed()
         self.remove_rows(doomed)
         if follow and self.row_count:
             self.move_cursor(row=self.row_count - 1)
@@ -110,11 +158,14 @@ class LiveTable(DataTable[Text], Generic[R]):
             return
         top = int(self.scroll_y)
         ordered = self.ordered_rows[top : top + max(1, self.size.height)]
+        changed = False
         for key in [row.key.value for row in ordered]:
             assert key is not None
             row = self.store.get(key)
-            if row is not None:
-                self._update_row(key, self.cells(row, now))
+            if row is not None and key in self._shown:
+                changed = self._update_row(key, self.cells(row, now)) or changed
+        if changed:
+            self._cells_changed()
 
     def rebuild(self, now: float) -> None:
         """Show exactly the store's matching rows (after a filter or scope change)."""
@@ -135,14 +186,23 @@ class LiveTable(DataTable[Text], Generic[R]):
             self.filter_text = text
             self.rebuild(now)
 
-    def _update_row(self, key: str, cells: tuple[Cell, ...]) -> None:
+    def _update_row(self, key: str, cells: tuple[Cell, ...]) -> bool:
+        """Put changed cells in place; the caller calls `_cells_changed()` once after."""
         old = self._shown[key]
         if old == cells:
-            return
+            return False
+        # What update_cell does, minus its refresh() per cell: one refresh per pass is
+        # enough, and at a thousand changed rows a tick the per-cell refresh dominated.
+        data = self._data[RowKey(key)]
         for (column, _), before, after in zip(self.COLUMNS, old, cells, strict=True):
             if before != after:
-                self.update_cell(key, column, Text(after[0], style=after[1]))
+                data[ColumnKey(column)] = Text(after[0], style=after[1])
         self._shown[key] = cells
+        return True
+
+    def _cells_changed(self) -> None:
+        self._update_count += 1  # drops DataTable's rendered-line caches
+        self.refresh()
 
     def remove_rows(self, keys: Collection[str]) -> None:
         """Remove rows in one pass; DataTable.remove_row re-indexes every row per call."""
@@ -184,6 +244,7 @@ class LiveTable(DataTable[Text], Generic[R]):
             self.rows.pop(row_key, None)
             self._data.pop(row_key, None)
         self._require_update_dimensions = True
+        self._rows_version += 1
         self.cursor_coordinate = self.cursor_coordinate
         self.hover_coordinate = self.hover_coordinate
         self._update_count += 1
