@@ -670,6 +670,20 @@ def test_we_answer_peer_zero_window_probe() -> None:
     assert ack.wnd == 0 and ack.ack == peer.snd_nxt
 
 
+def test_peer_probe_or_keepalive_below_rcv_nxt_answered(stack: Stack) -> None:
+    """A peer that missed our window update probes with seq = rcv_nxt - 1: it must get an ACK
+    (found against the Linux stack, which otherwise waits for ever)."""
+    peer, _conn, _ = connect(stack)
+    stack.input(peer.seg(seq=peer.snd_nxt - 1))
+    (ack,) = stack.take()
+    assert ack.flags == ACK and ack.ack == peer.snd_nxt and ack.wnd > 0
+    # an older pure ACK (overtaken by reordering) is taken silently
+    stack.input(peer.data(b"d" * 100))
+    stack.input(peer.seg(seq=peer.snd_nxt - 100 - 50))
+    lib.tcp_flush(stack.ptr, stack.now)
+    assert len(stack.take()) == 1
+
+
 # ---- closing -------------------------------------------------------------------------------------
 def test_peer_fin_after_data_then_our_fin(stack: Stack) -> None:
     peer, conn, synack = connect(stack)

@@ -998,9 +998,11 @@ static int conn_input(tcp_stack *s, tcp_conn *c, uint32_t peer_id, seg_repr *g, 
     int ok;
     if (seglen == 0) {
         ok = wnd == 0 ? g->seq == c->rcv_nxt : rel < wnd;
-        /* a pure ACK overtaken by our data's ACK's reply (reordering): take its ACK, no answer,
-         * so reordering does not turn into duplicate ACKs at the peer */
-        if (!ok && !(fl & F_RST) && SEQ_LT(g->seq, c->rcv_nxt) && c->rcv_nxt - g->seq <= c->rcap)
+        /* A pure ACK overtaken by a later segment (reordering): take its ACK without answering,
+         * so reordering does not become duplicate ACKs at the peer.  Not rcv_nxt - 1: that is a
+         * zero-window probe or keepalive, which must be answered (below). */
+        if (!ok && !(fl & F_RST) && SEQ_LT(g->seq, c->rcv_nxt - 1) &&
+            c->rcv_nxt - g->seq <= c->rcap)
             ok = 1;
     } else
         ok = wnd != 0 && (rel < wnd || (uint32_t)(g->seq + seglen - 1 - c->rcv_nxt) < wnd);
