@@ -86,7 +86,7 @@ def save_png(text: str, path: Path, *, scale: int = 8) -> None:
             image.save(f, format="PNG")
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        # The code holds the client's private key: readable by the owner only (mkstemp's 0600).
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

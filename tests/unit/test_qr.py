@@ -56,7 +56,7 @@ def test_png_decodes_to_exact_config(tmp_path: Path) -> None:
     text = sample_config()
     path = tmp_path / "phone.png"
     qr.save_png(text, path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["phone.png"]
     with Image.open(path) as image:
         assert image.getpixel((0, 0)) == 255  # quiet zone is white

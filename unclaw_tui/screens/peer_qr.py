@@ -90,8 +90,6 @@ class PeerQrScreen(Screen[None]):
         path = self.png_path()
         try:
             qr.save_png(self.config_text, path)
-            # The code holds the client's private key.
-            path.chmod(0o600)
         except OSError as exc:
             self.notify(f"Could not save the PNG: {exc}", severity="error")
             return

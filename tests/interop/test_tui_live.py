@@ -1,0 +1,116 @@
+"""The console over the real engine with real wireguard-go peers.
+
+The app and the gateway run in this test's event loop; the loop's thread is moved into the
+gateway namespace (setns) so the gateway's socket lives there, and the wireguard-go clients
+run in their own namespaces.  Client traffic is started with asyncio subprocesses so the
+gateway keeps running while a client pings it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.interop.harness import GatewaySetup, Namespace
+from unclaw_tui import config
+from unclaw_tui.app import UnclawApp
+from unclaw_tui.gateway import Gateway
+from unclaw_tui.screens.peer_qr import PeerQrScreen
+from unclaw_tui.widgets.peers_table import PeersTable
+
+pytestmark = pytest.mark.interop
+
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def thread_in_namespace(name: str) -> Iterator[None]:
+    """Move the calling thread into a named network namespace, and back afterwards."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns failed")
+        yield
+    finally:
+        libc.setns(home, CLONE_NEWNET)
+        os.close(home)
+        os.close(target)
+
+
+async def ping(ns: Namespace, dst: str, count: int = 3) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        *ns.cmd("ping", "-n", "-c", str(count), "-i", "0.2", "-W", "2", dst),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    return await asyncio.wait_for(proc.wait(), 30)
+
+
+def peer_key(table: PeersTable, name: str) -> str:
+    for key in table.shown_keys():
+        if table.cell_text(key, "name") == name:
+            return key
+    raise AssertionError(f"{name} not in the peers pane: {table.shown_keys()}")
+
+
+async def test_console_shows_live_peers_adds_and_removes(wg_setup: GatewaySetup) -> None:
+    s = wg_setup
+    phone_config = s.add_peer("phone")
+    other_ns = s.topo.namespace("d")
+    s.topo.link(other_ns, "192.168.78.2/24", s.gateway_ns, "192.168.78.1/24")
+    other_ns.run("ip", "route", "add", "default", "via", "192.168.78.1")
+
+    with thread_in_namespace(s.gateway_ns.name):
+        settings = config.Settings(
+            state_dir=s.state_dir, listen_port=s.port, endpoint=f"{s.gateway_addr}:{s.port}"
+        )
+        gateway = Gateway(settings)
+        app = UnclawApp(gateway, state_dir=s.state_dir, refresh_interval=0.25)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause(0.3)
+            assert app.gateway_started
+            table = app.dashboard.peers
+            phone = peer_key(table, "phone")
+            assert table.cell_text(phone, "handshake") == "never"
+
+            # A real client handshakes: the pane shows it, and the age keeps moving.
+            s.topo.wg_client(s.client_ns, phone_config, "10.77.0.2/32")
+            assert await ping(s.client_ns, "10.77.0.1") == 0
+            await pilot.pause(0.6)
+            first = table.cell_text(phone, "handshake")
+            assert first.endswith("ago"), first
+            assert table.cell_text(phone, "endpoint").startswith("192.168.77.2:")
+            await pilot.pause(2.2)
+            assert table.cell_text(phone, "handshake") != first
+
+            # `a` + a name + enter: a new peer, live at once, its QR screen open.
+            await pilot.press("a", *"laptop", "enter")
+            await pilot.pause(0.3)
+            assert isinstance(app.screen, PeerQrScreen)
+            laptop_config = app.screen.config_text
+            assert laptop_config == gateway.client_config("laptop")
+            await pilot.press("escape")
+            s.topo.wg_client(other_ns, laptop_config, "10.77.0.3/32")
+            assert await ping(other_ns, "10.77.0.1") == 0
+            await pilot.pause(0.6)
+            laptop = peer_key(table, "laptop")
+            assert table.cell_text(laptop, "handshake").endswith("ago")
+
+            # `d` on the phone's row + confirm: removed from the engine at once.
+            table.focus()
+            table.move_cursor(row=table.shown_keys().index(phone))
+            await pilot.pause()
+            await pilot.press("d", "y")
+            await pilot.pause(0.6)
+            assert [p.name for p in gateway.snapshot().peers] == ["laptop"]
+            assert phone not in table.shown_keys()
+            assert await ping(s.client_ns, "10.77.0.1", count=2) != 0
+            assert await ping(other_ns, "10.77.0.1", count=2) == 0
+        assert not app.gateway_started
