@@ -1,8 +1,12 @@
 """Write SVG screenshots of the console into screenshots/ (main, add-peer, QR, help).
 
+    python scripts/export_screenshots.py --live                        # real peers (root)
     python scripts/export_screenshots.py --state-dir DIR [--wait 20]   # a real gateway
     python scripts/export_screenshots.py --demo                        # simulated traffic
 
+With --live (needs root, wireguard-go and wg) the script builds network namespaces, connects
+two real wireguard-go clients that keep pinging the gateway, and shoots the real gateway's
+console with that live traffic; everything it made is removed afterwards.
 With --state-dir the real gateway runs (same settings as `unclaw-tui`); connect a client and
 make some traffic during the --wait seconds, and the screenshots show it. --demo runs the
 test suite's FakeGateway with generated live traffic instead. Screens are taken headless at
@@ -120,9 +124,47 @@ async def main_async(args: argparse.Namespace) -> list[Path]:
             await traffic
     from unclaw_tui.gateway import Gateway
 
+    if args.live:
+        return await live(out, args.wait, stop)
     settings = config.Settings(state_dir=Path(args.state_dir), listen_port=args.port)
     app = UnclawApp(Gateway(settings), state_dir=settings.state_dir)
     return await shoot(app, out, args.wait, stop)
+
+
+async def live(out: Path, wait: float, stop: asyncio.Event) -> list[Path]:
+    """Two real wireguard-go peers in namespaces, pinging the real gateway while we shoot."""
+    from tests.interop.harness import cli, thread_in_namespace, topology
+    from unclaw_tui.gateway import Gateway
+
+    with topology() as topo:
+        gw_ns = topo.namespace("g")
+        state = topo.tmp / "state"
+        pingers = []
+        for i, name in enumerate(("phone", "laptop")):
+            ns = topo.namespace("c" if i == 0 else "d")
+            topo.link(ns, f"192.168.{77 + i}.2/24", gw_ns, f"192.168.{77 + i}.1/24")
+            ns.run("ip", "route", "add", "default", "via", f"192.168.{77 + i}.1")
+            conf = cli(state, "--endpoint", "192.168.77.1:51820", "peer", "add", name).stdout
+            topo.wg_client(ns, conf, f"10.77.0.{2 + i}/32")
+            pingers.append((ns, i))
+        with thread_in_namespace(gw_ns.name):
+            settings = config.Settings(state_dir=state, endpoint="192.168.77.1:51820")
+            app = UnclawApp(Gateway(settings), state_dir=state)
+            procs = [
+                await asyncio.create_subprocess_exec(
+                    *ns.cmd("ping", "-n", "-q", "-i", "0.2", "-s", str(200 + 900 * i),
+                            "-w", str(int(wait) + 15), "10.77.0.1"),
+                    stdout=asyncio.subprocess.DEVNULL,
+                )
+                for ns, i in pingers
+            ]  # fmt: skip
+            try:
+                return await shoot(app, out, wait, stop)
+            finally:
+                for proc in procs:
+                    if proc.returncode is None:
+                        proc.kill()
+                    await proc.wait()
 
 
 def main() -> int:
@@ -130,6 +172,7 @@ def main() -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--state-dir", help="run the real gateway on this state dir")
     source.add_argument("--demo", action="store_true", help="simulated peers and traffic")
+    source.add_argument("--live", action="store_true", help="namespaces + real wireguard-go")
     parser.add_argument("--port", type=int, default=config.DEFAULT_LISTEN_PORT)
     parser.add_argument("--wait", type=float, default=3.0, help="seconds of traffic first")
     parser.add_argument("--out", default=str(ROOT / "screenshots"))

@@ -9,6 +9,7 @@ unique too.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import queue
@@ -358,3 +359,26 @@ class GatewaySetup:
         gw.wait_event(lambda e: e["type"] == "gateway_started", 20, "gateway_started")
         self.gateways.append(gw)
         return gw
+
+
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def thread_in_namespace(name: str) -> Iterator[None]:
+    """Move the calling thread into a named network namespace, and back afterwards.
+
+    Sockets the thread creates meanwhile stay in that namespace: an in-process gateway (and
+    the Textual app around it) can run inside a namespace the test made.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns failed")
+        yield
+    finally:
+        libc.setns(home, CLONE_NEWNET)
+        os.close(home)
+        os.close(target)

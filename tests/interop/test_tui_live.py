@@ -9,14 +9,10 @@ gateway keeps running while a client pings it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import os
-from collections.abc import Iterator
 
 import pytest
 
-from tests.interop.harness import GatewaySetup, Namespace
+from tests.interop.harness import GatewaySetup, Namespace, thread_in_namespace
 from unclaw_tui import config
 from unclaw_tui.app import UnclawApp
 from unclaw_tui.gateway import Gateway
@@ -24,24 +20,6 @@ from unclaw_tui.screens.peer_qr import PeerQrScreen
 from unclaw_tui.widgets.peers_table import PeersTable
 
 pytestmark = pytest.mark.interop
-
-CLONE_NEWNET = 0x40000000
-
-
-@contextlib.contextmanager
-def thread_in_namespace(name: str) -> Iterator[None]:
-    """Move the calling thread into a named network namespace, and back afterwards."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns failed")
-        yield
-    finally:
-        libc.setns(home, CLONE_NEWNET)
-        os.close(home)
-        os.close(target)
 
 
 async def ping(ns: Namespace, dst: str, count: int = 3) -> int:

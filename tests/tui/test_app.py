@@ -367,3 +367,20 @@ async def test_command_palette_offers_the_console_actions(gateway: FakeGateway) 
         await pilot.press("enter")
         await pilot.pause()
         assert isinstance(app.screen, AddPeerScreen)
+
+
+async def test_a_column_grows_when_a_value_widens(gateway: FakeGateway) -> None:
+    app = make_app(gateway, demo=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        table = app.dashboard.peers
+        name = next(iter(gateway.peers))
+        gateway.set_peer(name, endpoint=None)
+        app.take_snapshot()
+        await pilot.pause()
+        gateway.set_peer(name, endpoint="[2001:db8:1234:5678::99]:51820")
+        app.take_snapshot()
+        await pilot.pause()
+        assert "[2001:db8:1234:5678::99]:51820" in screen_text(app)
+        key = next(k for k in table.shown_keys() if table.cell_text(k, "name") == name)
+        assert table.cell_text(key, "endpoint") == "[2001:db8:1234:5678::99]:51820"

@@ -193,10 +193,15 @@ class LiveTable(DataTable[Text], Generic[R]):
             return False
         # What update_cell does, minus its refresh() per cell: one refresh per pass is
         # enough, and at a thousand changed rows a tick the per-cell refresh dominated.
-        data = self._data[RowKey(key)]
+        row_key = RowKey(key)
+        data = self._data[row_key]
         for (column, _), before, after in zip(self.COLUMNS, old, cells, strict=True):
             if before != after:
                 data[ColumnKey(column)] = Text(after[0], style=after[1])
+                if len(after[0]) > len(before[0]):
+                    # A wider value (an endpoint learnt, a counter grown): let the column grow.
+                    self._updated_cells.add(CellKey(row_key, ColumnKey(column)))
+                    self._require_update_dimensions = True
         self._shown[key] = cells
         return True
 
