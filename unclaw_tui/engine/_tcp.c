@@ -33,6 +33,8 @@
 #define MAX_WSCALE 14       /* RFC 7323 2.3 */
 #define FIN_WAIT_2_RELEASED 60.0 /* a released connection waits this long for the peer's FIN */
 #define OOO_MAX 32          /* out-of-order ranges kept per connection (8 bytes each) */
+#define SACK_MAX 8          /* SACKed ranges remembered of what we sent */
+#define SACK_BLOCKS_OUT 4   /* blocks per ACK we send: 4 fit in 40 option bytes without timestamps */
 
 /* ---- Implementation numbers ---------------------------------------------------------------- */
 #define SLOT_BITS 20
@@ -53,6 +55,10 @@
 static uint32_t min_u32(uint32_t a, uint32_t b) { return a < b ? a : b; }
 static uint32_t max_u32(uint32_t a, uint32_t b) { return a > b ? a : b; }
 
+struct tcp_conn;
+static uint32_t sacked_below(const struct tcp_conn *c, uint32_t upto);
+static uint32_t next_hole(const struct tcp_conn *c, uint32_t *seq);
+
 typedef struct {
     uint32_t start, end; /* [start, end) in sequence space */
 } seq_range;
@@ -65,6 +71,7 @@ typedef struct tcp_conn {
     uint8_t fin_queued, fin_sent, fin_rcvd, ooo_fin;
     uint8_t readable_armed, want_writable, in_recovery, persist, timing;
     uint8_t wscale_ok, snd_wscale, rcv_wscale, backoff, ack_listed, nooo;
+    uint8_t sack_ok, nsacked;
     uint16_t snd_mss;
     int32_t heap_idx;
     struct tcp_conn *hnext;             /* hash chain; the reap list once unhashed */
@@ -74,12 +81,15 @@ typedef struct tcp_conn {
     /* send side: the ring holds [snd_una, snd_una + slen) (data only; SYN/FIN are flags) */
     uint32_t iss, snd_una, snd_nxt, snd_max, snd_wnd, snd_wl1, snd_wl2;
     uint32_t cwnd, ssthresh, recover, dupacks, ca_acked;
+    uint32_t rtx_next;                  /* SACK recovery: holes below this were resent */
+    seq_range sacked[SACK_MAX];         /* what the peer SACKed above snd_una, sorted */
     uint8_t *sbuf;
     uint32_t scap, shead, slen;
     double srtt, rttvar, rto, rtt_time;
     uint32_t rtt_seq;
     /* receive side: the ring holds rlen readable bytes, then out-of-order data at its offset */
     uint32_t irs, rcv_nxt, rcv_adv, ooo_fin_seq, unacked_bytes;
+    uint32_t ooo_recent;                /* start of the latest out-of-order segment: SACK block 1 */
     uint8_t *rbuf;
     uint32_t rcap, rhead, rlen;
     seq_range ooo[OOO_MAX];
@@ -474,8 +484,29 @@ static uint16_t window_field(tcp_stack *s, tcp_conn *c) {
 static void conn_emit(tcp_stack *s, tcp_conn *c, uint32_t seq, uint8_t flags, uint32_t data_off,
                       uint32_t dlen) {
     uint16_t wnd = window_field(s, c);
+    uint8_t opt[4 + 8 * SACK_BLOCKS_OUT];
+    uint32_t optlen = 0;
+    if (c->sack_ok && c->nooo && dlen == 0 && (flags & F_ACK) && !(flags & F_RST)) {
+        /* SACK blocks (RFC 2018 4): the one holding the latest segment first, then the rest */
+        uint32_t first = 0, nb = 0;
+        for (uint32_t i = 0; i < c->nooo; i++)
+            if (SEQ_LEQ(c->ooo[i].start, c->ooo_recent) && SEQ_LT(c->ooo_recent, c->ooo[i].end))
+                first = i;
+        opt[0] = 1;
+        opt[1] = 1;
+        opt[2] = 5;
+        for (uint32_t k = 0; k < c->nooo && nb < SACK_BLOCKS_OUT; k++) {
+            uint32_t i = k == 0 ? first : (k <= first ? k - 1 : k);
+            wr32(opt + 4 + 8 * nb, c->ooo[i].start);
+            wr32(opt + 8 + 8 * nb, c->ooo[i].end);
+            nb++;
+        }
+        opt[3] = (uint8_t)(2 + 8 * nb);
+        optlen = 4 + 8 * nb;
+    }
     emit_packet(s, c->peer_id, c->dst_ip, c->dst_port, c->src_ip, c->src_port, seq,
-                (flags & F_ACK) ? c->rcv_nxt : 0, flags, wnd, NULL, 0, c, data_off, dlen);
+                (flags & F_ACK) ? c->rcv_nxt : 0, flags, wnd, optlen ? opt : NULL, optlen, c,
+                data_off, dlen);
     if (flags & F_ACK) {
         /* every segment carries the current ACK: nothing is owed any more */
         ack_unlist(s, c);
@@ -501,17 +532,22 @@ static void ack_later(tcp_stack *s, tcp_conn *c, double now) {
 }
 
 static void send_synack(tcp_stack *s, tcp_conn *c) {
-    uint8_t opt[8];
+    uint8_t opt[12];
     uint32_t optlen = 4;
     opt[0] = 2; /* MSS */
     opt[1] = 4;
     wr16(opt + 2, s->mss);
     if (c->wscale_ok) {
-        opt[4] = 1; /* NOP */
-        opt[5] = 3; /* window scale */
-        opt[6] = 3;
-        opt[7] = c->rcv_wscale;
-        optlen = 8;
+        opt[optlen++] = 1; /* NOP */
+        opt[optlen++] = 3; /* window scale */
+        opt[optlen++] = 3;
+        opt[optlen++] = c->rcv_wscale;
+    }
+    if (c->sack_ok) {
+        opt[optlen++] = 1;
+        opt[optlen++] = 1;
+        opt[optlen++] = 4; /* SACK permitted */
+        opt[optlen++] = 2;
     }
     /* the window in a SYN is never scaled (RFC 7323 2.2) */
     uint32_t wnd = min_u32(c->rcap, 0xffff);
@@ -545,12 +581,32 @@ static void conn_output(tcp_stack *s, tcp_conn *c, double now) {
         return;
     uint32_t fin_seq = c->snd_una + c->slen;
     for (;;) {
-        uint32_t flight = c->snd_nxt - c->snd_una;
-        uint32_t wnd = min_u32(c->snd_wnd, c->cwnd);
-        uint32_t sent_data = min_u32(flight, c->slen);
+        uint32_t limit = 0xffffffffu; /* resending after an RTO: stop at the next SACKed range */
+        if (c->nsacked && SEQ_LT(c->snd_nxt, c->snd_max)) {
+            for (uint32_t i = 0; i < c->nsacked; i++) {
+                const seq_range *r = &c->sacked[i];
+                if (SEQ_GEQ(c->snd_nxt, r->start) && SEQ_LT(c->snd_nxt, r->end))
+                    c->snd_nxt = SEQ_LT(r->end, c->snd_max) ? r->end : c->snd_max;
+                else if (SEQ_LT(c->snd_nxt, r->start)) {
+                    limit = r->start - c->snd_nxt;
+                    break;
+                }
+            }
+        }
+        uint32_t off = c->snd_nxt - c->snd_una;
+        uint32_t flight = off - sacked_below(c, c->snd_nxt); /* what is really in the network */
+        uint32_t cwnd = c->cwnd;
+        /* Limited Transmit (RFC 3042): a new segment for each of the first two dup ACKs keeps
+         * the ACK clock going when the window is small */
+        if (!c->in_recovery && c->dupacks && c->dupacks < DUPACK_THRESHOLD)
+            cwnd += c->dupacks * (uint32_t)c->snd_mss;
+        uint32_t wnd = min_u32(c->snd_wnd, cwnd);
+        uint32_t sent_data = min_u32(off, c->slen);
         uint32_t avail = c->slen - sent_data;
         uint32_t usable = wnd > flight ? wnd - flight : 0;
-        uint32_t n = min_u32(min_u32(avail, usable), c->snd_mss);
+        if (c->snd_wnd < off) usable = 0; /* the peer's window counts from snd_una, SACK or not */
+        else usable = min_u32(usable, c->snd_wnd - off);
+        uint32_t n = min_u32(min_u32(min_u32(avail, usable), c->snd_mss), limit);
         int fin = c->fin_queued && n == avail && c->snd_nxt + n == fin_seq;
         if (n == 0 && !fin) break;
         uint8_t flags = F_ACK;
@@ -582,6 +638,7 @@ static void conn_output(tcp_stack *s, tcp_conn *c, double now) {
 
 /* The first unacknowledged segment again (fast retransmit, NewReno partial ACK). */
 static void retransmit_head(tcp_stack *s, tcp_conn *c) {
+    c->rtx_next = c->snd_una + min_u32(min_u32(c->slen, c->snd_mss), c->snd_max - c->snd_una);
     uint32_t outstanding = c->snd_max - c->snd_una;
     uint32_t n = min_u32(min_u32(c->slen, c->snd_mss), outstanding);
     uint8_t flags = F_ACK;
@@ -591,6 +648,21 @@ static void retransmit_head(tcp_stack *s, tcp_conn *c) {
     s->st.retransmits++;
     c->timing = 0; /* Karn */
     conn_emit(s, c, c->snd_una, flags, 0, n);
+}
+
+/* Up to max_segs holes the peer's SACK blocks reveal, from rtx_next on; returns how many. */
+static int sack_retransmit(tcp_stack *s, tcp_conn *c, int max_segs) {
+    int sent = 0;
+    uint32_t seq = 0, n;
+    while (sent < max_segs && (n = next_hole(c, &seq)) != 0) {
+        conn_emit(s, c, seq, F_ACK, seq - c->snd_una, n);
+        c->rtx_next = seq + n;
+        c->retransmits++;
+        s->st.retransmits++;
+        sent++;
+    }
+    if (sent) c->timing = 0; /* Karn */
+    return sent;
 }
 
 /* ---- RTT (RFC 6298 2.2, 2.3) --------------------------------------------------------------- */
@@ -680,6 +752,8 @@ typedef struct {
     uint16_t wnd;
     uint16_t mss;    /* 0: no MSS option */
     int wscale;      /* -1: no window scale option */
+    uint8_t sack_permitted, nsack;
+    seq_range sack[4];
     const uint8_t *data;
     uint32_t dlen;
 } seg_repr;
@@ -709,6 +783,8 @@ static int parse_segment(tcp_stack *s, const uint8_t *pkt, size_t len, seg_repr 
     g->wnd = rd16(t + 14);
     g->mss = 0;
     g->wscale = -1;
+    g->sack_permitted = 0;
+    g->nsack = 0;
     g->data = t + doff;
     g->dlen = tlen - doff;
     /* options: a malformed one ends the parse, the segment stays usable */
@@ -721,6 +797,14 @@ static int parse_segment(tcp_stack *s, const uint8_t *pkt, size_t len, seg_repr 
         if (olen < 2 || i + olen > doff) break;
         if (kind == 2 && olen == 4) g->mss = rd16(t + i + 2);
         if (kind == 3 && olen == 3) g->wscale = t[i + 2] > MAX_WSCALE ? MAX_WSCALE : t[i + 2];
+        if (kind == 4 && olen == 2) g->sack_permitted = 1;
+        if (kind == 5 && olen >= 10 && (olen - 2) % 8 == 0) {
+            for (uint32_t b = 0; b < (olen - 2) / 8 && b < 4; b++) {
+                g->sack[b].start = rd32(t + i + 2 + 8 * b);
+                g->sack[b].end = rd32(t + i + 6 + 8 * b);
+                g->nsack = (uint8_t)(b + 1);
+            }
+        }
         i += olen;
     }
     return 0;
@@ -788,6 +872,7 @@ static int new_connection(tcp_stack *s, uint32_t peer_id, const seg_repr *g, dou
     c->scap = s->cfg.sndbuf;
     c->snd_mss = (uint16_t)min_u32(g->mss ? g->mss : DEFAULT_PEER_MSS, s->mss);
     if (c->snd_mss < 64) c->snd_mss = 64; /* a silly MSS option must not make us send 1-byte segments */
+    c->sack_ok = g->sack_permitted;
     if (g->wscale >= 0) {
         c->wscale_ok = 1;
         c->snd_wscale = (uint8_t)g->wscale;
@@ -810,21 +895,65 @@ static int new_connection(tcp_stack *s, uint32_t peer_id, const seg_repr *g, dou
     return 0;
 }
 
-/* [start, end) of out-of-order data joins the sorted, disjoint range list.  -1 when full. */
-static int ooo_add(tcp_conn *c, uint32_t start, uint32_t end) {
-    uint32_t i = 0, n = c->nooo;
-    while (i < n && SEQ_LT(c->ooo[i].end, start)) i++;
+/* [start, end) joins a sorted list of disjoint ranges (merging what it touches).  -1 when
+ * the list is full and nothing merged. */
+static int ranges_add(seq_range *r, uint8_t *count, uint32_t cap, uint32_t start, uint32_t end) {
+    uint32_t i = 0, n = *count;
+    while (i < n && SEQ_LT(r[i].end, start)) i++;
     uint32_t j = i;
-    while (j < n && SEQ_LEQ(c->ooo[j].start, end)) {
-        if (SEQ_LT(c->ooo[j].start, start)) start = c->ooo[j].start;
-        if (SEQ_GT(c->ooo[j].end, end)) end = c->ooo[j].end;
+    while (j < n && SEQ_LEQ(r[j].start, end)) {
+        if (SEQ_LT(r[j].start, start)) start = r[j].start;
+        if (SEQ_GT(r[j].end, end)) end = r[j].end;
         j++;
     }
-    if (j == i && n == OOO_MAX) return -1;
-    memmove(&c->ooo[i + 1], &c->ooo[j], (n - j) * sizeof c->ooo[0]);
-    c->ooo[i].start = start;
-    c->ooo[i].end = end;
-    c->nooo = (uint8_t)(n - (j - i) + 1);
+    if (j == i && n == cap) return -1;
+    memmove(&r[i + 1], &r[j], (n - j) * sizeof r[0]);
+    r[i].start = start;
+    r[i].end = end;
+    *count = (uint8_t)(n - (j - i) + 1);
+    return 0;
+}
+
+static int ooo_add(tcp_conn *c, uint32_t start, uint32_t end) {
+    return ranges_add(c->ooo, &c->nooo, OOO_MAX, start, end);
+}
+
+/* ---- SACK scoreboard of what we sent (RFC 2018, recovery in the spirit of RFC 6675) -------- */
+static void sack_prune(tcp_conn *c) {
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < c->nsacked; i++) {
+        seq_range r = c->sacked[i];
+        if (SEQ_LEQ(r.end, c->snd_una)) continue;
+        if (SEQ_LT(r.start, c->snd_una)) r.start = c->snd_una;
+        c->sacked[k++] = r;
+    }
+    c->nsacked = (uint8_t)k;
+}
+
+/* SACKed bytes in [snd_una, upto): not in flight any more. */
+static uint32_t sacked_below(const tcp_conn *c, uint32_t upto) {
+    uint32_t total = 0;
+    for (uint32_t i = 0; i < c->nsacked; i++) {
+        const seq_range *r = &c->sacked[i];
+        if (SEQ_GEQ(r->start, upto)) break;
+        total += (SEQ_LT(r->end, upto) ? r->end : upto) - r->start;
+    }
+    return total;
+}
+
+/* The next un-SACKed piece below the highest SACKed byte, from rtx_next on: its length, or 0. */
+static uint32_t next_hole(const tcp_conn *c, uint32_t *seq) {
+    uint32_t from = SEQ_GT(c->rtx_next, c->snd_una) ? c->rtx_next : c->snd_una;
+    for (uint32_t i = 0; i < c->nsacked; i++) {
+        if (SEQ_LT(from, c->sacked[i].start)) {
+            uint32_t data_end = c->snd_una + c->slen;
+            uint32_t end = SEQ_LT(c->sacked[i].start, data_end) ? c->sacked[i].start : data_end;
+            if (SEQ_LEQ(end, from)) return 0;
+            *seq = from;
+            return min_u32(end - from, c->snd_mss);
+        }
+        if (SEQ_LT(from, c->sacked[i].end)) from = c->sacked[i].end;
+    }
     return 0;
 }
 
@@ -838,9 +967,17 @@ static void ring_put(uint8_t *buf, uint32_t cap, uint32_t pos, const uint8_t *sr
 /* Dup ACK handling, RFC 5681 3.2 + RFC 6582 3.2. */
 static void on_dupack(tcp_stack *s, tcp_conn *c, double now) {
     c->dupacks++;
-    if (c->dupacks == DUPACK_THRESHOLD && !c->in_recovery) {
-        /* after an RTO, duplicates of the go-back-N resend are no loss signal (RFC 6582 4.1) */
-        if (SEQ_LT(c->snd_una, c->recover)) return;
+    uint32_t threshold = DUPACK_THRESHOLD;
+    uint32_t outstanding = c->snd_max - c->snd_una;
+    uint32_t unsent = c->slen > outstanding ? c->slen - outstanding : 0;
+    uint32_t segs = (outstanding + c->snd_mss - 1) / c->snd_mss;
+    /* Early Retransmit (RFC 5827): with under four segments out and nothing new to send,
+     * three dup ACKs can never come */
+    if (segs < 4 && unsent == 0 && segs >= 2) threshold = segs - 1;
+    if (c->dupacks == threshold && !c->in_recovery) {
+        /* After an RTO, duplicates of the go-back-N resend are no loss signal (RFC 6582 4.1);
+         * SACK blocks above a hole are, and waiting for the next RTO would cascade. */
+        if (SEQ_LT(c->snd_una, c->recover) && !c->nsacked) return;
         uint32_t flight = c->snd_max - c->snd_una;
         c->ssthresh = max_u32(flight / 2, 2u * c->snd_mss);
         c->recover = c->snd_max;
@@ -849,8 +986,9 @@ static void on_dupack(tcp_stack *s, tcp_conn *c, double now) {
         retransmit_head(s, c);
         c->cwnd = c->ssthresh + 3u * c->snd_mss;
         arm_rto(s, c, now);
-    } else if (c->in_recovery && c->dupacks > DUPACK_THRESHOLD) {
+    } else if (c->in_recovery && c->dupacks > threshold) {
         c->cwnd += c->snd_mss; /* each dup ACK means a segment left the network */
+        sack_retransmit(s, c, 1);
     }
 }
 
@@ -866,6 +1004,7 @@ static int on_new_ack(tcp_stack *s, tcp_conn *c, uint32_t ack, double now) {
     }
     c->snd_una = ack;
     if (SEQ_LT(c->snd_nxt, c->snd_una)) c->snd_nxt = c->snd_una;
+    sack_prune(c);
     if (c->timing && SEQ_GEQ(ack, c->rtt_seq)) {
         c->timing = 0;
         rtt_sample(c, now - c->rtt_time);
@@ -878,8 +1017,9 @@ static int on_new_ack(tcp_stack *s, tcp_conn *c, uint32_t ack, double now) {
             c->dupacks = 0;
             c->cwnd = min_u32(c->ssthresh, max_u32(c->snd_max - c->snd_una, c->snd_mss) + c->snd_mss);
         } else {
-            /* partial ACK: the next hole, deflate by what left, keep the ACK clock going */
-            retransmit_head(s, c);
+            /* partial ACK: the next hole(s), deflate by what left, keep the ACK clock going */
+            sack_prune(c);
+            if (!sack_retransmit(s, c, 2) && SEQ_GEQ(c->snd_una, c->rtx_next)) retransmit_head(s, c);
             c->cwnd = (c->cwnd > acked ? c->cwnd - acked : 0);
             if (acked >= c->snd_mss) c->cwnd += c->snd_mss;
             if (c->cwnd < c->snd_mss) c->cwnd = c->snd_mss;
@@ -934,6 +1074,7 @@ static int receive_data(tcp_stack *s, tcp_conn *c, uint32_t seq, const uint8_t *
             return 1;
         }
         ring_put(c->rbuf, c->rcap, c->rhead + c->rlen + off, data, dlen);
+        c->ooo_recent = seq;
         return 1; /* a gap: the duplicate ACK drives the peer's fast retransmit */
     }
     ring_put(c->rbuf, c->rcap, c->rhead + c->rlen, data, dlen);
@@ -1075,6 +1216,14 @@ static int conn_input(tcp_stack *s, tcp_conn *c, uint32_t peer_id, seg_repr *g, 
         return drop(s, TCP_DROP_BAD_ACK);
     }
     if (SEQ_GEQ(g->ack, c->snd_una)) {
+        if (c->sack_ok) {
+            for (uint32_t b = 0; b < g->nsack; b++) {
+                uint32_t bs = g->sack[b].start, be = g->sack[b].end;
+                if (!SEQ_LT(bs, be) || SEQ_LEQ(be, g->ack) || SEQ_GT(be, c->snd_max)) continue;
+                if (SEQ_LT(bs, g->ack)) bs = g->ack;
+                ranges_add(c->sacked, &c->nsacked, SACK_MAX, bs, be);
+            }
+        }
         uint32_t new_wnd = (uint32_t)g->wnd << c->snd_wscale;
         int wnd_changed = new_wnd != c->snd_wnd;
         if (SEQ_LT(c->snd_wl1, g->seq) || (c->snd_wl1 == g->seq && SEQ_LEQ(c->snd_wl2, g->ack))) {
@@ -1092,7 +1241,10 @@ static int conn_input(tcp_stack *s, tcp_conn *c, uint32_t peer_id, seg_repr *g, 
         }
         if (SEQ_GT(g->ack, c->snd_una)) {
             if (on_new_ack(s, c, g->ack, now)) return 0;
-        } else if (g->dlen == 0 && !(fl & F_FIN) && !wnd_changed && c->snd_max != c->snd_una) {
+        } else if (g->dlen == 0 && !(fl & F_FIN) && (!wnd_changed || g->nsack) &&
+                   c->snd_max != c->snd_una) {
+            /* a duplicate ACK; one with SACK blocks counts even if the window moved (RFC 6675),
+             * as receivers that autotune their buffer grow the window on every ACK */
             on_dupack(s, c, now);
         }
     }
@@ -1459,6 +1611,8 @@ static void on_rto(tcp_stack *s, tcp_conn *c, double now) {
     c->ca_acked = 0;
     c->timing = 0; /* Karn: no sample from a retransmitted segment */
     c->backoff++;
+    if (c->backoff >= 2) c->nsacked = 0; /* in case the peer dropped what it SACKed (reneging) */
+    c->rtx_next = c->snd_una;
     c->snd_nxt = c->snd_una; /* go back: resend from the first hole */
     conn_output(s, c, now);
     if (c->snd_nxt == c->snd_una && !c->persist) {
