@@ -698,12 +698,43 @@ def test_peer_probe_or_keepalive_below_rcv_nxt_answered(stack: Stack) -> None:
     assert len(stack.take()) == 1
 
 
+def test_write_before_handshake_completes_goes_out_after_it(stack: Stack) -> None:
+    """Server-speaks-first (SMTP banner): the relay may write as soon as it accepted."""
+    peer = Peer()
+    stack.input(peer.syn())
+    conn = stack.take_events()[0][1]
+    stack.accept(conn)
+    (synack,) = stack.take()
+    assert stack.write(conn, b"220 hello\r\n") == 11
+    assert stack.take() == []  # nothing before the handshake completes
+    peer.rcv_nxt = synack.seq + 1
+    stack.input(peer.seg())
+    (banner,) = stack.take()
+    assert banner.payload == b"220 hello\r\n" and banner.seq == synack.seq + 1
+
+
+def test_fin_ahead_of_missing_data_waits_for_the_hole(stack: Stack) -> None:
+    peer, conn, _ = connect(stack)
+    stack.take_events()
+    base = peer.snd_nxt
+    stack.input(peer.seg(seq=base + 5, flags=ACK | FIN, payload=b"world"))
+    (dup,) = stack.take()
+    assert dup.ack == base
+    assert stack.take_events() == []
+    assert stack.info(conn).state == lib.TCP_ST_ESTABLISHED
+    stack.input(peer.seg(seq=base, payload=b"hello"))
+    (ack,) = stack.take()
+    assert ack.ack == base + 11  # data and the FIN
+    assert [e[0] for e in stack.take_events()] == [lib.TCP_EV_READABLE, lib.TCP_EV_PEER_FIN]
+    assert stack.read(conn) == b"helloworld" and stack.read(conn) == 0
+
+
 # ---- SACK (RFC 2018) ----------------------------------------------------------------------------
 def test_sack_permitted_only_when_offered(stack: Stack) -> None:
     _, _, synack = connect(stack, Peer(sport=1, sack_permitted=True))
     assert synack.sack_permitted and synack.mss == MSS and synack.wscale == 3
-    _, _, synack = connect(stack, Peer(sport=2))
-    assert not synack.sack_permitted
+    _, conn, synack = connect(stack, Peer(sport=2))
+    assert not synack.sack_permitted and not stack.info(conn).sack_ok
 
 
 def test_sack_blocks_report_out_of_order_data(stack: Stack) -> None:

@@ -1568,6 +1568,7 @@ int tcp_get_info(tcp_stack *s, uint32_t conn_id, tcp_conn_info *out) {
     out->snd_wscale = c->snd_wscale;
     out->rcv_wscale = c->rcv_wscale;
     out->wscale_ok = c->wscale_ok;
+    out->sack_ok = c->sack_ok;
     out->rcv_queued = c->rlen;
     out->snd_queued = c->slen;
     out->mem = (uint32_t)sizeof *c + (c->sbuf ? c->scap : 0) + (c->rbuf ? c->rcap : 0);

@@ -16,6 +16,10 @@
  *
  * Callbacks run inside tcp_* calls and must not call back into tcp_* (queue instead).
  *
+ * Options: MSS (ours = mtu - 40), window scale (RFC 7323) and SACK (RFC 2018) when the peer's
+ * SYN offers them; no timestamps.  Loss recovery: RFC 6298 RTO (min 200 ms), fast retransmit,
+ * NewReno (RFC 6582) with SACK hole filling, Limited Transmit, Early Retransmit; IW 10.
+ *
  * ACK policy: every second full-sized in-order segment, any out-of-order or hole-filling
  * segment, a FIN and a segment outside the window are ACKed at once; any other in-order data
  * is ACKed by tcp_flush (call it at the end of each input batch) or, failing that, by a
@@ -104,7 +108,7 @@ typedef struct {
     uint32_t snd_wnd;            /* the peer's window, bytes (scaled) */
     uint32_t rcv_wnd;            /* the window we offer, bytes */
     uint32_t snd_mss;            /* segment size we send */
-    uint8_t snd_wscale, rcv_wscale, wscale_ok;
+    uint8_t snd_wscale, rcv_wscale, wscale_ok, sack_ok;
     uint32_t rcv_queued;         /* bytes readable now */
     uint32_t snd_queued;         /* bytes written but not yet acknowledged */
     uint32_t mem;                /* heap bytes held by this connection, struct included */
