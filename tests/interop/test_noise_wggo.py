@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.interop.harness import REPO_ROOT, GatewaySetup
+from tests.packets import ping_packet
 from unclaw_tui.engine.constants import (
     MESSAGE_INITIATION_TYPE,
     MESSAGE_RESPONSE_TYPE,
@@ -49,33 +50,8 @@ TRANSPORT_HEADER = struct.Struct("<IIQ")  # type, receiver index, counter
 # --- the script side (runs inside the namespace) -----------------------------------------
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def icmp_echo(src: str, dst: str, kind: int, ident: int, seq: int, payload: bytes) -> bytes:
-    icmp = struct.pack("!BBHHH", kind, 0, 0, ident, seq) + payload
-    icmp = icmp[:2] + struct.pack("!H", _checksum(icmp)) + icmp[4:]
-    header = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        20 + len(icmp),
-        0,
-        0,
-        64,
-        socket.IPPROTO_ICMP,
-        0,
-        socket.inet_aton(src),
-        socket.inet_aton(dst),
-    )
-    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
-    return header + icmp
+    return ping_packet(src, dst, ident=ident, seq=seq, data=payload, icmp_type=kind)
 
 
 def parse_icmp(packet: bytes) -> dict[str, Any]:

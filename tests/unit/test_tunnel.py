@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-import struct
 from collections.abc import Callable
 
+from tests.packets import ping_packet
 from unclaw_tui.engine import constants
 from unclaw_tui.engine.noise import HandshakeCore, generate_private_key, public_key_of
 from unclaw_tui.engine.tunnel import Tunnel, TunnelEvent
@@ -23,26 +23,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def echo_request(src: str, dst: str, seq: int = 1) -> bytes:
-    icmp = struct.pack("!BBHHH", 8, 0, 0, 0x1234, seq) + b"ping-payload"
-    icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
-    header = struct.pack(
-        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 1, 0, 64, 1, 0,
-        ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed,
-    )  # fmt: skip
-    header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
-    return header + icmp
 
 
 async def until(pred: Callable[[], bool], what: str, steps: int = 200) -> None:
@@ -72,7 +52,7 @@ async def test_client_initiates_on_data_and_gateway_answers_ping() -> None:
         gw.add_peer(cl.public_key, allowed_ips=["10.77.0.2/32"])
         cl.add_peer(gw.public_key, allowed_ips=["10.77.0.1/32"],
                     endpoint=("127.0.0.1", gw.listen_port))  # fmt: skip
-        cl.send_inner(echo_request("10.77.0.2", "10.77.0.1"))
+        cl.send_inner(ping_packet("10.77.0.2", "10.77.0.1"))
         await until(lambda: gw.engine_stats()["icmp_echo_replies"] == 1, "echo reply")
         await until(lambda: cl.peer_info(gw.public_key).rx_packets >= 1, "reply received")
         assert [e.kind for e in cl_events if e.kind == "handshake"] == ["handshake"]
@@ -99,7 +79,7 @@ async def test_initiation_retransmits_with_jitter_then_gives_up() -> None:
     try:
         cl.add_peer(silent_peer, allowed_ips=["10.77.0.1/32"],
                     endpoint=("127.0.0.1", sink.getsockname()[1]))  # fmt: skip
-        cl.send_inner(echo_request("10.77.0.2", "10.77.0.1"))
+        cl.send_inner(ping_packet("10.77.0.2", "10.77.0.1"))
         received: list[bytes] = []
 
         def drain() -> int:
@@ -162,7 +142,7 @@ async def test_under_load_a_cookie_reply_then_mac2_lets_a_real_peer_in() -> None
         await until(lambda: gw.cookies_sent >= 60, "cookie replies to the flood")
         await asyncio.sleep(0.05)
         before = gw.cookies_sent
-        cl.send_inner(echo_request("10.77.0.2", "10.77.0.1"))
+        cl.send_inner(ping_packet("10.77.0.2", "10.77.0.1"))
         await until(lambda: gw.cookies_sent == before + 1, "cookie reply to the real peer")
         await asyncio.sleep(0.05)
         assert not any(e.kind == "handshake" for e in cl_events)

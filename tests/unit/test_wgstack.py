@@ -20,6 +20,7 @@ from nacl.bindings import (
     crypto_aead_chacha20poly1305_ietf_encrypt,
 )
 
+from tests.packets import icmp_echo, inet_checksum, ipv4
 from unclaw_tui.engine import _ffi
 from unclaw_tui.engine._ffi import Engine, EngineError, EngineEvent
 
@@ -53,38 +54,6 @@ def open_transport(datagram: bytes, key: bytes = KEY_GW_TO_PEER) -> tuple[int, i
     assert msg_type == 4
     plaintext = crypto_aead_chacha20poly1305_ietf_decrypt(datagram[16:], None, nonce(counter), key)
     return receiver, counter, plaintext
-
-
-def inet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def ipv4(src: str, dst: str, proto: int, payload: bytes, *, ttl: int = 64, frag: int = 0) -> bytes:
-    header = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        20 + len(payload),
-        0x1234,
-        frag,
-        ttl,
-        proto,
-        0,
-        ipaddress.IPv4Address(src).packed,
-        ipaddress.IPv4Address(dst).packed,
-    )
-    header = header[:10] + struct.pack("!H", inet_checksum(header)) + header[12:]
-    return header + payload
-
-
-def icmp_echo(ident: int, seq: int, data: bytes, icmp_type: int = 8) -> bytes:
-    body = struct.pack("!BBHHH", icmp_type, 0, 0, ident, seq) + data
-    return body[:2] + struct.pack("!H", inet_checksum(body)) + body[4:]
 
 
 def udp_packet(src: str = PEER_IP, dst: str = "10.0.0.9", payload: bytes = b"hello") -> bytes:
