@@ -146,15 +146,31 @@ class Stack:
         self.out: list[tuple[int, Seg]] = []
         self.events: list[tuple[int, int, int]] = []
         self.now = 100.0
-        self._emit = ffi.callback("void(void *, uint32_t, const uint8_t *, size_t)", self._on_emit)
-        self._event = ffi.callback("void(void *, const tcp_event *)", self._on_event)
+        # an exception inside a C callback is only printed by cffi: keep it and raise it later
+        self.errors: list[BaseException] = []
+        self._emit = ffi.callback(
+            "void(void *, uint32_t, const uint8_t *, size_t, double)",
+            self._on_emit,
+            onerror=self._on_callback_error,
+        )
+        self._event = ffi.callback(
+            "void(void *, const tcp_event *)", self._on_event, onerror=self._on_callback_error
+        )
         cb = ffi.new("tcp_callbacks *", {"emit": self._emit, "event": self._event})
         cfg = ffi.new("tcp_config *", {"iss_seed": 1234, **config})
         self.ptr = ffi.gc(lib.tcp_stack_new(cfg, cb), lib.tcp_stack_free)
         assert self.ptr != ffi.NULL
         self.raw_out: list[tuple[int, bytes]] = []
 
-    def _on_emit(self, _ctx: Any, peer_id: int, pkt: Any, length: int) -> None:
+    def _on_callback_error(self, _exc_type: Any, exc: BaseException, _tb: Any) -> None:
+        self.errors.append(exc)
+
+    def check(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+    def _on_emit(self, _ctx: Any, peer_id: int, pkt: Any, length: int, now: float) -> None:
+        assert now == self.now  # the time of the call that produced it
         data = bytes(ffi.buffer(pkt, length))
         self.raw_out.append((peer_id, data))
         self.out.append((peer_id, parse(data)))
@@ -184,11 +200,13 @@ class Stack:
 
     # << out
     def take(self) -> list[Seg]:
+        self.check()
         segs = [s for _, s in self.out]
         self.out.clear()
         return segs
 
     def take_events(self) -> list[tuple[int, int, int]]:
+        self.check()
         evs = list(self.events)
         self.events.clear()
         return evs
@@ -211,6 +229,7 @@ class Stack:
         return out
 
     def stats(self) -> Any:
+        self.check()
         out = ffi.new("tcp_stats *")
         lib.tcp_get_stats(self.ptr, out)
         return out

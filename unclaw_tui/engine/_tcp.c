@@ -125,6 +125,7 @@ struct tcp_stack {
     tcp_stats st;
     uint16_t ip_id;
     uint8_t *pkt;
+    double now; /* of the public call in progress, for the emit callback */
 };
 
 /* ---- Byte order and checksums -------------------------------------------------------------- */
@@ -463,7 +464,7 @@ static void emit_packet(tcp_stack *s, uint32_t peer_id, uint32_t src_ip, uint16_
     wr16(t + 16, csum_fold(csum_add(pseudo_sum(src_ip, dst_ip, thl + dlen), t, thl + dlen)));
     s->st.segs_out++;
     if (flags & F_RST) s->st.rsts_out++;
-    if (s->cb.emit) s->cb.emit(s->cb.ctx, peer_id, p, tot);
+    if (s->cb.emit) s->cb.emit(s->cb.ctx, peer_id, p, tot, s->now);
 }
 
 /* The window we offer.  Receiver SWS avoidance (RFC 9293 3.8.6.2.2): the right edge only moves
@@ -1344,6 +1345,7 @@ void tcp_stack_free(tcp_stack *s) {
 
 int tcp_input(tcp_stack *s, uint32_t peer_id, const uint8_t *ip_packet, size_t len, double now) {
     if (!s || !ip_packet) return TCP_EINVAL;
+    s->now = now;
     s->st.segs_in++;
     seg_repr g;
     if (parse_segment(s, ip_packet, len, &g)) return 1;
@@ -1362,14 +1364,15 @@ int tcp_input(tcp_stack *s, uint32_t peer_id, const uint8_t *ip_packet, size_t l
 }
 
 void tcp_flush(tcp_stack *s, double now) {
-    (void)now;
     if (!s) return;
+    s->now = now;
     while (s->ack_head) send_ack(s, s->ack_head);
 }
 
 int tcp_accept(tcp_stack *s, uint32_t conn_id, double now) {
     tcp_conn *c = conn_by_id(s, conn_id);
     if (!c) return TCP_ENOCONN;
+    s->now = now;
     if (c->state != TCP_ST_SYN_PENDING) return TCP_ESTATE;
     c->iss = make_iss(s, c, now);
     c->snd_una = c->iss;
@@ -1386,9 +1389,9 @@ int tcp_accept(tcp_stack *s, uint32_t conn_id, double now) {
 }
 
 int tcp_reject(tcp_stack *s, uint32_t conn_id, double now) {
-    (void)now;
     tcp_conn *c = conn_by_id(s, conn_id);
     if (!c) return TCP_ENOCONN;
+    s->now = now;
     if (c->state != TCP_ST_SYN_PENDING) return TCP_ESTATE;
     send_rst_reply(s, c->peer_id, c->src_ip, c->src_port, c->dst_ip, c->dst_port, 0, c->rcv_nxt,
                    F_RST | F_ACK);
@@ -1398,9 +1401,9 @@ int tcp_reject(tcp_stack *s, uint32_t conn_id, double now) {
 }
 
 long tcp_read(tcp_stack *s, uint32_t conn_id, uint8_t *buf, size_t cap, double now) {
-    (void)now;
     tcp_conn *c = conn_by_id(s, conn_id);
     if (!c) return TCP_ENOCONN;
+    s->now = now;
     if (!buf && cap) return TCP_EINVAL;
     c->readable_armed = 0;
     if (c->state == TCP_ST_CLOSED && c->close_reason != TCP_CLOSE_NORMAL) return TCP_ERESET;
@@ -1426,6 +1429,7 @@ long tcp_read(tcp_stack *s, uint32_t conn_id, uint8_t *buf, size_t cap, double n
 long tcp_write(tcp_stack *s, uint32_t conn_id, const uint8_t *data, size_t len, double now) {
     tcp_conn *c = conn_by_id(s, conn_id);
     if (!c) return TCP_ENOCONN;
+    s->now = now;
     if (!data && len) return TCP_EINVAL;
     int st = c->state;
     if (st == TCP_ST_CLOSED && c->close_reason != TCP_CLOSE_NORMAL) return TCP_ERESET;
@@ -1471,6 +1475,7 @@ static int shutdown_write(tcp_stack *s, tcp_conn *c, double now) {
 int tcp_shutdown_write(tcp_stack *s, uint32_t conn_id, double now) {
     tcp_conn *c = conn_by_id(s, conn_id);
     if (!c) return TCP_ENOCONN;
+    s->now = now;
     return shutdown_write(s, c, now);
 }
 
@@ -1486,9 +1491,9 @@ static void abort_conn(tcp_stack *s, tcp_conn *c, int reason) {
 }
 
 int tcp_abort(tcp_stack *s, uint32_t conn_id, double now) {
-    (void)now;
     tcp_conn *c = conn_by_id(s, conn_id);
     if (!c) return TCP_ENOCONN;
+    s->now = now;
     abort_conn(s, c, TCP_CLOSE_ABORTED);
     reap(s);
     return 0;
@@ -1497,6 +1502,7 @@ int tcp_abort(tcp_stack *s, uint32_t conn_id, double now) {
 int tcp_release(tcp_stack *s, uint32_t conn_id, double now) {
     tcp_conn *c = conn_by_id(s, conn_id);
     if (!c) return TCP_ENOCONN;
+    s->now = now;
     c->released = 1;
     switch (c->state) {
     case TCP_ST_CLOSED:
@@ -1527,8 +1533,8 @@ int tcp_release(tcp_stack *s, uint32_t conn_id, double now) {
 }
 
 int tcp_remove_peer(tcp_stack *s, uint32_t peer_id, double now) {
-    (void)now;
     if (!s) return TCP_EINVAL;
+    s->now = now;
     int n = 0;
     for (uint32_t i = 0; i < s->cfg.max_conns; i++) {
         tcp_conn *c = s->slots[i];
@@ -1641,6 +1647,7 @@ static void on_state_timer(tcp_stack *s, tcp_conn *c) {
 
 void tcp_tick(tcp_stack *s, double now) {
     if (!s) return;
+    s->now = now;
     while (s->heap_len && s->heap[0]->timer_at <= now) {
         tcp_conn *c = s->heap[0];
         if (c->delack_at && c->delack_at <= now) send_ack(s, c);

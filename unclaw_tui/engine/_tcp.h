@@ -122,8 +122,9 @@ typedef struct {
 
 typedef struct {
     void *ctx;
-    /* An IPv4 packet (valid checksums) for peer_id; the caller encrypts and sends it. */
-    void (*emit)(void *ctx, uint32_t peer_id, const uint8_t *ip_packet, size_t len);
+    /* An IPv4 packet (valid checksums) for peer_id; the caller encrypts and sends it.  now is
+     * the time given to the tcp_* call that produced it. */
+    void (*emit)(void *ctx, uint32_t peer_id, const uint8_t *ip_packet, size_t len, double now);
     void (*event)(void *ctx, const tcp_event *ev);
 } tcp_callbacks;
 
