@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from unclaw_tui import config, wgquick
+from unclaw_tui.services.egress import parse_cidr
 from unclaw_tui.state import (
     PeerRecord,
     PeerRuntime,
@@ -93,6 +94,38 @@ def _ipv4(text: str) -> str:
         ) from None
 
 
+def _cidr(text: str) -> config.IPNetwork:
+    try:
+        return parse_cidr(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _int_range(name: str, low: int, high: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"invalid {name} {text!r}: expected {low}..{high}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:  # also rejects nan and inf
+        raise argparse.ArgumentTypeError(
+            f"invalid timeout {text!r}: expected seconds, more than 0 and at most 86400"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog=PROG,
@@ -116,6 +149,43 @@ def build_parser() -> argparse.ArgumentParser:
         type=_address,
         metavar="A.B.C.D/N",
         help="gateway tunnel address (saved; default 10.77.0.1/24)",
+    )
+    parser.add_argument(
+        "--allow",
+        type=_cidr,
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="let the relay reach a range it refuses by default, e.g. a LAN (repeatable)",
+    )
+    parser.add_argument(
+        "--deny",
+        type=_cidr,
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="refuse a range to the relay (repeatable; the most specific rule wins)",
+    )
+    parser.add_argument(
+        "--tcp-buffer",
+        type=_int_range("TCP buffer size", 4096, 64 * 1024 * 1024),
+        default=config.DEFAULT_TCP_BUFFER,
+        metavar="BYTES",
+        help="buffer per relayed TCP connection, each way (default 262144)",
+    )
+    parser.add_argument(
+        "--max-flows-per-peer",
+        type=_int_range("flow limit", 1, 65536),
+        default=config.DEFAULT_MAX_FLOWS_PER_PEER,
+        metavar="N",
+        help="UDP flows per peer; past it the least recently active one closes (default 256)",
+    )
+    parser.add_argument(
+        "--udp-idle-timeout",
+        type=_seconds,
+        default=config.DEFAULT_UDP_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a UDP flow after this long without traffic (default 60)",
     )
     parser.add_argument("--no-ui", action="store_true", help="run headless, no console UI")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -171,7 +241,16 @@ def _build_settings(
     state_dir: Path, saved: dict[str, Any], explicit: dict[str, Any], args: argparse.Namespace
 ) -> config.Settings:
     merged = {**saved, **explicit}
-    settings = config.Settings(state_dir=state_dir, json_events=bool(args.json))
+    # Relay and egress flags apply to this run only: they are never saved into the state dir.
+    settings = config.Settings(
+        state_dir=state_dir,
+        json_events=bool(args.json),
+        allow=list(args.allow),
+        deny=list(args.deny),
+        tcp_buffer=args.tcp_buffer,
+        max_flows_per_peer=args.max_flows_per_peer,
+        udp_idle_timeout=args.udp_idle_timeout,
+    )
     if "listen_port" in merged:
         settings.listen_port = merged["listen_port"]
     if merged.get("endpoint") is not None:

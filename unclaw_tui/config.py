@@ -11,6 +11,11 @@ DEFAULT_LISTEN_PORT = 51820
 DEFAULT_ADDRESS = "10.77.0.1/24"
 DEFAULT_MTU = 1420
 VIP_NETWORK = "10.78.0.0/16"
+DEFAULT_TCP_BUFFER = 256 * 1024
+DEFAULT_MAX_FLOWS_PER_PEER = 256
+DEFAULT_UDP_IDLE_TIMEOUT = 60.0
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def default_state_dir() -> Path:
@@ -32,6 +37,13 @@ class Settings:
     mtu: int = DEFAULT_MTU
     max_peers: int = 4096
     json_events: bool = False
+    # Egress policy changes (see services/egress.py for the defaults and precedence); like the
+    # buffer and flow limits below they come from flags of this run, never from the state dir.
+    allow: list[IPNetwork] = field(default_factory=list)
+    deny: list[IPNetwork] = field(default_factory=list)
+    tcp_buffer: int = DEFAULT_TCP_BUFFER  # bytes per relayed TCP connection, each way
+    max_flows_per_peer: int = DEFAULT_MAX_FLOWS_PER_PEER  # UDP flows
+    udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT  # seconds
 
     @property
     def gateway_ip(self) -> ipaddress.IPv4Address:

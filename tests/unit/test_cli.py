@@ -338,6 +338,56 @@ def test_run_without_subcommand_builds_settings_and_runs_headless(
     assert StateDir(state_dir, create=False).identity() == identity
 
 
+def test_relay_flags_reach_settings_and_are_not_saved(
+    monkeypatch: pytest.MonkeyPatch, state_dir: Path
+) -> None:
+    seen: list[config.Settings] = []
+    monkeypatch.setitem(
+        sys.modules,
+        "unclaw_tui.headless",
+        types.SimpleNamespace(run=lambda settings: seen.append(settings) or 0),
+    )
+    rc = cli.main(
+        ["--state-dir", str(state_dir), "--no-ui", "--allow", "127.0.0.0/8",
+         "--allow", "192.168.1.5/24", "--deny", "2001:db8::/32", "--deny", "8.8.8.8",
+         "--tcp-buffer", "65536", "--max-flows-per-peer", "16", "--udp-idle-timeout", "2.5"]
+    )  # fmt: skip
+    assert rc == 0
+    (settings,) = seen
+    assert settings.allow == [
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("192.168.1.0/24"),
+    ]
+    assert settings.deny == [
+        ipaddress.ip_network("2001:db8::/32"),
+        ipaddress.ip_network("8.8.8.8/32"),
+    ]
+    assert settings.tcp_buffer == 65536
+    assert settings.max_flows_per_peer == 16
+    assert settings.udp_idle_timeout == 2.5
+    assert StateDir(state_dir, create=False).saved_settings() == {}
+
+    # The next run without the flags is back to the defaults.
+    seen.clear()
+    assert cli.main(["--state-dir", str(state_dir), "--no-ui"]) == 0
+    assert seen[0].allow == [] and seen[0].deny == []
+    assert seen[0].tcp_buffer == config.DEFAULT_TCP_BUFFER == 262144
+    assert seen[0].max_flows_per_peer == config.DEFAULT_MAX_FLOWS_PER_PEER
+    assert seen[0].udp_idle_timeout == config.DEFAULT_UDP_IDLE_TIMEOUT
+
+
+def test_bad_cidr_on_run_is_one_line_and_creates_nothing(
+    capsys: pytest.CaptureFixture[str], state_dir: Path
+) -> None:
+    rc, out, err = run(capsys, "--state-dir", str(state_dir), "--no-ui", "--deny", "10.0.0.0/99")
+    assert (rc, out) == (2, "")
+    assert err == ERROR_PREFIX + (
+        "argument --deny: invalid CIDR '10.0.0.0/99': expected a network like 192.168.1.0/24 "
+        "or 2001:db8::/32\n"
+    )
+    assert not state_dir.exists()
+
+
 def test_run_with_ui_calls_run_app(monkeypatch: pytest.MonkeyPatch, state_dir: Path) -> None:
     seen: list[config.Settings] = []
 
@@ -395,6 +445,16 @@ ERROR_CASES = [
     (["--endpoint", "host:99999", "peer", "list"], "invalid endpoint"),
     (["--endpoint", "2001:db8::1:x", "peer", "list"], "invalid endpoint"),
     (["--bogus"], "unrecognized arguments"),
+    (["--allow", "banana", "peer", "list"], "invalid CIDR 'banana'"),
+    (["--allow", "10.0.0.0/8", "--allow", "10.0.0.0/33", "peer", "list"], "invalid CIDR"),
+    (["--deny", "1.2.3.4/", "peer", "add", "new"], "invalid CIDR"),
+    (["--deny"], "expected one argument"),
+    (["--tcp-buffer", "100", "peer", "list"], "invalid TCP buffer size"),
+    (["--tcp-buffer", "lots", "peer", "list"], "invalid TCP buffer size"),
+    (["--max-flows-per-peer", "0", "peer", "list"], "invalid flow limit"),
+    (["--udp-idle-timeout", "0", "peer", "list"], "invalid timeout"),
+    (["--udp-idle-timeout", "nan", "peer", "list"], "invalid timeout"),
+    (["--udp-idle-timeout", "-5", "peer", "list"], "invalid timeout"),
 ]
 
 
