@@ -1,12 +1,15 @@
-"""Thin checked wrappers over the C data plane (`_wgstack.h`): validate arguments in Python,
-call `lib`, turn negative return codes into `EngineError`, and return plain Python values.
+"""Thin checked wrappers over the C data plane (`_wgstack.h`, `_tcp.h`): validate arguments in
+Python, call `lib`, turn negative return codes into `EngineError`, and return plain Python values.
 
-Nothing here runs per packet in the gateway: `io_recv` and `io_flush` handle whole batches in C.
+Nothing here runs per packet in the gateway: `io_recv` and `io_flush` handle whole batches in C,
+`tcp_events` and `udp_datagrams` drain whole batches in one C call.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +39,56 @@ EEXIST: int = lib.WG_EEXIST
 ENOSPC: int = lib.WG_ENOSPC
 EINDEX: int = lib.WG_EINDEX
 EIO: int = lib.WG_EIO
+EMSGSIZE: int = lib.WG_EMSGSIZE
+
+TCP_EV_SYN: int = lib.TCP_EV_SYN
+TCP_EV_READABLE: int = lib.TCP_EV_READABLE
+TCP_EV_WRITABLE: int = lib.TCP_EV_WRITABLE
+TCP_EV_PEER_FIN: int = lib.TCP_EV_PEER_FIN
+TCP_EV_CLOSED: int = lib.TCP_EV_CLOSED
+
+TCP_CLOSE_NORMAL: int = lib.TCP_CLOSE_NORMAL
+TCP_CLOSE_RESET: int = lib.TCP_CLOSE_RESET
+TCP_CLOSE_TIMEOUT: int = lib.TCP_CLOSE_TIMEOUT
+TCP_CLOSE_ABORTED: int = lib.TCP_CLOSE_ABORTED
+TCP_CLOSE_REJECTED: int = lib.TCP_CLOSE_REJECTED
+TCP_CLOSE_SYN_TIMEOUT: int = lib.TCP_CLOSE_SYN_TIMEOUT
+TCP_CLOSE_PEER_REMOVED: int = lib.TCP_CLOSE_PEER_REMOVED
+TCP_CLOSE_EVICTED: int = lib.TCP_CLOSE_EVICTED
+TCP_CLOSE_NAMES: dict[int, str] = {
+    TCP_CLOSE_NORMAL: "normal",
+    TCP_CLOSE_RESET: "reset",
+    TCP_CLOSE_TIMEOUT: "timeout",
+    TCP_CLOSE_ABORTED: "aborted",
+    TCP_CLOSE_REJECTED: "rejected",
+    TCP_CLOSE_SYN_TIMEOUT: "syn_timeout",
+    TCP_CLOSE_PEER_REMOVED: "peer_removed",
+    TCP_CLOSE_EVICTED: "evicted",
+}
+
+TCP_ST_SYN_PENDING: int = lib.TCP_ST_SYN_PENDING
+TCP_ST_SYN_RECEIVED: int = lib.TCP_ST_SYN_RECEIVED
+TCP_ST_ESTABLISHED: int = lib.TCP_ST_ESTABLISHED
+TCP_ST_CLOSE_WAIT: int = lib.TCP_ST_CLOSE_WAIT
+TCP_ST_TIME_WAIT: int = lib.TCP_ST_TIME_WAIT
+TCP_ST_CLOSED: int = lib.TCP_ST_CLOSED
+
+TCP_EINVAL: int = lib.TCP_EINVAL
+TCP_ENOCONN: int = lib.TCP_ENOCONN
+TCP_ESTATE: int = lib.TCP_ESTATE
+TCP_ENOMEM: int = lib.TCP_ENOMEM
+TCP_ERESET: int = lib.TCP_ERESET
+TCP_EAGAIN: int = lib.TCP_EAGAIN
+
+ICMP_HOST_UNREACHABLE = 1
+ICMP_PORT_UNREACHABLE = 3
+ICMP_ADMIN_PROHIBITED = 13
 
 DROP_REASONS: tuple[str, ...] = tuple(
     ffi.string(lib.wg_drop_reason_name(i)).decode() for i in range(lib.WG_DROP__COUNT)
+)
+TCP_DROP_REASONS: tuple[str, ...] = tuple(
+    ffi.string(lib.tcp_drop_reason_name(i)).decode() for i in range(lib.TCP_DROP__COUNT)
 )
 
 _ERROR_NAMES = {
@@ -48,17 +98,34 @@ _ERROR_NAMES = {
     ENOSPC: "out of space",
     EINDEX: "local index already in use",
     EIO: "no socket attached",
+    EMSGSIZE: "larger than the tunnel MTU",
+}
+
+_TCP_ERROR_NAMES = {
+    TCP_EINVAL: "invalid argument",
+    TCP_ENOCONN: "no such connection",
+    TCP_ESTATE: "not possible in this state",
+    TCP_ENOMEM: "out of memory",
+    TCP_ERESET: "connection reset",
+    TCP_EAGAIN: "nothing to read",
 }
 
 _KEY_SIZE = 32
 _OUTPUT_BUF_SIZE = 65536
+_TCP_EVENT_BATCH = 4096
+_TCP_STATS_FIELDS = (
+    "segs_in", "segs_out", "retransmits", "fast_retransmits", "rto_expirations",
+    "zero_window_probes", "rsts_out", "syns", "established", "conns", "open", "half_open",
+    "time_wait", "mem",
+)  # fmt: skip
 
 
 class EngineError(Exception):
     """A WG_E* error code from the engine (or a closed engine, as WG_EINVAL)."""
 
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(f"{message} ({_ERROR_NAMES.get(code, 'error')}, code {code})")
+    def __init__(self, code: int, message: str, names: dict[int, str] | None = None) -> None:
+        name = (_ERROR_NAMES if names is None else names).get(code, "error")
+        super().__init__(f"{message} ({name}, code {code})")
         self.code = code
 
 
@@ -83,6 +150,30 @@ class PeerStats:
     current_created: float | None
     has_current: bool
     staged: int
+
+
+@dataclass(frozen=True, slots=True)
+class TcpInfo:
+    """A TCP connection a peer opened: src is the peer's side, dst where it wanted to go."""
+
+    conn_id: int
+    peer_id: int
+    src: Endpoint
+    dst: Endpoint
+    state: int  # TCP_ST_*
+    bytes_in: int  # payload bytes received in order from the peer
+    bytes_out: int  # payload bytes the peer acknowledged
+    close_reason: int  # TCP_CLOSE_* once closed, else 0
+
+
+@dataclass(frozen=True, slots=True)
+class UdpMeta:
+    """A UDP datagram from a peer: src is the peer's side, dst where it was sent."""
+
+    peer_id: int
+    src: Endpoint
+    dst: Endpoint
+    data: bytes
 
 
 def _sodium_functions() -> tuple[Any, Any, Any]:
@@ -143,6 +234,30 @@ def _time_or_none(t: float) -> float | None:
     return t if t != 0 else None
 
 
+def _ipv4_str(addr: int) -> str:
+    return socket.inet_ntoa(addr.to_bytes(4, "big"))
+
+
+def _ipv4_endpoint_to_c(endpoint: Endpoint, what: str) -> tuple[int, int]:
+    """(address as a host-order int, port) of an IPv4 endpoint."""
+    try:
+        host, port = endpoint
+        addr = int(ipaddress.IPv4Address(host))
+    except (TypeError, ValueError) as exc:
+        raise EngineError(EINVAL, f"bad IPv4 {what} {endpoint!r}") from exc
+    if not isinstance(port, int) or not 0 <= port < 65536:
+        raise EngineError(EINVAL, f"bad port in {what} {endpoint!r}")
+    return addr, port
+
+
+def _tcp_check(code: int, what: str) -> int:
+    if code == TCP_ERESET:
+        raise ConnectionResetError(f"{what}: connection reset")
+    if code < 0:
+        raise EngineError(code, what, _TCP_ERROR_NAMES)
+    return code
+
+
 class Engine:
     """One C engine: peers, keypairs, the sans-IO core and the batch IO helper."""
 
@@ -154,7 +269,14 @@ class Engine:
         mtu: int = 1420,
         max_peers: int = 4096,
         staged_per_peer: int = 128,
+        tcp_rcvbuf: int = 0,
+        tcp_sndbuf: int = 0,
+        tcp_max_conns: int = 0,
+        tcp_max_conns_per_peer: int = 0,
+        tcp_max_half_open_per_peer: int = 0,
     ) -> None:
+        """TCP settings 0 take the engine's defaults (256 KiB buffers each way, 65536
+        connections, 4096 per peer, 256 half-open per peer)."""
         self._engine: Any = None
         ip = ipaddress.IPv4Address(tunnel_ip)
         if not 0 <= prefix_len <= 32:
@@ -165,10 +287,28 @@ class Engine:
         cfg.mtu = mtu
         cfg.max_peers = max_peers
         cfg.staged_per_peer = staged_per_peer
+        tcp_settings = {
+            "tcp_rcvbuf": tcp_rcvbuf,
+            "tcp_sndbuf": tcp_sndbuf,
+            "tcp_max_conns": tcp_max_conns,
+            "tcp_max_conns_per_peer": tcp_max_conns_per_peer,
+            "tcp_max_half_open_per_peer": tcp_max_half_open_per_peer,
+        }
+        for name, value in tcp_settings.items():
+            setattr(cfg, name, _u32(value, name))
+        cfg.tcp_iss_seed = int.from_bytes(os.urandom(8), "little")
         raw = lib.wg_engine_new(cfg, _ENCRYPT, _DECRYPT, _MEMZERO)
         if raw == ffi.NULL:
             raise EngineError(EINVAL, "bad engine configuration or out of memory")
         self._engine = ffi.gc(raw, lib.wg_engine_free)
+        self._tcp = lib.wg_engine_tcp(raw)  # lives as long as the engine
+        self._tcp_events = ffi.new("tcp_event[]", _TCP_EVENT_BATCH)
+        self._tcp_info = ffi.new("tcp_conn_info *")
+        # tcp_read copies into this, then one copy into bytes: as large as a receive buffer
+        self._read_cap = tcp_rcvbuf or 256 * 1024
+        self._read_buf = ffi.new("uint8_t[]", self._read_cap)
+        self._udp_meta = ffi.new("wg_udp_meta[]", lib.WG_UDP_QUEUE_MAX)
+        self._udp_arena = ffi.new("uint8_t **")
         self._out_buf = ffi.new("uint8_t[]", _OUTPUT_BUF_SIZE)
         self._out_dst = ffi.new("wg_endpoint *")
         self._event = ffi.new("wg_event *")
@@ -187,6 +327,12 @@ class Engine:
         if self._engine is None:
             raise EngineError(EINVAL, "engine is closed")
         return self._engine
+
+    @property
+    def _t(self) -> Any:
+        if self._engine is None:
+            raise EngineError(EINVAL, "engine is closed")
+        return self._tcp
 
     # Peers
 
@@ -328,8 +474,12 @@ class Engine:
         return out
 
     def drop_counts(self) -> dict[str, int]:
-        e = self._e
-        return {name: lib.wg_drop_count(e, i) for i, name in enumerate(DROP_REASONS)}
+        """The engine's drop counters, then the TCP stack's with a "tcp_" prefix."""
+        e, t = self._e, self._tcp
+        counts = {name: lib.wg_drop_count(e, i) for i, name in enumerate(DROP_REASONS)}
+        for i, name in enumerate(TCP_DROP_REASONS):
+            counts[f"tcp_{name}"] = lib.tcp_drop_count(t, i)
+        return counts
 
     def stats(self) -> dict[str, int]:
         out = ffi.new("wg_engine_stats *")
@@ -340,7 +490,153 @@ class Engine:
             "rx_bytes": out.rx_bytes,
             "tx_bytes": out.tx_bytes,
             "icmp_echo_replies": out.icmp_echo_replies,
+            "udp_rx": out.udp_rx,
+            "udp_tx": out.udp_tx,
+            "icmp_unreachables": out.icmp_unreachables,
+            "ipv6_refused": out.ipv6_refused,
         }
+
+    # TCP: connections peers open, driven through the engine's stack (handles are conn ids)
+
+    def tcp_events(self) -> list[tuple[int, int, int]]:
+        """Every pending (TCP_EV_*, conn_id, arg) event; arg is TCP_CLOSE_* for CLOSED."""
+        e, buf = self._e, self._tcp_events
+        out: list[tuple[int, int, int]] = []
+        while True:
+            n = _check(lib.wg_tcp_events(e, buf, _TCP_EVENT_BATCH), "tcp_events")
+            out.extend((buf[i].type, buf[i].conn_id, buf[i].arg) for i in range(n))
+            if n < _TCP_EVENT_BATCH:
+                return out
+
+    def tcp_info(self, conn_id: int) -> TcpInfo:
+        info = self._tcp_info
+        _tcp_check(lib.tcp_get_info(self._t, _u32(conn_id, "conn_id"), info), "tcp_info")
+        return TcpInfo(
+            conn_id=info.conn_id,
+            peer_id=info.peer_id,
+            src=(_ipv4_str(info.src_ip), info.src_port),
+            dst=(_ipv4_str(info.dst_ip), info.dst_port),
+            state=info.state,
+            bytes_in=info.bytes_in,
+            bytes_out=info.bytes_out,
+            close_reason=info.close_reason,
+        )
+
+    def tcp_accept(self, conn_id: int, now: float) -> None:
+        _tcp_check(lib.tcp_accept(self._t, _u32(conn_id, "conn_id"), float(now)), "tcp_accept")
+
+    def tcp_reject(self, conn_id: int, now: float) -> None:
+        _tcp_check(lib.tcp_reject(self._t, _u32(conn_id, "conn_id"), float(now)), "tcp_reject")
+
+    def tcp_read(self, conn_id: int, max_bytes: int, now: float) -> bytes | None:
+        """Up to max_bytes; b"" at EOF, None when nothing is buffered yet (wait for READABLE)."""
+        if not isinstance(max_bytes, int) or max_bytes <= 0:
+            raise EngineError(EINVAL, "max_bytes must be a positive int")
+        cap = min(max_bytes, self._read_cap)
+        n = lib.tcp_read(self._t, _u32(conn_id, "conn_id"), self._read_buf, cap, float(now))
+        if n == TCP_EAGAIN:
+            return None
+        _tcp_check(n, "tcp_read")
+        return ffi.buffer(self._read_buf, n)[:]
+
+    def tcp_write(self, conn_id: int, data: bytes | memoryview, now: float) -> int:
+        """Bytes accepted: fewer than offered when the send buffer is full (wait for WRITABLE)."""
+        if isinstance(data, bytes):
+            source, length = data, len(data)
+        elif isinstance(data, (memoryview, bytearray)):
+            source = ffi.from_buffer(data)
+            length = len(source)
+        else:
+            raise EngineError(EINVAL, "data must be bytes or a memoryview")
+        return _tcp_check(
+            lib.tcp_write(self._t, _u32(conn_id, "conn_id"), source, length, float(now)),
+            "tcp_write",
+        )
+
+    def tcp_shutdown_write(self, conn_id: int, now: float) -> None:
+        _tcp_check(
+            lib.tcp_shutdown_write(self._t, _u32(conn_id, "conn_id"), float(now)),
+            "tcp_shutdown_write",
+        )
+
+    def tcp_abort(self, conn_id: int, now: float) -> None:
+        _tcp_check(lib.tcp_abort(self._t, _u32(conn_id, "conn_id"), float(now)), "tcp_abort")
+
+    def tcp_release(self, conn_id: int, now: float) -> None:
+        _tcp_check(lib.tcp_release(self._t, _u32(conn_id, "conn_id"), float(now)), "tcp_release")
+
+    def tcp_flush(self, now: float) -> None:
+        """Send the ACKs owed after a batch of `input` calls (io_recv does this itself)."""
+        lib.tcp_flush(self._t, float(now))
+
+    def tcp_stats(self) -> dict[str, int]:
+        out = ffi.new("tcp_stats *")
+        lib.tcp_get_stats(self._t, out)
+        return {name: getattr(out, name) for name in _TCP_STATS_FIELDS}
+
+    def tcp_peer_counts(self, peer_id: int) -> tuple[int, int]:
+        """(open, half-open) connections of a peer."""
+        counts = ffi.new("uint32_t[2]")
+        lib.tcp_peer_counts(self._t, _u32(peer_id, "peer_id"), counts, counts + 1)
+        return counts[0], counts[1]
+
+    # UDP and ICMP errors
+
+    def udp_datagrams(self) -> list[UdpMeta]:
+        """Every UDP datagram from peers since the last call (one C call, each byte copied once)."""
+        meta = self._udp_meta
+        n = _check(
+            lib.wg_udp_drain(self._e, meta, lib.WG_UDP_QUEUE_MAX, self._udp_arena), "udp_datagrams"
+        )
+        if n == 0:
+            return []
+        end = max(meta[i].offset + meta[i].len for i in range(n))
+        arena = ffi.buffer(self._udp_arena[0], end)
+        out: list[UdpMeta] = []
+        for i in range(n):
+            m = meta[i]
+            out.append(
+                UdpMeta(
+                    peer_id=m.peer_id,
+                    src=(_ipv4_str(m.src_ip), m.src_port),
+                    dst=(_ipv4_str(m.dst_ip), m.dst_port),
+                    data=arena[m.offset : m.offset + m.len],
+                )
+            )
+        return out
+
+    def udp_send(self, src: Endpoint, dst: Endpoint, data: bytes, now: float) -> None:
+        """A datagram to a peer: src = (the original destination ip, port), dst = (the peer's
+        tunnel ip, port).  EngineError(EMSGSIZE) when it would not fit in the MTU."""
+        src_ip, src_port = _ipv4_endpoint_to_c(src, "src")
+        dst_ip, dst_port = _ipv4_endpoint_to_c(dst, "dst")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise EngineError(EINVAL, "data must be bytes")
+        source = data if isinstance(data, bytes) else ffi.from_buffer(data)
+        _check(
+            lib.wg_udp_send(
+                self._e, src_ip, src_port, dst_ip, dst_port, source, len(source), float(now)
+            ),
+            "udp_send",
+        )
+
+    def icmp_unreachable(
+        self, peer: Endpoint, dst: Endpoint, proto: int, code: int, now: float
+    ) -> None:
+        """ICMP destination unreachable (code: ICMP_PORT_UNREACHABLE, ICMP_ADMIN_PROHIBITED,
+        ICMP_HOST_UNREACHABLE...) to the peer's (ip, port), as if from dst, about its proto flow."""
+        peer_ip, peer_port = _ipv4_endpoint_to_c(peer, "peer")
+        dst_ip, dst_port = _ipv4_endpoint_to_c(dst, "dst")
+        if not isinstance(proto, int) or not 0 <= proto < 256:
+            raise EngineError(EINVAL, "proto must be 0..255")
+        if not isinstance(code, int) or not 0 <= code < 16:
+            raise EngineError(EINVAL, "code must be 0..15")
+        _check(
+            lib.wg_icmp_unreachable(
+                self._e, peer_ip, peer_port, dst_ip, dst_port, proto, code, float(now)
+            ),
+            "icmp_unreachable",
+        )
 
     # The IO helper over a UDP socket Python owns
 

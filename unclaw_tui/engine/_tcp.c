@@ -39,6 +39,7 @@
 /* ---- Implementation numbers ---------------------------------------------------------------- */
 #define SLOT_BITS 20
 #define SLOT_MASK ((1u << SLOT_BITS) - 1)
+_Static_assert(SLOT_MASK == TCP_CONN_SLOT_MASK, "conn_id layout is part of _tcp.h");
 #define GEN_MASK ((1u << (32 - SLOT_BITS)) - 1)
 
 #define F_FIN 0x01

@@ -114,6 +114,10 @@ typedef struct {
     uint32_t mem;                /* heap bytes held by this connection, struct included */
 } tcp_conn_info;
 
+/* A conn_id's low bits are its table slot + 1 (< max_conns + 1), the rest a generation: an
+ * owner may index per-connection arrays of max_conns entries by (conn_id & mask) - 1. */
+#define TCP_CONN_SLOT_MASK 0xfffff
+
 typedef struct {
     uint32_t type;    /* TCP_EV_* */
     uint32_t conn_id;

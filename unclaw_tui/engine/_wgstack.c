@@ -4,9 +4,12 @@
  * Receive pipeline, in the order of the functions below:
  *   wg_input -> message type -> transport: index table -> keypair -> replay check -> decrypt
  *   -> replay update -> (authenticated) endpoint roaming, counters, keypair confirmation, timers
- *   -> inner IP parse (validated ip_repr) -> cryptokey routing check -> per-protocol handler.
+ *   -> inner IP parse (validated ip_repr) -> cryptokey routing check -> per-protocol handler:
+ *      ICMP echo (answered here), TCP (the tcp_stack of _tcp.c), UDP (queued for wg_udp_drain),
+ *      IPv6 TCP SYN / UDP (refused with an RST / ICMPv6 unreachable).
  * Send pipeline:
- *   wg_send_inner -> route by destination over allowed IPs -> peer_send_data -> stage when no
+ *   wg_send_inner / wg_udp_send / wg_icmp_unreachable -> route by destination over allowed IPs
+ *   -> peer_send_data (also the TCP stack's emit callback, routed by peer id) -> stage when no
  *   usable keypair, else pad, encrypt with the next counter, queue in the output ring.
  * The output ring is drained by wg_next_output (sans-IO) or wg_io_flush (sendmmsg).
  *
@@ -69,9 +72,26 @@
 #define MIN_MTU 576u /* also keeps a 148-byte handshake message within an output slot */
 
 #define IPPROTO_ICMP_V4 1
+#define IPPROTO_TCP_ 6
+#define IPPROTO_UDP_ 17
+#define IPPROTO_ICMPV6_ 58
 #define ICMP_ECHO_REPLY 0
 #define ICMP_ECHO_REQUEST 8
+#define ICMP_DEST_UNREACHABLE 3
+#define ICMPV6_DEST_UNREACHABLE 1
+#define ICMPV6_PORT_UNREACHABLE 4
+#define IPV6_MIN_MTU 1280 /* an ICMPv6 error quotes no more than fits in it (RFC 4443 2.4) */
 #define REPLY_TTL 64
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
+
+/* TCP stack defaults (wg_config 0 = these). */
+#define TCP_DEFAULT_BUF (256u * 1024u)
+#define TCP_DEFAULT_MAX_CONNS 65536u
+#define TCP_DEFAULT_MAX_CONNS_PER_PEER 4096u
+#define TCP_DEFAULT_MAX_HALF_OPEN_PER_PEER 256u
 
 /* ---- Data structures ---------------------------------------------------------------------- */
 typedef struct {
@@ -152,6 +172,15 @@ typedef struct {
     wg_endpoint dst;
 } output_meta;
 
+/* TCP events waiting for wg_tcp_events, one entry per TCP table slot: a bit per event type, so
+ * the queue can never overflow and a dropped READABLE can never stall a connection. */
+typedef struct {
+    uint32_t conn_id;
+    uint32_t close_arg; /* TCP_EV_CLOSED's arg */
+    uint8_t bits;       /* 1 << TCP_EV_* */
+    bool queued;        /* the slot sits in the ready FIFO */
+} tcp_pending;
+
 struct wg_engine {
     wg_config cfg;
     wg_aead_encrypt_fn enc;
@@ -186,6 +215,17 @@ struct wg_engine {
     int io_fd;
     int io_family;
     uint8_t *io_rx_bufs; /* IO_BATCH * IO_RX_BUF_SIZE, allocated by wg_io_attach */
+
+    tcp_stack *tcp;
+    tcp_pending *tcp_pending; /* tcp_slots entries */
+    uint32_t *tcp_ready;      /* FIFO of slots with pending events; each slot at most once */
+    uint32_t tcp_slots, tcp_ready_head, tcp_ready_count;
+
+    wg_udp_meta *udp_meta; /* WG_UDP_QUEUE_MAX entries */
+    uint8_t *udp_arena;    /* WG_UDP_ARENA_SIZE bytes */
+    uint32_t udp_count, udp_arena_used, udp_arena_high;
+
+    uint16_t ip_id; /* IPv4 identification of the packets built here */
 };
 
 static const char *const drop_reason_names[WG_DROP__COUNT] = {
@@ -205,6 +245,7 @@ static const char *const drop_reason_names[WG_DROP__COUNT] = {
     [WG_DROP_OUTPUT_OVERFLOW] = "output_overflow",
     [WG_DROP_FRAGMENT] = "fragment",
     [WG_DROP_SEND_ERROR] = "send_error",
+    [WG_DROP_UDP_OVERFLOW] = "udp_overflow",
 };
 
 static void count_drop(wg_engine *e, int reason) { e->drops[reason]++; }
@@ -721,6 +762,7 @@ int wg_peer_remove(wg_engine *e, uint32_t peer_id) {
     free(p->staged);
     p->staged = NULL;
     route_remove_peer(&e->routes, peer_id);
+    tcp_remove_peer(e->tcp, peer_id, e->now); /* CLOSED (PEER_REMOVED) events, nothing sent */
     bool in_list = p->in_timer_list;
     memset(p, 0, sizeof *p);
     p->in_timer_list = in_list; /* wg_tick drops it from the list */
@@ -901,6 +943,165 @@ static void icmp4_handle(wg_engine *e, uint32_t id, const ip_repr *ip, double no
     peer_send_data(e, id, reply, total, now);
 }
 
+/* Sum of the IPv4 pseudo-header (RFC 768 / RFC 9293 3.1). */
+static uint32_t pseudo4_sum(const uint8_t *src, const uint8_t *dst, uint8_t proto, size_t len) {
+    uint32_t sum = csum_add(csum_add(0, src, 4), dst, 4);
+    return sum + proto + (uint32_t)len;
+}
+
+/* Sum of the IPv6 pseudo-header (RFC 8200 8.1). */
+static uint32_t pseudo6_sum(const uint8_t *src, const uint8_t *dst, uint8_t proto, size_t len) {
+    uint32_t sum = csum_add(csum_add(0, src, 16), dst, 16);
+    return sum + (uint32_t)(len >> 16) + (uint32_t)(len & 0xffff) + proto;
+}
+
+/* A 20-byte IPv4 header with its checksum. */
+static void ipv4_header_emit(wg_engine *e, uint8_t *p, uint32_t src, uint32_t dst, uint8_t proto,
+                             size_t total) {
+    memset(p, 0, 20);
+    p[0] = 0x45;
+    wr16be(p + 2, (uint16_t)total);
+    wr16be(p + 4, e->ip_id++);
+    p[8] = REPLY_TTL;
+    p[9] = proto;
+    wr32be(p + 12, src);
+    wr32be(p + 16, dst);
+    wr16be(p + 10, csum_finish(csum_add(0, p, 20)));
+}
+
+/* Multicast, limited broadcast or the tunnel subnet's broadcast: nothing here answers those. */
+static bool ipv4_is_group(const wg_engine *e, uint32_t addr) {
+    if ((addr >> 28) == 0xe || addr == 0xffffffffu) return true;
+    uint8_t plen = e->cfg.tunnel_prefix_len;
+    if (plen == 0 || plen >= 31) return false;
+    uint32_t mask = ~0u << (32 - plen);
+    return addr == ((e->cfg.tunnel_ip & mask) | ~mask);
+}
+
+/* Send an inner IPv4 packet the engine built to the peer owning dst (cryptokey routing). */
+static bool route_send4(wg_engine *e, uint32_t dst, const uint8_t *pkt, size_t len, double now) {
+    uint8_t addr[4];
+    wr32be(addr, dst);
+    int64_t id = route_lookup(&e->routes, 4, addr);
+    if (id < 0) {
+        count_drop(e, WG_DROP_NO_ROUTE);
+        return false;
+    }
+    peer_send_data(e, (uint32_t)id, pkt, len, now);
+    return true;
+}
+
+/* UDP over IPv4: validate, then queue for wg_udp_drain. */
+static void udp4_handle(wg_engine *e, uint32_t id, const ip_repr *ip) {
+    const uint8_t *udp = ip->payload;
+    if (ip->payload_len < 8) {
+        count_drop(e, WG_DROP_BAD_IP);
+        return;
+    }
+    size_t udp_len = rd16be(udp + 4);
+    if (udp_len < 8 || udp_len > ip->payload_len || rd16be(udp + 2) == 0) {
+        count_drop(e, WG_DROP_BAD_IP);
+        return;
+    }
+    if (rd16be(udp + 6) != 0 && /* zero: no checksum (RFC 768) */
+        csum_finish(csum_add(pseudo4_sum(ip->src, ip->dst, IPPROTO_UDP_, udp_len), udp, udp_len))) {
+        count_drop(e, WG_DROP_BAD_IP);
+        return;
+    }
+    uint32_t dst = rd32be(ip->dst);
+    if (ipv4_is_group(e, dst)) { /* mDNS, SSDP, broadcasts: no flow to relay */
+        count_drop(e, WG_DROP_UNHANDLED);
+        return;
+    }
+    uint32_t payload_len = (uint32_t)(udp_len - 8);
+    if (e->udp_count == WG_UDP_QUEUE_MAX || payload_len > WG_UDP_ARENA_SIZE - e->udp_arena_used) {
+        count_drop(e, WG_DROP_UDP_OVERFLOW);
+        return;
+    }
+    wg_udp_meta *m = &e->udp_meta[e->udp_count++];
+    m->peer_id = (int32_t)id;
+    m->src_ip = rd32be(ip->src);
+    m->dst_ip = dst;
+    m->src_port = rd16be(udp);
+    m->dst_port = rd16be(udp + 2);
+    m->offset = e->udp_arena_used;
+    m->len = payload_len;
+    memcpy(e->udp_arena + e->udp_arena_used, udp + 8, payload_len);
+    e->udp_arena_used += payload_len;
+    if (e->udp_arena_used > e->udp_arena_high) e->udp_arena_high = e->udp_arena_used;
+    e->stats.udp_rx++;
+}
+
+/* IPv6 inside the tunnel, until the stack speaks it: a TCP SYN gets an RST+ACK and a UDP
+ * datagram an ICMPv6 port unreachable, so a dual-stack client falls back to IPv4 at once
+ * instead of waiting for its own timeouts. */
+static void ipv6_refuse(wg_engine *e, uint32_t id, const uint8_t *pkt, const ip_repr *ip,
+                        double now) {
+    if (ip->dst[0] == 0xff) { /* never answer multicast (RFC 4443 2.4 e) */
+        count_drop(e, WG_DROP_UNHANDLED);
+        return;
+    }
+    const uint8_t *l4 = ip->payload;
+    size_t l4_len = ip->payload_len;
+    uint8_t *out = e->tx_scratch;
+    size_t total;
+    if (ip->proto == IPPROTO_TCP_) {
+        size_t thl = l4_len >= 20 ? (size_t)(l4[12] >> 4) * 4 : 0;
+        if (thl < 20 || thl > l4_len ||
+            csum_finish(csum_add(pseudo6_sum(ip->src, ip->dst, IPPROTO_TCP_, l4_len), l4, l4_len))) {
+            count_drop(e, WG_DROP_BAD_IP);
+            return;
+        }
+        uint8_t flags = l4[13];
+        if ((flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) != TCP_FLAG_SYN) {
+            count_drop(e, WG_DROP_UNHANDLED);
+            return;
+        }
+        /* RFC 9293 3.10.7.1: <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK> */
+        uint32_t seg_len = (uint32_t)(l4_len - thl) + 1 + (flags & TCP_FLAG_FIN ? 1 : 0);
+        total = 40 + 20;
+        uint8_t *tcp = out + 40;
+        memset(tcp, 0, 20);
+        memcpy(tcp, l4 + 2, 2); /* source port = their destination port */
+        memcpy(tcp + 2, l4, 2);
+        wr32be(tcp + 8, rd32be(l4 + 4) + seg_len);
+        tcp[12] = 5 << 4;
+        tcp[13] = TCP_FLAG_RST | TCP_FLAG_ACK;
+        wr16be(tcp + 16, csum_finish(csum_add(pseudo6_sum(ip->dst, ip->src, IPPROTO_TCP_, 20), tcp, 20)));
+        out[6] = IPPROTO_TCP_;
+    } else if (ip->proto == IPPROTO_UDP_) {
+        size_t udp_len = l4_len >= 8 ? rd16be(l4 + 4) : 0;
+        /* IPv6 UDP must carry a checksum (RFC 8200 8.1): zero is invalid too. */
+        if (udp_len < 8 || udp_len > l4_len || rd16be(l4 + 6) == 0 ||
+            csum_finish(csum_add(pseudo6_sum(ip->src, ip->dst, IPPROTO_UDP_, udp_len), l4, udp_len))) {
+            count_drop(e, WG_DROP_BAD_IP);
+            return;
+        }
+        size_t quote = 40 + l4_len, room = (e->cfg.mtu < IPV6_MIN_MTU ? e->cfg.mtu : IPV6_MIN_MTU) - 48;
+        if (quote > room) quote = room;
+        total = 48 + quote;
+        uint8_t *icmp = out + 40;
+        icmp[0] = ICMPV6_DEST_UNREACHABLE;
+        icmp[1] = ICMPV6_PORT_UNREACHABLE;
+        memset(icmp + 2, 0, 6);
+        memcpy(icmp + 8, pkt, quote);
+        wr16be(icmp + 2, csum_finish(csum_add(pseudo6_sum(ip->dst, ip->src, IPPROTO_ICMPV6_, 8 + quote),
+                                              icmp, 8 + quote)));
+        out[6] = IPPROTO_ICMPV6_;
+    } else {
+        count_drop(e, WG_DROP_UNHANDLED);
+        return;
+    }
+    out[0] = 6 << 4;
+    out[1] = out[2] = out[3] = 0;
+    wr16be(out + 4, (uint16_t)(total - 40));
+    out[7] = REPLY_TTL;
+    memcpy(out + 8, ip->dst, 16); /* as if from the destination they tried */
+    memcpy(out + 24, ip->src, 16);
+    e->stats.ipv6_refused++;
+    peer_send_data(e, id, out, total, now);
+}
+
 /* An authenticated inner packet from peer id.  Protocol handlers hang off the switch. */
 static void inner_dispatch(wg_engine *e, uint32_t id, const uint8_t *pkt, size_t len, double now) {
     ip_repr ip;
@@ -918,11 +1119,132 @@ static void inner_dispatch(wg_engine *e, uint32_t id, const uint8_t *pkt, size_t
         count_drop(e, WG_DROP_FRAGMENT);
         return;
     }
-    if (ip.version == 4 && ip.proto == IPPROTO_ICMP_V4) {
-        icmp4_handle(e, id, &ip, now);
+    if (ip.version == 6) {
+        ipv6_refuse(e, id, pkt, &ip, now);
         return;
     }
-    count_drop(e, WG_DROP_UNHANDLED);
+    switch (ip.proto) {
+    case IPPROTO_ICMP_V4: icmp4_handle(e, id, &ip, now); return;
+    case IPPROTO_TCP_:
+        /* the IPv4 total length, without WireGuard's padding; tcp_input counts its own drops */
+        tcp_input(e->tcp, id, pkt, (size_t)(ip.payload - pkt) + ip.payload_len, now);
+        return;
+    case IPPROTO_UDP_: udp4_handle(e, id, &ip); return;
+    default: count_drop(e, WG_DROP_UNHANDLED); return;
+    }
+}
+
+/* ---- TCP glue: the stack's callbacks and its event queue ------------------------------------ */
+static void tcp_emit_cb(void *ctx, uint32_t peer_id, const uint8_t *pkt, size_t len, double now) {
+    wg_engine *e = ctx;
+    if (!peer_get(e, peer_id)) { /* tcp_remove_peer runs with wg_peer_remove: cannot happen */
+        count_drop(e, WG_DROP_NO_ROUTE);
+        return;
+    }
+    peer_send_data(e, peer_id, pkt, len, now);
+}
+
+static void tcp_event_cb(void *ctx, const tcp_event *ev) {
+    wg_engine *e = ctx;
+    uint32_t slot = (ev->conn_id & TCP_CONN_SLOT_MASK) - 1;
+    if (slot >= e->tcp_slots || ev->type < TCP_EV_SYN || ev->type > TCP_EV_CLOSED) return;
+    tcp_pending *p = &e->tcp_pending[slot];
+    if (p->conn_id != ev->conn_id) { /* the slot's previous handle was released: forget it */
+        p->conn_id = ev->conn_id;
+        p->bits = 0;
+    }
+    p->bits |= (uint8_t)(1u << ev->type);
+    if (ev->type == TCP_EV_CLOSED) p->close_arg = ev->arg;
+    if (!p->queued) {
+        p->queued = true;
+        e->tcp_ready[(e->tcp_ready_head + e->tcp_ready_count) % e->tcp_slots] = slot;
+        e->tcp_ready_count++;
+    }
+}
+
+tcp_stack *wg_engine_tcp(wg_engine *e) { return e->tcp; }
+
+int wg_tcp_events(wg_engine *e, tcp_event *out, int max) {
+    if (!out || max < 0) return WG_EINVAL;
+    int n = 0;
+    tcp_conn_info info;
+    while (n < max && e->tcp_ready_count) {
+        uint32_t slot = e->tcp_ready[e->tcp_ready_head];
+        tcp_pending *p = &e->tcp_pending[slot];
+        if (p->bits && tcp_get_info(e->tcp, p->conn_id, &info) != 0) p->bits = 0; /* released */
+        for (uint32_t type = TCP_EV_SYN; type <= TCP_EV_CLOSED && p->bits && n < max; type++) {
+            if (!(p->bits & (1u << type))) continue;
+            p->bits &= (uint8_t)~(1u << type);
+            out[n++] = (tcp_event){type, p->conn_id, type == TCP_EV_CLOSED ? p->close_arg : 0};
+        }
+        if (p->bits) break; /* out is full: the rest of this slot comes next time */
+        p->queued = false;
+        e->tcp_ready_head = (e->tcp_ready_head + 1) % e->tcp_slots;
+        e->tcp_ready_count--;
+    }
+    return n;
+}
+
+/* ---- UDP and ICMP errors out, the UDP queue --------------------------------------------------- */
+int wg_udp_drain(wg_engine *e, wg_udp_meta *out, int max, const uint8_t **arena) {
+    if (!out || !arena || max < 0) return WG_EINVAL;
+    int n = (int)e->udp_count < max ? (int)e->udp_count : max;
+    memcpy(out, e->udp_meta, (size_t)n * sizeof *out);
+    *arena = e->udp_arena;
+    e->udp_count = 0;
+    e->udp_arena_used = 0;
+    return n;
+}
+
+int wg_udp_send(wg_engine *e, uint32_t src_ip, uint16_t src_port, uint32_t dst_ip,
+                uint16_t dst_port, const uint8_t *data, size_t len, double now) {
+    if (!data && len) return WG_EINVAL;
+    if (len > (size_t)e->cfg.mtu - 28) return WG_EMSGSIZE;
+    e->now = now;
+    size_t total = 28 + len;
+    uint8_t *pkt = e->tx_scratch;
+    ipv4_header_emit(e, pkt, src_ip, dst_ip, IPPROTO_UDP_, total);
+    uint8_t *udp = pkt + 20;
+    wr16be(udp, src_port);
+    wr16be(udp + 2, dst_port);
+    wr16be(udp + 4, (uint16_t)(8 + len));
+    wr16be(udp + 6, 0);
+    if (len) memcpy(udp + 8, data, len);
+    uint16_t sum = csum_finish(csum_add(pseudo4_sum(pkt + 12, pkt + 16, IPPROTO_UDP_, 8 + len), udp, 8 + len));
+    wr16be(udp + 6, sum ? sum : 0xffff); /* a computed zero is sent as all ones (RFC 768) */
+    if (route_send4(e, dst_ip, pkt, total, now)) e->stats.udp_tx++;
+    return 0;
+}
+
+int wg_icmp_unreachable(wg_engine *e, uint32_t peer_ip, uint16_t peer_port, uint32_t dst_ip,
+                        uint16_t dst_port, uint8_t proto, uint8_t code, double now) {
+    if (code > 15) return WG_EINVAL;
+    e->now = now;
+    size_t total = 20 + 8 + 28;
+    uint8_t *pkt = e->tx_scratch;
+    ipv4_header_emit(e, pkt, dst_ip, peer_ip, IPPROTO_ICMP_V4, total);
+    uint8_t *icmp = pkt + 20;
+    memset(icmp, 0, 8);
+    icmp[0] = ICMP_DEST_UNREACHABLE;
+    icmp[1] = code;
+    /* The datagram that "failed": the client's own packet as it would have looked. */
+    uint8_t *orig = icmp + 8;
+    size_t l4_len = proto == IPPROTO_TCP_ ? 20 : 8;
+    memset(orig, 0, 28);
+    orig[0] = 0x45;
+    wr16be(orig + 2, (uint16_t)(20 + l4_len));
+    wr16be(orig + 6, 0x4000);
+    orig[8] = REPLY_TTL;
+    orig[9] = proto;
+    wr32be(orig + 12, peer_ip);
+    wr32be(orig + 16, dst_ip);
+    wr16be(orig + 10, csum_finish(csum_add(0, orig, 20)));
+    wr16be(orig + 20, peer_port);
+    wr16be(orig + 22, dst_port);
+    if (proto == IPPROTO_UDP_) wr16be(orig + 24, 8); /* length; checksum 0 = none */
+    wr16be(icmp + 2, csum_finish(csum_add(0, icmp, 8 + 28)));
+    if (route_send4(e, peer_ip, pkt, total, now)) e->stats.icmp_unreachables++;
+    return 0;
 }
 
 /* ---- Receive ------------------------------------------------------------------------------ */
@@ -1111,6 +1433,7 @@ static double peer_earliest_timer(const peer *p) {
 
 void wg_tick(wg_engine *e, double now) {
     e->now = now;
+    tcp_tick(e->tcp, now); /* first: what it sends arms the peers' timers below */
     if (e->next_deadline == 0 || now < e->next_deadline) return;
     /* Timers fired below may re-arm: recompute the cache from scratch after the pass. */
     e->next_deadline = 0;
@@ -1129,7 +1452,10 @@ void wg_tick(wg_engine *e, double now) {
     }
 }
 
-double wg_next_deadline(wg_engine *e) { return e->next_deadline; }
+double wg_next_deadline(wg_engine *e) {
+    double own = e->next_deadline, tcp = tcp_next_deadline(e->tcp);
+    return tcp != 0 && (own == 0 || tcp < own) ? tcp : own;
+}
 
 /* ---- Lifecycle ---------------------------------------------------------------------------- */
 static uint32_t pow2_at_least(uint32_t n) {
@@ -1165,8 +1491,35 @@ wg_engine *wg_engine_new(const wg_config *cfg, wg_aead_encrypt_fn enc, wg_aead_d
     e->plain_cap = 65536;
     e->plain = malloc(e->plain_cap);
     e->tx_scratch = malloc(cfg->mtu);
+    e->udp_meta = malloc(WG_UDP_QUEUE_MAX * sizeof *e->udp_meta);
+    e->udp_arena = malloc(WG_UDP_ARENA_SIZE);
     if (!e->tx_scratch || !e->peers || !e->timer_list || !e->indices.slots || !e->routes.hosts || !e->out_bufs ||
-        !e->out_meta || !e->events || !e->plain) {
+        !e->out_meta || !e->events || !e->plain || !e->udp_meta || !e->udp_arena) {
+        wg_engine_free(e);
+        return NULL;
+    }
+
+    wg_config *c = &e->cfg;
+    if (!c->tcp_rcvbuf) c->tcp_rcvbuf = TCP_DEFAULT_BUF;
+    if (!c->tcp_sndbuf) c->tcp_sndbuf = TCP_DEFAULT_BUF;
+    if (!c->tcp_max_conns) c->tcp_max_conns = TCP_DEFAULT_MAX_CONNS;
+    if (!c->tcp_max_conns_per_peer) c->tcp_max_conns_per_peer = TCP_DEFAULT_MAX_CONNS_PER_PEER;
+    if (!c->tcp_max_half_open_per_peer) c->tcp_max_half_open_per_peer = TCP_DEFAULT_MAX_HALF_OPEN_PER_PEER;
+    tcp_config tcp_cfg = {
+        .rcvbuf = c->tcp_rcvbuf,
+        .sndbuf = c->tcp_sndbuf,
+        .mtu = c->mtu,
+        .max_conns = c->tcp_max_conns,
+        .max_conns_per_peer = c->tcp_max_conns_per_peer,
+        .max_half_open_per_peer = c->tcp_max_half_open_per_peer,
+        .iss_seed = c->tcp_iss_seed,
+    };
+    tcp_callbacks tcp_cb = {.ctx = e, .emit = tcp_emit_cb, .event = tcp_event_cb};
+    e->tcp = tcp_stack_new(&tcp_cfg, &tcp_cb); /* NULL on a bad TCP config */
+    e->tcp_slots = c->tcp_max_conns;
+    e->tcp_pending = e->tcp ? calloc(e->tcp_slots, sizeof *e->tcp_pending) : NULL;
+    e->tcp_ready = e->tcp ? calloc(e->tcp_slots, sizeof *e->tcp_ready) : NULL;
+    if (!e->tcp || !e->tcp_pending || !e->tcp_ready) {
         wg_engine_free(e);
         return NULL;
     }
@@ -1183,7 +1536,9 @@ void wg_engine_free(wg_engine *e) {
             free(e->peers[id].staged);
         }
     }
+    tcp_stack_free(e->tcp); /* calls no callback */
     if (e->plain) e->memzero(e->plain, e->plain_cap); /* last decrypted plaintext */
+    if (e->udp_arena) e->memzero(e->udp_arena, e->udp_arena_high); /* decrypted payloads too */
     free(e->peers);
     free(e->timer_list);
     free(e->indices.slots);
@@ -1195,6 +1550,10 @@ void wg_engine_free(wg_engine *e) {
     free(e->plain);
     free(e->tx_scratch);
     free(e->io_rx_bufs);
+    free(e->tcp_pending);
+    free(e->tcp_ready);
+    free(e->udp_meta);
+    free(e->udp_arena);
     free(e);
 }
 
@@ -1393,6 +1752,7 @@ int wg_io_recv(wg_engine *e, double now, int max_datagrams) {
         if (sockaddr_to_endpoint(&addr, &src)) wg_input(e, e->io_rx_bufs, (size_t)r, &src, now);
 #endif
     }
+    tcp_flush(e->tcp, now); /* the ACKs the batch owes, one per connection */
     wg_io_flush(e);
     return total > 0 || !err ? total : err;
 }

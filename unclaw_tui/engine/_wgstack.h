@@ -8,7 +8,13 @@
  *
  * Python does per-handshake work (Noise IKpsk2, cookies, retransmission policy) and installs the
  * resulting keypairs here; C does per-packet work (transport encrypt/decrypt, replay window,
- * cryptokey routing, inner IP, ICMP echo, keepalives, counters).
+ * cryptokey routing, inner IP, ICMP echo, keepalives, counters, TCP and UDP).
+ *
+ * Inner traffic from peers: IPv4 TCP goes to one userspace TCP stack per engine (_tcp.h; Python
+ * drives it through wg_engine_tcp + the tcp_* calls and learns what happened from
+ * wg_tcp_events); IPv4 UDP datagrams are queued for wg_udp_drain; ICMP echo to the tunnel
+ * address is answered here.  IPv6 is refused at once (TCP SYN -> RST, UDP -> ICMPv6 port
+ * unreachable) so clients fall back to IPv4.  Everything else is counted as unhandled.
  *
  * Conventions: IPv4 addresses are uint32_t in host byte order; times are seconds (double) on
  * Python's monotonic clock; peer ids are small integers chosen by Python (< max_peers).
@@ -21,6 +27,8 @@
 
 #include <stdint.h>
 #include <stddef.h>
+
+#include "_tcp.h"
 
 /* libsodium entry points, taken from the libsodium PyNaCl already loaded (no crypto of ours). */
 typedef int (*wg_aead_encrypt_fn)(unsigned char *c, unsigned long long *clen_p,
@@ -42,6 +50,7 @@ typedef void (*wg_memzero_fn)(void *pnt, size_t len);
 #define WG_ENOSPC -4
 #define WG_EINDEX -5
 #define WG_EIO -6
+#define WG_EMSGSIZE -7 /* a packet to build would exceed the tunnel MTU */
 
 /* A UDP endpoint. family is 4 or 6 (0: none); addr holds 4 or 16 bytes in network order. */
 typedef struct {
@@ -56,6 +65,11 @@ typedef struct {
     uint16_t mtu;              /* inner MTU (1420) */
     uint32_t max_peers;        /* peer ids are 0 .. max_peers-1 */
     uint32_t staged_per_peer;  /* inner packets queued per peer while waiting for a handshake (128) */
+    /* The TCP stack (0 = default): per-connection buffers each way (256 KiB), connection table
+     * size (65536), connections per peer (4096), half-open connections per peer (256). */
+    uint32_t tcp_rcvbuf, tcp_sndbuf;
+    uint32_t tcp_max_conns, tcp_max_conns_per_peer, tcp_max_half_open_per_peer;
+    uint64_t tcp_iss_seed; /* random, mixed into TCP initial sequence numbers */
 } wg_config;
 
 /* Events for Python, read with wg_next_event after wg_input / wg_io_recv / wg_tick. */
@@ -98,7 +112,8 @@ typedef struct {
 #define WG_DROP_OUTPUT_OVERFLOW 13 /* output queue full and no socket to flush to */
 #define WG_DROP_FRAGMENT 14        /* inner IPv4 fragment */
 #define WG_DROP_SEND_ERROR 15      /* the socket refused a datagram (error other than EAGAIN) */
-#define WG_DROP__COUNT 16
+#define WG_DROP_UDP_OVERFLOW 16    /* UDP datagram queue (count or payload arena) full */
+#define WG_DROP__COUNT 17
 
 typedef struct {
     wg_endpoint endpoint;
@@ -119,6 +134,10 @@ typedef struct {
     uint64_t rx_bytes;
     uint64_t tx_bytes;
     uint64_t icmp_echo_replies;
+    uint64_t udp_rx;          /* UDP datagrams queued for wg_udp_drain */
+    uint64_t udp_tx;          /* UDP datagrams sent by wg_udp_send */
+    uint64_t icmp_unreachables; /* ICMP destination unreachable sent by wg_icmp_unreachable */
+    uint64_t ipv6_refused;    /* IPv6 TCP SYNs answered with RST, UDP with ICMPv6 unreachable */
 } wg_engine_stats;
 
 typedef struct wg_engine wg_engine;
@@ -164,6 +183,48 @@ int wg_next_output(wg_engine *e, uint8_t *buf, size_t cap, wg_endpoint *dst);
 /* Pop the next event: returns 1 and fills out, or 0 if none. */
 int wg_next_event(wg_engine *e, wg_event *out);
 
+/* TCP.  The engine owns one stack: tcp_input gets every IPv4 TCP segment from a peer (after
+ * the allowed-IPs and fragment checks), its packets go to peers like wg_send_inner's (staged
+ * while a peer has no keypair), wg_io_recv calls tcp_flush at the end of each batch (sans-IO
+ * callers call tcp_flush themselves after a batch of wg_input), wg_tick runs tcp_tick and
+ * wg_next_deadline includes tcp_next_deadline.  Python calls tcp_accept / tcp_read / tcp_write
+ * ... on wg_engine_tcp(e) directly, then wg_io_flush.
+ * wg_peer_remove closes the peer's connections without sending anything: each connection
+ * Python still holds gets TCP_EV_CLOSED with TCP_CLOSE_PEER_REMOVED and must still be released. */
+tcp_stack *wg_engine_tcp(wg_engine *e);
+/* Pop up to max TCP events, oldest connection first; returns the count.  Events never overflow:
+ * they are kept as per-connection pending bits, so several of one kind raised for a connection
+ * before a drain come out once, and a connection's pending events come out in the order SYN,
+ * READABLE, WRITABLE, PEER_FIN, CLOSED.  Events of released handles are discarded. */
+int wg_tcp_events(wg_engine *e, tcp_event *out, int max);
+
+/* UDP from peers.  Each datagram (valid header, length and checksum when nonzero; not to a
+ * multicast or broadcast address) is queued with its payload in an arena. */
+typedef struct {
+    int32_t peer_id;
+    uint32_t src_ip, dst_ip;     /* src = the peer's tunnel-side address, dst = where it was sent */
+    uint16_t src_port, dst_port;
+    uint32_t offset, len;        /* payload bytes at arena + offset */
+} wg_udp_meta;
+#define WG_UDP_QUEUE_MAX 8192          /* datagrams queued between drains */
+#define WG_UDP_ARENA_SIZE 4194304      /* payload bytes queued between drains */
+/* Copy up to max queued datagrams (oldest first) into out, point *arena at the payloads and
+ * empty the queue (datagrams beyond max are discarded: pass max >= WG_UDP_QUEUE_MAX).  The
+ * payloads stay valid until the next wg_input / wg_io_recv.  Returns the count. */
+int wg_udp_drain(wg_engine *e, wg_udp_meta *out, int max, const uint8_t **arena);
+/* Send one UDP datagram to a peer's tunnel address dst_ip (routed by allowed IPs, like
+ * wg_send_inner) as if from src_ip:src_port; the IPv4 and UDP checksums are filled in.
+ * WG_EMSGSIZE if it would not fit in the MTU (no fragmentation); no route: dropped, counted. */
+int wg_udp_send(wg_engine *e, uint32_t src_ip, uint16_t src_port, uint32_t dst_ip,
+                uint16_t dst_port, const uint8_t *data, size_t len, double now);
+/* ICMP destination unreachable (type 3; code 3 port, 13 administratively prohibited, 1 host...)
+ * to peer_ip as if from dst_ip, quoting a synthetic original IPv4 header (peer_ip -> dst_ip,
+ * proto) and 8 bytes holding the ports, so the client's stack matches it to its socket.  For
+ * UDP (proto 17) this is what a client expects; for TCP prefer tcp_reject (the quoted sequence
+ * number is 0 and stacks check it against the connection's).  Routed and counted as wg_udp_send. */
+int wg_icmp_unreachable(wg_engine *e, uint32_t peer_ip, uint16_t peer_port, uint32_t dst_ip,
+                        uint16_t dst_port, uint8_t proto, uint8_t code, double now);
+
 /* Counters. */
 uint64_t wg_drop_count(wg_engine *e, int reason);
 const char *wg_drop_reason_name(int reason);
@@ -172,7 +233,7 @@ void wg_engine_get_stats(wg_engine *e, wg_engine_stats *out);
 /* The IO helper over a non-blocking UDP socket owned by Python. family is 4 (AF_INET socket)
  * or 6 (AF_INET6 socket, dual-stack: IPv4 peers appear as family 4 endpoints). */
 int wg_io_attach(wg_engine *e, int fd, int family);
-/* Receive until EAGAIN or max_datagrams, feed each to wg_input, then flush.  Returns the number
+/* Receive until EAGAIN or max_datagrams, feed each to wg_input, tcp_flush, then flush.  Returns the number
  * of datagrams received, or a negative errno on a socket error other than EAGAIN. */
 int wg_io_recv(wg_engine *e, double now, int max_datagrams);
 /* Send every queued output datagram (sendmmsg).  Returns the number sent; datagrams the

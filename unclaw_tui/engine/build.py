@@ -1,4 +1,5 @@
-"""cffi builder for the C data plane (`_wgstack.c`), declared by `_wgstack.h`.
+"""cffi builder for the C data plane (`_wgstack.c` + the userspace TCP `_tcp.c`), declared by
+`_tcp.h` and `_wgstack.h` (which includes it).
 
 Used by setup.py (`cffi_modules`) and, for development, in place:
 `python -m unclaw_tui.engine.build` puts `_wgstack_cffi*.so` beside this file.
@@ -14,10 +15,11 @@ from cffi import FFI
 
 ENGINE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = ENGINE_DIR.parent.parent
-HEADER = ENGINE_DIR / "_wgstack.h"
+# The cdef takes _tcp.h first: _wgstack.h uses its types.
+HEADERS = (ENGINE_DIR / "_tcp.h", ENGINE_DIR / "_wgstack.h")
 # Relative to the repo root, the working directory of setuptools builds (and of __main__ below):
 # setuptools rejects absolute source paths, and distutils would mirror them under its tmpdir.
-SOURCE_REL = "unclaw_tui/engine/_wgstack.c"
+SOURCES_REL = ["unclaw_tui/engine/_wgstack.c", "unclaw_tui/engine/_tcp.c"]
 ENGINE_DIR_REL = "unclaw_tui/engine"
 
 
@@ -42,11 +44,11 @@ if os.environ.get("UNCLAW_SANITIZE") == "1":
     link_args += sanitize
 
 ffibuilder = FFI()
-ffibuilder.cdef(cdef_from_header(HEADER.read_text()))
+ffibuilder.cdef("\n".join(cdef_from_header(header.read_text()) for header in HEADERS))
 ffibuilder.set_source(
     "unclaw_tui.engine._wgstack_cffi",
     '#include "_wgstack.h"',
-    sources=[SOURCE_REL],
+    sources=SOURCES_REL,
     include_dirs=[ENGINE_DIR_REL],
     extra_compile_args=compile_args,
     extra_link_args=link_args,
