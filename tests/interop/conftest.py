@@ -7,11 +7,18 @@ failure, so a broken runner can never pass by skipping.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 
 import pytest
 
-from tests.interop.harness import GatewaySetup, missing_requirements, topology
+from tests.interop.harness import (
+    FlowsSetup,
+    GatewaySetup,
+    make_flows_setup,
+    missing_requirements,
+    topology,
+)
 
 
 def _require_interop() -> None:
@@ -33,3 +40,16 @@ def wg_setup() -> Iterator[GatewaySetup]:
         topo.link(client_ns, "192.168.77.2/24", gateway_ns, "192.168.77.1/24")
         state_dir = topo.tmp / "state"
         yield GatewaySetup(topo, client_ns, gateway_ns, state_dir)
+
+
+@pytest.fixture
+def flows_setup() -> Iterator[FlowsSetup]:
+    """client ns -> gateway ns -> internet ns (test servers at 198.18.0.2); see FlowsSetup."""
+    _require_interop()
+    if shutil.which("curl") is None:
+        reason = "interop requirements missing: curl"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)  # not CI; CI=true fails above
+    with topology() as topo:
+        yield make_flows_setup(topo)

@@ -382,3 +382,188 @@ def thread_in_namespace(name: str) -> Iterator[None]:
         libc.setns(home, CLONE_NEWNET)
         os.close(home)
         os.close(target)
+
+
+# --- three namespaces for flow tests and benches: client -> gateway -> 'internet' --------------
+
+INTERNET_NET = "198.18.0.0/24"  # RFC 2544 benchmarking range: exists only in our namespaces
+GATEWAY_INET_ADDR = "198.18.0.1"  # the gateway host's own address on the internet side
+HOST_ADDR = "198.18.0.2"  # the test host running the servers
+METADATA_ADDR = "169.254.169.254"  # a stand-in cloud metadata address, also on the test host
+TUNNEL_NET = "10.77.0.0/24"
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process, from /proc/<pid>/status (KiB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # fields[0] is the state (field 3); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def replace_endpoint(config_text: str, endpoint: str) -> str:
+    """A client config whose [Peer] Endpoint is `endpoint` (to put a relay on the path)."""
+    lines = [
+        f"Endpoint = {endpoint}" if line.split("=", 1)[0].strip().lower() == "endpoint" else line
+        for line in config_text.splitlines()
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def wait_ready(proc: subprocess.Popen[str], timeout: float, what: str) -> str:
+    """Wait for a child's first stdout line starting with 'ready'; returns that line."""
+    assert proc.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()  # type: ignore[union-attr]
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(f"{what} not ready within {timeout}s") from None
+    if not line.startswith("ready"):
+        proc.poll()
+        raise AssertionError(f"{what} failed to start (exit {proc.returncode}): {line!r}")
+    return line.strip()
+
+
+def module_cmd(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+@dataclass
+class FlowsSetup(GatewaySetup):
+    """GatewaySetup plus an 'internet' namespace behind the gateway with test servers.
+
+    client ns 192.168.77.2 --veth-- 192.168.77.1 gateway ns 198.18.0.1 --veth-- 198.18.0.2
+    internet ns (also 169.254.169.254).  The gateway namespace routes to the internet over its
+    veth; the internet namespace routes the tunnel net back through the gateway namespace (only
+    a kernel-forwarding reference gateway needs that).  Clients made by `client()` route the
+    internet net (and the metadata address) through their WireGuard interface.
+    """
+
+    internet_ns: Namespace | None = None
+
+    @property
+    def internet(self) -> Namespace:
+        assert self.internet_ns is not None
+        return self.internet_ns
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+
+    def start_host(self, kind: str, port: int, *args: str) -> subprocess.Popen[str]:
+        """A tests.interop.hosts server on the test host, running once it said 'ready'."""
+        proc = self.topo.spawn(
+            self.internet,
+            *module_cmd("tests.interop.hosts", kind, "--port", str(port), *args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=self.env(),
+            cwd=str(REPO_ROOT),
+        )
+        wait_ready(proc, 20, f"test host {kind}")
+        return proc
+
+    def start_server_in(
+        self, ns: Namespace, kind: str, port: int, *args: str
+    ) -> subprocess.Popen[str]:
+        """The same servers in another namespace (e.g. on the gateway host's loopback)."""
+        proc = self.topo.spawn(
+            ns,
+            *module_cmd("tests.interop.hosts", kind, "--port", str(port), *args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=self.env(),
+            cwd=str(REPO_ROOT),
+        )
+        wait_ready(proc, 20, f"{kind} server in {ns.name}")
+        return proc
+
+    def client(
+        self,
+        config_text: str,
+        address: str = "10.77.0.2/32",
+        endpoint: str | None = None,
+        extra_routes: tuple[str, ...] = (),
+    ) -> WgClient:
+        """A wireguard-go client routing the tunnel net, the internet net and the metadata
+        address through the tunnel; `endpoint` overrides the config's (e.g. a relay)."""
+        if endpoint is not None:
+            config_text = replace_endpoint(config_text, endpoint)
+        return self.topo.wg_client(
+            self.client_ns,
+            config_text,
+            address,
+            routes=(TUNNEL_NET, INTERNET_NET, f"{METADATA_ADDR}/32", *extra_routes),
+        )
+
+    def start_impair(self, *args: str, listen_port: int = 51999) -> subprocess.Popen[str]:
+        """The UDP impairment relay in the client namespace, in front of the gateway.
+        Point a client at `127.0.0.1:<listen_port>`."""
+        proc = self.topo.spawn(
+            self.client_ns,
+            *module_cmd(
+                "tests.interop.impair",
+                "--listen",
+                f"127.0.0.1:{listen_port}",
+                "--to",
+                f"{self.gateway_addr}:{self.port}",
+                "--max-seconds",
+                "900",
+                *args,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=self.env(),
+            cwd=str(REPO_ROOT),
+        )
+        wait_ready(proc, 20, "impairment relay")
+        return proc
+
+    def run_client(self, kind: str, *args: str, timeout: float = 60) -> dict[str, Any]:
+        """A tests.interop.hosts client in the client namespace; its JSON result."""
+        try:
+            res = subprocess.run(
+                self.client_ns.cmd(*module_cmd("tests.interop.hosts", kind, *args)),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=self.env(),
+                cwd=str(REPO_ROOT),
+            )
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"client {kind} {args} still running after {timeout}s") from None
+        if res.returncode != 0:
+            raise AssertionError(f"client {kind} exited {res.returncode}: {res.stderr[-2000:]}")
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    def curl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """curl in the client namespace (never follows redirects, never retries)."""
+        return self.client_ns.run(
+            "curl", "--silent", "--show-error", "--noproxy", "*", *args,
+            check=False, timeout=timeout,
+        )  # fmt: skip
+
+
+def make_flows_setup(topo: Topology) -> FlowsSetup:
+    """Build the three namespaces and their links and routes."""
+    client_ns = topo.namespace("c")
+    gateway_ns = topo.namespace("g")
+    internet_ns = topo.namespace("i")
+    topo.link(client_ns, "192.168.77.2/24", gateway_ns, "192.168.77.1/24")
+    topo.link(gateway_ns, f"{GATEWAY_INET_ADDR}/24", internet_ns, f"{HOST_ADDR}/24")
+    inet_dev = f"vb{topo.tag}{topo._counter}"[:15]
+    internet_ns.run("ip", "addr", "add", f"{METADATA_ADDR}/32", "dev", inet_dev)
+    gateway_ns.run("ip", "route", "add", f"{METADATA_ADDR}/32", "via", HOST_ADDR)
+    internet_ns.run("ip", "route", "add", TUNNEL_NET, "via", GATEWAY_INET_ADDR)
+    return FlowsSetup(topo, client_ns, gateway_ns, topo.tmp / "state", internet_ns=internet_ns)
