@@ -1,0 +1,1 @@
+"""Benchmarks: our gateway against a reference gateway in the same namespace topology."""

@@ -1,0 +1,240 @@
+"""What every benchmark shares: the topology with both gateways up, CPU accounting, the report.
+
+One client namespace reaches the test host (198.18.0.2) through two gateways in the same
+gateway namespace, chosen by the client's source address:
+
+    ours       10.77.0.2 -> wireguard-go client A -> unclaw-tui (userspace TCP + relay)
+    reference  10.88.0.2 -> wireguard-go client B -> wireguard-go + kernel IP forwarding
+
+Both stay up for the whole run, so measurements can alternate without rebuilding anything; a
+policy rule (`from 10.88.0.2 lookup 188`) sends the reference path's traffic into client B.
+Future benchmarks (connections per second, DNS, TLS, scale) add scenarios on the same
+`BenchEnv`; results are rows of `Sample`s summarised by `summarise`/`markdown_table`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.interop.harness import (
+    GATEWAY_INET_ADDR,
+    INTERNET_NET,
+    REPO_ROOT,
+    FlowsSetup,
+    GatewayProcess,
+    WgClient,
+    cpu_seconds,
+    make_flows_setup,
+    missing_requirements,
+    rss_kib,
+    sh,
+    topology,
+)
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REFERENCE_NET = "10.88.0.0/24"
+REFERENCE_GATEWAY_IP = "10.88.0.1"
+REFERENCE_CLIENT_IP = "10.88.0.2"
+REFERENCE_PORT = 51821
+REFERENCE_TABLE = "188"
+OURS_CLIENT_IP = "10.77.0.2"
+
+
+@dataclass
+class GatewayPath:
+    """One way through a gateway: the client's source address and the gateway's process."""
+
+    name: str
+    client_ip: str
+    gateway_pid: int
+    client: WgClient
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.gateway_pid)
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.gateway_pid)
+
+
+@dataclass
+class BenchEnv:
+    setup: FlowsSetup
+    ours: GatewayPath
+    reference: GatewayPath
+    gateway: GatewayProcess
+
+    @property
+    def paths(self) -> tuple[GatewayPath, GatewayPath]:
+        return (self.ours, self.reference)
+
+
+def _keypair() -> tuple[str, str]:
+    private = sh("wg", "genkey").stdout.strip()
+    public = subprocess.run(
+        ["wg", "pubkey"], input=private, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return private, public
+
+
+def _start_reference(s: FlowsSetup) -> GatewayPath:
+    """wireguard-go in the gateway namespace with kernel forwarding, and its own client."""
+    gw_priv, gw_pub = _keypair()
+    cl_priv, cl_pub = _keypair()
+    gateway_conf = (
+        f"[Interface]\nPrivateKey = {gw_priv}\nListenPort = {REFERENCE_PORT}\n\n"
+        f"[Peer]\nPublicKey = {cl_pub}\nAllowedIPs = {REFERENCE_CLIENT_IP}/32\n"
+    )
+    gateway_wg = s.topo.wg_client(s.gateway_ns, gateway_conf, f"{REFERENCE_GATEWAY_IP}/24", ())
+    # Forwarding in the gateway namespace only (sysctls under /proc/sys/net are per namespace).
+    s.gateway_ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+    s.internet.run("ip", "route", "add", REFERENCE_NET, "via", GATEWAY_INET_ADDR)
+    client_conf = (
+        f"[Interface]\nPrivateKey = {cl_priv}\n\n"
+        f"[Peer]\nPublicKey = {gw_pub}\nEndpoint = {s.gateway_addr}:{REFERENCE_PORT}\n"
+        "AllowedIPs = 0.0.0.0/0\nPersistentKeepalive = 25\n"
+    )
+    client = s.topo.wg_client(s.client_ns, client_conf, f"{REFERENCE_CLIENT_IP}/32", ())
+    s.client_ns.run(
+        "ip", "rule", "add", "from", REFERENCE_CLIENT_IP, "lookup", REFERENCE_TABLE
+    )  # fmt: skip
+    for net in (INTERNET_NET, REFERENCE_NET):
+        s.client_ns.run(
+            "ip", "route", "add", net, "dev", client.ifname, "table", REFERENCE_TABLE
+        )  # fmt: skip
+    ping = s.client_ns.run(
+        "ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", "-I", REFERENCE_CLIENT_IP,
+        REFERENCE_GATEWAY_IP, check=False, timeout=20,
+    )  # fmt: skip
+    if ping.returncode != 0:
+        raise RuntimeError(f"reference gateway unreachable: {ping.stdout}{ping.stderr}")
+    return GatewayPath("reference", REFERENCE_CLIENT_IP, gateway_wg.proc.pid, client)
+
+
+def _start_ours(s: FlowsSetup, *gateway_args: str) -> tuple[GatewayPath, GatewayProcess]:
+    config = s.add_peer("bench")
+    gw = s.start_gateway(*gateway_args)
+    client = s.client(config, f"{OURS_CLIENT_IP}/32")
+    ping = client.ping("10.77.0.1", count=3)
+    if ping.returncode != 0:
+        raise RuntimeError(f"our gateway unreachable: {ping.stdout}{ping.stderr}")
+    return GatewayPath("ours", OURS_CLIENT_IP, gw.proc.pid, client), gw
+
+
+@contextlib.contextmanager
+def bench_env(*gateway_args: str) -> Iterator[BenchEnv]:
+    """Both gateways up in one topology; everything removed afterwards (processes by PID)."""
+    missing = missing_requirements()
+    if missing:
+        raise SystemExit("bench needs: " + ", ".join(missing))
+    with topology() as topo:
+        s = make_flows_setup(topo)
+        reference = _start_reference(s)
+        ours, gw = _start_ours(s, *gateway_args)
+        yield BenchEnv(s, ours, reference, gw)
+
+
+@dataclass
+class Sample:
+    """One measurement of one scenario through one path."""
+
+    scenario: str
+    path: str
+    value: float  # the scenario's figure (e.g. Mbit/s)
+    bytes_moved: int = 0
+    cpu_seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def cpu_per_gib(self) -> float | None:
+        if self.bytes_moved <= 0:
+            return None
+        return self.cpu_seconds / (self.bytes_moved / (1 << 30))
+
+
+@dataclass
+class Summary:
+    scenario: str
+    unit: str
+    ours: float | None
+    reference: float | None
+    ours_cpu_per_gib: float | None
+    reference_cpu_per_gib: float | None
+    ours_values: list[float] = field(default_factory=list)
+    reference_values: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.ours is None or not self.reference:
+            return None
+        return self.ours / self.reference
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarise(samples: list[Sample], unit: str) -> list[Summary]:
+    out: list[Summary] = []
+    for scenario in dict.fromkeys(s.scenario for s in samples):
+        rows = [s for s in samples if s.scenario == scenario]
+        by_path = {
+            p: [s for s in rows if s.path == p and s.error is None] for p in ("ours", "reference")
+        }
+        cpu = {
+            p: _median([c for s in by_path[p] if (c := s.cpu_per_gib) is not None]) for p in by_path
+        }
+        out.append(
+            Summary(
+                scenario=scenario,
+                unit=unit,
+                ours=_median([s.value for s in by_path["ours"]]),
+                reference=_median([s.value for s in by_path["reference"]]),
+                ours_cpu_per_gib=cpu["ours"],
+                reference_cpu_per_gib=cpu["reference"],
+                ours_values=[s.value for s in by_path["ours"]],
+                reference_values=[s.value for s in by_path["reference"]],
+                errors=[f"{s.path}: {s.error}" for s in rows if s.error],
+            )
+        )
+    return out
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(summaries: list[Summary]) -> str:
+    unit = summaries[0].unit if summaries else ""
+    lines = [
+        f"| scenario | ours ({unit}) | reference ({unit}) | ours / reference "
+        "| ours CPU s/GiB | reference CPU s/GiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in summaries:
+        lines.append(
+            f"| {s.scenario} | {_fmt(s.ours)} | {_fmt(s.reference)} | "
+            f"{_fmt(s.ratio, 2)}{'x' if s.ratio is not None else ''} | "
+            f"{_fmt(s.ours_cpu_per_gib, 2)} | "
+            f"{_fmt(s.reference_cpu_per_gib, 2)} |"
+        )
+    return "\n".join(lines)
+
+
+def machine_description() -> str:
+    """What the figures were measured on (no paths, no host names)."""
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT
+    ).stdout.strip()
+    return (
+        f"{os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}, "
+        f"commit {rev or 'unknown'}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
