@@ -1,0 +1,665 @@
+"""The relay: a peer's TCP connections and UDP flows, carried on from this host's own sockets.
+
+TCP (`relay_tcp`): the egress policy first (refused → RST to the peer), then a host connection
+with a timeout (refused, unreachable or timed out → RST, so the client sees "connection refused"
+at once instead of hanging), and only then the peer's SYN is answered (`conn.accept()`). Both
+directions are spliced with large reads and a `drain()` after each write: a slow side stalls the
+other side's reads, so memory per connection stays bounded by the buffers, not by the transfer.
+EOF one way is passed on as a half-close while the other way keeps running; an error either way
+aborts both. Payload is never kept, only byte counts.
+
+UDP (`UdpRelay`): a connected host socket per (peer, peer source port, destination) flow,
+created on the flow's first datagram; replies go back from the original destination. Flows end
+after an idle timeout; each peer has a bounded number of flows (past it the least recently
+active one is closed). The flow bookkeeping is the sans-IO `UdpFlowTable`.
+
+Each TCP connection yields exactly one `TcpOpened` and one `TcpClosed` (refused ones too, with
+the reason in `error`), so per-peer open counts can be kept from the events alone; likewise
+`UdpFlowOpened` / `UdpFlowClosed` per flow (refusals are reported once per flow per idle period,
+not per datagram).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import socket
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from unclaw_tui.config import (
+    DEFAULT_MAX_FLOWS_PER_PEER,
+    DEFAULT_TCP_BUFFER,
+    DEFAULT_UDP_IDLE_TIMEOUT,
+)
+from unclaw_tui.events import TcpClosed, TcpOpened, UdpFlowClosed, UdpFlowOpened
+from unclaw_tui.services.egress import EgressPolicy
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+MIN_READ_SIZE = 64 * 1024
+# Datagrams held while a flow's host socket is being created, and bytes queued in a host socket
+# the kernel would not take yet; past either, datagrams are dropped (UDP may lose them anyway).
+UDP_PENDING_DATAGRAMS = 32
+UDP_WRITE_BUFFER_LIMIT = 256 * 1024
+# Refused UDP destinations remembered so a chatty client yields one event, not one per datagram.
+UDP_REFUSALS_REMEMBERED = 1024
+CLOSE_WAIT = 5.0  # seconds to let a closing side flush before giving up on it
+
+PeerName = Callable[[bytes], str]
+
+
+# --- the flow API contract (engine/flows.py), as much of it as the relay uses -----------------
+
+
+class TcpConnLike(Protocol):
+    conn_id: int
+    peer_public_key: bytes
+    peer_ip: str
+    src_port: int
+    dst_ip: str
+    dst_port: int
+
+    def accept(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
+    def reject(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class UdpDatagramLike(Protocol):
+    data: bytes
+    peer_public_key: bytes
+    peer_ip: str
+    src_port: int
+    dst_ip: str
+    dst_port: int
+
+    def reply(self, data: bytes) -> None: ...
+    def unreachable(self, *, admin: bool = False) -> None: ...
+
+
+def _b64(key: bytes) -> str:
+    return base64.b64encode(key).decode("ascii")
+
+
+# --- TCP ---------------------------------------------------------------------------------------
+
+
+class ConnectFailed(Exception):
+    """The destination could not be reached; str() is the short reason for the event."""
+
+
+async def connect_host(
+    ip: str,
+    port: int,
+    *,
+    timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    buffer_size: int = DEFAULT_TCP_BUFFER,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection from this host, with TCP_NODELAY and buffers bounded by buffer_size."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(ip, port, limit=buffer_size), timeout
+        )
+    except TimeoutError:
+        raise ConnectFailed(f"connect timeout after {timeout:g} s") from None
+    except ConnectionRefusedError:
+        raise ConnectFailed("connection refused") from None
+    except OSError as exc:
+        raise ConnectFailed((exc.strerror or str(exc)).lower()) from None
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        # The peer's stack already coalesces; delaying small writes again only adds latency.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    writer.transport.set_write_buffer_limits(high=buffer_size)
+    return reader, writer
+
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def reset_host_connection(writer: asyncio.StreamWriter) -> None:
+    """Abort with an RST, not a FIN: a plain close would tell the destination that the data so
+    far was complete, when the peer's side actually failed."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    writer.transport.abort()
+
+
+@dataclass(slots=True)
+class SpliceStats:
+    """Live counters of a splice; `error` is set when it ended abnormally."""
+
+    bytes_up: int = 0  # peer -> destination
+    bytes_down: int = 0  # destination -> peer
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Side:
+    """One end of a splice: its streams and how to abort it (RST)."""
+
+    name: str  # "peer" / "destination", for error messages
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    abort: Callable[[], None]
+
+
+class _SideFailed(Exception):
+    def __init__(self, side: str, exc: BaseException) -> None:
+        super().__init__(f"{side}: {_describe(exc)}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, BrokenPipeError):
+        return "broken pipe"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+async def _pump(src: Side, dst: Side, read_size: int, count: Callable[[int], None]) -> None:
+    while True:
+        try:
+            data = await src.reader.read(read_size)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            raise _SideFailed(src.name, exc) from exc
+        try:
+            if not data:
+                # Half-close: pass the EOF on, the other direction keeps running.
+                if dst.writer.can_write_eof():
+                    dst.writer.write_eof()
+                return
+            dst.writer.write(data)
+            count(len(data))
+            await dst.writer.drain()  # back-pressure: stop reading while dst is full
+        except (OSError, RuntimeError) as exc:
+            raise _SideFailed(dst.name, exc) from exc
+
+
+async def _close_gracefully(side: Side) -> None:
+    side.writer.close()
+    try:
+        await asyncio.wait_for(side.writer.wait_closed(), CLOSE_WAIT)
+    except (OSError, TimeoutError):
+        side.abort()
+
+
+async def splice(
+    peer: Side,
+    destination: Side,
+    *,
+    read_size: int = MIN_READ_SIZE,
+    stats: SpliceStats | None = None,
+) -> SpliceStats:
+    """Copy both ways until both have seen EOF (then close both) or either fails (then abort
+    both). Cancelling aborts both. Counters in `stats` are live while it runs."""
+    stats = stats if stats is not None else SpliceStats()
+
+    def count_up(n: int) -> None:
+        stats.bytes_up += n
+
+    def count_down(n: int) -> None:
+        stats.bytes_down += n
+
+    up = asyncio.ensure_future(_pump(peer, destination, read_size, count_up))
+    down = asyncio.ensure_future(_pump(destination, peer, read_size, count_down))
+    try:
+        await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
+    except asyncio.CancelledError:
+        stats.error = "cancelled"
+        _abort_all(peer, destination, up, down)
+        raise
+    for task in (up, down):
+        if task.done() and task.exception() is not None:
+            exc = task.exception()
+            assert exc is not None
+            stats.error = str(exc) if isinstance(exc, _SideFailed) else _describe(exc)
+            _abort_all(peer, destination, up, down)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(up, down, return_exceptions=True)
+            return stats
+    await asyncio.gather(_close_gracefully(peer), _close_gracefully(destination))
+    return stats
+
+
+def _abort_all(peer: Side, destination: Side, *tasks: asyncio.Future[None]) -> None:
+    for task in tasks:
+        task.cancel()
+    for side in (peer, destination):
+        with contextlib.suppress(Exception):
+            side.abort()
+
+
+async def relay_tcp(
+    conn: TcpConnLike,
+    policy: EgressPolicy,
+    *,
+    peer_name: PeerName,
+    on_open: Callable[[TcpOpened], None],
+    on_close: Callable[[TcpClosed], None],
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    buffer_size: int = DEFAULT_TCP_BUFFER,
+    route: str = "relay",
+    hostname: str | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> TcpClosed:
+    """Relay one peer connection to its destination; returns the close event it emitted."""
+    started = clock()
+    ident = {
+        "conn_id": conn.conn_id,
+        "peer": peer_name(conn.peer_public_key),
+        "peer_public_key": _b64(conn.peer_public_key),
+        "peer_ip": conn.peer_ip,
+        "dst_ip": conn.dst_ip,
+        "dst_port": conn.dst_port,
+        "hostname": hostname,
+        "route": route,
+    }
+    on_open(TcpOpened(**ident))
+    stats = SpliceStats()
+    accepted = False
+    try:
+        reason = policy.check(conn.dst_ip)
+        if reason is not None:
+            conn.reject()
+            stats.error = f"refused by egress policy: {reason}"
+            return _closed(ident, stats, clock() - started, on_close)
+        try:
+            host_reader, host_writer = await connect_host(
+                conn.dst_ip, conn.dst_port, timeout=connect_timeout, buffer_size=buffer_size
+            )
+        except ConnectFailed as exc:
+            conn.reject()
+            stats.error = str(exc)
+            return _closed(ident, stats, clock() - started, on_close)
+        try:
+            peer_reader, peer_writer = conn.accept()
+        except Exception:
+            reset_host_connection(host_writer)
+            raise
+        accepted = True
+        await splice(
+            Side("peer", peer_reader, peer_writer, conn.abort),
+            Side(
+                "destination", host_reader, host_writer, lambda: reset_host_connection(host_writer)
+            ),
+            read_size=max(MIN_READ_SIZE, buffer_size),
+            stats=stats,
+        )
+        return _closed(ident, stats, clock() - started, on_close)
+    except asyncio.CancelledError:
+        if not accepted:
+            with contextlib.suppress(Exception):
+                conn.reject()
+        stats.error = "cancelled"
+        _closed(ident, stats, clock() - started, on_close)
+        raise
+    except Exception as exc:
+        # A bug or an engine failure: still tell the peer (RST) and the observers.
+        with contextlib.suppress(Exception):
+            if accepted:
+                conn.abort()
+            else:
+                conn.reject()
+        stats.error = f"internal error: {_describe(exc)}"
+        _closed(ident, stats, clock() - started, on_close)
+        raise
+
+
+def _closed(
+    ident: dict[str, Any],
+    stats: SpliceStats,
+    duration: float,
+    on_close: Callable[[TcpClosed], None],
+) -> TcpClosed:
+    event = TcpClosed(
+        **ident,
+        bytes_up=stats.bytes_up,
+        bytes_down=stats.bytes_down,
+        duration=duration,
+        error=stats.error,
+    )
+    on_close(event)
+    return event
+
+
+# --- UDP: the flow table (sans-IO) -----------------------------------------------------------
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@dataclass(slots=True)
+class _Entry(Generic[V]):
+    value: V
+    last_active: float
+
+
+class UdpFlowTable(Generic[K, V]):
+    """Flows by key, grouped per peer in order of last activity (least recent first).
+
+    Time is a parameter: `add`/`touch` take `now`, `expire(now)` removes idle flows and
+    `next_deadline()` says when the next one goes idle.
+    """
+
+    def __init__(self, *, max_per_peer: int, idle_timeout: float) -> None:
+        if max_per_peer < 1:
+            raise ValueError("max_per_peer must be at least 1")
+        self.max_per_peer = max_per_peer
+        self.idle_timeout = idle_timeout
+        self._by_peer: dict[bytes, OrderedDict[K, _Entry[V]]] = {}
+        self._peer_of: dict[K, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self._peer_of)
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._peer_of
+
+    def get(self, key: K) -> V | None:
+        peer = self._peer_of.get(key)
+        return None if peer is None else self._by_peer[peer][key].value
+
+    def count(self, peer: bytes) -> int:
+        flows = self._by_peer.get(peer)
+        return len(flows) if flows else 0
+
+    def values(self) -> list[V]:
+        return [e.value for flows in self._by_peer.values() for e in flows.values()]
+
+    def touch(self, key: K, now: float) -> None:
+        flows = self._by_peer[self._peer_of[key]]
+        flows[key].last_active = now
+        flows.move_to_end(key)
+
+    def add(self, peer: bytes, key: K, value: V, now: float) -> list[tuple[K, V]]:
+        """Insert a new flow; returns the flows evicted to keep the peer within its bound."""
+        if key in self._peer_of:
+            raise KeyError(f"flow already present: {key!r}")
+        flows = self._by_peer.setdefault(peer, OrderedDict())
+        evicted: list[tuple[K, V]] = []
+        while len(flows) >= self.max_per_peer:
+            old_key, old = flows.popitem(last=False)
+            del self._peer_of[old_key]
+            evicted.append((old_key, old.value))
+        flows[key] = _Entry(value, now)
+        self._peer_of[key] = peer
+        return evicted
+
+    def pop(self, key: K) -> V | None:
+        peer = self._peer_of.pop(key, None)
+        if peer is None:
+            return None
+        flows = self._by_peer[peer]
+        entry = flows.pop(key)
+        if not flows:
+            del self._by_peer[peer]
+        return entry.value
+
+    def expire(self, now: float) -> list[tuple[K, V]]:
+        """Remove and return every flow idle for idle_timeout or longer."""
+        expired: list[tuple[K, V]] = []
+        for peer in list(self._by_peer):
+            flows = self._by_peer[peer]
+            while flows:
+                key, entry = next(iter(flows.items()))
+                if now - entry.last_active < self.idle_timeout:
+                    break
+                flows.popitem(last=False)
+                del self._peer_of[key]
+                expired.append((key, entry.value))
+            if not flows:
+                del self._by_peer[peer]
+        return expired
+
+    def next_deadline(self) -> float | None:
+        """When the least recently active flow goes idle, or None with no flows."""
+        firsts = [next(iter(flows.values())).last_active for flows in self._by_peer.values()]
+        return min(firsts) + self.idle_timeout if firsts else None
+
+
+# --- UDP: the relay ----------------------------------------------------------------------------
+
+FlowKey = tuple[bytes, int, str, int]  # peer public key, peer source port, dst ip, dst port
+
+
+@dataclass(slots=True, eq=False)
+class _UdpFlow:
+    key: FlowKey
+    conn_id: int
+    ident: dict[str, Any]
+    started: float
+    # The latest datagram of the flow, only to answer through (`reply`, `unreachable`).
+    reply_to: UdpDatagramLike | None
+    pending: list[bytes] = field(default_factory=list)
+    transport: asyncio.DatagramTransport | None = None
+    opening: asyncio.Task[None] | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    closed: bool = False
+
+
+class _HostSocket(asyncio.DatagramProtocol):
+    def __init__(self, relay: UdpRelay, flow: _UdpFlow) -> None:
+        self.relay = relay
+        self.flow = flow
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.relay._on_reply(self.flow, data)
+
+    def error_received(self, exc: Exception) -> None:
+        # The socket is connected, so the kernel reports the destination's ICMP errors here:
+        # pass "port unreachable" on so the client fails fast, as it would without us.
+        if isinstance(exc, ConnectionRefusedError) and self.flow.reply_to is not None:
+            self.flow.reply_to.unreachable()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.flow.closed:
+            self.relay._finish(self.flow, _describe(exc) if exc else "host socket closed")
+
+
+class UdpRelay:
+    """UDP flows from peers, relayed through connected host sockets. `handle` is synchronous
+    (fit for `tunnel.on_udp`); `close()` ends every flow."""
+
+    def __init__(
+        self,
+        policy: EgressPolicy,
+        *,
+        peer_name: PeerName,
+        on_open: Callable[[UdpFlowOpened], None],
+        on_close: Callable[[UdpFlowClosed], None],
+        idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT,
+        max_flows_per_peer: int = DEFAULT_MAX_FLOWS_PER_PEER,
+        flow_ids: Iterator[int] | None = None,
+        route: str = "relay",
+    ) -> None:
+        self.policy = policy
+        self._peer_name = peer_name
+        self._on_open = on_open
+        self._on_close = on_close
+        self._route = route
+        # UDP flows have no engine id; numbered far from the engine's TCP ids by default.
+        self._ids = flow_ids if flow_ids is not None else itertools.count(1 << 32)
+        self.flows: UdpFlowTable[FlowKey, _UdpFlow] = UdpFlowTable(
+            max_per_peer=max_flows_per_peer, idle_timeout=idle_timeout
+        )
+        self._refused: OrderedDict[FlowKey, float] = OrderedDict()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    # -- public -------------------------------------------------------------------------------
+
+    def open_flows(self, peer_public_key: bytes) -> int:
+        return self.flows.count(peer_public_key)
+
+    def handle(self, dgram: UdpDatagramLike) -> None:
+        """Relay one datagram from a peer (creating its flow on first use)."""
+        if self._closed:
+            dgram.unreachable()
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        key: FlowKey = (dgram.peer_public_key, dgram.src_port, dgram.dst_ip, dgram.dst_port)
+        flow = self.flows.get(key)
+        if flow is not None:
+            self.flows.touch(key, now)
+            flow.reply_to = dgram
+            self._send(flow, dgram.data)
+            return
+        reason = self.policy.check(dgram.dst_ip)
+        if reason is not None:
+            dgram.unreachable(admin=True)
+            self._report_refusal(key, dgram, reason, now)
+            return
+        flow = _UdpFlow(
+            key=key,
+            conn_id=next(self._ids),
+            ident=self._ident(dgram),
+            started=time.monotonic(),
+            reply_to=dgram,
+        )
+        for _key, old in self.flows.add(dgram.peer_public_key, key, flow, now):
+            self._finish(old, "closed: flow limit per peer reached", remove=False)
+        self._on_open(UdpFlowOpened(conn_id=flow.conn_id, **flow.ident))
+        flow.pending.append(dgram.data)
+        flow.opening = loop.create_task(self._open(flow))
+        self._arm(loop)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for flow in self.flows.values():
+            self._finish(flow, None)
+        self._refused.clear()
+
+    # -- flows --------------------------------------------------------------------------------
+
+    def _ident(self, dgram: UdpDatagramLike) -> dict[str, Any]:
+        return {
+            "peer": self._peer_name(dgram.peer_public_key),
+            "peer_public_key": _b64(dgram.peer_public_key),
+            "peer_ip": dgram.peer_ip,
+            "dst_ip": dgram.dst_ip,
+            "dst_port": dgram.dst_port,
+            "route": self._route,
+        }
+
+    async def _open(self, flow: _UdpFlow) -> None:
+        _peer, _sport, dst_ip, dst_port = flow.key
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _protocol = await loop.create_datagram_endpoint(
+                lambda: _HostSocket(self, flow), remote_addr=(dst_ip, dst_port)
+            )
+        except OSError as exc:
+            if flow.reply_to is not None:
+                flow.reply_to.unreachable()
+            self._finish(flow, _describe(exc))
+            return
+        flow.opening = None
+        if flow.closed:  # evicted or relay closed while the socket was being made
+            transport.abort()
+            return
+        flow.transport = transport
+        pending, flow.pending = flow.pending, []
+        for data in pending:
+            self._send(flow, data)
+
+    def _send(self, flow: _UdpFlow, data: bytes) -> None:
+        if flow.transport is None:
+            if len(flow.pending) < UDP_PENDING_DATAGRAMS:
+                flow.pending.append(data)
+            return
+        # The transport queues what the kernel refuses; keep that queue bounded.
+        if flow.transport.get_write_buffer_size() > UDP_WRITE_BUFFER_LIMIT:
+            return
+        flow.transport.sendto(data)
+        flow.bytes_up += len(data)
+
+    def _on_reply(self, flow: _UdpFlow, data: bytes) -> None:
+        if flow.closed or flow.reply_to is None:
+            return
+        self.flows.touch(flow.key, asyncio.get_running_loop().time())
+        flow.bytes_down += len(data)
+        flow.reply_to.reply(data)
+
+    def _finish(self, flow: _UdpFlow, error: str | None, *, remove: bool = True) -> None:
+        if flow.closed:
+            return
+        flow.closed = True
+        if remove:
+            self.flows.pop(flow.key)
+        if flow.opening is not None:
+            flow.opening.cancel()
+            flow.opening = None
+        if flow.transport is not None:
+            flow.transport.abort()
+            flow.transport = None
+        flow.pending.clear()
+        flow.reply_to = None
+        self._on_close(
+            UdpFlowClosed(
+                conn_id=flow.conn_id,
+                **flow.ident,
+                bytes_up=flow.bytes_up,
+                bytes_down=flow.bytes_down,
+                duration=time.monotonic() - flow.started,
+                error=error,
+            )
+        )
+
+    def _report_refusal(
+        self, key: FlowKey, dgram: UdpDatagramLike, reason: str, now: float
+    ) -> None:
+        seen = self._refused.get(key)
+        if seen is not None and now - seen < self.flows.idle_timeout:
+            return
+        self._refused[key] = now
+        self._refused.move_to_end(key)
+        while len(self._refused) > UDP_REFUSALS_REMEMBERED:
+            self._refused.popitem(last=False)
+        conn_id = next(self._ids)
+        ident = self._ident(dgram)
+        self._on_open(UdpFlowOpened(conn_id=conn_id, **ident))
+        self._on_close(
+            UdpFlowClosed(
+                conn_id=conn_id,
+                **ident,
+                error=f"refused by egress policy: {reason}",
+            )
+        )
+
+    # -- idle timer: one timer for the next flow to go idle ----------------------------------
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        deadline = self.flows.next_deadline()
+        if deadline is None or self._closed:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            return
+        if self._timer is not None and self._timer.when() <= deadline:
+            return  # fires early at worst, then re-arms for the later deadline
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(deadline, self._sweep, loop, deadline)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        self._timer = None
+        # call_at may run a hair before `deadline` (clock resolution): never judge earlier.
+        for _key, flow in self.flows.expire(max(loop.time(), deadline)):
+            self._finish(flow, None, remove=False)
+        self._arm(loop)
