@@ -222,15 +222,14 @@ def test_destination_that_stops_reading_keeps_gateway_memory_bounded(
 
 
 def route_loopback_through_tunnel(s: FlowsSetup, client: WgClient) -> None:
-    """Let the client namespace send 127.0.0.1 into its WireGuard interface, as a peer that
-    crafts such packets could: the kernel keeps 127/8 on lo unless told otherwise."""
+    """Let the client namespace send to 127.0.0.1 through its WireGuard interface, as a peer
+    that crafts such packets could, and accept the answers from 127.0.0.1: the kernel keeps
+    127/8 on lo and drops it as martian elsewhere unless told otherwise."""
+    s.client_ns.run("ip", "addr", "del", "127.0.0.1/8", "dev", "lo")
     for conf in ("all", client.ifname):
         s.client_ns.run("sysctl", "-qw", f"net.ipv4.conf.{conf}.route_localnet=1")
         s.client_ns.run("sysctl", "-qw", f"net.ipv4.conf.{conf}.rp_filter=0")
-    s.client_ns.run("ip", "route", "del", "local", "127.0.0.0/8", "dev", "lo", "table", "local")
-    s.client_ns.run(
-        "ip", "route", "del", "local", "127.0.0.1", "dev", "lo", "table", "local", check=False
-    )
+        s.client_ns.run("sysctl", "-qw", f"net.ipv4.conf.{conf}.accept_local=1")
     s.client_ns.run("ip", "route", "add", "127.0.0.1/32", "dev", client.ifname)
 
 
