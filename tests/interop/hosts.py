@@ -385,7 +385,10 @@ async def many_connections(
 
 def stuff(host: str, port: int, max_bytes: int, max_seconds: float) -> dict[str, Any]:
     """Send pattern bytes until max_bytes, max_seconds, or an error; report how far it got."""
-    sock = socket.create_connection((host, port), timeout=10)
+    try:
+        sock = socket.create_connection((host, port), timeout=10)
+    except OSError as exc:
+        return {"sent": 0, "seconds": 0.0, "last_progress": 0.0, "error": f"connect: {exc}"}
     sock.settimeout(0.5)
     chunk = next(pattern_chunks(64 * 1024))
     sent = 0
