@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from unclaw_tui.events import Event, TcpClosed, TcpOpened, UdpFlowClosed, UdpFlowOpened
 from unclaw_tui.services.egress import EgressPolicy
 from unclaw_tui.services.relay import (
+    OpenFlows,
     UdpFlowTable,
     UdpRelay,
     connect_host,
@@ -108,7 +109,18 @@ class Tunnel:
     conn: FakeTcpConn
 
 
-async def make_tunnel(dst: tuple[str, int]) -> Tunnel:
+_peer_writers: list[asyncio.StreamWriter] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_peer_ends() -> AsyncIterator[None]:
+    yield
+    while _peer_writers:
+        _peer_writers.pop().close()
+    await asyncio.sleep(0)  # let the transports finish closing
+
+
+async def make_tunnel(dst: tuple[str, int], conn_id: int = 7) -> Tunnel:
     handed: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
         asyncio.get_running_loop().create_future()
     )
@@ -121,7 +133,8 @@ async def make_tunnel(dst: tuple[str, int]) -> Tunnel:
     peer_reader, peer_writer = await asyncio.open_connection("127.0.0.1", port)
     streams = await handed
     server.close()
-    return Tunnel(peer_reader, peer_writer, FakeTcpConn(dst, streams))
+    _peer_writers.extend([peer_writer, streams[1]])
+    return Tunnel(peer_reader, peer_writer, FakeTcpConn(dst, streams, conn_id))
 
 
 @dataclass
@@ -144,8 +157,11 @@ async def tcp_server(
 
     async def wrapped(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         tasks.append(asyncio.current_task())  # type: ignore[arg-type]
-        with contextlib.suppress(OSError):
-            await handler(r, w)
+        try:
+            with contextlib.suppress(OSError):
+                await handler(r, w)
+        finally:
+            w.close()
 
     server = await asyncio.start_server(wrapped, "127.0.0.1", 0, **kwargs)  # type: ignore[arg-type]
     try:
@@ -465,6 +481,74 @@ async def test_peer_abort_aborts_the_destination() -> None:
         outcome = await asyncio.wait_for(destination_saw, 5)
     assert closed.error is not None and closed.error.startswith("peer: ")
     assert isinstance(outcome, ConnectionResetError)  # an abort, not a clean EOF
+
+
+async def test_engine_giving_up_before_accept_resets_the_destination() -> None:
+    destination_saw: asyncio.Future[BaseException | bytes] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    async def wait_for_end(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            destination_saw.set_result(await r.read())
+        except OSError as exc:
+            destination_saw.set_result(exc)
+
+    async with tcp_server(wait_for_end) as dst:
+        tunnel = await make_tunnel(dst)
+
+        def gone() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            raise ConnectionResetError("SYN timed out")
+
+        tunnel.conn.accept = gone  # type: ignore[method-assign]
+        rec = Recorder()
+        closed = await asyncio.wait_for(start_relay(tunnel, rec), 5)
+        outcome = await asyncio.wait_for(destination_saw, 5)
+    assert closed.error == "peer gone before accept: connection reset"
+    assert isinstance(outcome, ConnectionResetError)
+    assert [type(e) for e in rec.events] == [TcpOpened, TcpClosed]
+
+
+async def test_open_flow_counts_per_peer_from_the_events() -> None:
+    counts = OpenFlows()
+    rec = Recorder()
+
+    def observe(event: Event) -> None:
+        rec(event)
+        counts.observe(event)
+
+    phone = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+    async with tcp_server(echo) as dst:
+        tunnels = [await make_tunnel(dst, conn_id=n) for n in range(3)]
+        tasks = [
+            asyncio.create_task(
+                relay_tcp(t.conn, LOOPBACK_OK, peer_name=peer_name, on_open=observe,
+                          on_close=observe)
+            )
+            for t in tunnels
+        ]  # fmt: skip
+        for t in tunnels:  # a round trip each: all three are open now
+            t.peer_writer.write(b"ping")
+            await t.peer_reader.readexactly(4)
+        refused = await make_tunnel(("127.0.0.1", closed_port()), conn_id=3)
+        await relay_tcp(
+            refused.conn, LOOPBACK_OK, peer_name=peer_name, on_open=observe, on_close=observe
+        )
+        assert counts.count(phone) == 3 and counts.total == 3
+        inbox: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        relay = UdpRelay(LOOPBACK_OK, peer_name=peer_name, on_open=observe, on_close=observe)
+        relay.handle(FakeDatagram(inbox, b"x", dst, peer_public_key=OTHER_KEY))
+        assert counts.count(phone) == 3 and counts.total == 4
+        for t in tunnels[:2]:
+            t.peer_writer.write_eof()
+        await asyncio.wait_for(asyncio.gather(*tasks[:2]), 5)
+        assert counts.count(phone) == 1
+        relay.close()
+        assert counts.total == 1
+        tunnels[2].peer_writer.write_eof()
+        await asyncio.wait_for(tasks[2], 5)
+    assert counts.count(phone) == 0 and counts.total == 0
+    assert len(rec.of(TcpOpened)) == len(rec.of(TcpClosed)) == 4
 
 
 async def test_connect_host_sets_nodelay_and_buffer_limit() -> None:

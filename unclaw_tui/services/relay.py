@@ -38,7 +38,7 @@ from unclaw_tui.config import (
     DEFAULT_TCP_BUFFER,
     DEFAULT_UDP_IDLE_TIMEOUT,
 )
-from unclaw_tui.events import TcpClosed, TcpOpened, UdpFlowClosed, UdpFlowOpened
+from unclaw_tui.events import Event, TcpClosed, TcpOpened, UdpFlowClosed, UdpFlowOpened
 from unclaw_tui.services.egress import EgressPolicy
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -235,9 +235,51 @@ async def splice(
 def _abort_all(peer: Side, destination: Side, *tasks: asyncio.Future[None]) -> None:
     for task in tasks:
         task.cancel()
+        # Nobody awaits them on this path: fetch the outcome so asyncio does not log it.
+        task.add_done_callback(_consume_outcome)
     for side in (peer, destination):
         with contextlib.suppress(Exception):
             side.abort()
+
+
+def _consume_outcome(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+class OpenFlows:
+    """Open TCP connections and UDP flows per peer, kept from the relay's event pairs (every
+    opened event is followed by exactly one closed event with the same conn_id)."""
+
+    def __init__(self) -> None:
+        # (protocol, conn_id) -> peer public key (base64): TCP and UDP ids are separate spaces.
+        self._open: dict[tuple[str, int], str] = {}
+        self._per_peer: dict[str, int] = {}
+
+    def observe(self, event: Event) -> None:
+        if isinstance(event, TcpOpened | UdpFlowOpened):
+            flow = ("tcp" if isinstance(event, TcpOpened) else "udp", event.conn_id)
+            if flow not in self._open:
+                self._open[flow] = event.peer_public_key
+                key = event.peer_public_key
+                self._per_peer[key] = self._per_peer.get(key, 0) + 1
+        elif isinstance(event, TcpClosed | UdpFlowClosed):
+            flow = ("tcp" if isinstance(event, TcpClosed) else "udp", event.conn_id)
+            key = self._open.pop(flow, None)
+            if key is not None:
+                left = self._per_peer[key] - 1
+                if left:
+                    self._per_peer[key] = left
+                else:
+                    del self._per_peer[key]
+
+    def count(self, peer_public_key: str) -> int:
+        """Open flows of a peer (public key in base64, as in the events)."""
+        return self._per_peer.get(peer_public_key, 0)
+
+    @property
+    def total(self) -> int:
+        return len(self._open)
 
 
 async def relay_tcp(
@@ -284,10 +326,15 @@ async def relay_tcp(
             return _closed(ident, stats, clock() - started, on_close)
         try:
             peer_reader, peer_writer = conn.accept()
-        except Exception:
+        except Exception as exc:
+            # The engine gave up on the SYN (or the peer reset) while we were connecting.
             reset_host_connection(host_writer)
-            raise
+            stats.error = f"peer gone before accept: {_describe(exc)}"
+            return _closed(ident, stats, clock() - started, on_close)
         accepted = True
+        # Our side of the peer's buffering, if the engine's transport lets us bound it.
+        with contextlib.suppress(NotImplementedError, AttributeError):
+            peer_writer.transport.set_write_buffer_limits(high=buffer_size)
         await splice(
             Side("peer", peer_reader, peer_writer, conn.abort),
             Side(
