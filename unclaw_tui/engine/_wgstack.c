@@ -72,9 +72,6 @@
 #define MIN_MTU 576u /* also keeps a 148-byte handshake message within an output slot */
 
 #define IPPROTO_ICMP_V4 1
-#define IPPROTO_TCP_ 6
-#define IPPROTO_UDP_ 17
-#define IPPROTO_ICMPV6_ 58
 #define ICMP_ECHO_REPLY 0
 #define ICMP_ECHO_REQUEST 8
 #define ICMP_DEST_UNREACHABLE 3
@@ -1004,7 +1001,7 @@ static void udp4_handle(wg_engine *e, uint32_t id, const ip_repr *ip) {
         return;
     }
     if (rd16be(udp + 6) != 0 && /* zero: no checksum (RFC 768) */
-        csum_finish(csum_add(pseudo4_sum(ip->src, ip->dst, IPPROTO_UDP_, udp_len), udp, udp_len))) {
+        csum_finish(csum_add(pseudo4_sum(ip->src, ip->dst, IPPROTO_UDP, udp_len), udp, udp_len))) {
         count_drop(e, WG_DROP_BAD_IP);
         return;
     }
@@ -1045,10 +1042,10 @@ static void ipv6_refuse(wg_engine *e, uint32_t id, const uint8_t *pkt, const ip_
     size_t l4_len = ip->payload_len;
     uint8_t *out = e->tx_scratch;
     size_t total;
-    if (ip->proto == IPPROTO_TCP_) {
+    if (ip->proto == IPPROTO_TCP) {
         size_t thl = l4_len >= 20 ? (size_t)(l4[12] >> 4) * 4 : 0;
         if (thl < 20 || thl > l4_len ||
-            csum_finish(csum_add(pseudo6_sum(ip->src, ip->dst, IPPROTO_TCP_, l4_len), l4, l4_len))) {
+            csum_finish(csum_add(pseudo6_sum(ip->src, ip->dst, IPPROTO_TCP, l4_len), l4, l4_len))) {
             count_drop(e, WG_DROP_BAD_IP);
             return;
         }
@@ -1067,13 +1064,13 @@ static void ipv6_refuse(wg_engine *e, uint32_t id, const uint8_t *pkt, const ip_
         wr32be(tcp + 8, rd32be(l4 + 4) + seg_len);
         tcp[12] = 5 << 4;
         tcp[13] = TCP_FLAG_RST | TCP_FLAG_ACK;
-        wr16be(tcp + 16, csum_finish(csum_add(pseudo6_sum(ip->dst, ip->src, IPPROTO_TCP_, 20), tcp, 20)));
-        out[6] = IPPROTO_TCP_;
-    } else if (ip->proto == IPPROTO_UDP_) {
+        wr16be(tcp + 16, csum_finish(csum_add(pseudo6_sum(ip->dst, ip->src, IPPROTO_TCP, 20), tcp, 20)));
+        out[6] = IPPROTO_TCP;
+    } else if (ip->proto == IPPROTO_UDP) {
         size_t udp_len = l4_len >= 8 ? rd16be(l4 + 4) : 0;
         /* IPv6 UDP must carry a checksum (RFC 8200 8.1): zero is invalid too. */
         if (udp_len < 8 || udp_len > l4_len || rd16be(l4 + 6) == 0 ||
-            csum_finish(csum_add(pseudo6_sum(ip->src, ip->dst, IPPROTO_UDP_, udp_len), l4, udp_len))) {
+            csum_finish(csum_add(pseudo6_sum(ip->src, ip->dst, IPPROTO_UDP, udp_len), l4, udp_len))) {
             count_drop(e, WG_DROP_BAD_IP);
             return;
         }
@@ -1085,9 +1082,9 @@ static void ipv6_refuse(wg_engine *e, uint32_t id, const uint8_t *pkt, const ip_
         icmp[1] = ICMPV6_PORT_UNREACHABLE;
         memset(icmp + 2, 0, 6);
         memcpy(icmp + 8, pkt, quote);
-        wr16be(icmp + 2, csum_finish(csum_add(pseudo6_sum(ip->dst, ip->src, IPPROTO_ICMPV6_, 8 + quote),
+        wr16be(icmp + 2, csum_finish(csum_add(pseudo6_sum(ip->dst, ip->src, IPPROTO_ICMPV6, 8 + quote),
                                               icmp, 8 + quote)));
-        out[6] = IPPROTO_ICMPV6_;
+        out[6] = IPPROTO_ICMPV6;
     } else {
         count_drop(e, WG_DROP_UNHANDLED);
         return;
@@ -1125,11 +1122,11 @@ static void inner_dispatch(wg_engine *e, uint32_t id, const uint8_t *pkt, size_t
     }
     switch (ip.proto) {
     case IPPROTO_ICMP_V4: icmp4_handle(e, id, &ip, now); return;
-    case IPPROTO_TCP_:
+    case IPPROTO_TCP:
         /* the IPv4 total length, without WireGuard's padding; tcp_input counts its own drops */
         tcp_input(e->tcp, id, pkt, (size_t)(ip.payload - pkt) + ip.payload_len, now);
         return;
-    case IPPROTO_UDP_: udp4_handle(e, id, &ip); return;
+    case IPPROTO_UDP: udp4_handle(e, id, &ip); return;
     default: count_drop(e, WG_DROP_UNHANDLED); return;
     }
 }
@@ -1203,14 +1200,14 @@ int wg_udp_send(wg_engine *e, uint32_t src_ip, uint16_t src_port, uint32_t dst_i
     e->now = now;
     size_t total = 28 + len;
     uint8_t *pkt = e->tx_scratch;
-    ipv4_header_emit(e, pkt, src_ip, dst_ip, IPPROTO_UDP_, total);
+    ipv4_header_emit(e, pkt, src_ip, dst_ip, IPPROTO_UDP, total);
     uint8_t *udp = pkt + 20;
     wr16be(udp, src_port);
     wr16be(udp + 2, dst_port);
     wr16be(udp + 4, (uint16_t)(8 + len));
     wr16be(udp + 6, 0);
     if (len) memcpy(udp + 8, data, len);
-    uint16_t sum = csum_finish(csum_add(pseudo4_sum(pkt + 12, pkt + 16, IPPROTO_UDP_, 8 + len), udp, 8 + len));
+    uint16_t sum = csum_finish(csum_add(pseudo4_sum(pkt + 12, pkt + 16, IPPROTO_UDP, 8 + len), udp, 8 + len));
     wr16be(udp + 6, sum ? sum : 0xffff); /* a computed zero is sent as all ones (RFC 768) */
     if (route_send4(e, dst_ip, pkt, total, now)) e->stats.udp_tx++;
     return 0;
@@ -1229,7 +1226,7 @@ int wg_icmp_unreachable(wg_engine *e, uint32_t peer_ip, uint16_t peer_port, uint
     icmp[1] = code;
     /* The datagram that "failed": the client's own packet as it would have looked. */
     uint8_t *orig = icmp + 8;
-    size_t l4_len = proto == IPPROTO_TCP_ ? 20 : 8;
+    size_t l4_len = proto == IPPROTO_TCP ? 20 : 8;
     memset(orig, 0, 28);
     orig[0] = 0x45;
     wr16be(orig + 2, (uint16_t)(20 + l4_len));
@@ -1241,7 +1238,7 @@ int wg_icmp_unreachable(wg_engine *e, uint32_t peer_ip, uint16_t peer_port, uint
     wr16be(orig + 10, csum_finish(csum_add(0, orig, 20)));
     wr16be(orig + 20, peer_port);
     wr16be(orig + 22, dst_port);
-    if (proto == IPPROTO_UDP_) wr16be(orig + 24, 8); /* length; checksum 0 = none */
+    if (proto == IPPROTO_UDP) wr16be(orig + 24, 8); /* length; checksum 0 = none */
     wr16be(icmp + 2, csum_finish(csum_add(0, icmp, 8 + 28)));
     if (route_send4(e, peer_ip, pkt, total, now)) e->stats.icmp_unreachables++;
     return 0;
