@@ -11,11 +11,12 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from unclaw_tui.config import Settings
 from unclaw_tui.engine.noise import unb64
 from unclaw_tui.events import (
+    Event,
     EventBus,
     GatewayStarted,
     GatewayStopped,
@@ -27,10 +28,14 @@ from unclaw_tui.events import (
     Subscription,
     UnderLoad,
 )
+from unclaw_tui.router import Router
+from unclaw_tui.services.egress import EgressPolicy
+from unclaw_tui.services.relay import OpenFlows, UdpRelay, relay_tcp
 from unclaw_tui.state import PeerRecord, PeerRuntime, StateDir
 from unclaw_tui.wgquick import client_config, resolve_endpoint
 
 if TYPE_CHECKING:  # the engine (a compiled module) is imported when the gateway starts
+    from unclaw_tui.engine.flows import TcpConn, UdpDatagram
     from unclaw_tui.engine.tunnel import Tunnel, TunnelEvent
 
 log = logging.getLogger(__name__)
@@ -122,6 +127,22 @@ class Gateway:
         self._baseline: dict[str, PeerRuntime] = {}  # stats from earlier runs, by public key
         self._peers_signature: tuple[int, int, int] = (0, 0, 0)
         self._tasks: list[asyncio.Task[None]] = []
+        self._flow_tasks: set[asyncio.Task[Any]] = set()
+        self.router = Router()  # DNS and TLS routes are enabled as those services land
+        self.policy = EgressPolicy(
+            allow=[str(n) for n in settings.allow],
+            deny=[str(n) for n in settings.deny],
+            tunnel_net=settings.tunnel_network,
+        )
+        self.open_flows = OpenFlows()
+        self._udp_relay = UdpRelay(
+            self.policy,
+            peer_name=self._peer_name,
+            on_open=self._publish_flow,
+            on_close=self._publish_flow,
+            idle_timeout=settings.udp_idle_timeout,
+            max_flows_per_peer=settings.max_flows_per_peer,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -136,7 +157,10 @@ class Gateway:
             mtu=s.mtu,
             max_peers=s.max_peers,
             on_event=self._on_tunnel_event,
+            tcp_buffer=s.tcp_buffer,
         )
+        self._tunnel.on_tcp = self._on_tcp
+        self._tunnel.on_udp = self._on_udp
         await self._tunnel.start()
         self._baseline = self.state.read_stats()
         self._reconcile_peers(announce=False)
@@ -152,6 +176,9 @@ class Gateway:
         )
 
     async def stop(self) -> None:
+        self._udp_relay.close()
+        for task in list(self._flow_tasks):
+            task.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -202,6 +229,7 @@ class Gateway:
             started_at=self.started_at,
             peers=tuple(self._peer_snapshot(r) for r in self._records.values()),
             drops=tunnel.drop_counts() if tunnel else {},
+            open_flows=self.open_flows.total,
             under_load=tunnel.under_load if tunnel else False,
         )
 
@@ -237,6 +265,7 @@ class Gateway:
             tx_bytes=rt.tx_bytes,
             rx_packets=rt.rx_packets,
             tx_packets=rt.tx_packets,
+            open_connections=self.open_flows.count(record.public_key),
         )
 
     def _reconcile_peers(self, *, announce: bool) -> None:
@@ -304,6 +333,40 @@ class Gateway:
 
     def _write_stats(self) -> None:
         self.state.write_stats(self._collect_stats())
+
+    # -- flows -----------------------------------------------------------------------------
+
+    def _peer_name(self, public_key: bytes) -> str:
+        record = self._by_key.get(public_key)
+        return record.name if record else "?"
+
+    def _publish_flow(self, event: Event) -> None:
+        self.open_flows.observe(event)
+        self.bus.publish(event)
+
+    def _on_tcp(self, conn: TcpConn) -> None:
+        route = self.router.decide("tcp", conn.dst_ip, conn.dst_port)
+        task = asyncio.create_task(
+            relay_tcp(
+                conn,
+                self.policy,
+                peer_name=self._peer_name,
+                on_open=self._publish_flow,
+                on_close=self._publish_flow,
+                buffer_size=self.settings.tcp_buffer,
+                route=str(route),
+            )
+        )
+        self._flow_tasks.add(task)
+        task.add_done_callback(self._flow_done)
+
+    def _flow_done(self, task: asyncio.Task[Any]) -> None:
+        self._flow_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("relay failed", exc_info=task.exception())
+
+    def _on_udp(self, dgram: UdpDatagram) -> None:
+        self._udp_relay.handle(dgram)
 
     def _on_tunnel_event(self, ev: TunnelEvent) -> None:
         if ev.kind == "under_load":

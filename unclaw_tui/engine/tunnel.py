@@ -17,10 +17,12 @@ import random
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from unclaw_tui.engine import _ffi, constants
+from unclaw_tui.engine.flows import TcpConn, TcpHandler, UdpDatagram, UdpHandler
 from unclaw_tui.engine.noise import HandshakeCore, HandshakeError, Keypair
 from unclaw_tui.engine.ratelimit import LoadMonitor, SourceRateLimiter
 
@@ -90,6 +92,8 @@ class Tunnel:
         on_event: Callable[[TunnelEvent], None] | None = None,
         clock: Callable[[], float] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        tcp_buffer: int = 0,
+        max_flows_per_peer: int = 0,
     ) -> None:
         self.listen_port = listen_port
         self.listen_host = listen_host
@@ -116,6 +120,12 @@ class Tunnel:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closed = False
+        self._conns: dict[int, TcpConn] = {}
+        self._conns_per_peer: Counter[bytes] = Counter()
+        self._flush_scheduled = False
+        # Where new flows go; with no handler, SYNs are refused and datagrams dropped.
+        self.on_tcp: TcpHandler | None = None
+        self.on_udp: UdpHandler | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -163,6 +173,8 @@ class Tunnel:
     def close(self) -> None:
         if self._closed:
             return
+        for conn in list(self._conns.values()):
+            conn.abort()
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
@@ -206,6 +218,8 @@ class Tunnel:
         self._by_id[peer_id] = peer
 
     def remove_peer(self, public_key: bytes) -> None:
+        for conn in [c for c in self._conns.values() if c.peer_public_key == public_key]:
+            conn.abort()
         peer = self._peers.pop(public_key)
         del self._by_id[peer.peer_id]
         self._engine.peer_remove(peer.peer_id)
@@ -286,8 +300,106 @@ class Tunnel:
             self._drain_events(now)
         except Exception:  # the loop must survive any single bad event
             log.exception("event handling failed")
+        try:
+            self._drain_flows()
+        except Exception:
+            log.exception("flow handling failed")
         self._engine.io_flush()
         self._rearm()
+
+    # -- flows (TCP connections, UDP datagrams) --------------------------------------------
+
+    def _drain_flows(self) -> None:
+        for ev_type, conn_id, arg in self._engine.tcp_events():
+            if ev_type == _ffi.TCP_EV_SYN:
+                self._new_conn(conn_id)
+                continue
+            conn = self._conns.get(conn_id)
+            if conn is None:
+                continue
+            try:
+                if ev_type == _ffi.TCP_EV_READABLE or ev_type == _ffi.TCP_EV_PEER_FIN:
+                    conn._on_readable()
+                elif ev_type == _ffi.TCP_EV_WRITABLE:
+                    conn._on_writable()
+                elif ev_type == _ffi.TCP_EV_CLOSED:
+                    conn._on_closed(arg)
+            except Exception:  # a misbehaving protocol must not take the loop down
+                log.exception("TCP event on %r failed", conn)
+                conn.abort()
+        datagrams = self._engine.udp_datagrams()
+        if datagrams:
+            for meta in datagrams:
+                peer = self._by_id.get(meta.peer_id)
+                if peer is None or self.on_udp is None:
+                    continue
+                try:
+                    self.on_udp(UdpDatagram(self, meta, peer.public_key))
+                except Exception:
+                    log.exception("UDP handler failed")
+
+    def _new_conn(self, conn_id: int) -> None:
+        now = self._now()
+        info = self._engine.tcp_info(conn_id)
+        peer = self._by_id.get(info.peer_id)
+        if peer is None or self.on_tcp is None:
+            self._engine.tcp_reject(conn_id, now)
+            self._engine.tcp_release(conn_id, now)
+            return
+        conn = TcpConn(self, conn_id, info, peer.public_key)
+        self._conns[conn_id] = conn
+        self._conns_per_peer[peer.public_key] += 1
+        try:
+            self.on_tcp(conn)
+        except Exception:
+            log.exception("TCP handler failed")
+            conn.reject()
+
+    def _tcp_call(self, fn: Callable[[_ffi.Engine, float], Any]) -> Any:
+        """Run one engine call for a flow, then make sure its packets go out this loop turn."""
+        result = fn(self._engine, self._now())
+        if not self._flush_scheduled and self._loop is not None and not self._closed:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_flows)
+        return result
+
+    def _flush_flows(self) -> None:
+        self._flush_scheduled = False
+        if self._closed:
+            return
+        self._after_engine_work(self._now())
+
+    def _forget_conn(self, conn: TcpConn) -> None:
+        if self._conns.pop(conn.conn_id, None) is not None:
+            self._conns_per_peer[conn.peer_public_key] -= 1
+            if self._conns_per_peer[conn.peer_public_key] <= 0:
+                del self._conns_per_peer[conn.peer_public_key]
+
+    def open_connections(self, public_key: bytes) -> int:
+        return self._conns_per_peer.get(public_key, 0)
+
+    @property
+    def open_flows(self) -> int:
+        return len(self._conns)
+
+    @property
+    def connections(self) -> AsyncIterator[TcpConn]:
+        """Every TCP connection peers open, from now on (replaces `on_tcp`)."""
+        queue: asyncio.Queue[TcpConn] = asyncio.Queue()
+        self.on_tcp = queue.put_nowait
+        return _drain_queue(queue)
+
+    @property
+    def datagrams(self) -> AsyncIterator[UdpDatagram]:
+        """Every UDP datagram peers send, from now on (replaces `on_udp`)."""
+        queue: asyncio.Queue[UdpDatagram] = asyncio.Queue(maxsize=65536)
+
+        def offer(dgram: UdpDatagram) -> None:
+            with contextlib.suppress(asyncio.QueueFull):  # UDP: dropping is allowed
+                queue.put_nowait(dgram)
+
+        self.on_udp = offer
+        return _drain_queue(queue)
 
     def _rearm(self) -> None:
         if self._loop is None or self._closed:
@@ -441,3 +553,8 @@ class Tunnel:
                 self._on_event(TunnelEvent("handshake_failed", peer.public_key))
             else:
                 self._send_initiation(peer, now)
+
+
+async def _drain_queue(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+    while True:
+        yield await queue.get()

@@ -1,0 +1,366 @@
+"""TCP connections and UDP datagrams from peers, as Python objects over the C stack.
+
+A `TcpConn` is announced when the peer's SYN arrives and nothing has been answered yet: the
+router accepts it (SYN-ACK) or rejects it (RST).  Accepted, it is an ordinary pair of asyncio
+streams (`StreamReaderProtocol` over `TcpTransport`), so services treat it like a socket.
+Back-pressure both ways comes from the streams' own flow control: a reader that stops reading
+pauses the transport, which stops taking bytes from C, whose receive window to the peer then
+closes; a full C send buffer makes the transport buffer, which pauses `drain()`.
+
+Data moves in large chunks (one C call per readable event or per write), never per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from unclaw_tui.engine import _ffi
+
+if TYPE_CHECKING:
+    from unclaw_tui.engine.tunnel import Tunnel
+
+log = logging.getLogger(__name__)
+
+Endpoint = tuple[str, int]
+
+READ_CHUNK = 256 * 1024
+STREAM_LIMIT = 256 * 1024
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+_CLOSE_NAMES: dict[int, str] = {
+    getattr(_ffi, "TCP_CLOSE_NORMAL", 1): "normal",
+    getattr(_ffi, "TCP_CLOSE_RESET", 2): "reset",
+    getattr(_ffi, "TCP_CLOSE_TIMEOUT", 3): "timeout",
+    getattr(_ffi, "TCP_CLOSE_ABORTED", 4): "aborted",
+    getattr(_ffi, "TCP_CLOSE_REJECTED", 5): "rejected",
+    getattr(_ffi, "TCP_CLOSE_SYN_TIMEOUT", 6): "syn_timeout",
+    getattr(_ffi, "TCP_CLOSE_PEER_REMOVED", 7): "peer_removed",
+    getattr(_ffi, "TCP_CLOSE_EVICTED", 8): "evicted",
+}
+
+
+class TcpConn:
+    """A TCP connection a WireGuard peer opened (see the module docstring)."""
+
+    def __init__(self, tunnel: Tunnel, conn_id: int, info: _ffi.TcpInfo, peer_public_key: bytes):
+        self._tunnel = tunnel
+        self.conn_id = conn_id
+        self.peer_public_key = peer_public_key
+        self.peer_ip, self.src_port = info.src
+        self.dst_ip, self.dst_port = info.dst
+        self.close_reason: str | None = None
+        self._transport: TcpTransport | None = None
+        self._released = False
+        self._closed = asyncio.Event()
+        self._final_bytes: tuple[int, int] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<TcpConn {self.conn_id} {self.peer_ip}:{self.src_port} -> "
+            f"{self.dst_ip}:{self.dst_port}>"
+        )
+
+    # -- the router's decision -------------------------------------------------------------
+
+    def accept(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Answer the SYN; the streams are usable at once (writes queue until established)."""
+        if self._transport is not None or self._released:
+            raise RuntimeError("connection already answered")
+        loop = asyncio.get_running_loop()
+        self._tunnel._tcp_call(lambda e, now: e.tcp_accept(self.conn_id, now))
+        reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport = TcpTransport(self, protocol)
+        self._transport = transport
+        protocol.connection_made(transport)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        transport._pull()  # data that came with or right after the handshake
+        return reader, writer
+
+    def reject(self) -> None:
+        """RST: the client sees "connection refused" at once."""
+        if self._released:
+            return
+        self._tunnel._tcp_call(lambda e, now: e.tcp_reject(self.conn_id, now))
+        self._finish("rejected")
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+        else:
+            self.reject()
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    @property
+    def bytes_from_peer(self) -> int:
+        return self._bytes()[0]
+
+    @property
+    def bytes_to_peer(self) -> int:
+        return self._bytes()[1]
+
+    def _bytes(self) -> tuple[int, int]:
+        if self._final_bytes is not None:
+            return self._final_bytes
+        try:
+            info = self._tunnel._engine.tcp_info(self.conn_id)
+        except _ffi.EngineError:
+            return (0, 0)
+        return (info.bytes_in, info.bytes_out)
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    # -- from the engine -------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        if self._transport is not None:
+            self._transport._pull()
+
+    def _on_writable(self) -> None:
+        if self._transport is not None:
+            self._transport._push()
+
+    def _on_closed(self, reason: int) -> None:
+        name = _CLOSE_NAMES.get(reason, str(reason))
+        transport = self._transport
+        if transport is not None:
+            transport._pull()  # whatever is still buffered, then EOF
+            if name == "normal" and not transport._eof_from_peer:
+                # The reader is paused with data still in C: keep the handle until it is read.
+                transport._finish_after_eof = True
+                self.close_reason = name
+                return
+            exc = None if name == "normal" else ConnectionResetError(f"connection {name}")
+            transport._lost(exc)
+        self._finish(name)
+
+    def _finish(self, reason: str) -> None:
+        """Release the C handle (exactly once) and mark the connection closed."""
+        if self._released:
+            return
+        self._final_bytes = self._bytes()
+        self._released = True
+        self.close_reason = self.close_reason or reason
+        self._tunnel._tcp_call(lambda e, now: e.tcp_release(self.conn_id, now))
+        self._tunnel._forget_conn(self)
+        self._closed.set()
+
+
+class TcpTransport(asyncio.Transport):
+    """asyncio Transport over one connection of the C stack."""
+
+    def __init__(self, conn: TcpConn, protocol: asyncio.Protocol) -> None:
+        super().__init__()
+        self._conn = conn
+        self._protocol = protocol
+        self._reading_paused = False
+        self._eof_from_peer = False
+        self._buffer = bytearray()
+        self._eof_pending = False
+        self._eof_sent = False
+        self._closing = False
+        self._lost_called = False
+        self._writing_paused = False
+        self._finish_after_eof = False
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def is_reading(self) -> bool:
+        return not self._reading_paused and not self._lost_called
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            asyncio.get_running_loop().call_soon(self._pull)
+
+    def _pull(self) -> None:
+        """Move what C has buffered into the protocol, until empty or paused."""
+        conn = self._conn
+        while not self._reading_paused and not self._eof_from_peer and not conn._released:
+            try:
+                data = conn._tunnel._tcp_call(
+                    lambda e, now: e.tcp_read(conn.conn_id, READ_CHUNK, now)
+                )
+            except ConnectionResetError as exc:
+                self._lost(exc)
+                return
+            if data is None:
+                return
+            if data == b"":
+                self._eof_from_peer = True
+                keep_open = self._protocol.eof_received()
+                if self._finish_after_eof:
+                    self._lost(None)
+                    conn._finish("normal")
+                elif not keep_open:
+                    self.close()
+                return
+            self._protocol.data_received(data)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof_pending or self._eof_sent or self._closing or self._lost_called:
+            return  # like a closed socket transport: silently dropped
+        if not data:
+            return
+        if self._buffer:
+            self._buffer += data
+        else:
+            written = self._write_now(data)
+            if written < len(data):
+                self._buffer += memoryview(data)[written:]
+        self._maybe_pause_protocol()
+
+    def _write_now(self, data: bytes | bytearray | memoryview) -> int:
+        conn = self._conn
+        try:
+            return int(conn._tunnel._tcp_call(lambda e, now: e.tcp_write(conn.conn_id, data, now)))
+        except ConnectionResetError as exc:
+            self._lost(exc)
+            return len(data)
+
+    def _push(self) -> None:
+        if self._buffer:
+            written = self._write_now(self._buffer)
+            del self._buffer[:written]
+        if not self._buffer:
+            if self._eof_pending:
+                self._send_eof()
+            if self._closing:
+                self._release()
+        self._maybe_resume_protocol()
+
+    def _maybe_pause_protocol(self) -> None:
+        if not self._writing_paused and len(self._buffer) > WRITE_HIGH_WATER:
+            self._writing_paused = True
+            self._protocol.pause_writing()
+
+    def _maybe_resume_protocol(self) -> None:
+        if self._writing_paused and len(self._buffer) <= WRITE_LOW_WATER:
+            self._writing_paused = False
+            self._protocol.resume_writing()
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._buffer)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (WRITE_LOW_WATER, WRITE_HIGH_WATER)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass  # fixed: the C send buffer already absorbs bursts
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._eof_sent or self._eof_pending:
+            return
+        if self._buffer:
+            self._eof_pending = True
+        else:
+            self._send_eof()
+
+    def _send_eof(self) -> None:
+        self._eof_pending = False
+        if self._eof_sent or self._conn._released:
+            return
+        self._eof_sent = True
+        conn = self._conn
+        with contextlib.suppress(_ffi.EngineError, ConnectionResetError):
+            conn._tunnel._tcp_call(lambda e, now: e.tcp_shutdown_write(conn.conn_id, now))
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def is_closing(self) -> bool:
+        return self._closing or self._lost_called
+
+    def close(self) -> None:
+        """Send what is buffered, then FIN (or RST if the peer's data was left unread)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._reading_paused = True
+        if not self._buffer:
+            self._release()
+
+    def abort(self) -> None:
+        conn = self._conn
+        if not conn._released:
+            with contextlib.suppress(_ffi.EngineError, ConnectionResetError):
+                conn._tunnel._tcp_call(lambda e, now: e.tcp_abort(conn.conn_id, now))
+        self._buffer.clear()
+        conn.close_reason = conn.close_reason or "aborted"
+        self._lost(None)
+        conn._finish("aborted")
+
+    def _release(self) -> None:
+        self._lost(None)
+        self._conn._finish("closed")
+
+    def _lost(self, exc: Exception | None) -> None:
+        if self._lost_called:
+            return
+        self._lost_called = True
+        self._buffer.clear()
+        asyncio.get_running_loop().call_soon(self._protocol.connection_lost, exc)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        conn = self._conn
+        return {
+            "original_dst": (conn.dst_ip, conn.dst_port),
+            "sockname": (conn.dst_ip, conn.dst_port),
+            "peername": (conn.peer_ip, conn.src_port),
+            "peer_public_key": conn.peer_public_key,
+            "tcp_conn": conn,
+        }.get(name, default)
+
+
+class UdpDatagram:
+    """One UDP datagram a peer sent; `reply()` answers it from where it was sent to."""
+
+    __slots__ = ("_tunnel", "data", "dst_ip", "dst_port", "peer_ip", "peer_public_key", "src_port")
+
+    def __init__(self, tunnel: Tunnel, meta: _ffi.UdpMeta, peer_public_key: bytes) -> None:
+        self._tunnel = tunnel
+        self.data = meta.data
+        self.peer_public_key = peer_public_key
+        self.peer_ip, self.src_port = meta.src
+        self.dst_ip, self.dst_port = meta.dst
+
+    def __repr__(self) -> str:
+        return (
+            f"<UdpDatagram {self.peer_ip}:{self.src_port} -> {self.dst_ip}:{self.dst_port} "
+            f"{len(self.data)} bytes>"
+        )
+
+    def reply(self, data: bytes) -> None:
+        self.reply_from((self.dst_ip, self.dst_port), data)
+
+    def reply_from(self, src: Endpoint, data: bytes) -> None:
+        dst = (self.peer_ip, self.src_port)
+        self._tunnel._tcp_call(lambda e, now: e.udp_send(src, dst, data, now))
+
+    def unreachable(self, *, admin: bool = False) -> None:
+        code = 13 if admin else 3
+        peer = (self.peer_ip, self.src_port)
+        dst = (self.dst_ip, self.dst_port)
+        self._tunnel._tcp_call(lambda e, now: e.icmp_unreachable(peer, dst, 17, code, now))
+
+
+TcpHandler = Callable[[TcpConn], None]
+UdpHandler = Callable[[UdpDatagram], None]
