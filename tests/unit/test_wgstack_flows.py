@@ -207,6 +207,15 @@ def test_half_close_both_ways(engine: Engine, client: Client) -> None:
     assert engine.tcp_stats()["conns"] == 0
 
 
+def test_tcp_drops_are_counted_with_a_prefix(engine: Engine, client: Client) -> None:
+    client.send(Seg(seq=5, ack=9, flags=ACK).build(corrupt=True))
+    client.send(Seg(seq=5, ack=9, flags=ACK))  # no such connection: answered with an RST
+    [rst] = client.segments()
+    assert rst.flags == RST and rst.seq == 9
+    assert drops(engine) == {"tcp_bad_checksum": 1, "tcp_no_connection": 1}
+    assert set(_ffi.DROP_REASONS) < set(engine.drop_counts())
+
+
 def test_reject_answers_the_syn_with_rst(engine: Engine, client: Client) -> None:
     peer = Peer(dport=25)
     conn = syn_event(client, peer)

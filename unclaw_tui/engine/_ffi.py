@@ -345,6 +345,8 @@ class Engine:
         )
 
     def peer_remove(self, peer_id: int) -> None:
+        """Also closes the peer's TCP connections without sending anything: each handle still
+        held gets TCP_EV_CLOSED with TCP_CLOSE_PEER_REMOVED and must still be released."""
         _check(lib.wg_peer_remove(self._e, _u32(peer_id, "peer_id")), f"peer_remove({peer_id})")
 
     def peer_add_allowed_ip(
@@ -590,8 +592,7 @@ class Engine:
         )
         if n == 0:
             return []
-        end = max(meta[i].offset + meta[i].len for i in range(n))
-        arena = ffi.buffer(self._udp_arena[0], end)
+        arena = ffi.buffer(self._udp_arena[0], lib.WG_UDP_ARENA_SIZE)  # a view: no copy yet
         out: list[UdpMeta] = []
         for i in range(n):
             m = meta[i]
