@@ -126,6 +126,40 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _dns_server(text: str) -> tuple[str, int]:
+    """IP, IP:PORT, or [IPv6]:PORT."""
+    host, port = text, 53
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise argparse.ArgumentTypeError(f"invalid DNS server {text!r}")
+        if rest:
+            port = _port_number(rest[1:], text)
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+        port = _port_number(port_text, text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid DNS server {text!r}: expected IP[:PORT]"
+        ) from None
+    return host, port
+
+
+def _port_number(text: str, whole: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port in {whole!r}")
+    return int(text)
+
+
+def _host_glob(text: str) -> str:
+    pattern = text.strip().lower().rstrip(".")
+    if not pattern or any(c.isspace() or c in "/:@" for c in pattern):
+        raise argparse.ArgumentTypeError(f"invalid hostname pattern {text!r}")
+    return pattern
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog=PROG,
@@ -186,6 +220,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=config.DEFAULT_UDP_IDLE_TIMEOUT,
         metavar="SECONDS",
         help="close a UDP flow after this long without traffic (default 60)",
+    )
+    parser.add_argument(
+        "--upstream-dns",
+        type=_dns_server,
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="upstream DNS server (repeatable; default: the nameservers of /etc/resolv.conf)",
+    )
+    parser.add_argument(
+        "--passthrough",
+        type=_host_glob,
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="relay TLS to hosts matching this glob untouched, e.g. '*.bank.example' (repeatable)",
+    )
+    parser.add_argument(
+        "--auto-passthrough",
+        action="store_true",
+        help="pass a host through from then on once a client rejected our certificate for it",
     )
     parser.add_argument("--no-ui", action="store_true", help="run headless, no console UI")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -250,6 +305,9 @@ def _build_settings(
         tcp_buffer=args.tcp_buffer,
         max_flows_per_peer=args.max_flows_per_peer,
         udp_idle_timeout=args.udp_idle_timeout,
+        upstream_dns=list(args.upstream_dns),
+        passthrough=list(args.passthrough),
+        auto_passthrough=bool(args.auto_passthrough),
     )
     if "listen_port" in merged:
         settings.listen_port = merged["listen_port"]

@@ -44,6 +44,12 @@ class Settings:
     tcp_buffer: int = DEFAULT_TCP_BUFFER  # bytes per relayed TCP connection, each way
     max_flows_per_peer: int = DEFAULT_MAX_FLOWS_PER_PEER  # UDP flows
     udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT  # seconds
+    # DNS: upstream resolvers as (ip, port); empty means the nameservers of /etc/resolv.conf.
+    upstream_dns: list[tuple[str, int]] = field(default_factory=list)
+    # TLS: hostname globs relayed untouched; with auto_passthrough, hosts whose clients rejected
+    # our certificate are passed through from then on.
+    passthrough: list[str] = field(default_factory=list)
+    auto_passthrough: bool = False
 
     @property
     def gateway_ip(self) -> ipaddress.IPv4Address:

@@ -29,6 +29,8 @@ from unclaw_tui.events import (
     UnderLoad,
 )
 from unclaw_tui.router import Router
+from unclaw_tui.services import registry
+from unclaw_tui.services.base import Resolver
 from unclaw_tui.services.egress import EgressPolicy
 from unclaw_tui.services.relay import OpenFlows, UdpRelay, relay_tcp
 from unclaw_tui.state import PeerRecord, PeerRuntime, StateDir
@@ -135,14 +137,17 @@ class Gateway:
             tunnel_net=settings.tunnel_network,
         )
         self.open_flows = OpenFlows()
+        self.resolver: Resolver | None = None
         self._udp_relay = UdpRelay(
             self.policy,
-            peer_name=self._peer_name,
-            on_open=self._publish_flow,
-            on_close=self._publish_flow,
+            peer_name=self.peer_name,
+            on_open=self.publish,
+            on_close=self.publish,
             idle_timeout=settings.udp_idle_timeout,
             max_flows_per_peer=settings.max_flows_per_peer,
         )
+        self.services = registry.build(self)
+        self.router.enable(*self.services)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -177,6 +182,8 @@ class Gateway:
 
     async def stop(self) -> None:
         self._udp_relay.close()
+        for service in self.services.values():
+            await service.close()
         for task in list(self._flow_tasks):
             task.cancel()
         for task in self._tasks:
@@ -336,27 +343,30 @@ class Gateway:
 
     # -- flows -----------------------------------------------------------------------------
 
-    def _peer_name(self, public_key: bytes) -> str:
+    def peer_name(self, public_key: bytes) -> str:
         record = self._by_key.get(public_key)
         return record.name if record else "?"
 
-    def _publish_flow(self, event: Event) -> None:
+    def publish(self, event: Event) -> None:
         self.open_flows.observe(event)
         self.bus.publish(event)
 
     def _on_tcp(self, conn: TcpConn) -> None:
         route = self.router.decide("tcp", conn.dst_ip, conn.dst_port)
-        task = asyncio.create_task(
-            relay_tcp(
+        service = self.services.get(route)
+        if service is not None:
+            job = service.handle_tcp(conn)
+        else:
+            job = relay_tcp(
                 conn,
                 self.policy,
-                peer_name=self._peer_name,
-                on_open=self._publish_flow,
-                on_close=self._publish_flow,
+                peer_name=self.peer_name,
+                on_open=self.publish,
+                on_close=self.publish,
                 buffer_size=self.settings.tcp_buffer,
                 route=str(route),
             )
-        )
+        task = asyncio.create_task(job)
         self._flow_tasks.add(task)
         task.add_done_callback(self._flow_done)
 
@@ -366,7 +376,11 @@ class Gateway:
             log.error("relay failed", exc_info=task.exception())
 
     def _on_udp(self, dgram: UdpDatagram) -> None:
-        self._udp_relay.handle(dgram)
+        service = self.services.get(self.router.decide("udp", dgram.dst_ip, dgram.dst_port))
+        if service is not None:
+            service.handle_udp(dgram)
+        else:
+            self._udp_relay.handle(dgram)
 
     def _on_tunnel_event(self, ev: TunnelEvent) -> None:
         if ev.kind == "under_load":

@@ -1,0 +1,55 @@
+"""What a service (DNS, TLS, ...) offers the gateway, and what the gateway offers it.
+
+Each service module has `create(gateway) -> dict[Route, Service]`; `registry.build` collects
+them and the gateway sends every flow whose route has a service to it (the rest to the relay).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from unclaw_tui.config import Settings
+    from unclaw_tui.engine.flows import TcpConn, UdpDatagram
+    from unclaw_tui.events import Event
+    from unclaw_tui.services.egress import EgressPolicy
+    from unclaw_tui.services.relay import OpenFlows
+    from unclaw_tui.state import StateDir
+
+
+class Service(Protocol):
+    async def handle_tcp(self, conn: TcpConn) -> None:
+        """Own the connection until it ends: accept or reject it, serve, close."""
+        ...
+
+    def handle_udp(self, dgram: UdpDatagram) -> None:
+        """Answer or forward one datagram; must not block (start a task if needed)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Resolver(Protocol):
+    """Offered by the DNS service as `gateway.resolver` for VIP-aware services."""
+
+    def hostname_for_vip(self, ip: str) -> str | None: ...
+
+    async def resolve(self, hostname: str) -> list[str]:
+        """The hostname's real IPv4 addresses from the upstream (cached by TTL); [] if none."""
+        ...
+
+
+class GatewayServices(Protocol):
+    """The part of the gateway a service may use."""
+
+    settings: Settings
+    state: StateDir
+    policy: EgressPolicy
+    open_flows: OpenFlows
+    resolver: Resolver | None
+
+    def publish(self, event: Event) -> None:
+        """Send an event to the bus (flow events also update the open-flow counts)."""
+        ...
+
+    def peer_name(self, public_key: bytes) -> str: ...
