@@ -204,7 +204,13 @@ class GatewayProcess:
     """`unclaw-tui --no-ui --json` in a namespace, its events collected from stdout."""
 
     def __init__(
-        self, topo: Topology, ns: Namespace, state_dir: Path, *args: str, drop_caps: bool = False
+        self,
+        topo: Topology,
+        ns: Namespace,
+        state_dir: Path,
+        *args: str,
+        drop_caps: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
         cmd = [
             sys.executable,
@@ -220,7 +226,7 @@ class GatewayProcess:
             # No capability at all (no CAP_NET_ADMIN, NET_RAW, NET_BIND_SERVICE, DAC_OVERRIDE):
             # what an unprivileged user has, while the files stay readable.
             cmd = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", *cmd]
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = topo.spawn(
             ns,
             *cmd,
@@ -346,7 +352,9 @@ class GatewaySetup:
             name,
         ).stdout
 
-    def start_gateway(self, *args: str, drop_caps: bool = False) -> GatewayProcess:
+    def start_gateway(
+        self, *args: str, drop_caps: bool = False, env: dict[str, str] | None = None
+    ) -> GatewayProcess:
         gw = GatewayProcess(
             self.topo,
             self.gateway_ns,
@@ -355,6 +363,7 @@ class GatewaySetup:
             str(self.port),
             *args,
             drop_caps=drop_caps,
+            env=env,
         )
         gw.wait_event(lambda e: e["type"] == "gateway_started", 20, "gateway_started")
         self.gateways.append(gw)
