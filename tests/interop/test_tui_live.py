@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from tests.interop.harness import GatewaySetup, Namespace, thread_in_namespace
+from tests.interop.harness import FlowsSetup, GatewaySetup, Namespace, thread_in_namespace
 from unclaw_tui import config
 from unclaw_tui.app import UnclawApp
 from unclaw_tui.gateway import Gateway
@@ -92,3 +92,38 @@ async def test_console_shows_live_peers_adds_and_removes(wg_setup: GatewaySetup)
             assert await ping(s.client_ns, "10.77.0.1", count=2) != 0
             assert await ping(other_ns, "10.77.0.1", count=2) == 0
         assert not app.gateway_started
+
+
+async def test_console_shows_a_flow_through_the_tunnel(flows_setup: FlowsSetup) -> None:
+    s = flows_setup
+    config_text = s.add_peer("phone")
+    s.start_host("http", 8080)
+    with thread_in_namespace(s.gateway_ns.name):
+        settings = config.Settings(
+            state_dir=s.state_dir, listen_port=s.port, endpoint=f"{s.gateway_addr}:{s.port}"
+        )
+        gateway = Gateway(settings)
+        app = UnclawApp(gateway, state_dir=s.state_dir, refresh_interval=0.25)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause(0.3)
+            s.client(config_text)
+            curl = await asyncio.create_subprocess_exec(
+                *s.client_ns.cmd("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                 "http://198.18.0.2:8080/hello"),
+                stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, _ = await asyncio.wait_for(curl.communicate(), 30)
+            assert out == b"200"
+            await pilot.pause(0.6)
+            conns = app.dashboard.connections
+            rows = [
+                {col: conns.cell_text(key, col) for col in ("peer", "dst", "route", "state")}
+                for key in conns.shown_keys()
+            ]
+            assert any(
+                r["peer"] == "phone" and r["dst"] == "198.18.0.2:8080" and r["route"] == "relay"
+                for r in rows
+            ), rows
+            assert app.dashboard.peers.cell_text(
+                peer_key(app.dashboard.peers, "phone"), "handshake"
+            ).endswith("ago")
