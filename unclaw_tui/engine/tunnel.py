@@ -93,7 +93,7 @@ class Tunnel:
         clock: Callable[[], float] | None = None,
         wall_clock: Callable[[], float] = time.time,
         tcp_buffer: int = 0,
-        max_flows_per_peer: int = 0,
+        max_conns_per_peer: int = 0,
     ) -> None:
         self.listen_port = listen_port
         self.listen_host = listen_host
@@ -121,7 +121,6 @@ class Tunnel:
         self._timer_at: float | None = None
         self._closed = False
         self._conns: dict[int, TcpConn] = {}
-        self._conns_per_peer: Counter[bytes] = Counter()
         self._flush_scheduled = False
         # Where new flows go; with no handler, SYNs are refused and datagrams dropped.
         self.on_tcp: TcpHandler | None = None
@@ -348,7 +347,6 @@ class Tunnel:
             return
         conn = TcpConn(self, conn_id, info, peer.public_key)
         self._conns[conn_id] = conn
-        self._conns_per_peer[peer.public_key] += 1
         try:
             self.on_tcp(conn)
         except Exception:
@@ -370,13 +368,7 @@ class Tunnel:
         self._after_engine_work(self._now())
 
     def _forget_conn(self, conn: TcpConn) -> None:
-        if self._conns.pop(conn.conn_id, None) is not None:
-            self._conns_per_peer[conn.peer_public_key] -= 1
-            if self._conns_per_peer[conn.peer_public_key] <= 0:
-                del self._conns_per_peer[conn.peer_public_key]
-
-    def open_connections(self, public_key: bytes) -> int:
-        return self._conns_per_peer.get(public_key, 0)
+        self._conns.pop(conn.conn_id, None)
 
     @property
     def open_flows(self) -> int:
