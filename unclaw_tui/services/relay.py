@@ -248,38 +248,52 @@ def _consume_outcome(task: asyncio.Future[None]) -> None:
 
 
 class OpenFlows:
-    """Open TCP connections and UDP flows per peer, kept from the relay's event pairs (every
-    opened event is followed by exactly one closed event with the same conn_id)."""
+    """Open TCP connections and UDP flows per peer (and per destination address), kept from
+    the relay's event pairs (every opened event is followed by exactly one closed event with
+    the same conn_id)."""
 
     def __init__(self) -> None:
-        # (protocol, conn_id) -> peer public key (base64): TCP and UDP ids are separate spaces.
-        self._open: dict[tuple[str, int], str] = {}
+        # (protocol, conn_id) -> (peer public key (base64), dst ip): TCP and UDP ids are
+        # separate spaces.
+        self._open: dict[tuple[str, int], tuple[str, str]] = {}
         self._per_peer: dict[str, int] = {}
+        self._per_dst: dict[str, int] = {}
 
     def observe(self, event: Event) -> None:
         if isinstance(event, TcpOpened | UdpFlowOpened):
             flow = ("tcp" if isinstance(event, TcpOpened) else "udp", event.conn_id)
             if flow not in self._open:
-                self._open[flow] = event.peer_public_key
+                self._open[flow] = (event.peer_public_key, event.dst_ip)
                 key = event.peer_public_key
                 self._per_peer[key] = self._per_peer.get(key, 0) + 1
+                self._per_dst[event.dst_ip] = self._per_dst.get(event.dst_ip, 0) + 1
         elif isinstance(event, TcpClosed | UdpFlowClosed):
             flow = ("tcp" if isinstance(event, TcpClosed) else "udp", event.conn_id)
-            key = self._open.pop(flow, None)
-            if key is not None:
-                left = self._per_peer[key] - 1
-                if left:
-                    self._per_peer[key] = left
-                else:
-                    del self._per_peer[key]
+            entry = self._open.pop(flow, None)
+            if entry is not None:
+                key, dst_ip = entry
+                _decrement(self._per_peer, key)
+                _decrement(self._per_dst, dst_ip)
 
     def count(self, peer_public_key: str) -> int:
         """Open flows of a peer (public key in base64, as in the events)."""
         return self._per_peer.get(peer_public_key, 0)
 
+    def count_to(self, dst_ip: str) -> int:
+        """Open flows to a destination address (as the flow events name it, e.g. a VIP)."""
+        return self._per_dst.get(dst_ip, 0)
+
     @property
     def total(self) -> int:
         return len(self._open)
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 async def relay_tcp(
@@ -488,6 +502,7 @@ class _UdpFlow:
     started: float
     # The latest datagram of the flow, only to answer through (`reply`, `unreachable`).
     reply_to: UdpDatagramLike | None
+    target_ip: str = ""  # where the host socket goes; the key's dst ip unless overridden
     pending: list[bytes] = field(default_factory=list)
     transport: asyncio.DatagramTransport | None = None
     opening: asyncio.Task[None] | None = None
@@ -550,8 +565,18 @@ class UdpRelay:
     def open_flows(self, peer_public_key: bytes) -> int:
         return self.flows.count(peer_public_key)
 
-    def handle(self, dgram: UdpDatagramLike) -> None:
-        """Relay one datagram from a peer (creating its flow on first use)."""
+    def handle(
+        self,
+        dgram: UdpDatagramLike,
+        *,
+        target_ip: str | None = None,
+        hostname: str | None = None,
+    ) -> None:
+        """Relay one datagram from a peer (creating its flow on first use).
+
+        `target_ip` sends a new flow to another address than the datagram's destination (a
+        VIP's real address; replies still come from the destination the peer used, and the
+        events name that destination with `hostname`). An existing flow keeps its target."""
         if self._closed:
             dgram.unreachable()
             return
@@ -564,17 +589,19 @@ class UdpRelay:
             flow.reply_to = dgram
             self._send(flow, dgram.data)
             return
-        reason = self.policy.check(dgram.dst_ip)
+        target = target_ip if target_ip is not None else dgram.dst_ip
+        reason = self.policy.check(target)
         if reason is not None:
             dgram.unreachable(admin=True)
-            self._report_refusal(key, dgram, reason, now)
+            self._report_refusal(key, dgram, reason, now, hostname)
             return
         flow = _UdpFlow(
             key=key,
             conn_id=next(self._ids),
-            ident=self._ident(dgram),
+            ident=self._ident(dgram, hostname),
             started=time.monotonic(),
             reply_to=dgram,
+            target_ip=target,
         )
         for _key, old in self.flows.add(dgram.peer_public_key, key, flow, now):
             self._finish(old, "closed: flow limit per peer reached", remove=False)
@@ -594,13 +621,14 @@ class UdpRelay:
 
     # -- flows --------------------------------------------------------------------------------
 
-    def _ident(self, dgram: UdpDatagramLike) -> dict[str, Any]:
+    def _ident(self, dgram: UdpDatagramLike, hostname: str | None = None) -> dict[str, Any]:
         return {
             "peer": self._peer_name(dgram.peer_public_key),
             "peer_public_key": _b64(dgram.peer_public_key),
             "peer_ip": dgram.peer_ip,
             "dst_ip": dgram.dst_ip,
             "dst_port": dgram.dst_port,
+            "hostname": hostname,
             "route": self._route,
         }
 
@@ -609,7 +637,7 @@ class UdpRelay:
         loop = asyncio.get_running_loop()
         try:
             transport, _protocol = await loop.create_datagram_endpoint(
-                lambda: _HostSocket(self, flow), remote_addr=(dst_ip, dst_port)
+                lambda: _HostSocket(self, flow), remote_addr=(flow.target_ip or dst_ip, dst_port)
             )
         except OSError as exc:
             if flow.reply_to is not None:
@@ -669,7 +697,12 @@ class UdpRelay:
         )
 
     def _report_refusal(
-        self, key: FlowKey, dgram: UdpDatagramLike, reason: str, now: float
+        self,
+        key: FlowKey,
+        dgram: UdpDatagramLike,
+        reason: str,
+        now: float,
+        hostname: str | None = None,
     ) -> None:
         seen = self._refused.get(key)
         if seen is not None and now - seen < self.flows.idle_timeout:
@@ -679,7 +712,7 @@ class UdpRelay:
         while len(self._refused) > UDP_REFUSALS_REMEMBERED:
             self._refused.popitem(last=False)
         conn_id = next(self._ids)
-        ident = self._ident(dgram)
+        ident = self._ident(dgram, hostname)
         self._on_open(UdpFlowOpened(conn_id=conn_id, **ident))
         self._on_close(
             UdpFlowClosed(
