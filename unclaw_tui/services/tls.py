@@ -1,13 +1,699 @@
-"""Placeholder until the tls service lands: no routes, so its traffic goes to the relay."""
+"""The TLS service: every TCP connection to port 443/8443, intercepted or passed through.
+
+Per connection (`TlsService.handle_tcp`):
+1. Accept and read the ClientHello, bounded in size (`MAX_HELLO`) and time (`HELLO_TIMEOUT`),
+   parsed by the sans-IO `clienthello.parse`. Anything else (garbage, a truncated hello, a
+   silent client) is closed cleanly with an event; the service keeps serving the others.
+2. The hostname: the SNI, else the VIP's hostname (`gateway.resolver`), else none. The
+   destinations: a VIP's real addresses from the resolver, else the original IP; each one
+   checked against the egress policy.
+3. Passthrough (the hostname matches `settings.passthrough`, or a client rejected our
+   certificate for it before and `settings.auto_passthrough` is on): connect, replay the bytes
+   read so far, splice the encrypted bytes untouched.
+4. Intercept (the default): connect upstream with TLS first, offering the client's ALPN list,
+   with SNI and full verification against the system store (`SSL_CERT_FILE` honoured). A
+   failed verification closes the client's connection and says why. Then terminate the
+   client's TLS with a leaf for the hostname minted by the local CA (`ca.py`), offering only
+   the protocol upstream chose, so both sides speak the same one. The client side runs on
+   `ssl.SSLObject` over memory BIOs (`ClientTls`): the ClientHello already read is simply
+   written into the incoming BIO first. Decrypted bytes are spliced both ways with
+   back-pressure; HTTP/1.x inside is watched by the sans-IO `Http1Observer` (one `http_request`
+   event per request, byte counts only), HTTP/2 is relayed without HTTP events.
+
+Events per connection: exactly one `TcpOpened`/`TcpClosed` pair (route "tls", the hostname),
+published once the ClientHello is in (or has failed), and one `TlsHost` with the outcome:
+mode "intercepted" or "passthrough" (ok or the error), or "rejected" when we refused the
+connection ourselves (not TLS, egress policy, nowhere to connect). A client that refused our
+certificate (TLS alert unknown_ca / bad_certificate / certificate_unknown, or a close right
+after our certificate) gives mode "intercepted", ok false, error "client rejected our
+certificate (...)".
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import base64
+import contextlib
+import fnmatch
+import ipaddress
+import logging
+import re
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from unclaw_tui.events import HttpRequest, TcpClosed, TcpOpened, TlsHost
+from unclaw_tui.router import Route
+from unclaw_tui.services import clienthello
+from unclaw_tui.services.ca import CertificateAuthority
+from unclaw_tui.services.http1 import Exchange, Http1Observer
+from unclaw_tui.services.relay import (
+    MIN_READ_SIZE,
+    ConnectFailed,
+    Side,
+    SpliceStats,
+    TcpConnLike,
+    connect_host,
+    reset_host_connection,
+    splice,
+)
 
 if TYPE_CHECKING:
-    from unclaw_tui.router import Route
+    from unclaw_tui.engine.flows import UdpDatagram
     from unclaw_tui.services.base import GatewayServices, Service
+
+log = logging.getLogger(__name__)
+
+MAX_HELLO = clienthello.DEFAULT_MAX_SIZE
+HELLO_TIMEOUT = 10.0  # seconds for the whole ClientHello: a slow client cannot hold us longer
+HANDSHAKE_TIMEOUT = 10.0  # the client's side of the handshake, after its hello
+CONNECT_TIMEOUT = 10.0  # upstream TCP connect plus TLS handshake, per address
+CLOSE_TIMEOUT = 5.0
+UPSTREAM_CONTEXTS = 32  # cached client contexts, one per distinct ALPN offer
+AUTO_PASSTHROUGH_HOSTS = 4096
+READ_SIZE = MIN_READ_SIZE
+HTTP1_ALPN = (None, "http/1.1", "http/1.0")
+
+# OpenSSL's names for the alerts a client sends when it does not trust our certificate.
+_REJECTION_ALERTS = {
+    "TLSV1_ALERT_UNKNOWN_CA": "unknown ca",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "bad certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "certificate unknown",
+    "TLSV1_ALERT_ACCESS_DENIED": "access denied",
+}
+
+_HOSTNAME_RE = re.compile(
+    r"(?=.{1,253}$)([a-z0-9_*]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
+    r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+)
+
+
+def valid_hostname(name: str) -> bool:
+    return bool(_HOSTNAME_RE.fullmatch(name))
+
+
+def _b64(key: bytes) -> str:
+    return base64.b64encode(key).decode("ascii")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return str(exc.verify_message or exc.reason or "certificate verify failed")
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason).lower().replace("_", " ")
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+class _Refused(Exception):
+    """We will not serve this connection; str() is the reason for the event."""
+
+
+# --- TLS toward the client, over its TCP streams ----------------------------------------------
+
+
+class ClientTls:
+    """Server-side TLS on `ssl.SSLObject` over memory BIOs, over a peer's (reader, writer).
+
+    After `handshake()` it offers what `splice` uses of a stream pair: `read`, `write`,
+    `drain`, `can_write_eof`/`write_eof` (close_notify and a TCP half-close; reading goes on),
+    `close`, `wait_closed`. Everything read is decrypted into the caller's hands at once, so
+    nothing beyond one read's worth is held here."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        context: ssl.SSLContext,
+        initial: bytes = b"",
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self.ssl = context.wrap_bio(self._in, self._out, server_side=True)
+        if initial:
+            self._in.write(initial)
+        self.sent_certificate = False  # our first flight (with the certificate) went out
+        self._shut = False
+
+    def _flush(self) -> bool:
+        data = self._out.read()
+        if data:
+            self.writer.write(data)
+        return bool(data)
+
+    async def _fill(self) -> None:
+        data = await self.reader.read(READ_SIZE)
+        if data:
+            self._in.write(data)
+        else:
+            self._in.write_eof()
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.ssl.do_handshake()
+            except ssl.SSLWantReadError:
+                if self._flush():
+                    self.sent_certificate = True
+                await self.writer.drain()
+                await self._fill()
+                continue
+            except ssl.SSLError:
+                self._flush()  # our alert, if OpenSSL made one
+                raise
+            self._flush()
+            await self.writer.drain()
+            return
+
+    @property
+    def alpn(self) -> str | None:
+        return self.ssl.selected_alpn_protocol()
+
+    # -- the stream face -------------------------------------------------------------------
+
+    async def read(self, n: int = READ_SIZE) -> bytes:
+        while True:
+            try:
+                data = self.ssl.read(n)
+            except ssl.SSLWantReadError:
+                self._flush()
+                await self._fill()
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""  # close_notify, or a TCP EOF without one: either way the end
+            self._flush()
+            return data
+
+    def write(self, data: bytes) -> None:
+        if self._shut:
+            return
+        self.ssl.write(data)
+        self._flush()
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self._shutdown()
+        if self.writer.can_write_eof():
+            self.writer.write_eof()
+
+    def _shutdown(self) -> None:
+        if self._shut:
+            return
+        self._shut = True
+        # unwrap() sends close_notify, then wants the client's; we keep reading via read().
+        with contextlib.suppress(ssl.SSLError, ValueError):
+            self.ssl.unwrap()
+        self._flush()
+
+    def close(self) -> None:
+        self._shutdown()
+        self.writer.close()
+
+    async def wait_closed(self) -> None:
+        await self.writer.wait_closed()
+
+
+class _UpstreamWriter:
+    """An upstream TLS StreamWriter for `splice`: asyncio's TLS transport cannot half-close,
+    and TLS has no half-close worth keeping, so the client's EOF closes upstream outright."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.writer.close()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(ssl.SSLError):
+            await self.writer.wait_closed()
+
+
+class _Tap:
+    """A reader that shows every chunk (and the EOF, as b"") to a callback on its way."""
+
+    def __init__(self, inner: Any, on_data: Callable[[bytes], None]) -> None:
+        self.inner = inner
+        self.on_data = on_data
+
+    async def read(self, n: int = READ_SIZE) -> bytes:
+        data: bytes = await self.inner.read(n)
+        self.on_data(data)
+        return data
+
+
+# --- one connection's bookkeeping -------------------------------------------------------------
+
+
+class _Flow:
+    """The identity and the exactly-once TcpOpened/TcpClosed of one connection."""
+
+    def __init__(self, service: TlsService, conn: TcpConnLike) -> None:
+        self.service = service
+        self.conn = conn
+        self.peer = service.gateway.peer_name(conn.peer_public_key)
+        self.started = time.monotonic()
+        self.hostname: str | None = None
+        self.opened = False
+        self.stats = SpliceStats()
+        self.error: str | None = None
+
+    def ident(self) -> dict[str, Any]:
+        conn = self.conn
+        return {
+            "conn_id": conn.conn_id,
+            "peer": self.peer,
+            "peer_public_key": _b64(conn.peer_public_key),
+            "peer_ip": conn.peer_ip,
+            "dst_ip": conn.dst_ip,
+            "dst_port": conn.dst_port,
+            "hostname": self.hostname,
+            "route": str(Route.TLS),
+        }
+
+    def open(self, hostname: str | None) -> None:
+        if not self.opened:
+            self.hostname = hostname
+            self.opened = True
+            self.service.gateway.publish(TcpOpened(**self.ident()))
+
+    def close(self) -> None:
+        self.open(self.hostname)
+        self.service.gateway.publish(
+            TcpClosed(
+                **self.ident(),
+                bytes_up=self.stats.bytes_up,
+                bytes_down=self.stats.bytes_down,
+                duration=time.monotonic() - self.started,
+                error=self.error or self.stats.error,
+            )
+        )
+
+    def tls_event(
+        self,
+        sni: str | None,
+        mode: str,
+        *,
+        alpn: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        self.service.gateway.publish(
+            TlsHost(
+                peer=self.peer, sni=sni or "", alpn=alpn, mode=mode, ok=error is None, error=error
+            )
+        )
+        if error is not None:
+            self.error = error
+
+
+# --- the service ------------------------------------------------------------------------------
+
+
+class TlsService:
+    """See the module docstring. `upstream_context(alpn)` makes the client-side context for
+    upstream connections (default: the system store, as `ssl.create_default_context()`)."""
+
+    def __init__(
+        self,
+        gateway: GatewayServices,
+        ca: CertificateAuthority,
+        *,
+        upstream_context: Callable[[tuple[str, ...]], ssl.SSLContext] | None = None,
+        hello_timeout: float = HELLO_TIMEOUT,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self.gateway = gateway
+        self.ca = ca
+        self._make_upstream_context = upstream_context or default_upstream_context
+        self._upstream_contexts: OrderedDict[tuple[str, ...], ssl.SSLContext] = OrderedDict()
+        self.hello_timeout = hello_timeout
+        self.handshake_timeout = handshake_timeout
+        self.connect_timeout = connect_timeout
+        # Hosts whose clients rejected our certificate (auto-passthrough), least recent first.
+        self.rejected_hosts: OrderedDict[str, None] = OrderedDict()
+
+    # -- Service -------------------------------------------------------------------------------
+
+    def handle_udp(self, dgram: UdpDatagram) -> None:
+        dgram.unreachable()  # the router sends only TCP here
+
+    async def close(self) -> None:
+        self._upstream_contexts.clear()
+
+    async def handle_tcp(self, conn: TcpConnLike) -> None:
+        flow = _Flow(self, conn)
+        try:
+            await self._serve(flow)
+        except asyncio.CancelledError:
+            flow.error = flow.error or "cancelled"
+            with contextlib.suppress(Exception):
+                conn.abort()
+            raise
+        except Exception as exc:
+            log.exception("TLS service failed on %r", conn)
+            flow.error = f"internal error: {_describe(exc)}"
+            with contextlib.suppress(Exception):
+                conn.abort()
+        finally:
+            flow.close()
+
+    # -- policy --------------------------------------------------------------------------------
+
+    def is_passthrough(self, hostname: str | None) -> bool:
+        if hostname is None:
+            return False
+        if hostname in self.rejected_hosts:
+            return True
+        return any(fnmatch.fnmatchcase(hostname, p) for p in self.gateway.settings.passthrough)
+
+    def _remember_rejection(self, hostname: str) -> None:
+        self.rejected_hosts[hostname] = None
+        self.rejected_hosts.move_to_end(hostname)
+        while len(self.rejected_hosts) > AUTO_PASSTHROUGH_HOSTS:
+            self.rejected_hosts.popitem(last=False)
+
+    def upstream_context(self, alpn: tuple[str, ...]) -> ssl.SSLContext:
+        ctx = self._upstream_contexts.get(alpn)
+        if ctx is None:
+            ctx = self._make_upstream_context(alpn)
+            self._upstream_contexts[alpn] = ctx
+            while len(self._upstream_contexts) > UPSTREAM_CONTEXTS:
+                self._upstream_contexts.popitem(last=False)
+        self._upstream_contexts.move_to_end(alpn)
+        return ctx
+
+    # -- one connection ------------------------------------------------------------------------
+
+    async def _serve(self, flow: _Flow) -> None:
+        conn = flow.conn
+        try:
+            reader, writer = conn.accept()
+        except Exception as exc:
+            flow.error = f"peer gone before accept: {_describe(exc)}"
+            return
+        hello, seen = await self._read_hello(reader)
+        resolver = self.gateway.resolver
+        vip_host = resolver.hostname_for_vip(conn.dst_ip) if resolver is not None else None
+        if isinstance(hello, clienthello.NotTls):
+            flow.open(vip_host)
+            flow.tls_event(None, "rejected", error=f"not a TLS ClientHello: {hello.reason}")
+            await _close_client(writer, conn)
+            return
+        sni = hello.sni
+        if sni is not None and not (valid_hostname(sni) or _is_ip(sni)):
+            flow.open(vip_host)
+            flow.tls_event(None, "rejected", error="invalid SNI")
+            await _close_client(writer, conn)
+            return
+        hostname = sni or vip_host
+        flow.open(hostname)
+        passthrough = self.is_passthrough(hostname)
+        try:
+            addresses = await self._destinations(conn.dst_ip, vip_host)
+        except _Refused as exc:
+            flow.tls_event(sni, "rejected", error=str(exc))
+            conn.abort()
+            return
+        if passthrough:
+            offered = ",".join(hello.alpn) or None
+            await self._passthrough(flow, sni, offered, addresses, reader, writer, seen)
+        else:
+            await self._intercept(flow, hello, hostname, addresses, reader, writer, seen)
+
+    async def _read_hello(
+        self, reader: asyncio.StreamReader
+    ) -> tuple[clienthello.ClientHello | clienthello.NotTls, bytes]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.hello_timeout
+        buf = bytearray()
+        while True:
+            result = clienthello.parse(bytes(buf), MAX_HELLO)
+            if not isinstance(result, clienthello.NeedMore):
+                return result, bytes(buf)
+            left = deadline - loop.time()
+            try:
+                if left <= 0:
+                    raise TimeoutError
+                data = await asyncio.wait_for(reader.read(max(1, MAX_HELLO - len(buf))), left)
+            except TimeoutError:
+                what = "incomplete" if buf else "none"
+                return clienthello.NotTls(f"{what} within {self.hello_timeout:g} s"), bytes(buf)
+            except OSError as exc:
+                return clienthello.NotTls(_describe(exc)), bytes(buf)
+            if not data:
+                what = "truncated" if buf else "closed before sending anything"
+                return clienthello.NotTls(what), bytes(buf)
+            buf += data
+
+    async def _destinations(self, dst_ip: str, vip_host: str | None) -> list[str]:
+        """The real addresses to connect to, in order, each allowed by the egress policy."""
+        if vip_host is not None and self.gateway.resolver is not None:
+            candidates = await self.gateway.resolver.resolve(vip_host)
+            if not candidates:
+                raise _Refused(f"{vip_host} does not resolve")
+        else:
+            candidates = [dst_ip]
+        allowed: list[str] = []
+        reason: str | None = None
+        for ip in candidates:
+            refusal = self.gateway.policy.check(ip)
+            if refusal is None:
+                allowed.append(ip)
+            else:
+                reason = reason or refusal
+        if not allowed:
+            raise _Refused(f"refused by egress policy: {reason}")
+        return allowed
+
+    async def _passthrough(
+        self,
+        flow: _Flow,
+        sni: str | None,
+        offered_alpn: str | None,
+        addresses: list[str],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        seen: bytes,
+    ) -> None:
+        conn = flow.conn
+        failure = "no address"
+        for ip in addresses:
+            try:
+                host_reader, host_writer = await connect_host(
+                    ip,
+                    conn.dst_port,
+                    timeout=self.connect_timeout,
+                    buffer_size=self.gateway.settings.tcp_buffer,
+                )
+                break
+            except ConnectFailed as exc:
+                failure = str(exc)
+        else:
+            flow.tls_event(sni, "passthrough", alpn=offered_alpn, error=failure)
+            conn.abort()
+            return
+        flow.tls_event(sni, "passthrough", alpn=offered_alpn)
+        host_writer.write(seen)  # the ClientHello (and anything after it), untouched
+        flow.stats.bytes_up += len(seen)
+        await splice(
+            Side("peer", reader, writer, conn.abort),
+            Side(
+                "destination", host_reader, host_writer, lambda: reset_host_connection(host_writer)
+            ),
+            read_size=READ_SIZE,
+            stats=flow.stats,
+        )
+
+    async def _connect_upstream(
+        self, addresses: list[str], port: int, ctx: ssl.SSLContext, server_name: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """TLS to the first address that answers; a certificate failure ends the search (the
+        same name is served by the same certificate everywhere)."""
+        failure: Exception = ConnectFailed("no address")
+        for ip in addresses:
+            try:
+                return await asyncio.wait_for(
+                    asyncio.open_connection(
+                        ip,
+                        port,
+                        ssl=ctx,
+                        server_hostname=server_name,
+                        ssl_handshake_timeout=self.connect_timeout,
+                        limit=self.gateway.settings.tcp_buffer,
+                    ),
+                    self.connect_timeout,
+                )
+            except ssl.SSLCertVerificationError:
+                raise
+            except TimeoutError:
+                failure = ConnectFailed(f"connect timeout after {self.connect_timeout:g} s")
+            except ConnectionRefusedError:
+                failure = ConnectFailed("connection refused")
+            except (OSError, ssl.SSLError) as exc:
+                failure = exc
+        raise failure
+
+    async def _intercept(
+        self,
+        flow: _Flow,
+        hello: clienthello.ClientHello,
+        hostname: str | None,
+        addresses: list[str],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        seen: bytes,
+    ) -> None:
+        conn = flow.conn
+        sni = hello.sni
+        offer = tuple(p for p in hello.alpn if 0 < len(p.encode("latin-1")) < 256)
+        server_name = hostname or conn.dst_ip
+        try:
+            ctx = self.upstream_context(offer)
+            up_reader, up_writer = await self._connect_upstream(
+                addresses, conn.dst_port, ctx, server_name
+            )
+        except ssl.SSLCertVerificationError as exc:
+            flow.tls_event(
+                sni, "intercepted", error=f"upstream certificate rejected: {_describe(exc)}"
+            )
+            await _close_client(writer, conn)
+            return
+        except (OSError, ssl.SSLError) as exc:
+            flow.tls_event(sni, "intercepted", error=f"upstream: {_describe(exc)}")
+            await _close_client(writer, conn)
+            return
+        upstream_ssl = up_writer.get_extra_info("ssl_object")
+        alpn = upstream_ssl.selected_alpn_protocol() if upstream_ssl is not None else None
+        client = ClientTls(reader, writer, self.ca.server_context(server_name, alpn), seen)
+        try:
+            await asyncio.wait_for(client.handshake(), self.handshake_timeout)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            rejection = _client_rejection(exc, client.sent_certificate)
+            if rejection is not None:
+                error = f"client rejected our certificate ({rejection})"
+                if hostname is not None and self.gateway.settings.auto_passthrough:
+                    self._remember_rejection(hostname)
+            else:
+                error = f"client handshake failed: {_describe(exc)}"
+            flow.tls_event(sni, "intercepted", alpn=alpn, error=error)
+            reset_host_connection(up_writer)
+            await _close_client(writer, conn)
+            return
+        flow.tls_event(sni, "intercepted", alpn=alpn)
+        peer_reader: Any = client
+        host_reader: Any = up_reader
+        observer: Http1Observer | None = None
+        if alpn in HTTP1_ALPN:
+            observer = Http1Observer(default_host=hostname or conn.dst_ip)
+            peer_reader, host_reader = self._observe(flow, observer, client, up_reader)
+        try:
+            await splice(
+                Side("peer", peer_reader, cast(asyncio.StreamWriter, client), conn.abort),
+                Side(
+                    "destination",
+                    host_reader,
+                    cast(asyncio.StreamWriter, _UpstreamWriter(up_writer)),
+                    lambda: reset_host_connection(up_writer),
+                ),
+                read_size=READ_SIZE,
+                stats=flow.stats,
+            )
+        finally:
+            if observer is not None:
+                self._publish_http(flow, observer.close(time.monotonic()))
+
+    def _observe(
+        self, flow: _Flow, observer: Http1Observer, client: ClientTls, upstream: Any
+    ) -> tuple[_Tap, _Tap]:
+        def from_client(data: bytes) -> None:
+            observer.request_data(data, time.monotonic())
+
+        def from_upstream(data: bytes) -> None:
+            now = time.monotonic()
+            done = observer.response_data(data, now) if data else observer.response_eof(now)
+            self._publish_http(flow, done)
+
+        return _Tap(client, from_client), _Tap(upstream, from_upstream)
+
+    def _publish_http(self, flow: _Flow, exchanges: list[Exchange]) -> None:
+        for x in exchanges:
+            self.gateway.publish(
+                HttpRequest(
+                    peer=flow.peer,
+                    method=x.method,
+                    host=x.host or "",
+                    path=x.path,
+                    status=x.status,
+                    bytes=x.bytes,
+                    ms=x.ms,
+                )
+            )
+
+
+def _client_rejection(exc: BaseException, sent_certificate: bool) -> str | None:
+    """Why the client refused our certificate, or None if it failed for another reason."""
+    if isinstance(exc, ssl.SSLError) and exc.reason in _REJECTION_ALERTS:
+        return _REJECTION_ALERTS[exc.reason]
+    if sent_certificate and isinstance(
+        exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionResetError
+    ):
+        return "closed the connection after our certificate"
+    if sent_certificate and isinstance(exc, ssl.SSLError) and "EOF" in str(exc):
+        return "closed the connection after our certificate"
+    return None
+
+
+async def _close_client(writer: asyncio.StreamWriter, conn: TcpConnLike) -> None:
+    """A clean close (FIN); an abort (RST) if it does not finish in time."""
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+    except (OSError, TimeoutError):
+        conn.abort()
+
+
+def default_upstream_context(alpn: tuple[str, ...]) -> ssl.SSLContext:
+    """The system store with full verification; honours SSL_CERT_FILE / SSL_CERT_DIR."""
+    ctx = ssl.create_default_context()
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
 
 
 def create(gateway: GatewayServices) -> dict[Route, Service]:
-    return {}
+    ca = CertificateAuthority.load_or_create(gateway.state.path)
+    return {Route.TLS: cast("Service", TlsService(gateway, ca))}

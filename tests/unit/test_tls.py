@@ -1,0 +1,718 @@
+"""The TLS service over fake tunnel connections (one end of a loopback TCP connection, the
+other end playing the peer's application) against local TLS origins with their own test CA."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from unclaw_tui.config import Settings
+from unclaw_tui.events import Event, HttpRequest, TcpClosed, TcpOpened, TlsHost
+from unclaw_tui.router import Route
+from unclaw_tui.services import tls
+from unclaw_tui.services.ca import CA_CERT_FILE, CertificateAuthority
+from unclaw_tui.services.egress import EgressPolicy
+from unclaw_tui.services.relay import OpenFlows
+from unclaw_tui.services.tls import ClientTls, TlsService, valid_hostname
+
+PEER_KEY = bytes(range(32))
+VIP = "10.78.0.5"
+
+# --- a test PKI: a CA, and leaves for the origins ----------------------------------------------
+
+
+@dataclass
+class Pki:
+    directory: Path
+    ca_file: Path
+    trusted: tuple[Path, Path]  # example.test cert chain, key: signed by the test CA
+    untrusted: tuple[Path, Path]  # example.test, signed by a CA nobody trusts
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _make_ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _make_leaf(
+    directory: Path, stem: str, ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
+) -> tuple[Path, Path]:
+    ca_key, ca_cert = ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("example.test"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("example.test")]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    directory = tmp_path_factory.mktemp("pki")
+    test_ca = _make_ca("test CA")
+    rogue_ca = _make_ca("rogue CA")
+    ca_file = directory / "test-ca.pem"
+    ca_file.write_bytes(test_ca[1].public_bytes(serialization.Encoding.PEM))
+    return Pki(
+        directory,
+        ca_file,
+        _make_leaf(directory, "trusted", test_ca),
+        _make_leaf(directory, "untrusted", rogue_ca),
+    )
+
+
+# --- origins -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Origin:
+    port: int
+    server: asyncio.Server
+    connections: int = 0
+    alpn_seen: list[str | None] = field(default_factory=list)
+
+
+async def _serve_origin(origin: Origin, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    origin.connections += 1
+    ssl_obj = w.get_extra_info("ssl_object")
+    alpn = ssl_obj.selected_alpn_protocol() if ssl_obj is not None else None
+    origin.alpn_seen.append(alpn)
+    try:
+        if alpn == "h2":  # not really HTTP/2: an echo is enough to see bytes pass
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+            return
+        while True:
+            try:
+                head = await r.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+                return
+            path = head.split(b" ")[1]
+            body = b"hello from " + path
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await w.drain()
+    except (ConnectionError, ssl.SSLError):
+        pass
+    finally:
+        w.close()
+
+
+async def start_origin(pair: tuple[Path, Path], alpn: list[str] | None = None) -> Origin:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(*pair)
+    ctx.set_alpn_protocols(alpn or ["http/1.1"])
+    origin = Origin(0, None)  # type: ignore[arg-type]
+    server = await asyncio.start_server(
+        lambda r, w: _serve_origin(origin, r, w), "127.0.0.1", 0, ssl=ctx
+    )
+    origin.server = server
+    origin.port = server.sockets[0].getsockname()[1]
+    return origin
+
+
+# --- fakes: the gateway and the tunnel ---------------------------------------------------------
+
+
+class FakeResolver:
+    def __init__(self, names: dict[str, tuple[str, list[str]]]) -> None:
+        self.names = names  # vip -> (hostname, real addresses)
+
+    def hostname_for_vip(self, ip: str) -> str | None:
+        entry = self.names.get(ip)
+        return entry[0] if entry else None
+
+    async def resolve(self, hostname: str) -> list[str]:
+        for name, addresses in self.names.values():
+            if name == hostname:
+                return addresses
+        return []
+
+
+@dataclass
+class FakeState:
+    path: Path
+
+
+class FakeGateway:
+    def __init__(self, state_dir: Path, **settings: Any) -> None:
+        self.settings = Settings(state_dir=state_dir, **settings)
+        self.state = FakeState(state_dir)
+        self.policy = EgressPolicy(allow=["127.0.0.0/8"], host_addresses=[])
+        self.open_flows = OpenFlows()
+        self.resolver: FakeResolver | None = None
+        self.events: list[Event] = []
+
+    def publish(self, event: Event) -> None:
+        self.open_flows.observe(event)
+        self.events.append(event)
+
+    def peer_name(self, public_key: bytes) -> str:
+        return "phone"
+
+    def of(self, kind: type[Event]) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+class FakeTcpConn:
+    """TcpConn per the flow contract, over one end of a loopback connection."""
+
+    def __init__(
+        self,
+        dst: tuple[str, int],
+        streams: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        conn_id: int,
+    ) -> None:
+        self.conn_id = conn_id
+        self.peer_public_key = PEER_KEY
+        self.peer_ip = "10.77.0.2"
+        self.src_port = 40000 + conn_id
+        self.dst_ip, self.dst_port = dst
+        self.reader, self.writer = streams
+        self.accepted = self.aborted = False
+
+    def accept(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        assert not self.accepted
+        self.accepted = True
+        return self.reader, self.writer
+
+    def reject(self) -> None:
+        self.abort()
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.writer.transport.abort()
+
+
+class Harness:
+    """The service plus a loopback 'tunnel': each connection to it becomes a FakeTcpConn to
+    `dst` handled by the service."""
+
+    def __init__(self, gateway: FakeGateway, service: TlsService) -> None:
+        self.gateway = gateway
+        self.service = service
+        self.dst: tuple[str, int] = ("127.0.0.1", 9)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.port = 0
+        self._ids = iter(range(1, 10_000))
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        async def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            conn = FakeTcpConn(self.dst, (r, w), next(self._ids))
+            self.tasks.append(asyncio.create_task(self.service.handle_tcp(conn)))
+
+        self._server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def settle(self) -> None:
+        """Wait until every connection so far has been handled to its end."""
+        await asyncio.wait_for(asyncio.gather(*self.tasks), 15)
+
+    async def open(
+        self, ctx: ssl.SSLContext | None, server_hostname: str | None = "example.test"
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.wait_for(
+            asyncio.open_connection(
+                "127.0.0.1",
+                self.port,
+                ssl=ctx,
+                server_hostname=server_hostname if ctx is not None else None,
+            ),
+            10,
+        )
+
+    def check_flow_pairs(self) -> None:
+        opened = self.gateway.of(TcpOpened)
+        closed = self.gateway.of(TcpClosed)
+        assert sorted(e.conn_id for e in opened) == sorted(e.conn_id for e in closed)
+        assert len({e.conn_id for e in opened}) == len(opened) == len(self.tasks)
+        assert all(e.route == "tls" for e in opened + closed)
+        assert self.gateway.open_flows.total == 0
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+@pytest.fixture
+async def make_harness(tmp_path: Path, pki: Pki) -> AsyncIterator[Callable[..., Any]]:
+    made: list[Harness] = []
+
+    async def make(**settings: Any) -> Harness:
+        state = tmp_path / "state"
+        state.mkdir(mode=0o700, exist_ok=True)
+        gateway = FakeGateway(state, **settings)
+        ca = CertificateAuthority.load_or_create(state)
+
+        def upstream(alpn: tuple[str, ...]) -> ssl.SSLContext:
+            ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+            if alpn:
+                ctx.set_alpn_protocols(list(alpn))
+            return ctx
+
+        service = TlsService(gateway, ca, upstream_context=upstream, hello_timeout=1.0)
+        harness = Harness(gateway, service)
+        await harness.start()
+        made.append(harness)
+        return harness
+
+    yield make
+    for harness in made:
+        await harness.close()
+
+
+def our_ca_context(h: Harness, alpn: list[str] | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(h.gateway.state.path / CA_CERT_FILE))
+    ctx.set_alpn_protocols(alpn or ["http/1.1"])
+    return ctx
+
+
+def trusting_test_ca(pki: Pki) -> ssl.SSLContext:
+    """A client that trusts the origins' test CA only (not ours)."""
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def blocking_handshake(port: int, ctx: ssl.SSLContext) -> None:
+    """A handshake from a blocking ssl socket, which (unlike asyncio's) sends its alert when it
+    rejects the certificate."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="example.test"),
+    ):
+        pass
+
+
+async def http_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> bytes:
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: example.test\r\n\r\n".encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    body = await asyncio.wait_for(reader.readexactly(length), 10)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    return body
+
+
+async def close_writer(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), 5)
+
+
+def peer_cert_issuer(writer: asyncio.StreamWriter) -> str:
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    cert = x509.load_der_x509_certificate(der)
+    return cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value  # type: ignore[return-value]
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+def test_create_makes_the_ca_and_the_tls_route(tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    state.mkdir(mode=0o700)
+    services = tls.create(FakeGateway(state))  # type: ignore[arg-type]
+    assert list(services) == [Route.TLS]
+    assert (state / CA_CERT_FILE).exists()
+
+
+def test_valid_hostname() -> None:
+    assert valid_hostname("example.test")
+    assert valid_hostname("a_b.example-1.test")
+    assert not valid_hostname("bad host")
+    assert not valid_hostname("-x.test")
+    assert not valid_hostname("a" * 64 + ".test")
+
+
+async def test_intercept_with_http_events(make_harness: Any, pki: Pki) -> None:
+    h: Harness = await make_harness()
+    origin = await start_origin(pki.trusted)
+    h.dst = ("127.0.0.1", origin.port)
+    reader, writer = await h.open(our_ca_context(h, ["h2", "http/1.1"]))
+    assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+    assert peer_cert_issuer(writer).startswith("unclaw-tui local CA")
+    assert await http_get(reader, writer, "/first") == b"hello from /first"
+    assert await http_get(reader, writer, "/second?q=1") == b"hello from /second?q=1"
+    await close_writer(writer)
+    await h.settle()
+    origin.server.close()
+
+    assert origin.alpn_seen == ["http/1.1"]
+    (tls_event,) = h.gateway.of(TlsHost)
+    assert (tls_event.sni, tls_event.mode, tls_event.ok, tls_event.alpn) == (
+        "example.test",
+        "intercepted",
+        True,
+        "http/1.1",
+    )
+    requests = h.gateway.of(HttpRequest)
+    assert [(r.method, r.host, r.path, r.status, r.bytes) for r in requests] == [
+        ("GET", "example.test", "/first", 200, len(b"hello from /first")),
+        ("GET", "example.test", "/second?q=1", 200, len(b"hello from /second?q=1")),
+    ]
+    assert all(r.peer == "phone" and r.ms >= 0 for r in requests)
+    (opened,) = h.gateway.of(TcpOpened)
+    assert opened.hostname == "example.test"
+    (closed,) = h.gateway.of(TcpClosed)
+    assert closed.error is None and closed.bytes_down > 0 and closed.bytes_up > 0
+    h.check_flow_pairs()
+
+
+async def test_h2_is_relayed_without_http_events(make_harness: Any, pki: Pki) -> None:
+    h: Harness = await make_harness()
+    origin = await start_origin(pki.trusted, ["h2", "http/1.1"])
+    h.dst = ("127.0.0.1", origin.port)
+    reader, writer = await h.open(our_ca_context(h, ["h2", "http/1.1"]))
+    assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+    payload = os.urandom(300_000)
+    writer.write(payload)
+    echoed = await asyncio.wait_for(reader.readexactly(len(payload)), 10)
+    assert echoed == payload
+    await close_writer(writer)
+    await h.settle()
+    origin.server.close()
+    assert origin.alpn_seen == ["h2"]
+    assert [e.alpn for e in h.gateway.of(TlsHost)] == ["h2"]
+    assert h.gateway.of(HttpRequest) == []
+    h.check_flow_pairs()
+
+
+async def test_passthrough_relays_the_origin_certificate(make_harness: Any, pki: Pki) -> None:
+    h: Harness = await make_harness(passthrough=["*.test"])
+    origin = await start_origin(pki.trusted)
+    h.dst = ("127.0.0.1", origin.port)
+    reader, writer = await h.open(trusting_test_ca(pki))
+    assert peer_cert_issuer(writer) == "test CA"
+    assert await http_get(reader, writer, "/p") == b"hello from /p"
+    await close_writer(writer)
+    await h.settle()
+    origin.server.close()
+    (event,) = h.gateway.of(TlsHost)
+    assert (event.sni, event.mode, event.ok, event.alpn) == (
+        "example.test",
+        "passthrough",
+        True,
+        "http/1.1",
+    )
+    assert h.gateway.of(HttpRequest) == []  # encrypted: nothing to see
+    h.check_flow_pairs()
+
+
+async def test_untrusted_upstream_closes_the_client(make_harness: Any, pki: Pki) -> None:
+    h: Harness = await make_harness()
+    origin = await start_origin(pki.untrusted)
+    h.dst = ("127.0.0.1", origin.port)
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await h.open(our_ca_context(h))
+    await h.settle()
+    origin.server.close()
+    (event,) = h.gateway.of(TlsHost)
+    assert event.mode == "intercepted" and not event.ok
+    assert event.error is not None and "upstream certificate rejected" in event.error
+    assert "unable to get local issuer certificate" in event.error
+    (closed,) = h.gateway.of(TcpClosed)
+    assert closed.error == event.error
+    h.check_flow_pairs()
+
+
+async def test_client_rejecting_our_ca_then_auto_passthrough(make_harness: Any, pki: Pki) -> None:
+    h: Harness = await make_harness(auto_passthrough=True)
+    origin = await start_origin(pki.trusted)
+    h.dst = ("127.0.0.1", origin.port)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await asyncio.to_thread(blocking_handshake, h.port, trusting_test_ca(pki))
+    await h.settle()
+    (first,) = h.gateway.of(TlsHost)
+    assert first.mode == "intercepted" and not first.ok
+    assert first.error == "client rejected our certificate (unknown ca)"
+    assert "example.test" in h.service.rejected_hosts
+
+    # From then on the host is passed through: the same client now succeeds.
+    reader, writer = await h.open(trusting_test_ca(pki))
+    assert peer_cert_issuer(writer) == "test CA"
+    assert await http_get(reader, writer, "/again") == b"hello from /again"
+    await close_writer(writer)
+    await h.settle()
+    origin.server.close()
+    second = h.gateway.of(TlsHost)[1]
+    assert (second.mode, second.ok) == ("passthrough", True)
+    h.check_flow_pairs()
+
+
+async def test_client_rejection_without_auto_passthrough_stays_intercepted(
+    make_harness: Any, pki: Pki
+) -> None:
+    h: Harness = await make_harness()
+    origin = await start_origin(pki.trusted)
+    h.dst = ("127.0.0.1", origin.port)
+    for _ in range(2):
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.to_thread(blocking_handshake, h.port, trusting_test_ca(pki))
+        await h.settle()
+    origin.server.close()
+    events = h.gateway.of(TlsHost)
+    assert [(e.mode, e.error) for e in events] == [
+        ("intercepted", "client rejected our certificate (unknown ca)")
+    ] * 2
+    assert not h.service.rejected_hosts
+    h.check_flow_pairs()
+
+
+async def test_client_closing_after_our_certificate_counts_as_rejection(
+    make_harness: Any, pki: Pki
+) -> None:
+    """A client that hangs up instead of sending an alert (some pinning apps)."""
+    h: Harness = await make_harness(auto_passthrough=True)
+    origin = await start_origin(pki.trusted)
+    h.dst = ("127.0.0.1", origin.port)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="example.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    reader, writer = await h.open(None)
+    writer.write(outgoing.read())
+    # Wait for the server's flight (with our certificate), then close without a word.
+    assert await asyncio.wait_for(reader.read(65536), 10)
+    writer.close()
+    await h.settle()
+    origin.server.close()
+    (event,) = h.gateway.of(TlsHost)
+    assert (
+        event.error
+        == "client rejected our certificate (closed the connection after our certificate)"
+    )
+    assert "example.test" in h.service.rejected_hosts
+    h.check_flow_pairs()
+
+
+async def test_vip_without_sni_uses_the_vip_hostname(make_harness: Any, pki: Pki) -> None:
+    h: Harness = await make_harness()
+    origin = await start_origin(pki.trusted)
+    h.gateway.resolver = FakeResolver({VIP: ("example.test", ["127.0.0.1"])})
+    h.dst = (VIP, origin.port)
+    ctx = our_ca_context(h)
+    ctx.check_hostname = False  # no SNI sent; the leaf's name is checked below
+    reader, writer = await h.open(ctx, server_hostname=None)
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    san = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert san.value.get_values_for_type(x509.DNSName) == ["example.test"]
+    assert await http_get(reader, writer, "/vip") == b"hello from /vip"
+    await close_writer(writer)
+    await h.settle()
+    origin.server.close()
+    (event,) = h.gateway.of(TlsHost)
+    assert (event.sni, event.ok) == ("", True)
+    (opened,) = h.gateway.of(TcpOpened)
+    assert (opened.hostname, opened.dst_ip) == ("example.test", VIP)
+    (request,) = h.gateway.of(HttpRequest)
+    assert request.path == "/vip"
+    h.check_flow_pairs()
+
+
+async def test_policy_refusal_is_rejected(make_harness: Any, pki: Pki) -> None:
+    h: Harness = await make_harness()
+    h.gateway.policy = EgressPolicy(host_addresses=[])  # loopback refused, as by default
+    origin = await start_origin(pki.trusted)
+    h.dst = ("127.0.0.1", origin.port)
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await h.open(our_ca_context(h))
+    await h.settle()
+    origin.server.close()
+    (event,) = h.gateway.of(TlsHost)
+    assert event.mode == "rejected" and event.error is not None
+    assert event.error.startswith("refused by egress policy")
+    assert origin.connections == 0
+    h.check_flow_pairs()
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n", "not a TLS handshake record"),
+        (os.urandom(64).replace(b"\x16", b"\x00"), "not a TLS handshake record"),
+        ("truncated", "truncated"),
+        (b"", "closed before sending anything"),
+    ],
+)
+async def test_garbage_is_closed_cleanly(
+    make_harness: Any, pki: Pki, payload: bytes | str, reason: str
+) -> None:
+    h: Harness = await make_harness()
+    origin = await start_origin(pki.trusted)
+    h.dst = ("127.0.0.1", origin.port)
+    if payload == "truncated":
+        ctx = ssl.create_default_context()
+        obj = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname="x.test")
+        with pytest.raises(ssl.SSLWantReadError):
+            obj.do_handshake()
+        data = out.read()
+        payload = data[: len(data) // 2]
+    assert isinstance(payload, bytes)
+    reader, writer = await h.open(None)
+    writer.write(payload)
+    writer.write_eof()
+    # A clean close: EOF (FIN), not a reset, and nothing sent back.
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    await close_writer(writer)
+    await h.settle()
+    (event,) = h.gateway.of(TlsHost)
+    assert (event.mode, event.ok, event.sni) == ("rejected", False, "")
+    assert event.error is not None and reason in event.error
+    assert origin.connections == 0
+
+    # ... and the service keeps serving others.
+    reader, writer = await h.open(our_ca_context(h))
+    assert await http_get(reader, writer, "/next") == b"hello from /next"
+    await close_writer(writer)
+    await h.settle()
+    origin.server.close()
+    assert h.gateway.of(TlsHost)[1].ok
+    h.check_flow_pairs()
+
+
+async def test_slow_client_times_out(make_harness: Any, pki: Pki) -> None:
+    h: Harness = await make_harness()  # hello_timeout 1 s in the harness
+    reader, writer = await h.open(None)
+    writer.write(b"\x16\x03\x01\x02\x00\x01")  # a hello's start, then silence
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    assert loop.time() - started < 3
+    await close_writer(writer)
+    await h.settle()
+    (event,) = h.gateway.of(TlsHost)
+    assert event.error == "not a TLS ClientHello: incomplete within 1 s"
+    h.check_flow_pairs()
+
+
+async def test_cancel_still_closes_the_flow(make_harness: Any, pki: Pki) -> None:
+    h: Harness = await make_harness()
+    _reader, writer = await h.open(None)
+    for _ in range(100):
+        if h.tasks:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    h.tasks[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await h.tasks[0]
+    (closed,) = h.gateway.of(TcpClosed)
+    assert closed.error == "cancelled"
+    await close_writer(writer)
+    h.check_flow_pairs()
+
+
+# --- ClientTls over memory-connected streams ------------------------------------------------------
+
+
+async def test_client_tls_half_close_keeps_reading(make_harness: Any, pki: Pki) -> None:
+    """write_eof sends close_notify + FIN, and the client's later bytes still arrive."""
+    h: Harness = await make_harness()
+    ca = h.service.ca
+    server_side: asyncio.Future[ClientTls] = asyncio.get_running_loop().create_future()
+
+    async def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        side = ClientTls(r, w, ca.server_context("example.test", None))
+        await side.handshake()
+        server_side.set_result(side)
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ctx = our_ca_context(h)
+    raw_reader, raw_writer = await asyncio.open_connection("127.0.0.1", port)
+    # A client on memory BIOs too, so it can keep writing after the server's close_notify.
+    ci, co = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ctx.wrap_bio(ci, co, server_hostname="example.test")
+    while True:
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            raw_writer.write(co.read())
+            ci.write(await asyncio.wait_for(raw_reader.read(65536), 5))
+    raw_writer.write(co.read())
+    side = await asyncio.wait_for(server_side, 5)
+    side.write(b"response")
+    side.write_eof()
+    got = b""
+    while True:
+        try:
+            got += client.read(100)
+        except ssl.SSLWantReadError:
+            ci.write(await asyncio.wait_for(raw_reader.read(65536), 5))
+            continue
+        except ssl.SSLZeroReturnError:
+            break
+        if got == b"response":
+            with contextlib.suppress(ssl.SSLWantReadError):
+                client.read(100)
+            break
+    assert got == b"response"
+    client.write(b"late request bytes")
+    raw_writer.write(co.read())
+    assert await asyncio.wait_for(side.read(), 5) == b"late request bytes"
+    raw_writer.close()
+    assert await asyncio.wait_for(side.read(), 5) == b""
+    side.close()
+    server.close()

@@ -1,0 +1,372 @@
+"""Sans-IO observer of HTTP/1.x inside a relayed connection: one `Exchange` per request.
+
+The relay feeds it the bytes going each way (`request_data`, `response_data`) with the time,
+and gets back the exchanges that completed: method, Host, path, status, response body bytes
+and milliseconds from the request head to the end of the response. Only heads, chunk-size
+lines and trailers are buffered, each bounded (`max_head`); bodies are counted, never kept.
+
+Framing follows RFC 9112 section 6: chunked, Content-Length, or (responses only) until the
+connection closes; HEAD requests and 1xx/204/304 responses have no body. Interim 1xx responses
+are skipped. A 101 upgrade or a successful CONNECT ends the HTTP part (reported, then the
+observer goes quiet), as does anything that is not HTTP/1.x: the relay itself never depends on
+the observer, so a confused observer only means fewer events.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum, auto
+
+DEFAULT_MAX_HEAD = 64 * 1024
+MAX_PENDING = 128  # pipelined requests without a response yet
+MAX_PATH = 2048  # longer targets are cut in the event
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    method: str
+    host: str | None
+    path: str
+    status: int | None  # None when no response came
+    bytes: int  # response body bytes
+    ms: float
+
+
+# --- message framing ---------------------------------------------------------------------------
+
+
+class _State(Enum):
+    HEAD = auto()
+    BODY = auto()  # Content-Length bytes left
+    CHUNK_SIZE = auto()
+    CHUNK_DATA = auto()
+    CHUNK_CRLF = auto()
+    TRAILERS = auto()
+    UNTIL_CLOSE = auto()
+    END_PENDING = auto()  # the head said "no body": the message ends at once
+    STOPPED = auto()  # not HTTP/1.x (any more): ignore everything
+
+
+@dataclass(frozen=True, slots=True)
+class _Head:
+    start_line: str
+    headers: dict[str, str]  # lower-case names; repeated names joined with ", "
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    body_bytes: int
+
+
+class _Malformed(Exception):
+    pass
+
+
+class _Framer:
+    """Splits one direction's bytes into message heads and ends. After yielding a `_Head` it
+    waits for the caller to choose the body framing (`expect_*`, `stop`) before going on."""
+
+    def __init__(self, max_head: int) -> None:
+        self.max_head = max_head
+        self.state = _State.HEAD
+        self.buf = bytearray()
+        self.left = 0
+        self.body = 0
+        self._head: _Head | None = None
+        self._ended = False
+
+    # The caller's choices after a head.
+    def expect_none(self) -> None:
+        self.state = _State.END_PENDING
+
+    def expect_length(self, n: int) -> None:
+        self.state, self.left = (_State.BODY, n) if n else (_State.END_PENDING, 0)
+
+    def expect_chunked(self) -> None:
+        self.state = _State.CHUNK_SIZE
+
+    def expect_until_close(self) -> None:
+        self.state = _State.UNTIL_CLOSE
+
+    def stop(self) -> None:
+        self.state = _State.STOPPED
+        self.buf.clear()
+
+    def eof(self) -> Iterator[_End]:
+        if self.state is _State.UNTIL_CLOSE:
+            self.state = _State.HEAD
+            yield self._end()
+
+    def _end(self) -> _End:
+        end = _End(self.body)
+        self.body = 0
+        return end
+
+    def feed(self, data: bytes) -> Iterator[_Head | _End]:
+        pos = 0
+        while True:
+            state = self.state
+            if state is _State.STOPPED:
+                return
+            if state is _State.END_PENDING:
+                self.state = _State.HEAD
+                yield self._end()
+                continue
+            if state is _State.UNTIL_CLOSE:
+                self.body += len(data) - pos
+                return
+            if state in (_State.BODY, _State.CHUNK_DATA):
+                n = min(self.left, len(data) - pos)
+                pos += n
+                self.left -= n
+                self.body += n
+                if self.left:
+                    return  # all of data was body
+                if state is _State.BODY:
+                    self.state = _State.HEAD
+                    yield self._end()
+                else:
+                    self.state = _State.CHUNK_CRLF
+                continue
+            # Line-oriented states work on the buffer (bounded by max_head).
+            if pos < len(data):
+                self.buf += data[pos:]
+                pos = len(data)
+            if not self._step():
+                if len(self.buf) > self.max_head:
+                    raise _Malformed("head or chunk line too long")
+                return
+            if self._head is not None:
+                head, self._head = self._head, None
+                yield head
+            elif self._ended:
+                self._ended = False
+                self.state = _State.HEAD
+                yield self._end()
+            # What followed the parsed line goes round again (it may be body bytes).
+            data, pos = bytes(self.buf), 0
+            self.buf.clear()
+
+    def _step(self) -> bool:
+        """Parse one unit from the buffer, leaving the rest in it; False: need more bytes."""
+        buf = self.buf
+        state = self.state
+        if state is _State.HEAD:
+            while buf.startswith(b"\r\n"):  # RFC 9112 2.2: ignore empty lines before a message
+                del buf[:2]
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return False
+            self._head = _parse_head(bytes(buf[:end]))
+            del buf[: end + 4]
+            return True
+        end = buf.find(b"\r\n")
+        if state is _State.CHUNK_CRLF:
+            if len(buf) < 2:
+                return False
+            if end != 0:
+                raise _Malformed("chunk data not followed by CRLF")
+            del buf[:2]
+            self.state = _State.CHUNK_SIZE
+            return True
+        if end < 0:
+            return False
+        line = bytes(buf[:end])
+        del buf[: end + 2]
+        if state is _State.CHUNK_SIZE:
+            size_text = line.split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise _Malformed("bad chunk size") from None
+            if size < 0 or not size_text.isalnum():
+                raise _Malformed("bad chunk size")
+            if size:
+                self.state, self.left = _State.CHUNK_DATA, size
+            else:
+                self.state = _State.TRAILERS
+            return True
+        # TRAILERS: until an empty line
+        if not line:
+            self._ended = True
+        return True
+
+
+def _parse_head(raw: bytes) -> _Head:
+    try:
+        text = raw.decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes anything
+        raise _Malformed("undecodable head") from None
+    lines = text.split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise _Malformed("bad header line")
+        key = name.lower()
+        value = value.strip()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return _Head(lines[0], headers)
+
+
+def _content_length(headers: dict[str, str]) -> int | None:
+    value = headers.get("content-length")
+    if value is None:
+        return None
+    values = {v.strip() for v in value.split(",")}
+    if len(values) != 1:
+        raise _Malformed("conflicting Content-Length")
+    (single,) = values
+    if not single.isdigit():
+        raise _Malformed("bad Content-Length")
+    return int(single)
+
+
+def _is_chunked(headers: dict[str, str]) -> bool:
+    codings = [c.strip().lower() for c in headers.get("transfer-encoding", "").split(",")]
+    return codings[-1] == "chunked"
+
+
+# --- the observer ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Pending:
+    method: str
+    host: str | None
+    path: str
+    started: float
+    status: int | None = None
+
+
+class Http1Observer:
+    """Watches one connection's HTTP/1.x traffic (see the module docstring)."""
+
+    def __init__(self, *, default_host: str | None = None, max_head: int = DEFAULT_MAX_HEAD):
+        self.default_host = default_host
+        self._requests = _Framer(max_head)
+        self._responses = _Framer(max_head)
+        self._pending: deque[_Pending] = deque()
+        self.active = True
+        self.stopped_reason: str | None = None
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def request_data(self, data: bytes, now: float) -> list[Exchange]:
+        if not self.active or not data:
+            return []
+        try:
+            for item in self._requests.feed(data):
+                if isinstance(item, _Head):
+                    self._on_request_head(item, now)
+        except _Malformed as exc:
+            self._stop(f"request: {exc}")
+        return []
+
+    def response_data(self, data: bytes, now: float) -> list[Exchange]:
+        if not self.active or not data:
+            return []
+        done: list[Exchange] = []
+        try:
+            for item in self._responses.feed(data):
+                if isinstance(item, _Head):
+                    self._on_response_head(item, now, done)
+                else:
+                    self._on_response_end(item, now, done)
+        except _Malformed as exc:
+            self._stop(f"response: {exc}")
+        return done
+
+    def response_eof(self, now: float) -> list[Exchange]:
+        """The server closed: a body read until close ends here."""
+        done: list[Exchange] = []
+        if self.active:
+            for end in self._responses.eof():
+                self._on_response_end(end, now, done)
+        return done
+
+    def close(self, now: float) -> list[Exchange]:
+        """The connection ended: requests still waiting are reported without a status (or
+        with the status of a response whose body was cut short)."""
+        done = self.response_eof(now)
+        while self._pending:
+            p = self._pending.popleft()
+            body = self._responses.body if p.status is not None else 0
+            done.append(_exchange(p, p.status, body, now))
+        self._responses.body = 0
+        return done
+
+    # -- heads and ends ------------------------------------------------------------------------
+
+    def _on_request_head(self, head: _Head, now: float) -> None:
+        parts = head.start_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[0].isalpha():
+            raise _Malformed("not an HTTP/1.x request line")
+        method, target = parts[0], parts[1]
+        if len(self._pending) >= MAX_PENDING:
+            raise _Malformed("too many requests without a response")
+        host = head.headers.get("host") or self.default_host
+        self._pending.append(_Pending(method, host, target[:MAX_PATH], now))
+        if _is_chunked(head.headers):
+            self._requests.expect_chunked()
+        else:
+            self._requests.expect_length(_content_length(head.headers) or 0)
+
+    def _on_response_head(self, head: _Head, now: float, done: list[Exchange]) -> None:
+        parts = head.start_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise _Malformed("not an HTTP/1.x status line")
+        status = int(parts[1])
+        if not self._pending:
+            raise _Malformed("a response without a request")
+        request = self._pending[0]
+        if status == 101 or (request.method == "CONNECT" and 200 <= status < 300):
+            # The connection becomes something else: report this exchange and go quiet.
+            self._pending.popleft()
+            done.append(_exchange(request, status, 0, now))
+            self._stop("upgraded")
+            return
+        if 100 <= status < 200:
+            self._responses.expect_none()  # interim: the real response follows
+            return
+        request.status = status
+        if request.method == "HEAD" or status in (204, 304):
+            self._responses.expect_none()
+        elif _is_chunked(head.headers):
+            self._responses.expect_chunked()
+        elif "transfer-encoding" in head.headers:
+            self._responses.expect_until_close()
+        else:
+            length = _content_length(head.headers)
+            if length is None:
+                self._responses.expect_until_close()
+            else:
+                self._responses.expect_length(length)
+
+    def _on_response_end(self, end: _End, now: float, done: list[Exchange]) -> None:
+        if not self._pending:
+            return
+        request = self._pending[0]
+        if request.status is None:
+            return  # the end of an interim response
+        self._pending.popleft()
+        done.append(_exchange(request, request.status, end.body_bytes, now))
+
+    def _stop(self, reason: str) -> None:
+        self.active = False
+        self.stopped_reason = reason
+        self._requests.stop()
+        self._responses.stop()
+
+
+def _exchange(p: _Pending, status: int | None, body: int, now: float) -> Exchange:
+    return Exchange(
+        method=p.method,
+        host=p.host,
+        path=p.path,
+        status=status,
+        bytes=body,
+        ms=round(max(0.0, now - p.started) * 1000, 3),
+    )
