@@ -264,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     remove = peer_commands.add_parser("remove", help="remove a peer")
     remove.add_argument("name", metavar="NAME")
+
+    ca = commands.add_parser(
+        "ca", help="print the local CA certificate (PEM) to install on devices, and its path"
+    )
+    ca.add_argument("--path", action="store_true", help="print only the certificate's path")
     return parser
 
 
@@ -475,6 +480,27 @@ def _cmd_peer_remove(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _cmd_ca(args: argparse.Namespace, out: TextIO) -> int:
+    """The TLS interception CA, made in the state dir if it has none yet."""
+    from unclaw_tui.services.ca import CAError, CertificateAuthority  # cryptography: on demand
+
+    path, existing, explicit, _settings = _prepare(args)
+    state = existing or StateDir(path)
+    _persist(state, explicit)
+    try:
+        ca = CertificateAuthority.load_or_create(state.path)
+    except CAError as exc:
+        raise UsageError(str(exc)) from None
+    assert ca.cert_path is not None
+    if args.path:
+        out.write(f"{ca.cert_path}\n")
+        return 0
+    out.write(ca.cert_pem.decode("ascii"))
+    # The PEM alone on stdout (so `unclaw-tui ca > ca.pem` works); where it lives on stderr.
+    sys.stderr.write(f"# {ca.cert_path}\n")
+    return 0
+
+
 def _prepare_run(args: argparse.Namespace) -> config.Settings:
     """Create/validate the state dir and identity and save explicit settings before running."""
     path, existing, explicit, settings = _prepare(args)
@@ -521,6 +547,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command is None:
             settings = _prepare_run(args)
+        elif args.command == "ca":
+            return _cmd_ca(args, sys.stdout)
         else:
             return PEER_COMMANDS[args.peer_command](args, sys.stdout)
     except (UsageError, StateError, ValueError) as exc:

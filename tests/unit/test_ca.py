@@ -161,3 +161,34 @@ def test_server_context_is_cached_per_name_and_alpn(state_dir: Path) -> None:
     assert ca.server_context("example.test", "h2") is first
     assert ca.server_context("example.test", "http/1.1") is not first
     assert ca.server_context("example.test", None) is not first
+
+
+def test_cli_ca_prints_the_pem_and_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from unclaw_tui import cli
+
+    state = tmp_path / "fresh"
+    assert cli.main(["--state-dir", str(state), "ca", "--path"]) == 0
+    path = capsys.readouterr().out.strip()
+    assert path == str(state / CA_CERT_FILE)
+    assert stat.S_IMODE(os.stat(state / CA_KEY_FILE).st_mode) == 0o600
+    assert cli.main(["--state-dir", str(state), "ca"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == (state / CA_CERT_FILE).read_text()
+    assert captured.out.startswith("-----BEGIN CERTIFICATE-----")
+    assert str(state / CA_CERT_FILE) in captured.err
+    # Same CA every time.
+    assert cli.main(["--state-dir", str(state), "ca"]) == 0
+    assert capsys.readouterr().out == captured.out
+
+
+def test_cli_ca_reports_a_broken_ca_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from unclaw_tui import cli
+
+    state = tmp_path / "s"
+    assert cli.main(["--state-dir", str(state), "ca", "--path"]) == 0
+    (state / CA_KEY_FILE).unlink()
+    assert cli.main(["--state-dir", str(state), "ca"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unclaw-tui: error:") and "missing" in err and err.count("\n") == 1
