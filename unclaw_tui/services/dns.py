@@ -1,13 +1,521 @@
-"""Placeholder until the dns service lands: no routes, so its traffic goes to the relay."""
+"""The DNS service: every query a peer sends to port 53, at any address, over UDP or TCP.
+
+What each question gets (`DnsAnswerer`, IO-free but for the injected upstream):
+
+  A            asked upstream first, so a name that does not exist is NXDOMAIN (and a failing
+               upstream SERVFAIL); a name that resolves gets its VIP from 10.78.0.0/16
+               (services/vips.py), TTL 30 s. Connections to the VIP reach the real address
+               (services/vip.py); TLS to it is seen with the hostname even without SNI.
+  AAAA         NOERROR, no answer: clients use IPv4, hence the VIP (until full IPv6).
+  HTTPS, SVCB  NOERROR, no answer: their address hints and ECH configs would bypass the VIPs.
+  PTR of a VIP its hostname (an unknown VIP: NXDOMAIN).
+  anything else forwarded upstream unchanged but for the id; the answer relayed with the
+               client's id.
+
+Answers we make ourselves echo the client's EDNS OPT record (version, DO bit; our payload size;
+no options: a DNS cookie we did not compute would be wrong). UDP answers larger than the
+client can take (512 bytes, or its EDNS size up to 1232, which fits the tunnel MTU) are
+truncated (TC) so the client retries over TCP.
+
+Malformed input (not DNS, a response, cut short) is dropped on UDP and closes a TCP
+connection; either way it is counted and reported (a `dns_query` event with rcode "MALFORMED",
+at most one per peer per second). Well-formed but unsupported queries get FORMERR (not exactly
+one question) or NOTIMP (an opcode other than QUERY).
+
+DNS over TCP: 2-byte length framing, several queries per connection answered in order; a
+connection must start each query within 10 s and finish sending it within 5 s (slow-loris),
+and carries at most 1000 queries.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import base64
+import contextlib
+import ipaddress
+import logging
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from dnslib import (
+    PTR,
+    QTYPE,
+    RCODE,
+    RR,
+    A,
+    DNSHeader,
+    DNSRecord,
+)
+
+from unclaw_tui.config import VIP_NETWORK
+from unclaw_tui.events import DnsQuery, TcpClosed, TcpOpened
+from unclaw_tui.router import Route
+from unclaw_tui.services import vips as vip_store
+from unclaw_tui.services.upstream import (
+    EDNS_PAYLOAD,
+    UpstreamAnswer,
+    UpstreamClient,
+    resolv_conf_servers,
+)
+from unclaw_tui.services.vips import VIP_TTL, VipAllocator, normalize_hostname
+from unclaw_tui.state import StateError
 
 if TYPE_CHECKING:
-    from unclaw_tui.router import Route
+    from unclaw_tui.engine.flows import TcpConn, UdpDatagram
     from unclaw_tui.services.base import GatewayServices, Service
+
+log = logging.getLogger(__name__)
+
+UDP_MIN_PAYLOAD = 512
+QTYPE_SVCB = 64
+QTYPE_HTTPS = 65
+_NO_ANSWER_TYPES = frozenset({QTYPE.AAAA, QTYPE_SVCB, QTYPE_HTTPS})
+
+TCP_IDLE_TIMEOUT = 10.0  # seconds to start the next query on a TCP connection
+TCP_QUERY_TIMEOUT = 5.0  # seconds to send the rest of a query once it started
+TCP_WRITE_TIMEOUT = 10.0
+TCP_MAX_QUERIES = 1000
+MAX_UDP_INFLIGHT = 1024  # queries being answered at once; past it UDP queries are dropped
+MALFORMED_EVENT_INTERVAL = 1.0  # seconds between malformed-input events per peer
+
+
+def qtype_name(qtype: int) -> str:
+    name = QTYPE.get(qtype)
+    return name if isinstance(name, str) else f"TYPE{qtype}"
+
+
+class Upstream(Protocol):
+    async def lookup(self, qname: str, qtype: int) -> UpstreamAnswer: ...
+    async def forward(self, query: bytes, request: DNSRecord) -> UpstreamAnswer: ...
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What to send back (None: nothing) and what the event says about it."""
+
+    reply: bytes | None
+    qname: str = ""
+    qtype: str = ""
+    answers: list[str] = field(default_factory=list)
+    rcode: str = "NOERROR"
+    upstream_ms: float | None = None
+    cached: bool = False
+    malformed: str | None = None  # why the input was dropped
+
+
+def parse_query(data: bytes) -> DNSRecord | str:
+    """The query, or why it is unusable."""
+    if len(data) < 12:
+        return "shorter than a DNS header"
+    try:
+        request = DNSRecord.parse(data)
+    except Exception as exc:  # dnslib raises a zoo of types on arbitrary bytes
+        return f"unparsable ({type(exc).__name__})"
+    if request.header.qr:
+        return "a response, not a query"
+    return request
+
+
+def _client_opt(request: DNSRecord) -> RR | None:
+    for rr in request.ar:
+        if rr.rtype == QTYPE.OPT:
+            return rr
+    return None
+
+
+def udp_limit(request: DNSRecord) -> int:
+    """The largest UDP answer the client takes (and the tunnel carries unfragmented)."""
+    opt = _client_opt(request)
+    if opt is None:
+        return UDP_MIN_PAYLOAD
+    return max(UDP_MIN_PAYLOAD, min(EDNS_PAYLOAD, opt.rclass))
+
+
+def local_reply(request: DNSRecord, rcode: int = RCODE.NOERROR) -> DNSRecord:
+    """An empty answer of ours: id, question and RD copied, recursion available, not
+    authoritative, the client's OPT echoed."""
+    h = request.header
+    reply = DNSRecord(
+        DNSHeader(id=h.id, qr=1, opcode=h.opcode, aa=0, rd=h.rd, ra=1, rcode=rcode),
+        questions=list(request.questions),
+    )
+    opt = _client_opt(request)
+    if opt is not None:
+        # Version 0, the DO bit as asked, our payload size; no options.
+        reply.add_ar(
+            RR(rname=".", rtype=QTYPE.OPT, rclass=EDNS_PAYLOAD, ttl=opt.ttl & 0x8000, rdata=[])
+        )
+    return reply
+
+
+def fit(reply: DNSRecord, limit: int | None) -> bytes:
+    """Pack, truncating (TC set, no records but the OPT) past a UDP limit."""
+    data = reply.pack()
+    if limit is None or len(data) <= limit:
+        return data
+    h = reply.header
+    cut = DNSRecord(
+        DNSHeader(id=h.id, qr=1, opcode=h.opcode, aa=h.aa, tc=1, rd=h.rd, ra=h.ra, rcode=h.rcode),
+        questions=list(reply.questions),
+    )
+    for rr in reply.ar:
+        if rr.rtype == QTYPE.OPT:
+            cut.add_ar(rr)
+    return cut.pack()
+
+
+def vip_of_ptr(qname: str, network: ipaddress.IPv4Network) -> str | None:
+    """The address a PTR question for d.c.b.a.in-addr.arpa names, if it is in `network`."""
+    labels = normalize_hostname(qname).split(".")
+    if len(labels) != 6 or labels[4:] != ["in-addr", "arpa"]:
+        return None
+    try:
+        ip = ipaddress.IPv4Address(".".join(reversed(labels[:4])))
+    except ValueError:
+        return None
+    return str(ip) if ip in network else None
+
+
+class DnsAnswerer:
+    """One query in, one answer (or a drop) out; see the module docstring."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        vips: VipAllocator,
+        *,
+        in_use: Callable[[str], bool] = lambda ip: False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.upstream = upstream
+        self.vips = vips
+        self.in_use = in_use
+        self.clock = clock
+
+    async def answer(self, data: bytes, *, udp: bool) -> Outcome:
+        request = parse_query(data)
+        if isinstance(request, str):
+            return Outcome(None, malformed=request, rcode="MALFORMED")
+        limit = udp_limit(request) if udp else None
+        if request.header.opcode != 0:
+            return self._local(request, limit, RCODE.NOTIMP)
+        if len(request.questions) != 1:
+            return self._local(request, limit, RCODE.FORMERR)
+        q = request.q
+        qtype = q.qtype
+        if qtype == QTYPE.A and q.qclass == 1:
+            return await self._answer_a(request, limit)
+        if qtype in _NO_ANSWER_TYPES and q.qclass == 1:
+            return self._local(request, limit, RCODE.NOERROR)
+        if qtype == QTYPE.PTR:
+            vip = vip_of_ptr(str(q.qname), self.vips.network)
+            if vip is not None:
+                return self._answer_vip_ptr(request, limit, vip)
+        return await self._forward(data, request, limit)
+
+    # -- the cases -------------------------------------------------------------------------
+
+    def _local(
+        self, request: DNSRecord, limit: int | None, rcode: int, answers: list[str] | None = None
+    ) -> Outcome:
+        reply = local_reply(request, rcode)
+        return self._outcome(request, fit(reply, limit), rcode, answers or [])
+
+    def _outcome(
+        self,
+        request: DNSRecord,
+        reply: bytes,
+        rcode: int,
+        answers: list[str],
+        upstream: UpstreamAnswer | None = None,
+    ) -> Outcome:
+        q = request.questions[0] if request.questions else None
+        return Outcome(
+            reply,
+            qname=normalize_hostname(str(q.qname)) if q else "",
+            qtype=qtype_name(q.qtype) if q else "",
+            answers=answers,
+            rcode=RCODE.get(rcode),
+            upstream_ms=None if upstream is None else upstream.ms,
+            cached=upstream is not None and upstream.cached,
+        )
+
+    async def _answer_a(self, request: DNSRecord, limit: int | None) -> Outcome:
+        q = request.q
+        hostname = normalize_hostname(str(q.qname))
+        found = await self.upstream.lookup(hostname, QTYPE.A)
+        response = found.response
+        rcode = found.rcode
+        if response is None or rcode not in (RCODE.NOERROR, RCODE.NXDOMAIN):
+            return self._failed(request, limit, found)
+        reply = local_reply(request, rcode)
+        has_address = any(rr.rtype == QTYPE.A for rr in response.rr)
+        answers: list[str] = []
+        if rcode == RCODE.NOERROR and has_address and hostname:
+            vip = self.vips.allocate(hostname, self.clock(), self.in_use)
+            if vip is None:
+                log.warning("VIP pool exhausted: no VIP for %s", hostname)
+                return self._failed(request, limit, found)
+            reply.add_answer(RR(q.qname, QTYPE.A, ttl=VIP_TTL, rdata=A(vip)))
+            answers.append(vip)
+        else:
+            # NXDOMAIN or no address: the upstream's SOA lets the client cache the negative.
+            for rr in response.auth:
+                if rr.rtype == QTYPE.SOA:
+                    reply.add_auth(rr)
+        return self._outcome(request, fit(reply, limit), rcode, answers, found)
+
+    def _failed(self, request: DNSRecord, limit: int | None, found: UpstreamAnswer) -> Outcome:
+        reply = local_reply(request, RCODE.SERVFAIL)
+        return self._outcome(request, fit(reply, limit), RCODE.SERVFAIL, [], found)
+
+    def _answer_vip_ptr(self, request: DNSRecord, limit: int | None, vip: str) -> Outcome:
+        hostname = self.vips.hostname_for(vip)
+        if hostname is None:
+            return self._local(request, limit, RCODE.NXDOMAIN)
+        reply = local_reply(request)
+        reply.add_answer(RR(request.q.qname, QTYPE.PTR, ttl=VIP_TTL, rdata=PTR(hostname + ".")))
+        return self._outcome(request, fit(reply, limit), RCODE.NOERROR, [hostname])
+
+    async def _forward(self, data: bytes, request: DNSRecord, limit: int | None) -> Outcome:
+        found = await self.upstream.forward(data, request)
+        response = found.response
+        if response is None:
+            return self._failed(request, limit, found)
+        response.header.id = request.header.id
+        response.questions = list(request.questions)  # the client's spelling (0x20 case)
+        answers = [str(rr.rdata) for rr in response.rr]
+        return self._outcome(request, fit(response, limit), found.rcode, answers, found)
+
+
+# --- the service: UDP and TCP glue, events, the VIP map's persistence -------------------------
+
+
+def _b64(key: bytes) -> str:
+    return base64.b64encode(key).decode("ascii")
+
+
+class DnsService:
+    """Route.DNS's service, and the gateway's `resolver` (VIP <-> hostname, real addresses)."""
+
+    def __init__(
+        self,
+        gateway: GatewayServices,
+        *,
+        upstream: UpstreamClient | None = None,
+        vips: VipAllocator | None = None,
+    ) -> None:
+        self.gateway = gateway
+        servers = list(gateway.settings.upstream_dns) or resolv_conf_servers()
+        if not servers:
+            log.warning("no upstream DNS servers (none given, none in /etc/resolv.conf)")
+        self.upstream = upstream if upstream is not None else UpstreamClient(servers)
+        if vips is None:
+            vips = VipAllocator(VIP_NETWORK)
+            vip_store.load(gateway.state, vips)
+        self.vips = vips
+        self.answerer = DnsAnswerer(self.upstream, self.vips, in_use=self._vip_in_use)
+        self.counts: Counter[str] = Counter()  # "queries", "malformed", "overload", ...
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._malformed_reported: dict[str, float] = {}
+        self._saved_changes = self.vips.changes
+        self._save_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- Resolver ----------------------------------------------------------------------------
+
+    def hostname_for_vip(self, ip: str) -> str | None:
+        hostname = self.vips.hostname_for(ip)
+        if hostname is not None:
+            self.vips.touch(ip, time.time())  # a flow uses it: least recently used no more
+        return hostname
+
+    async def resolve(self, hostname: str) -> list[str]:
+        return await self.upstream.resolve_a(normalize_hostname(hostname))
+
+    def _vip_in_use(self, ip: str) -> bool:
+        return self.gateway.open_flows.count_to(ip) > 0
+
+    # -- UDP ---------------------------------------------------------------------------------
+
+    def handle_udp(self, dgram: UdpDatagram) -> None:
+        if self._closed:
+            return
+        if len(self._tasks) >= MAX_UDP_INFLIGHT:
+            self.counts["overload"] += 1
+            return
+        self._spawn(self._udp_query(dgram))
+
+    async def _udp_query(self, dgram: UdpDatagram) -> None:
+        outcome = await self._answer(dgram.data, dgram.peer_public_key, dgram.peer_ip, udp=True)
+        if outcome.reply is not None and not self._closed:
+            dgram.reply(outcome.reply)
+
+    # -- TCP ---------------------------------------------------------------------------------
+
+    async def handle_tcp(self, conn: TcpConn) -> None:
+        started = time.monotonic()
+        ident = {
+            "conn_id": conn.conn_id,
+            "peer": self.gateway.peer_name(conn.peer_public_key),
+            "peer_public_key": _b64(conn.peer_public_key),
+            "peer_ip": conn.peer_ip,
+            "dst_ip": conn.dst_ip,
+            "dst_port": conn.dst_port,
+            "route": str(Route.DNS),
+        }
+        self.gateway.publish(TcpOpened(**ident))
+        up = down = 0
+        error: str | None = None
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = conn.accept()
+            for _ in range(TCP_MAX_QUERIES):
+                try:
+                    head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)
+                except asyncio.IncompleteReadError as exc:
+                    if exc.partial:
+                        error = "connection closed inside a length prefix"
+                        self._report_malformed(conn.peer_public_key, conn.peer_ip, error)
+                    break  # else a clean end between queries
+                except TimeoutError:
+                    error = f"idle for {TCP_IDLE_TIMEOUT:g} s"
+                    break
+                (length,) = struct.unpack("!H", head)
+                try:
+                    query = await asyncio.wait_for(reader.readexactly(length), TCP_QUERY_TIMEOUT)
+                except (asyncio.IncompleteReadError, TimeoutError):
+                    error = "query cut short"
+                    self._report_malformed(conn.peer_public_key, conn.peer_ip, error)
+                    break
+                up += 2 + length
+                outcome = await self._answer(query, conn.peer_public_key, conn.peer_ip, udp=False)
+                if outcome.reply is None:
+                    error = f"malformed query: {outcome.malformed}"
+                    break
+                writer.write(struct.pack("!H", len(outcome.reply)) + outcome.reply)
+                down += 2 + len(outcome.reply)
+                await asyncio.wait_for(writer.drain(), TCP_WRITE_TIMEOUT)
+        except (OSError, RuntimeError, TimeoutError) as exc:
+            error = error or (str(exc) or type(exc).__name__)
+        except asyncio.CancelledError:
+            error = "cancelled"
+            raise
+        finally:
+            if writer is not None:
+                if error is None:
+                    writer.close()
+                else:
+                    with contextlib.suppress(Exception):
+                        conn.abort()
+            else:
+                with contextlib.suppress(Exception):
+                    conn.reject()
+            self.gateway.publish(
+                TcpClosed(
+                    **ident,
+                    bytes_up=up,
+                    bytes_down=down,
+                    duration=time.monotonic() - started,
+                    error=error,
+                )
+            )
+
+    # -- common ------------------------------------------------------------------------------
+
+    async def _answer(self, data: bytes, peer_key: bytes, peer_ip: str, *, udp: bool) -> Outcome:
+        self.counts["queries"] += 1
+        try:
+            outcome = await self.answerer.answer(data, udp=udp)
+        except Exception:  # a bug must cost one answer, not the service
+            log.exception("DNS query failed")
+            self.counts["errors"] += 1
+            outcome = Outcome(None, malformed="internal error", rcode="MALFORMED")
+        self._save_soon()
+        if outcome.malformed is not None:
+            self._report_malformed(peer_key, peer_ip, outcome.malformed)
+            return outcome
+        self.counts[outcome.rcode] += 1
+        self.gateway.publish(
+            DnsQuery(
+                peer=self.gateway.peer_name(peer_key),
+                peer_ip=peer_ip,
+                qname=outcome.qname,
+                qtype=outcome.qtype,
+                answers=outcome.answers,
+                rcode=outcome.rcode,
+                upstream_ms=None if outcome.upstream_ms is None else round(outcome.upstream_ms, 1),
+                cached=outcome.cached,
+            )
+        )
+        return outcome
+
+    def _report_malformed(self, peer_key: bytes, peer_ip: str, why: str) -> None:
+        self.counts["malformed"] += 1
+        now = time.monotonic()
+        last = self._malformed_reported.get(peer_ip)
+        if last is not None and now - last < MALFORMED_EVENT_INTERVAL:
+            return
+        if len(self._malformed_reported) > 4096:
+            self._malformed_reported.clear()
+        self._malformed_reported[peer_ip] = now
+        log.debug("malformed DNS input from %s: %s", peer_ip, why)
+        self.gateway.publish(
+            DnsQuery(
+                peer=self.gateway.peer_name(peer_key),
+                peer_ip=peer_ip,
+                qname="",
+                qtype="",
+                answers=[why],
+                rcode="MALFORMED",
+            )
+        )
+
+    def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(job)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- persistence of the VIP map ----------------------------------------------------------
+
+    def _save_soon(self) -> None:
+        if self.vips.changes == self._saved_changes or self._closed:
+            return
+        if self._save_task is None or self._save_task.done():
+            self._save_task = asyncio.ensure_future(self._save_changes())
+
+    async def _save_changes(self) -> None:
+        while self.vips.changes != self._saved_changes:
+            changes = self.vips.changes
+            try:
+                await asyncio.to_thread(vip_store.save, self.gateway.state, self.vips.to_json())
+            except StateError as exc:
+                log.error("cannot save the VIP map: %s", exc)
+                return
+            self._saved_changes = changes
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._save_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._save_task
+        if len(self.vips):
+            # Also keeps the last-used times, so LRU reuse after a restart is still fair.
+            try:
+                vip_store.save(self.gateway.state, self.vips.to_json())
+            except StateError as exc:
+                log.error("cannot save the VIP map: %s", exc)
 
 
 def create(gateway: GatewayServices) -> dict[Route, Service]:
-    return {}
+    from unclaw_tui.services.vip import VipService
+
+    dns = DnsService(gateway)
+    gateway.resolver = dns
+    return {Route.DNS: dns, Route.VIP: VipService(gateway, dns)}

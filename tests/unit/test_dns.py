@@ -1,0 +1,575 @@
+"""The DNS service: answer transcripts (query bytes in, answer bytes out) against a fake
+upstream, the upstream client against a real dnslib server on loopback, the UDP/TCP glue with
+fake flows, and VIP connections to loopback servers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dnslib import EDNS0, MX, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
+from dnslib.server import DNSServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.interop.dns_host import QuietLogger, ZoneResolver
+from unclaw_tui.config import Settings
+from unclaw_tui.events import DnsQuery, Event, TcpClosed, TcpOpened, UdpFlowOpened
+from unclaw_tui.router import Route
+from unclaw_tui.services import dns
+from unclaw_tui.services.dns import DnsAnswerer, DnsService, create
+from unclaw_tui.services.egress import EgressPolicy
+from unclaw_tui.services.relay import OpenFlows
+from unclaw_tui.services.upstream import DnsCache, UpstreamAnswer, UpstreamClient
+from unclaw_tui.services.vip import VipService
+from unclaw_tui.services.vips import VipAllocator
+from unclaw_tui.state import StateDir
+
+PEER_KEY = bytes(range(32))
+
+
+def query(name: str, qtype: str = "A", *, ident: int = 4242, edns: int | None = None,
+          do: bool = False) -> bytes:  # fmt: skip
+    q = DNSRecord.question(name, qtype)
+    q.header.id = ident
+    if edns is not None:
+        q.add_ar(EDNS0(udp_len=edns, flags="do" if do else ""))
+    return q.pack()
+
+
+def upstream_reply(name: str, qtype: str, *rrs: RR, rcode: int = RCODE.NOERROR,
+                   auth: tuple[RR, ...] = ()) -> DNSRecord:  # fmt: skip
+    r = DNSRecord.question(name, qtype).reply()
+    r.header.rcode = rcode
+    for rr in rrs:
+        r.add_answer(rr)
+    for rr in auth:
+        r.add_auth(rr)
+    return r
+
+
+SOA_RR = RR("example.test.", QTYPE.SOA, ttl=60,
+            rdata=SOA("ns.example.test.", "a.example.test.", (1, 2, 3, 4, 30)))  # fmt: skip
+
+
+class FakeUpstream:
+    """Canned upstream answers; records what was asked."""
+
+    def __init__(self) -> None:
+        self.lookups: dict[tuple[str, int], UpstreamAnswer] = {}
+        self.forwards: dict[tuple[str, int], UpstreamAnswer] = {}
+        self.asked: list[tuple[str, str, int]] = []
+
+    def add(self, name: str, qtype: str, response: DNSRecord | None, *, forward: bool = False,
+            cached: bool = False) -> None:  # fmt: skip
+        rcode = RCODE.SERVFAIL if response is None else response.header.rcode
+        answer = UpstreamAnswer(response, rcode, None if cached else 3.0, cached=cached)
+        table = self.forwards if forward else self.lookups
+        table[(name, getattr(QTYPE, qtype))] = answer
+
+    async def lookup(self, qname: str, qtype: int) -> UpstreamAnswer:
+        self.asked.append(("lookup", qname, qtype))
+        return self.lookups.get((qname, qtype), UpstreamAnswer(None, RCODE.SERVFAIL, 2000.0))
+
+    async def forward(self, data: bytes, request: DNSRecord) -> UpstreamAnswer:
+        name = str(request.q.qname).rstrip(".").lower()
+        self.asked.append(("forward", name, request.q.qtype))
+        found = self.forwards.get((name, request.q.qtype))
+        if found is None:
+            return UpstreamAnswer(None, RCODE.SERVFAIL, 2000.0)
+        # As the real client: the response carries the id we used upstream, not the client's.
+        response = DNSRecord.parse(found.response.pack()) if found.response else None
+        if response is not None:
+            response.header.id = 999
+        return UpstreamAnswer(response, found.rcode, found.ms, cached=found.cached)
+
+
+@pytest.fixture
+def upstream() -> FakeUpstream:
+    up = FakeUpstream()
+    real = RR("example.test.", QTYPE.A, ttl=300, rdata=A("198.18.0.2"))
+    up.add("example.test", "A", upstream_reply("example.test", "A", real))
+    up.add("nope.example.test", "A", upstream_reply(
+        "nope.example.test", "A", rcode=RCODE.NXDOMAIN, auth=(SOA_RR,)))  # fmt: skip
+    up.add("example.test", "MX", upstream_reply(
+        "example.test", "MX", RR("example.test.", QTYPE.MX, ttl=60,
+                                 rdata=MX("mail.example.test.", 10))), forward=True)  # fmt: skip
+    big = [RR("big.example.test.", QTYPE.TXT, ttl=60, rdata=TXT("x" * 200)) for _ in range(4)]
+    up.add("big.example.test", "TXT", upstream_reply("big.example.test", "TXT", *big),
+           forward=True)  # fmt: skip
+    return up
+
+
+@pytest.fixture
+def answerer(upstream: FakeUpstream) -> DnsAnswerer:
+    return DnsAnswerer(upstream, VipAllocator(), clock=lambda: 1000.0)
+
+
+async def ask(answerer: DnsAnswerer, data: bytes, udp: bool = True) -> DNSRecord:
+    outcome = await answerer.answer(data, udp=udp)
+    assert outcome.reply is not None, outcome
+    return DNSRecord.parse(outcome.reply)
+
+
+# --- transcripts -------------------------------------------------------------------------------
+
+
+async def test_a_gets_a_stable_vip_with_ttl_30(answerer: DnsAnswerer) -> None:
+    outcome = await answerer.answer(query("Example.TEST"), udp=True)
+    assert outcome.reply is not None
+    r = DNSRecord.parse(outcome.reply)
+    assert r.header.id == 4242 and r.header.qr and r.header.ra and not r.header.aa
+    assert r.header.rcode == RCODE.NOERROR
+    assert [(str(rr.rname), rr.rtype, rr.ttl, str(rr.rdata)) for rr in r.rr] == [
+        ("Example.TEST.", QTYPE.A, 30, "10.78.0.1")  # the client's spelling kept
+    ]
+    assert (outcome.qname, outcome.qtype, outcome.answers) == ("example.test", "A", ["10.78.0.1"])
+    assert outcome.upstream_ms == 3.0 and not outcome.cached
+    again = await ask(answerer, query("example.test", ident=7))
+    assert again.header.id == 7 and str(again.rr[0].rdata) == "10.78.0.1"
+
+
+async def test_nxdomain_passes_through_with_soa(answerer: DnsAnswerer,
+                                                upstream: FakeUpstream) -> None:  # fmt: skip
+    r = await ask(answerer, query("nope.example.test"))
+    assert r.header.rcode == RCODE.NXDOMAIN and not r.rr
+    assert [rr.rtype for rr in r.auth] == [QTYPE.SOA]
+    assert ("lookup", "nope.example.test", QTYPE.A) in upstream.asked
+    assert len(answerer.vips) == 0  # no VIP wasted on a name that does not exist
+
+
+async def test_servfail_when_upstream_fails(answerer: DnsAnswerer) -> None:
+    outcome = await answerer.answer(query("down.example.test"), udp=True)
+    assert outcome.rcode == "SERVFAIL"
+    assert DNSRecord.parse(outcome.reply or b"").header.rcode == RCODE.SERVFAIL
+    upstream_servfail = upstream_reply("sf.test", "A", rcode=RCODE.SERVFAIL)
+    answerer.upstream.add("sf.test", "A", upstream_servfail)  # type: ignore[attr-defined]
+    r = await ask(answerer, query("sf.test"))
+    assert r.header.rcode == RCODE.SERVFAIL and not r.rr
+
+
+@pytest.mark.parametrize("qtype", ["AAAA", "HTTPS", "SVCB"])
+async def test_aaaa_https_svcb_are_empty_noerror_without_upstream(
+    answerer: DnsAnswerer, upstream: FakeUpstream, qtype: str
+) -> None:
+    r = await ask(answerer, query("example.test", qtype))
+    assert r.header.rcode == RCODE.NOERROR and not r.rr and not r.auth
+    assert str(r.q.qname) == "example.test." and QTYPE.get(r.q.qtype) == qtype
+    assert upstream.asked == []
+
+
+async def test_edns_opt_is_echoed(answerer: DnsAnswerer) -> None:
+    for qtype in ("A", "AAAA"):
+        r = await ask(answerer, query("example.test", qtype, edns=4096, do=True))
+        opts = [rr for rr in r.ar if rr.rtype == QTYPE.OPT]
+        assert len(opts) == 1
+        assert opts[0].rclass == 1232 and opts[0].ttl & 0x8000  # our size, the DO bit echoed
+    r = await ask(answerer, query("example.test", "AAAA"))
+    assert not [rr for rr in r.ar if rr.rtype == QTYPE.OPT]  # none asked, none given
+
+
+async def test_ptr_of_a_vip_names_its_host(answerer: DnsAnswerer, upstream: FakeUpstream) -> None:
+    await ask(answerer, query("example.test"))
+    r = await ask(answerer, query("1.0.78.10.in-addr.arpa", "PTR"))
+    assert [(rr.rtype, str(rr.rdata), rr.ttl) for rr in r.rr] == [(QTYPE.PTR, "example.test.", 30)]
+    unknown = await ask(answerer, query("9.9.78.10.in-addr.arpa", "PTR"))
+    assert unknown.header.rcode == RCODE.NXDOMAIN
+    other = await ask(answerer, query("1.1.168.192.in-addr.arpa", "PTR"))
+    assert other.header.rcode == RCODE.SERVFAIL  # not ours: forwarded (fake has no answer)
+    assert ("forward", "1.1.168.192.in-addr.arpa", QTYPE.PTR) in upstream.asked
+
+
+async def test_other_types_forwarded_with_the_clients_id(answerer: DnsAnswerer) -> None:
+    outcome = await answerer.answer(query("example.test", "MX", ident=31337), udp=True)
+    r = DNSRecord.parse(outcome.reply or b"")
+    assert r.header.id == 31337
+    assert [(rr.rtype, str(rr.rdata)) for rr in r.rr] == [(QTYPE.MX, "10 mail.example.test.")]
+    assert outcome.answers == ["10 mail.example.test."]
+
+
+async def test_large_forwarded_answer_truncated_on_udp_only(answerer: DnsAnswerer) -> None:
+    udp = await ask(answerer, query("big.example.test", "TXT"))
+    assert udp.header.tc and not udp.rr and str(udp.q.qname) == "big.example.test."
+    tcp = await ask(answerer, query("big.example.test", "TXT"), udp=False)
+    assert not tcp.header.tc and len(tcp.rr) == 4
+    edns = await ask(answerer, query("big.example.test", "TXT", edns=1232))
+    assert not edns.header.tc and len(edns.rr) == 4  # ~900 bytes fit the client's EDNS size
+
+
+async def test_malformed_and_unsupported(answerer: DnsAnswerer) -> None:
+    assert (await answerer.answer(b"\x00\x01", udp=True)).malformed
+    response = DNSRecord.question("example.test").reply().pack()
+    assert (await answerer.answer(response, udp=True)).malformed == "a response, not a query"
+    no_question = DNSRecord()
+    no_question.header.id = 5
+    r = await ask(answerer, no_question.pack())
+    assert r.header.rcode == RCODE.FORMERR and r.header.id == 5
+    notify = DNSRecord.question("example.test")
+    notify.header.opcode = 4
+    assert (await ask(answerer, notify.pack())).header.rcode == RCODE.NOTIMP
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.binary(max_size=600), st.binary(min_size=12, max_size=80).map(
+    lambda b: b[:2] + b"\x01\x00\x00\x01" + b[6:])))  # fmt: skip
+async def test_any_bytes_give_an_answer_or_a_counted_drop(data: bytes) -> None:
+    answerer = DnsAnswerer(FakeUpstream(), VipAllocator(), clock=lambda: 0.0)
+    outcome = await answerer.answer(data, udp=True)
+    if outcome.reply is None:
+        assert outcome.malformed and outcome.rcode == "MALFORMED"
+    else:
+        r = DNSRecord.parse(outcome.reply)
+        assert r.header.qr and r.header.id == struct.unpack("!H", data[:2])[0]
+        assert len(outcome.reply) <= 1232
+
+
+# --- the upstream client against a real dnslib server ------------------------------------------
+
+
+@pytest.fixture
+def zone_server() -> Iterator[tuple[ZoneResolver, int]]:
+    zone = ZoneResolver("198.18.0.2")
+    udp = DNSServer(zone, port=0, address="127.0.0.1", logger=QuietLogger())
+    port = udp.server.server_address[1]
+    tcp = DNSServer(zone, port=port, address="127.0.0.1", tcp=True, logger=QuietLogger())
+    udp.start_thread()
+    tcp.start_thread()
+    yield zone, port
+    udp.stop()
+    tcp.stop()
+    udp.server.server_close()
+    tcp.server.server_close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_upstream_udp_cache_by_ttl(zone_server: tuple[ZoneResolver, int]) -> None:
+    zone, port = zone_server
+    clock = Clock()
+    client = UpstreamClient([("127.0.0.1", port)], clock=clock)
+    first = await client.lookup("example.test", QTYPE.A)
+    assert first.rcode == RCODE.NOERROR and not first.cached
+    assert [str(rr.rdata) for rr in first.response.rr] == ["198.18.0.2"]  # type: ignore[union-attr]
+    clock.now += 25
+    second = await client.lookup("Example.Test", QTYPE.A)
+    assert second.cached and second.ms is None
+    assert second.response.rr[0].ttl == 60 - 25  # type: ignore[union-attr]
+    assert zone.queries == [("example.test.", "A", "udp")]
+    clock.now += 40  # past the 60 s TTL
+    third = await client.lookup("example.test", QTYPE.A)
+    assert not third.cached and len(zone.queries) == 2
+    assert await client.resolve_a("www.example.test") == ["198.18.0.2"]  # through the CNAME
+    nx = await client.lookup("nope.example.test", QTYPE.A)
+    assert nx.rcode == RCODE.NXDOMAIN
+    assert (await client.lookup("nope.example.test", QTYPE.A)).cached  # SOA minimum: 30 s
+
+
+async def test_upstream_truncated_udp_falls_back_to_tcp(
+    zone_server: tuple[ZoneResolver, int],
+) -> None:
+    zone, port = zone_server
+    client = UpstreamClient([("127.0.0.1", port)])
+    request = DNSRecord.question("big.example.test", "TXT")
+    answer = await client.forward(request.pack(), request)
+    assert answer.rcode == RCODE.NOERROR and not answer.response.header.tc  # type: ignore[union-attr]
+    assert len([rr for rr in answer.response.rr if rr.rtype == QTYPE.TXT]) == 12  # type: ignore[union-attr]
+    assert [p for _n, _t, p in zone.queries] == ["udp", "tcp"]
+
+
+async def test_upstream_silent_server_gives_servfail_within_the_bound(
+    zone_server: tuple[ZoneResolver, int],
+) -> None:
+    _zone, port = zone_server
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never answers
+    silent.bind(("127.0.0.1", 0))
+    try:
+        alone = UpstreamClient([silent.getsockname()], timeout=0.6)
+        t0 = time.monotonic()
+        answer = await alone.lookup("example.test", QTYPE.A)
+        elapsed = time.monotonic() - t0
+        assert answer.response is None and answer.rcode == RCODE.SERVFAIL
+        assert 0.5 < elapsed < 1.0 and "no answer" in (answer.error or "")
+        # With a second server, the first's silence costs part of the budget, then it answers.
+        both = UpstreamClient([silent.getsockname(), ("127.0.0.1", port)], timeout=0.6)
+        answer = await both.lookup("example.test", QTYPE.A)
+        assert answer.rcode == RCODE.NOERROR
+        assert await UpstreamClient([("127.0.0.1", 1)]).resolve_a("example.test") == []
+    finally:
+        silent.close()
+
+
+async def test_upstream_shares_concurrent_identical_questions(
+    zone_server: tuple[ZoneResolver, int],
+) -> None:
+    zone, port = zone_server
+    client = UpstreamClient([("127.0.0.1", port)])
+    answers = await asyncio.gather(*(client.lookup("example.test", QTYPE.A) for _ in range(5)))
+    assert all(a.rcode == RCODE.NOERROR for a in answers)
+    assert client.exchanges == 1 and len(zone.queries) == 1
+
+
+def test_cache_does_not_keep_failures_or_ttl_zero() -> None:
+    cache = DnsCache()
+    cache.put("k", upstream_reply("a.test", "A", rcode=RCODE.SERVFAIL), 0.0)
+    cache.put("z", upstream_reply("a.test", "A", RR("a.test.", QTYPE.A, ttl=0,
+                                                    rdata=A("1.2.3.4"))), 0.0)  # fmt: skip
+    assert len(cache) == 0
+
+
+# --- the service glue with fake flows ----------------------------------------------------------
+
+
+class FakeGateway:
+    def __init__(self, state_dir: Path, upstream_port: int) -> None:
+        self.settings = Settings(state_dir=state_dir, upstream_dns=[("127.0.0.1", upstream_port)])
+        self.state = StateDir(state_dir)
+        self.policy = EgressPolicy(allow=["127.0.0.0/8"], host_addresses=[])
+        self.open_flows = OpenFlows()
+        self.resolver: Any = None
+        self.events: list[Event] = []
+
+    def publish(self, event: Event) -> None:
+        self.open_flows.observe(event)
+        self.events.append(event)
+
+    def peer_name(self, public_key: bytes) -> str:
+        return "phone"
+
+
+class FakeDatagram:
+    def __init__(self, data: bytes, dst: tuple[str, int] = ("10.77.0.1", 53),
+                 src_port: int = 5353) -> None:  # fmt: skip
+        self.data = data
+        self.peer_public_key = PEER_KEY
+        self.peer_ip = "10.77.0.2"
+        self.src_port = src_port
+        self.dst_ip, self.dst_port = dst
+        self.replies: list[bytes] = []
+        self.unreachables = 0
+
+    def reply(self, data: bytes) -> None:
+        self.replies.append(data)
+
+    def unreachable(self, *, admin: bool = False) -> None:
+        self.unreachables += 1
+
+
+class FakeTcpConn:
+    """The contract's TcpConn over the server end of a loopback connection."""
+
+    def __init__(self, streams: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                 dst: tuple[str, int] = ("10.77.0.1", 53), conn_id: int = 11) -> None:  # fmt: skip
+        self.conn_id = conn_id
+        self.peer_public_key = PEER_KEY
+        self.peer_ip = "10.77.0.2"
+        self.src_port = 40000
+        self.dst_ip, self.dst_port = dst
+        self.streams = streams
+        self.state = "new"
+
+    def accept(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        self.state = "accepted"
+        return self.streams
+
+    def reject(self) -> None:
+        self.state = "rejected"
+        self.streams[1].transport.abort()
+
+    def abort(self) -> None:
+        self.state = "aborted"
+        self.streams[1].transport.abort()
+
+
+@pytest.fixture
+async def loopback() -> AsyncIterator[Any]:
+    """Make (client streams, server streams) pairs over loopback TCP."""
+    accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    server = await asyncio.start_server(lambda r, w: accepted.put_nowait((r, w)), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    writers: list[asyncio.StreamWriter] = []
+
+    async def pair() -> tuple[Any, Any]:
+        client = await asyncio.open_connection("127.0.0.1", port)
+        theirs = await accepted.get()
+        writers.extend([client[1], theirs[1]])
+        return client, theirs
+
+    yield pair
+    for w in writers:
+        w.close()
+    server.close()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, zone_server: tuple[ZoneResolver, int]) -> FakeGateway:
+    return FakeGateway(tmp_path / "state", zone_server[1])
+
+
+async def settle(tasks: set[asyncio.Task[None]]) -> None:
+    for _ in range(200):
+        if not tasks:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_service_udp_answers_publishes_and_persists(gateway: FakeGateway) -> None:
+    services = create(gateway)
+    service = services[Route.DNS]
+    assert isinstance(service, DnsService) and gateway.resolver is service
+    assert isinstance(services[Route.VIP], VipService)
+    dgram = FakeDatagram(query("example.test"))
+    service.handle_udp(dgram)
+    garbage = FakeDatagram(b"\xff" * 7)
+    service.handle_udp(garbage)
+    await settle(service._tasks)
+    assert [str(rr.rdata) for rr in DNSRecord.parse(dgram.replies[0]).rr] == ["10.78.0.1"]
+    assert garbage.replies == [] and service.counts["malformed"] == 1
+    events = [e for e in gateway.events if isinstance(e, DnsQuery)]
+    ok = next(e for e in events if e.rcode == "NOERROR")
+    assert (ok.peer, ok.peer_ip, ok.qname, ok.qtype, ok.answers) == (
+        "phone", "10.77.0.2", "example.test", "A", ["10.78.0.1"])  # fmt: skip
+    assert ok.upstream_ms is not None and not ok.cached
+    assert any(e.rcode == "MALFORMED" for e in events)
+    assert service.hostname_for_vip("10.78.0.1") == "example.test"
+    assert await service.resolve("example.test") == ["198.18.0.2"]
+    await service.close()
+    reloaded = VipAllocator()
+    from unclaw_tui.services import vips as vip_store
+
+    vip_store.load(gateway.state, reloaded)
+    assert reloaded.vip_for("example.test") == "10.78.0.1"
+
+
+async def test_service_tcp_several_queries_then_garbage_closes(
+    gateway: FakeGateway, loopback: Any
+) -> None:
+    service = DnsService(gateway)
+    (c_reader, c_writer), theirs = await loopback()
+    conn = FakeTcpConn(theirs)
+    job = asyncio.create_task(service.handle_tcp(conn))  # type: ignore[arg-type]
+    for name in ("example.test", "nope.example.test"):
+        data = query(name)
+        c_writer.write(struct.pack("!H", len(data)) + data)
+    await c_writer.drain()
+    codes = []
+    for _ in range(2):
+        (n,) = struct.unpack("!H", await c_reader.readexactly(2))
+        codes.append(DNSRecord.parse(await c_reader.readexactly(n)).header.rcode)
+    assert codes == [RCODE.NOERROR, RCODE.NXDOMAIN]
+    c_writer.write(b"\x00\x03abc")
+    await asyncio.wait_for(job, 5)
+    assert conn.state == "aborted"
+    opened = [e for e in gateway.events if isinstance(e, TcpOpened)]
+    closed = [e for e in gateway.events if isinstance(e, TcpClosed)]
+    assert len(opened) == len(closed) == 1 and closed[0].route == "dns"
+    assert closed[0].error and "malformed" in closed[0].error
+    assert gateway.open_flows.total == 0
+
+
+async def test_service_tcp_slow_loris_is_cut(gateway: FakeGateway, loopback: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setattr(dns, "TCP_QUERY_TIMEOUT", 0.3)
+    service = DnsService(gateway)
+    (_c_reader, c_writer), theirs = await loopback()
+    conn = FakeTcpConn(theirs)
+    job = asyncio.create_task(service.handle_tcp(conn))  # type: ignore[arg-type]
+    c_writer.write(b"\x00\x40abc")  # promises 64 bytes, sends 3
+    t0 = time.monotonic()
+    await asyncio.wait_for(job, 3)
+    assert time.monotonic() - t0 < 1.0 and conn.state == "aborted"
+    assert service.counts["malformed"] == 1
+
+
+# --- VIP connections ---------------------------------------------------------------------------
+
+
+class FakeResolver:
+    def __init__(self, table: dict[str, tuple[str, list[str]]]) -> None:
+        self.table = table  # vip -> (hostname, addresses)
+
+    def hostname_for_vip(self, ip: str) -> str | None:
+        entry = self.table.get(ip)
+        return entry[0] if entry else None
+
+    async def resolve(self, hostname: str) -> list[str]:
+        return next((addrs for h, addrs in self.table.values() if h == hostname), [])
+
+
+async def test_vip_tcp_reaches_the_real_address_next_on_failure(
+    gateway: FakeGateway, loopback: Any
+) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read(100))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.2", 0)
+    port = server.sockets[0].getsockname()[1]
+    # First address refused by the policy, second closed, third serves.
+    gateway.policy = EgressPolicy(allow=["127.0.0.0/8"], deny=["127.0.0.9/32"], host_addresses=[])
+    resolver = FakeResolver({"10.78.0.5": ("svc.test", ["127.0.0.9", "127.0.0.3", "127.0.0.2"])})
+    service = VipService(gateway, resolver)  # type: ignore[arg-type]
+    (c_reader, c_writer), theirs = await loopback()
+    conn = FakeTcpConn(theirs, dst=("10.78.0.5", port))
+    job = asyncio.create_task(service.handle_tcp(conn))  # type: ignore[arg-type]
+    c_writer.write(b"ping")
+    assert await asyncio.wait_for(c_reader.read(100), 5) == b"ping"
+    c_writer.write_eof()  # both ways ended: the splice closes
+    await asyncio.wait_for(job, 5)
+    closed = [e for e in gateway.events if isinstance(e, TcpClosed)]
+    assert len(closed) == 1 and closed[0].route == "vip" and closed[0].hostname == "svc.test"
+    assert closed[0].dst_ip == "10.78.0.5" and closed[0].error is None
+    assert closed[0].bytes_up == 4 and closed[0].bytes_down == 4
+    server.close()
+
+    (_r, _w), theirs = await loopback()
+    unknown = FakeTcpConn(theirs, dst=("10.78.9.9", 80), conn_id=12)
+    await service.handle_tcp(unknown)  # type: ignore[arg-type]
+    assert unknown.state == "rejected"
+    assert [e.error for e in gateway.events if isinstance(e, TcpClosed)][-1] == "unknown VIP"
+    await service.close()
+
+
+async def test_vip_udp_relayed_quic_dropped_unknown_unreachable(gateway: FakeGateway) -> None:
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            self.transport.sendto(data, addr)
+
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.2", 0))
+    port = transport.get_extra_info("sockname")[1]
+    resolver = FakeResolver({"10.78.0.5": ("svc.test", ["127.0.0.2"])})
+    service = VipService(gateway, resolver)  # type: ignore[arg-type]
+    dgram = FakeDatagram(b"hello", dst=("10.78.0.5", port))
+    service.handle_udp(dgram)
+    for _ in range(100):
+        if dgram.replies:
+            break
+        await asyncio.sleep(0.01)
+    assert dgram.replies == [b"hello"]
+    opened = [e for e in gateway.events if isinstance(e, UdpFlowOpened)]
+    assert [(e.dst_ip, e.hostname, e.route) for e in opened] == [("10.78.0.5", "svc.test", "vip")]
+    quic = FakeDatagram(b"\xc0quic", dst=("10.78.0.5", 443))
+    service.handle_udp(quic)
+    await asyncio.sleep(0.05)
+    assert quic.replies == [] and quic.unreachables == 0 and service.counts["quic_dropped"] == 1
+    stray = FakeDatagram(b"x", dst=("10.78.7.7", 5000))
+    service.handle_udp(stray)
+    assert stray.unreachables == 1
+    await service.close()
+    transport.close()
