@@ -1,0 +1,194 @@
+"""TLS interception end to end: curl in the client namespace, through wireguard-go and the
+gateway, to HTTPS servers for `example.test` on the test host (a test CA the gateway trusts
+through SSL_CERT_FILE, and a server whose certificate nobody trusts).
+
+curl resolves the name itself (`--resolve example.test:443:198.18.0.2`), so the TLS service is
+reached on the original IP with the SNI; the VIP path is the DNS tests' business.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.interop.harness import (
+    HOST_ADDR,
+    REPO_ROOT,
+    FlowsSetup,
+    GatewayProcess,
+    module_cmd,
+    wait_ready,
+)
+from tests.interop.tls_host import HOSTNAME, Pki, make_pki
+
+pytestmark = pytest.mark.interop
+
+TRUSTED_PORT = 443
+UNTRUSTED_PORT = 8443
+CURL_CA_ERROR = 60  # CURLE_PEER_FAILED_VERIFICATION
+
+
+def start_tls_host(s: FlowsSetup, port: int, pair: tuple[Path, Path]) -> subprocess.Popen[str]:
+    cert, key = pair
+    proc = s.topo.spawn(
+        s.internet,
+        *module_cmd("tests.interop.tls_host", "serve", "--port", str(port),
+                    "--cert", str(cert), "--key", str(key)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=s.env(),
+        cwd=str(REPO_ROOT),
+    )  # fmt: skip
+    wait_ready(proc, 20, f"HTTPS test host on {port}")
+    return proc
+
+
+def bring_up(s: FlowsSetup, pki: Pki, *gateway_args: str) -> tuple[GatewayProcess, Path]:
+    """Test hosts, the gateway trusting the test CA upstream, a client; our CA's path."""
+    start_tls_host(s, TRUSTED_PORT, pki.trusted)
+    start_tls_host(s, UNTRUSTED_PORT, pki.untrusted)
+    config = s.add_peer("phone")
+    our_ca = Path(s.cli("ca", "--path").stdout.strip())
+    assert our_ca.read_text().startswith("-----BEGIN CERTIFICATE-----")
+    gw = s.start_gateway(*gateway_args, env={"SSL_CERT_FILE": str(pki.ca_file)})
+    client = s.client(config)
+    ping = client.ping("10.77.0.1", count=3, interval=0.2)
+    assert ping.returncode == 0, f"no tunnel: {ping.stdout}{ping.stderr}"
+    return gw, our_ca
+
+
+def curl_https(
+    s: FlowsSetup, cafile: Path, path: str = "/", port: int = TRUSTED_PORT
+) -> subprocess.CompletedProcess[str]:
+    return s.curl(
+        "--max-time", "15", "--cacert", str(cafile),
+        "--resolve", f"{HOSTNAME}:{port}:{HOST_ADDR}",
+        "-w", "\n%{http_code}", f"https://{HOSTNAME}:{port}{path}",
+        timeout=30,
+    )  # fmt: skip
+
+
+def tls_event(**fields: Any) -> Callable[[dict[str, Any]], bool]:
+    def pred(e: dict[str, Any]) -> bool:
+        return e["type"] == "tls_host" and all(e.get(k) == v for k, v in fields.items())
+
+    return pred
+
+
+def garbage(s: FlowsSetup, kind: str) -> dict[str, Any]:
+    res = s.client_ns.run(
+        *module_cmd("tests.interop.tls_host", "garbage", HOST_ADDR, str(TRUSTED_PORT),
+                    "--kind", kind),
+        check=False, timeout=40,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def check_flow_pairs(gw: GatewayProcess) -> None:
+    """Every TLS connection opened was closed, once."""
+    events = gw.drain()
+    opened = [e["conn_id"] for e in events if e["type"] == "tcp_opened" and e["route"] == "tls"]
+    closed = [e["conn_id"] for e in events if e["type"] == "tcp_closed" and e["route"] == "tls"]
+    assert opened and sorted(opened) == sorted(closed)
+    assert len(set(opened)) == len(opened)
+
+
+def test_intercept_refusals_and_garbage(flows_setup: FlowsSetup) -> None:
+    s = flows_setup
+    pki = make_pki(s.topo.tmp / "pki")
+    gw, our_ca = bring_up(s, pki)
+
+    # With our CA installed: 200 through interception, and an http event with the path.
+    res = curl_https(s, our_ca, "/hello?x=1")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "hello from /hello?x=1\n\n200"
+    ok = gw.wait_event(tls_event(sni=HOSTNAME, mode="intercepted", ok=True), 10, "tls ok")
+    assert ok["alpn"] == "http/1.1"
+    http = gw.wait_event(lambda e: e["type"] == "http_request", 10, "http_request")
+    assert (http["method"], http["host"], http["path"], http["status"]) == (
+        "GET",
+        HOSTNAME,
+        "/hello?x=1",
+        200,
+    )
+    assert http["bytes"] == len("hello from /hello?x=1\n") and http["peer"] == "phone"
+    opened = gw.wait_event(
+        lambda e: e["type"] == "tcp_opened" and e.get("route") == "tls", 10, "tcp_opened"
+    )
+    assert opened["hostname"] == HOSTNAME and opened["dst_port"] == TRUSTED_PORT
+
+    # Without our CA (trusting only the origin's): the client refuses, and the event says so.
+    res = curl_https(s, pki.ca_file, "/no-ca")
+    assert res.returncode == CURL_CA_ERROR, (res.returncode, res.stderr)
+    refused = gw.wait_event(tls_event(ok=False, mode="intercepted"), 10, "client refusal")
+    assert refused["error"].startswith("client rejected our certificate"), refused
+    assert not [e for e in gw.drain() if e["type"] == "http_request" and e["path"] == "/no-ca"]
+
+    # An upstream with an untrusted certificate: the client's connection is closed.
+    res = curl_https(s, our_ca, "/untrusted", port=UNTRUSTED_PORT)
+    assert res.returncode != 0 and not res.stdout.endswith("200")
+    upstream = gw.wait_event(
+        lambda e: e["type"] == "tls_host" and "upstream" in (e.get("error") or ""), 10, "upstream"
+    )
+    assert upstream["ok"] is False
+    assert "upstream certificate rejected" in upstream["error"]
+    closed = gw.wait_event(
+        lambda e: e["type"] == "tcp_closed" and e.get("dst_port") == UNTRUSTED_PORT, 10, "closed"
+    )
+    assert "upstream certificate rejected" in closed["error"]
+
+    # Garbage on 443: a clean close and an event each, quickly.
+    seen_rejections: list[dict[str, Any]] = []
+    for kind, reason in (
+        ("random", "not a TLS handshake record"),
+        ("truncated", "truncated"),
+        ("http", "not a TLS handshake record"),
+    ):
+        result = garbage(s, kind)
+        assert result["result"] == "eof" and result["received"] == 0, (kind, result)
+        assert result["seconds"] < 5, (kind, result)
+        event = gw.wait_event(
+            lambda e, r=reason: (
+                e["type"] == "tls_host"
+                and e["mode"] == "rejected"
+                and r in (e.get("error") or "")
+                and e not in seen_rejections
+            ),
+            10,
+            f"event for {kind}",
+        )
+        seen_rejections.append(event)
+
+    # ... and the gateway keeps serving others.
+    res = curl_https(s, our_ca, "/after-garbage")
+    assert res.returncode == 0 and res.stdout.endswith("200"), res.stderr
+    gw.wait_event(
+        lambda e: e["type"] == "http_request" and e["path"] == "/after-garbage", 10, "http again"
+    )
+    check_flow_pairs(gw)
+    assert gw.proc.poll() is None
+
+
+def test_passthrough_shows_the_origin_certificate(flows_setup: FlowsSetup) -> None:
+    s = flows_setup
+    pki = make_pki(s.topo.tmp / "pki")
+    gw, our_ca = bring_up(s, pki, "--passthrough", "*.test")
+
+    # The origin's own certificate reaches the client: its CA works, ours does not.
+    res = curl_https(s, pki.ca_file, "/through")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "hello from /through\n\n200"
+    event = gw.wait_event(tls_event(sni=HOSTNAME, mode="passthrough"), 10, "passthrough event")
+    assert event["ok"] is True
+    res = curl_https(s, our_ca, "/ours")
+    assert res.returncode == CURL_CA_ERROR, (res.returncode, res.stderr)
+    # Encrypted end to end: no HTTP events.
+    assert not [e for e in gw.drain() if e["type"] == "http_request"]
+    check_flow_pairs(gw)

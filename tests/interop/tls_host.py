@@ -1,0 +1,213 @@
+"""TLS test hosts and clients for the TLS interop tests, run as subprocesses in a namespace.
+
+    python -m tests.interop.tls_host serve --port 443 --cert C --key K   # HTTPS, GET /any
+    python -m tests.interop.tls_host garbage HOST PORT --kind random|truncated|http
+
+`make_pki(dir)` (called by the test itself) writes a test CA and two certificates for
+`example.test`: one signed by that CA (`trusted`), one by a CA nobody trusts (`untrusted`).
+Servers print `ready` once bound; clients print one JSON object. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import socket
+import ssl
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+HOSTNAME = "example.test"
+IO_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca_file: Path  # the test CA: give it to the gateway as SSL_CERT_FILE
+    trusted: tuple[Path, Path]  # cert chain, key for HOSTNAME signed by the test CA
+    untrusted: tuple[Path, Path]  # the same name, signed by a CA nobody trusts
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _ca(cn: str, now: datetime.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _leaf(
+    directory: Path,
+    stem: str,
+    issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate],
+    now: datetime.datetime,
+) -> tuple[Path, Path]:
+    issuer_key, issuer_cert = issuer
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(HOSTNAME))
+        .issuer_name(issuer_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOSTNAME)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(issuer_key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(_key_pem(key))
+    os.chmod(key_path, 0o600)
+    return cert_path, key_path
+
+
+def make_pki(directory: Path) -> Pki:
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    test_ca = _ca("unclaw test CA", now)
+    rogue_ca = _ca("untrusted rogue CA", now)
+    ca_file = directory / "test-ca.pem"
+    ca_file.write_bytes(test_ca[1].public_bytes(serialization.Encoding.PEM))
+    return Pki(
+        ca_file,
+        _leaf(directory, "trusted", test_ca, now),
+        _leaf(directory, "untrusted", rogue_ca, now),
+    )
+
+
+# --- HTTPS server ---------------------------------------------------------------------------
+
+
+async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
+            path = head.split(b" ", 2)[1]
+            body = b"hello from " + path + b"\n"
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            await writer.drain()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+async def _serve(port: int, cert: str, key: str) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["http/1.1"])
+    server = await asyncio.start_server(_handle, "0.0.0.0", port, ssl=ctx)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    async with server:
+        await server.serve_forever()
+
+
+# --- garbage client ---------------------------------------------------------------------------
+
+
+def _client_hello() -> bytes:
+    ctx = ssl.create_default_context()
+    out = ssl.MemoryBIO()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname=HOSTNAME)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return out.read()
+
+
+def garbage(host: str, port: int, kind: str, timeout: float = 20.0) -> dict[str, object]:
+    """Send non-TLS bytes (or half a ClientHello), half-close, and see how the other end ends:
+    "eof" (a clean close), "reset", or "timeout"."""
+    if kind == "random":
+        payload = bytes(b if b != 0x16 else 0 for b in os.urandom(512))
+    elif kind == "truncated":
+        hello = _client_hello()
+        payload = hello[: len(hello) // 2]
+    else:
+        payload = b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n"
+    started = time.monotonic()
+    received = 0
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    result = "eof"
+                    break
+                received += len(data)
+    except ConnectionResetError:
+        result = "reset"
+    except TimeoutError:
+        result = "timeout"
+    except OSError as exc:
+        result = f"error: {exc}"
+    return {
+        "result": result,
+        "received": received,
+        "sent": len(payload),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="tls_host")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve")
+    serve.add_argument("--port", type=int, required=True)
+    serve.add_argument("--cert", required=True)
+    serve.add_argument("--key", required=True)
+    bad = sub.add_parser("garbage")
+    bad.add_argument("host")
+    bad.add_argument("port", type=int)
+    bad.add_argument("--kind", choices=["random", "truncated", "http"], default="random")
+    args = parser.parse_args()
+    if args.command == "serve":
+        asyncio.run(_serve(args.port, args.cert, args.key))
+        return 0
+    print(json.dumps(garbage(args.host, args.port, args.kind)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
