@@ -24,7 +24,7 @@ from tests.interop.harness import (
     module_cmd,
     wait_ready,
 )
-from tests.interop.tls_host import HOSTNAME, Pki, make_pki
+from tests.interop.tls_host import HOSTNAME, OTHER_HOSTNAME, Pki, make_pki
 
 pytestmark = pytest.mark.interop
 
@@ -64,12 +64,16 @@ def bring_up(s: FlowsSetup, pki: Pki, *gateway_args: str) -> tuple[GatewayProces
 
 
 def curl_https(
-    s: FlowsSetup, cafile: Path, path: str = "/", port: int = TRUSTED_PORT
+    s: FlowsSetup,
+    cafile: Path,
+    path: str = "/",
+    port: int = TRUSTED_PORT,
+    host: str = HOSTNAME,
 ) -> subprocess.CompletedProcess[str]:
     return s.curl(
         "--max-time", "15", "--cacert", str(cafile),
-        "--resolve", f"{HOSTNAME}:{port}:{HOST_ADDR}",
-        "-w", "\n%{http_code}", f"https://{HOSTNAME}:{port}{path}",
+        "--resolve", f"{host}:{port}:{HOST_ADDR}",
+        "-w", "\n%{http_code}", f"https://{host}:{port}{path}",
         timeout=30,
     )  # fmt: skip
 
@@ -179,7 +183,7 @@ def test_intercept_refusals_and_garbage(flows_setup: FlowsSetup) -> None:
 def test_passthrough_shows_the_origin_certificate(flows_setup: FlowsSetup) -> None:
     s = flows_setup
     pki = make_pki(s.topo.tmp / "pki")
-    gw, our_ca = bring_up(s, pki, "--passthrough", "*.test")
+    gw, our_ca = bring_up(s, pki, "--passthrough", "example.*", "--auto-passthrough")
 
     # The origin's own certificate reaches the client: its CA works, ours does not.
     res = curl_https(s, pki.ca_file, "/through")
@@ -191,4 +195,16 @@ def test_passthrough_shows_the_origin_certificate(flows_setup: FlowsSetup) -> No
     assert res.returncode == CURL_CA_ERROR, (res.returncode, res.stderr)
     # Encrypted end to end: no HTTP events.
     assert not [e for e in gw.drain() if e["type"] == "http_request"]
+    check_flow_pairs(gw)
+
+    # auto.test matches no pattern: intercepted until a client rejects our certificate for
+    # it, passed through from then on (--auto-passthrough).
+    res = curl_https(s, pki.ca_file, "/first", host=OTHER_HOSTNAME)
+    assert res.returncode == CURL_CA_ERROR, (res.returncode, res.stderr)
+    refused = gw.wait_event(tls_event(sni=OTHER_HOSTNAME, ok=False), 10, "rejection")
+    assert refused["mode"] == "intercepted"
+    assert refused["error"] == "client rejected our certificate (unknown ca)"
+    res = curl_https(s, pki.ca_file, "/second", host=OTHER_HOSTNAME)
+    assert res.returncode == 0 and res.stdout == "hello from /second\n\n200", res.stderr
+    gw.wait_event(tls_event(sni=OTHER_HOSTNAME, mode="passthrough", ok=True), 10, "auto")
     check_flow_pairs(gw)

@@ -4,7 +4,8 @@
     python -m tests.interop.tls_host garbage HOST PORT --kind random|truncated|http
 
 `make_pki(dir)` (called by the test itself) writes a test CA and two certificates for
-`example.test`: one signed by that CA (`trusted`), one by a CA nobody trusts (`untrusted`).
+`example.test` and `auto.test`: one signed by that CA (`trusted`), one by a CA nobody trusts
+(`untrusted`).
 Servers print `ready` once bound; clients print one JSON object. Every wait is bounded.
 """
 
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 HOSTNAME = "example.test"
+OTHER_HOSTNAME = "auto.test"  # also in the certificates, for a second host with its own rules
 IO_TIMEOUT = 30.0
 
 
@@ -86,7 +88,10 @@ def _leaf(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOSTNAME)]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(HOSTNAME), x509.DNSName(OTHER_HOSTNAME)]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(issuer_key, hashes.SHA256())
     )

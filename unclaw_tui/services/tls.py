@@ -26,7 +26,9 @@ mode "intercepted" or "passthrough" (ok or the error), or "rejected" when we ref
 connection ourselves (not TLS, egress policy, nowhere to connect). A client that refused our
 certificate (TLS alert unknown_ca / bad_certificate / certificate_unknown, or a close right
 after our certificate) gives mode "intercepted", ok false, error "client rejected our
-certificate (...)".
+certificate (...)". `TlsHost.alpn` is the protocol negotiated when intercepting, and the
+client's offer (comma-separated) when passing through. `TcpClosed` byte counts are the
+decrypted bytes when intercepting, the encrypted ones when passing through.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ _REJECTION_ALERTS = {
 }
 
 _HOSTNAME_RE = re.compile(
-    r"(?=.{1,253}$)([a-z0-9_*]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
+    r"(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
     r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
 )
 
