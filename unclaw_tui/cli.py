@@ -482,15 +482,12 @@ def _cmd_peer_remove(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cmd_ca(args: argparse.Namespace, out: TextIO) -> int:
     """The TLS interception CA, made in the state dir if it has none yet."""
-    from unclaw_tui.services.ca import CAError, CertificateAuthority  # cryptography: on demand
+    from unclaw_tui.services.ca import CertificateAuthority  # cryptography: only on demand
 
     path, existing, explicit, _settings = _prepare(args)
     state = existing or StateDir(path)
     _persist(state, explicit)
-    try:
-        ca = CertificateAuthority.load_or_create(state.path)
-    except CAError as exc:
-        raise UsageError(str(exc)) from None
+    ca = CertificateAuthority.load_or_create(state.path)  # a CAError is a StateError
     assert ca.cert_path is not None
     if args.path:
         out.write(f"{ca.cert_path}\n")

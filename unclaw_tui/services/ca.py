@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from unclaw_tui.state import StateError
+
 CA_KEY_FILE = "ca.key"
 CA_CERT_FILE = "ca.pem"
 LOCK_FILE = ".lock"  # the state dir's lock (see state.py): CLI and gateway may both create
@@ -44,8 +46,9 @@ SERVER_CONTEXT_CACHE_SIZE = 256
 _MAX_CN = 64  # RFC 5280 ub-common-name
 
 
-class CAError(Exception):
-    """The CA files are missing half, unreadable or inconsistent; one line for the user."""
+class CAError(StateError):
+    """The CA files are missing half, unreadable or inconsistent; one line for the user (a
+    StateError, so the CLI and a starting gateway report it like any state dir problem)."""
 
 
 @dataclass(frozen=True, slots=True)
