@@ -13,6 +13,7 @@ import asyncio
 import pytest
 
 from tests.interop.harness import FlowsSetup, GatewaySetup, Namespace, thread_in_namespace
+from tests.interop.test_dns import HOST_ADDR, start_dns_host
 from unclaw_tui import config
 from unclaw_tui.app import UnclawApp
 from unclaw_tui.gateway import Gateway
@@ -94,13 +95,17 @@ async def test_console_shows_live_peers_adds_and_removes(wg_setup: GatewaySetup)
         assert not app.gateway_started
 
 
-async def test_console_shows_a_flow_through_the_tunnel(flows_setup: FlowsSetup) -> None:
+async def test_console_shows_a_flow_and_a_dns_query(flows_setup: FlowsSetup) -> None:
     s = flows_setup
     config_text = s.add_peer("phone")
     s.start_host("http", 8080)
+    start_dns_host(s)
     with thread_in_namespace(s.gateway_ns.name):
         settings = config.Settings(
-            state_dir=s.state_dir, listen_port=s.port, endpoint=f"{s.gateway_addr}:{s.port}"
+            state_dir=s.state_dir,
+            listen_port=s.port,
+            endpoint=f"{s.gateway_addr}:{s.port}",
+            upstream_dns=[(HOST_ADDR, 53)],
         )
         gateway = Gateway(settings)
         app = UnclawApp(gateway, state_dir=s.state_dir, refresh_interval=0.25)
@@ -127,3 +132,26 @@ async def test_console_shows_a_flow_through_the_tunnel(flows_setup: FlowsSetup) 
             assert app.dashboard.peers.cell_text(
                 peer_key(app.dashboard.peers, "phone"), "handshake"
             ).endswith("ago")
+
+            # A DNS query through the tunnel lands in the DNS log with its VIP answer.
+            dig = await asyncio.create_subprocess_exec(
+                *s.client_ns.cmd("dig", "+short", "+time=2", "+tries=1", "@10.77.0.1",
+                                 "example.test", "A"),
+                stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            answer, _ = await asyncio.wait_for(dig.communicate(), 20)
+            vip = answer.decode().strip()
+            assert vip.startswith("10.78."), answer
+            await pilot.pause(0.6)
+            log = app.dashboard.dns
+            rows = [
+                {col: log.cell_text(key, col) for col in ("peer", "name", "type", "answer")}
+                for key in log.shown_keys()
+            ]
+            assert any(
+                r["peer"] == "phone"
+                and r["name"].rstrip(".") == "example.test"
+                and r["type"] == "A"
+                and vip in r["answer"]
+                for r in rows
+            ), rows
