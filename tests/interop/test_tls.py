@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,11 +96,16 @@ def garbage(s: FlowsSetup, kind: str) -> dict[str, Any]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def check_flow_pairs(gw: GatewayProcess) -> None:
-    """Every TLS connection opened was closed, once."""
-    events = gw.drain()
-    opened = [e["conn_id"] for e in events if e["type"] == "tcp_opened" and e["route"] == "tls"]
-    closed = [e["conn_id"] for e in events if e["type"] == "tcp_closed" and e["route"] == "tls"]
+def check_flow_pairs(gw: GatewayProcess, timeout: float = 5.0) -> None:
+    """Every TLS connection opened is closed, once (the last close may still be on its way)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        events = gw.drain()
+        opened = [e["conn_id"] for e in events if e["type"] == "tcp_opened" and e["route"] == "tls"]
+        closed = [e["conn_id"] for e in events if e["type"] == "tcp_closed" and e["route"] == "tls"]
+        if sorted(opened) == sorted(closed) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert opened and sorted(opened) == sorted(closed)
     assert len(set(opened)) == len(opened)
 
@@ -203,7 +209,9 @@ def test_passthrough_shows_the_origin_certificate(flows_setup: FlowsSetup) -> No
     assert res.returncode == CURL_CA_ERROR, (res.returncode, res.stderr)
     refused = gw.wait_event(tls_event(sni=OTHER_HOSTNAME, ok=False), 10, "rejection")
     assert refused["mode"] == "intercepted"
-    assert refused["error"] == "client rejected our certificate (unknown ca)"
+    # curl sends an unknown_ca alert and closes; when the close overtakes the alert, the
+    # gateway sees only the close after its certificate: a rejection either way.
+    assert refused["error"].startswith("client rejected our certificate"), refused
     res = curl_https(s, pki.ca_file, "/second", host=OTHER_HOSTNAME)
     assert res.returncode == 0 and res.stdout == "hello from /second\n\n200", res.stderr
     gw.wait_event(tls_event(sni=OTHER_HOSTNAME, mode="passthrough", ok=True), 10, "auto")
