@@ -31,6 +31,7 @@ pytestmark = pytest.mark.interop
 
 TRUSTED_PORT = 443
 UNTRUSTED_PORT = 8443
+VIP_NET = "10.78.0.0/16"
 CURL_CA_ERROR = 60  # CURLE_PEER_FAILED_VERIFICATION
 
 
@@ -50,7 +51,9 @@ def start_tls_host(s: FlowsSetup, port: int, pair: tuple[Path, Path]) -> subproc
     return proc
 
 
-def bring_up(s: FlowsSetup, pki: Pki, *gateway_args: str) -> tuple[GatewayProcess, Path]:
+def bring_up(
+    s: FlowsSetup, pki: Pki, *gateway_args: str, extra_routes: tuple[str, ...] = ()
+) -> tuple[GatewayProcess, Path]:
     """Test hosts, the gateway trusting the test CA upstream, a client; our CA's path."""
     start_tls_host(s, TRUSTED_PORT, pki.trusted)
     start_tls_host(s, UNTRUSTED_PORT, pki.untrusted)
@@ -58,7 +61,7 @@ def bring_up(s: FlowsSetup, pki: Pki, *gateway_args: str) -> tuple[GatewayProces
     our_ca = Path(s.cli("ca", "--path").stdout.strip())
     assert our_ca.read_text().startswith("-----BEGIN CERTIFICATE-----")
     gw = s.start_gateway(*gateway_args, env={"SSL_CERT_FILE": str(pki.ca_file)})
-    client = s.client(config)
+    client = s.client(config, extra_routes=extra_routes)
     ping = client.ping("10.77.0.1", count=3, interval=0.2)
     assert ping.returncode == 0, f"no tunnel: {ping.stdout}{ping.stderr}"
     return gw, our_ca
@@ -215,4 +218,44 @@ def test_passthrough_shows_the_origin_certificate(flows_setup: FlowsSetup) -> No
     res = curl_https(s, pki.ca_file, "/second", host=OTHER_HOSTNAME)
     assert res.returncode == 0 and res.stdout == "hello from /second\n\n200", res.stderr
     gw.wait_event(tls_event(sni=OTHER_HOSTNAME, mode="passthrough", ok=True), 10, "auto")
+    check_flow_pairs(gw)
+
+
+def test_tls_to_a_vip(flows_setup: FlowsSetup) -> None:
+    """The name resolved through the tunnel's DNS to a VIP: TLS to the VIP reaches the real
+    host, and the events name it."""
+    s = flows_setup
+    pki = make_pki(s.topo.tmp / "pki")
+    dns_host = s.topo.spawn(
+        s.internet,
+        *module_cmd("tests.interop.dns_host", "--port", "53", "--a", HOST_ADDR),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=s.env(),
+        cwd=str(REPO_ROOT),
+    )
+    wait_ready(dns_host, 20, "dns host")
+    gw, our_ca = bring_up(s, pki, "--upstream-dns", HOST_ADDR, extra_routes=(VIP_NET,))
+    res = s.client_ns.run(
+        "dig", "@10.77.0.1", "+time=3", "+tries=2", "+short", HOSTNAME, "A",
+        check=False, timeout=20,
+    )  # fmt: skip
+    vip = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+    assert vip.startswith("10.78."), (res.stdout, res.stderr)
+
+    res = s.curl(
+        "--max-time", "15", "--cacert", str(our_ca),
+        "--resolve", f"{HOSTNAME}:{TRUSTED_PORT}:{vip}",
+        "-w", "\n%{http_code}", f"https://{HOSTNAME}/via-vip",
+        timeout=30,
+    )  # fmt: skip
+    assert res.returncode == 0 and res.stdout == "hello from /via-vip\n\n200", res.stderr
+    gw.wait_event(tls_event(sni=HOSTNAME, mode="intercepted", ok=True), 10, "tls ok")
+    http = gw.wait_event(lambda e: e["type"] == "http_request", 10, "http_request")
+    assert http["path"] == "/via-vip" and http["status"] == 200
+    opened = gw.wait_event(
+        lambda e: e["type"] == "tcp_opened" and e.get("route") == "tls", 10, "tcp_opened"
+    )
+    assert (opened["dst_ip"], opened["hostname"]) == (vip, HOSTNAME)
     check_flow_pairs(gw)
