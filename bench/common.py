@@ -15,14 +15,18 @@ Future benchmarks (connections per second, DNS, TLS, scale) add scenarios on the
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.interop.harness import (
     GATEWAY_INET_ADDR,
@@ -30,13 +34,16 @@ from tests.interop.harness import (
     REPO_ROOT,
     FlowsSetup,
     GatewayProcess,
+    Namespace,
     WgClient,
     cpu_seconds,
     make_flows_setup,
     missing_requirements,
+    module_cmd,
     rss_kib,
     sh,
     topology,
+    wait_ready,
 )
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -56,12 +63,16 @@ class GatewayPath:
     client_ip: str
     gateway_pid: int
     client: WgClient
+    config: str = ""  # the client's wg-quick config (ours only), to re-apply after a restart
 
     def cpu(self) -> float:
         return cpu_seconds(self.gateway_pid)
 
     def rss_kib(self) -> int:
         return rss_kib(self.gateway_pid)
+
+    def peak_rss_kib(self) -> int:
+        return peak_rss_kib(self.gateway_pid)
 
 
 @dataclass
@@ -118,26 +129,31 @@ def _start_reference(s: FlowsSetup) -> GatewayPath:
     return GatewayPath("reference", REFERENCE_CLIENT_IP, gateway_wg.proc.pid, client)
 
 
-def _start_ours(s: FlowsSetup, *gateway_args: str) -> tuple[GatewayPath, GatewayProcess]:
+def _start_ours(
+    s: FlowsSetup, *gateway_args: str, env: dict[str, str] | None = None
+) -> tuple[GatewayPath, GatewayProcess]:
     config = s.add_peer("bench")
-    gw = s.start_gateway(*gateway_args)
+    gw = s.start_gateway(*gateway_args, env=env)
     client = s.client(config, f"{OURS_CLIENT_IP}/32")
     ping = client.ping("10.77.0.1", count=3)
     if ping.returncode != 0:
         raise RuntimeError(f"our gateway unreachable: {ping.stdout}{ping.stderr}")
-    return GatewayPath("ours", OURS_CLIENT_IP, gw.proc.pid, client), gw
+    return GatewayPath("ours", OURS_CLIENT_IP, gw.proc.pid, client, config), gw
 
 
 @contextlib.contextmanager
-def bench_env(*gateway_args: str) -> Iterator[BenchEnv]:
-    """Both gateways up in one topology; everything removed afterwards (processes by PID)."""
+def bench_env(*gateway_args: str, gateway_env: dict[str, str] | None = None) -> Iterator[BenchEnv]:
+    """Both gateways up in one topology; everything removed afterwards (processes by PID).
+
+    `gateway_env` adds environment variables for our gateway (e.g. SSL_CERT_FILE)."""
     missing = missing_requirements()
     if missing:
         raise SystemExit("bench needs: " + ", ".join(missing))
+    raise_nofile()
     with topology() as topo:
         s = make_flows_setup(topo)
         reference = _start_reference(s)
-        ours, gw = _start_ours(s, *gateway_args)
+        ours, gw = _start_ours(s, *gateway_args, env=gateway_env)
         yield BenchEnv(s, ours, reference, gw)
 
 
@@ -234,7 +250,173 @@ def machine_description() -> str:
     rev = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT
     ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    ).stdout.strip()  # fmt: skip
     return (
         f"{os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}, "
-        f"commit {rev or 'unknown'}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f"commit {rev or 'unknown'}{' + uncommitted changes' if dirty else ''}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
+
+
+# --- shared by the newer parts (connections, DNS, TLS, scale, TUI) --------------------------------
+
+
+def raise_nofile() -> None:
+    """Soft open-file limit up to the hard one: children (gateway, clients, servers) inherit it,
+    and 10,000 held connections need that many descriptors on each side."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def peak_rss_kib(pid: int) -> int:
+    """Peak resident set size of a process (VmHWM from /proc/<pid>/status), KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0..100), nearest rank; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def median(values: list[float]) -> float | None:
+    return _median(values)
+
+
+def bench_env_vars() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+def start_tool(env: BenchEnv, ns: Namespace, kind: str, *args: str) -> subprocess.Popen[str]:
+    """A `bench.clients` server in a namespace, running once it printed `ready`."""
+    proc = env.setup.topo.spawn(
+        ns,
+        *module_cmd("bench.clients", kind, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=bench_env_vars(),
+        cwd=str(REPO_ROOT),
+    )
+    wait_ready(proc, 30, f"bench tool {kind}")
+    return proc
+
+
+def run_tool(ns: Namespace, kind: str, *args: str, timeout: float = 120) -> dict[str, Any]:
+    """A `bench.clients` client in a namespace; its JSON result (an `error` key on failure)."""
+    try:
+        res = subprocess.run(
+            ns.cmd(*module_cmd("bench.clients", kind, *args)),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=bench_env_vars(),
+            cwd=str(REPO_ROOT),
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"{kind} still running after {timeout}s"}
+    lines = res.stdout.strip().splitlines()
+    if res.returncode != 0 or not lines:
+        return {"error": f"{kind} exited {res.returncode}: {res.stderr.strip()[-300:]}"}
+    return json.loads(lines[-1])
+
+
+@dataclass
+class Figure:
+    """One figure of the summary: ours, the reference (or a baseline), and the target if any."""
+
+    part: str
+    name: str
+    unit: str
+    ours: float | None
+    reference: float | None = None
+    reference_label: str = "reference"
+    target: str = ""
+    met: bool | None = None  # None: no target, or not measured
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.ours is None or not self.reference:
+            return None
+        return self.ours / self.reference
+
+
+def save_figures(part: str, figures: list[Figure], markdown: str) -> Path:
+    """bench/results/<part>.md (the part's own report) and <part>.json (for the summary)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{part}.md").write_text(markdown)
+    path = RESULTS_DIR / f"{part}.json"
+    path.write_text(json.dumps([asdict(f) for f in figures], indent=1) + "\n")
+    return path
+
+
+def load_figures(part: str) -> list[Figure]:
+    path = RESULTS_DIR / f"{part}.json"
+    if not path.exists():
+        return []
+    return [Figure(**row) for row in json.loads(path.read_text())]
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return _fmt(value, digits)
+
+
+def figures_table(figures: list[Figure]) -> str:
+    lines = [
+        "| figure | ours | reference / baseline | ratio | target | met |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for f in figures:
+        digits = 2 if f.ours is not None and abs(f.ours) < 10 else 1
+        ref = (
+            ""
+            if f.reference is None
+            else f"{fmt(f.reference, digits)} {f.unit} ({f.reference_label})"
+        )
+        ours = "n/a" if f.ours is None else f"{fmt(f.ours, digits)} {f.unit}"
+        met = {True: "met", False: "**missed**", None: ""}[f.met]
+        ratio = "" if f.ratio is None else f"{f.ratio:.2f}x"
+        note = f" ({f.note})" if f.note else ""
+        lines.append(f"| {f.name}{note} | {ours} | {ref} | {ratio} | {f.target} | {met} |")
+    return "\n".join(lines)
+
+
+def add_our_client(env: BenchEnv, name: str, table: int) -> tuple[str, WgClient]:
+    """Another peer of our gateway (added by the CLI, live) with its own wireguard-go client in
+    the client namespace, chosen by source address through a policy rule like the reference's.
+    Returns its tunnel IP and the client."""
+    s = env.setup
+    config = s.add_peer(name)
+    ip = next(
+        line.split("=", 1)[1].strip().split("/")[0]
+        for line in config.splitlines()
+        if line.split("=", 1)[0].strip().lower() == "address"
+    )
+    client = s.topo.wg_client(s.client_ns, config, f"{ip}/32", ())
+    s.client_ns.run("ip", "rule", "add", "from", ip, "lookup", str(table))
+    for net in (INTERNET_NET, "10.77.0.0/24"):
+        s.client_ns.run("ip", "route", "add", net, "dev", client.ifname, "table", str(table))
+    # The gateway picks CLI-added peers up within a poll interval; ping until it answers.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        ping = s.client_ns.run(
+            "ping", "-n", "-c", "1", "-W", "1", "-I", ip, "10.77.0.1", check=False, timeout=10
+        )  # fmt: skip
+        if ping.returncode == 0:
+            return ip, client
+    raise RuntimeError(f"peer {name} ({ip}) never reached our gateway")
+
+
+def python_cmd(*args: str) -> list[str]:
+    return [sys.executable, *args]

@@ -6,8 +6,8 @@
 Needs root, wireguard-go, wg and iperf3.  The iperf3 server runs in the test-host namespace;
 the client in the client namespace binds the source address that selects the path (see
 bench.common).  Rounds alternate ours and the reference (the order flips every round), and
-the medians, the ratio ours / reference and the gateways' CPU seconds per GiB moved are
-printed and written to bench/results/throughput.md.
+the medians, the ratio ours / reference, the gateways' CPU seconds per GiB moved and their
+peak RSS (VmHWM) are printed and written to bench/results/throughput.md.
 """
 
 from __future__ import annotations
@@ -21,15 +21,20 @@ import time
 from bench.common import (
     RESULTS_DIR,
     BenchEnv,
+    Figure,
     GatewayPath,
     Sample,
+    Summary,
     bench_env,
+    figures_table,
     machine_description,
     markdown_table,
+    save_figures,
     summarise,
 )
 from tests.interop.harness import HOST_ADDR
 
+PART = "throughput"
 IPERF_PORT = 5201
 
 
@@ -47,18 +52,24 @@ def run_iperf(
         "--time", str(seconds), "--parallel", str(streams), "--json", "--connect-timeout", "5000",
         *(["--reverse"] if reverse else []),
     ]  # fmt: skip
-    cpu_before = path.cpu()
-    try:
-        res = subprocess.run(
-            env.setup.client_ns.cmd(*cmd), capture_output=True, text=True, timeout=seconds + 30
-        )
-    except subprocess.TimeoutExpired:
-        return Sample(scenario, path.name, 0.0, error="iperf3 timed out")
-    cpu = path.cpu() - cpu_before
-    try:
-        report = json.loads(res.stdout)
-    except json.JSONDecodeError:
-        return Sample(scenario, path.name, 0.0, error=f"iperf3: {res.stderr.strip()[:200]}")
+    for attempt in range(3):
+        cpu_before = path.cpu()
+        try:
+            res = subprocess.run(
+                env.setup.client_ns.cmd(*cmd), capture_output=True, text=True, timeout=seconds + 30
+            )
+        except subprocess.TimeoutExpired:
+            return Sample(scenario, path.name, 0.0, error="iperf3 timed out")
+        cpu = path.cpu() - cpu_before
+        try:
+            report = json.loads(res.stdout)
+        except json.JSONDecodeError:
+            return Sample(scenario, path.name, 0.0, error=f"iperf3: {res.stderr.strip()[:200]}")
+        # The server may still be closing the previous test: wait and try again (bounded).
+        if "busy" in str(report.get("error", "")) and attempt < 2:
+            time.sleep(1.0)
+            continue
+        break
     if "error" in report:
         return Sample(scenario, path.name, 0.0, error=str(report["error"])[:200])
     received = report["end"]["sum_received"]
@@ -71,43 +82,66 @@ def run_iperf(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=10, help="per iperf3 run")
-    parser.add_argument("--streams", default="1,4", help="comma-separated stream counts")
-    parser.add_argument(
-        "--output", default=str(RESULTS_DIR / "throughput.md"), help="Markdown result file"
-    )
-    args = parser.parse_args(argv)
-    streams = [int(n) for n in args.streams.split(",")]
+def measure(env: BenchEnv, rounds: int, seconds: int, streams: list[int]) -> list[Sample]:
+    server = env.setup.topo.spawn(
+        env.setup.internet,
+        "iperf3", "--server", "--port", str(IPERF_PORT),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(0.5)
+    if server.poll() is not None:
+        raise SystemExit("iperf3 server did not start")
     samples: list[Sample] = []
+    for round_no in range(rounds):
+        order = env.paths if round_no % 2 == 0 else env.paths[::-1]
+        for reverse in (False, True):
+            for n in streams:
+                for path in order:
+                    sample = run_iperf(env, path, seconds, n, reverse)
+                    samples.append(sample)
+                    figure = sample.error or f"{sample.value:8.1f} Mbit/s"
+                    print(
+                        f"round {round_no + 1}/{rounds} {sample.scenario:<20} "
+                        f"{path.name:<9} {figure}",
+                        flush=True,
+                    )
+    return samples
+
+
+def figures_from(summaries: list[Summary], peak_rss: dict[str, int]) -> list[Figure]:
+    figures: list[Figure] = []
+    for s in summaries:
+        f = Figure(PART, f"throughput {s.scenario}", "Mbit/s", s.ours, s.reference,
+                   target=">= 1.0x reference")  # fmt: skip
+        f.met = None if f.ratio is None else f.ratio >= 1.0
+        figures.append(f)
+    for s in summaries:
+        f = Figure(PART, f"gateway CPU per GiB, {s.scenario}", "s/GiB", s.ours_cpu_per_gib,
+                   s.reference_cpu_per_gib, target="<= reference")  # fmt: skip
+        if f.ours is not None and f.reference is not None:
+            f.met = f.ours <= f.reference
+        figures.append(f)
+    figures.append(
+        Figure(
+            PART,
+            "gateway peak RSS (VmHWM) after the bulk runs",
+            "MiB",
+            peak_rss["ours"] / 1024,
+            peak_rss["reference"] / 1024,
+        )
+    )
+    return figures
+
+
+def run(rounds: int = 3, seconds: int = 10, streams_text: str = "1,4") -> list[Figure]:
+    streams = [int(n) for n in streams_text.split(",")]
     with bench_env() as env:
-        server = env.setup.topo.spawn(
-            env.setup.internet,
-            "iperf3", "--server", "--port", str(IPERF_PORT),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        time.sleep(0.5)
-        if server.poll() is not None:
-            raise SystemExit("iperf3 server did not start")
-        for round_no in range(args.rounds):
-            order = env.paths if round_no % 2 == 0 else env.paths[::-1]
-            for reverse in (False, True):
-                for n in streams:
-                    for path in order:
-                        sample = run_iperf(env, path, args.seconds, n, reverse)
-                        samples.append(sample)
-                        figure = sample.error or f"{sample.value:8.1f} Mbit/s"
-                        print(
-                            f"round {round_no + 1}/{args.rounds} {sample.scenario:<20} "
-                            f"{path.name:<9} {figure}",
-                            flush=True,
-                        )
-        peak_rss = env.ours.rss_kib()
+        samples = measure(env, rounds, seconds, streams)
+        peak_rss = {p.name: p.peak_rss_kib() for p in env.paths}
     summaries = summarise(samples, "Mbit/s")
     table = markdown_table(summaries)
-    rounds = "\n".join(
+    figures = figures_from(summaries, peak_rss)
+    rounds_text = "\n".join(
         f"- {s.scenario}: ours {[round(v) for v in s.ours_values]}, "
         f"reference {[round(v) for v in s.reference_values]}"
         + (f"; errors: {s.errors}" if s.errors else "")
@@ -115,20 +149,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     report = (
         "# TCP throughput: unclaw-tui against wireguard-go with kernel forwarding\n\n"
-        f"`python -m bench.throughput --rounds {args.rounds} --seconds {args.seconds} "
-        f"--streams {args.streams}` on {machine_description()}.\n\n"
+        f"`python -m bench.throughput --rounds {rounds} --seconds {seconds} "
+        f"--streams {streams_text}` on {machine_description()}.\n\n"
         "Medians over the rounds (iperf3 receiver figures); CPU is the gateway process's "
         "user + system time per GiB moved (the reference's kernel forwarding runs in softirq "
         "and is not in its figure).\n\n"
-        f"{table}\n\nPer round (Mbit/s):\n\n{rounds}\n\n"
-        f"Our gateway's RSS at the end: {peak_rss // 1024} MiB.\n"
+        f"{table}\n\nPer round (Mbit/s):\n\n{rounds_text}\n\n"
+        f"Peak RSS (VmHWM): ours {peak_rss['ours'] // 1024} MiB, reference wireguard-go "
+        f"{peak_rss['reference'] // 1024} MiB.\n\n"
+        f"{figures_table(figures)}\n"
     )
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "w") as out:
-        out.write(report)
+    save_figures(PART, figures, report)
     print()
     print(table)
-    print(f"\nwritten to {args.output}")
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10, help="per iperf3 run")
+    parser.add_argument("--streams", default="1,4", help="comma-separated stream counts")
+    args = parser.parse_args(argv)
+    run(args.rounds, args.seconds, args.streams)
+    print(f"\nwritten to {RESULTS_DIR / (PART + '.md')}")
     return 0
 
 
