@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import sys
 import time
@@ -132,31 +133,54 @@ async def main_async(args: argparse.Namespace) -> list[Path]:
 
 
 async def live(out: Path, wait: float, stop: asyncio.Event) -> list[Path]:
-    """Two real wireguard-go peers in namespaces, pinging the real gateway while we shoot."""
-    from tests.interop.harness import cli, thread_in_namespace, topology
+    """Real wireguard-go peers in namespaces: one browses (DNS, HTTP, HTTPS through the
+    interception CA) a test host behind the gateway, one pings; the real gateway's console
+    is shot meanwhile."""
+    from tests.interop.harness import make_flows_setup, thread_in_namespace, topology
+    from tests.interop.test_dns import HOST_ADDR, start_dns_host
+    from tests.interop.test_tls import TRUSTED_PORT, start_tls_host
+    from tests.interop.tls_host import make_pki
     from unclaw_tui.gateway import Gateway
 
     with topology() as topo:
-        gw_ns = topo.namespace("g")
-        state = topo.tmp / "state"
-        pingers = []
-        for i, name in enumerate(("phone", "laptop")):
-            ns = topo.namespace("c" if i == 0 else "d")
-            topo.link(ns, f"192.168.{77 + i}.2/24", gw_ns, f"192.168.{77 + i}.1/24")
-            ns.run("ip", "route", "add", "default", "via", f"192.168.{77 + i}.1")
-            conf = cli(state, "--endpoint", "192.168.77.1:51820", "peer", "add", name).stdout
-            topo.wg_client(ns, conf, f"10.77.0.{2 + i}/32")
-            pingers.append((ns, i))
-        with thread_in_namespace(gw_ns.name):
-            settings = config.Settings(state_dir=state, endpoint="192.168.77.1:51820")
-            app = UnclawApp(Gateway(settings), state_dir=state)
+        s = make_flows_setup(topo)
+        s.start_host("http", 80)
+        start_dns_host(s)
+        pki = make_pki(topo.tmp / "pki")
+        start_tls_host(s, TRUSTED_PORT, pki.trusted)
+        s.client(s.add_peer("phone"), extra_routes=("10.78.0.0/16",))
+        other = topo.namespace("d")
+        topo.link(other, "192.168.78.2/24", s.gateway_ns, "192.168.78.1/24")
+        other.run("ip", "route", "add", "default", "via", "192.168.78.1")
+        topo.wg_client(other, s.add_peer("laptop"), "10.77.0.3/32")
+        ca_path = s.cli("ca", "--path").stdout.strip()
+        browse = (
+            f"end=$((SECONDS+{int(wait) + 20})); while [ $SECONDS -lt $end ]; do "
+            "for name in example.test www.example.test; do "
+            "vip=$(dig +short +time=2 +tries=1 @10.77.0.1 $name A | head -1); "
+            '[ -n "$vip" ] || continue; '
+            "curl -s -o /dev/null --max-time 5 --resolve $name:80:$vip http://$name/hello; "
+            f"curl -s -o /dev/null --max-time 5 --cacert {ca_path} "
+            "--resolve $name:443:$vip https://$name/; done; sleep 0.5; done"
+        )
+        with thread_in_namespace(s.gateway_ns.name):
+            os.environ["SSL_CERT_FILE"] = str(pki.ca_file)  # trust the test origin upstream
+            settings = config.Settings(
+                state_dir=s.state_dir,
+                endpoint=f"{s.gateway_addr}:{s.port}",
+                upstream_dns=[(HOST_ADDR, 53)],
+            )
+            app = UnclawApp(Gateway(settings), state_dir=s.state_dir)
             procs = [
                 await asyncio.create_subprocess_exec(
-                    *ns.cmd("ping", "-n", "-q", "-i", "0.2", "-s", str(200 + 900 * i),
-                            "-w", str(int(wait) + 15), "10.77.0.1"),
+                    *s.client_ns.cmd("bash", "-c", browse),
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                ),
+                await asyncio.create_subprocess_exec(
+                    *other.cmd("ping", "-n", "-q", "-i", "0.2", "-s", "1100",
+                               "-w", str(int(wait) + 15), "10.77.0.1"),
                     stdout=asyncio.subprocess.DEVNULL,
-                )
-                for ns, i in pingers
+                ),
             ]  # fmt: skip
             try:
                 return await shoot(app, out, wait, stop)
