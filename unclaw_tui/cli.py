@@ -215,6 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="UDP flows per peer; past it the least recently active one closes (default 256)",
     )
     parser.add_argument(
+        "--max-conns-per-peer",
+        type=_int_range("connection limit", 1, 65536),
+        default=config.DEFAULT_MAX_CONNS_PER_PEER,
+        metavar="N",
+        help="open TCP connections per peer; past it new ones are refused (default 4096)",
+    )
+    parser.add_argument(
+        "--max-half-open-per-peer",
+        type=_int_range("half-open limit", 1, 65536),
+        default=config.DEFAULT_MAX_HALF_OPEN_PER_PEER,
+        metavar="N",
+        help="TCP connections per peer still in their handshake (SYN flood bound; default 256)",
+    )
+    parser.add_argument(
         "--udp-idle-timeout",
         type=_seconds,
         default=config.DEFAULT_UDP_IDLE_TIMEOUT,
@@ -313,6 +327,8 @@ def _build_settings(
         upstream_dns=list(args.upstream_dns),
         passthrough=list(args.passthrough),
         auto_passthrough=bool(args.auto_passthrough),
+        max_conns_per_peer=args.max_conns_per_peer,
+        max_half_open_per_peer=args.max_half_open_per_peer,
     )
     if "listen_port" in merged:
         settings.listen_port = merged["listen_port"]

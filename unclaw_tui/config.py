@@ -14,6 +14,10 @@ VIP_NETWORK = "10.78.0.0/16"
 DEFAULT_TCP_BUFFER = 256 * 1024
 DEFAULT_MAX_FLOWS_PER_PEER = 256
 DEFAULT_UDP_IDLE_TIMEOUT = 60.0
+# TCP connections a peer may hold open, and half-open (SYN received, handshake not finished);
+# past either, its new SYNs are refused with an RST (the C stack's own defaults).
+DEFAULT_MAX_CONNS_PER_PEER = 4096
+DEFAULT_MAX_HALF_OPEN_PER_PEER = 256
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -50,6 +54,8 @@ class Settings:
     # our certificate are passed through from then on.
     passthrough: list[str] = field(default_factory=list)
     auto_passthrough: bool = False
+    max_conns_per_peer: int = DEFAULT_MAX_CONNS_PER_PEER  # TCP, this run only
+    max_half_open_per_peer: int = DEFAULT_MAX_HALF_OPEN_PER_PEER
 
     @property
     def gateway_ip(self) -> ipaddress.IPv4Address:

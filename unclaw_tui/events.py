@@ -267,3 +267,17 @@ class HttpRequest(Event):
     status: int | None = None  # None when no response came
     bytes: int = 0  # response body bytes
     ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitHit(Event):
+    """A per-peer limit refused new connections: `limit` is "tcp_conns_per_peer" or
+    "tcp_half_open_per_peer", `value` its setting, `refused` the SYNs refused (with an RST)
+    since the previous event for this peer and limit (at most one each half second)."""
+
+    type: ClassVar[str] = "limit_hit"
+    peer: str
+    peer_public_key: str
+    limit: str
+    value: int
+    refused: int

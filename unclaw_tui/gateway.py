@@ -20,6 +20,7 @@ from unclaw_tui.events import (
     EventBus,
     GatewayStarted,
     GatewayStopped,
+    LimitHit,
     PeerAdded,
     PeerEndpointChanged,
     PeerHandshake,
@@ -163,6 +164,8 @@ class Gateway:
             max_peers=s.max_peers,
             on_event=self._on_tunnel_event,
             tcp_buffer=s.tcp_buffer,
+            max_conns_per_peer=s.max_conns_per_peer,
+            max_half_open_per_peer=s.max_half_open_per_peer,
         )
         self._tunnel.on_tcp = self._on_tcp
         self._tunnel.on_udp = self._on_udp
@@ -325,12 +328,33 @@ class Gateway:
             try:
                 if self.state.peers_signature() != self._peers_signature:
                     self._reconcile_peers(announce=True)
+                self._publish_limit_hits()
                 if time.monotonic() - last_stats >= STATS_WRITE_INTERVAL:
                     last_stats = time.monotonic()
                     # fsync and the file lock may block: keep them off the packet loop.
                     await asyncio.to_thread(self.state.write_stats, self._collect_stats())
             except Exception:  # a bad edit of the state files must not stop the gateway
                 log.exception("state poll failed")
+
+    def _publish_limit_hits(self) -> None:
+        if self._tunnel is None:
+            return
+        limits = {
+            "conns": ("tcp_conns_per_peer", self.settings.max_conns_per_peer),
+            "half_open": ("tcp_half_open_per_peer", self.settings.max_half_open_per_peer),
+        }
+        for public_key, which, refused in self._tunnel.limit_hits():
+            record = self._by_key.get(public_key)
+            limit, value = limits[which]
+            self.bus.publish(
+                LimitHit(
+                    peer=record.name if record else "?",
+                    peer_public_key=record.public_key if record else "",
+                    limit=limit,
+                    value=value,
+                    refused=refused,
+                )
+            )
 
     def _collect_stats(self) -> dict[str, PeerRuntime]:
         stats = dict(self._baseline)

@@ -582,6 +582,18 @@ class Engine:
         lib.tcp_peer_counts(self._t, _u32(peer_id, "peer_id"), counts, counts + 1)
         return counts[0], counts[1]
 
+    def tcp_limit_refusals(self) -> int:
+        """SYNs refused by a per-peer limit (connections or half-open), all peers together."""
+        return lib.tcp_drop_count(self._t, lib.TCP_DROP_LIMIT_PEER) + lib.tcp_drop_count(
+            self._t, lib.TCP_DROP_LIMIT_HALF_OPEN
+        )
+
+    def tcp_peer_limit_hits(self, peer_id: int) -> tuple[int, int]:
+        """SYNs of a peer refused by (max connections, max half-open) since the engine began."""
+        hits = ffi.new("uint64_t[2]")
+        lib.tcp_peer_limit_hits(self._t, _u32(peer_id, "peer_id"), hits, hits + 1)
+        return hits[0], hits[1]
+
     # UDP and ICMP errors
 
     def udp_datagrams(self) -> list[UdpMeta]:

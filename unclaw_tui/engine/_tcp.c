@@ -101,6 +101,7 @@ typedef struct tcp_conn {
 typedef struct {
     uint32_t peer_id, used;
     uint32_t open, half_open;
+    uint64_t refused_conns, refused_half_open; /* SYNs refused by the per-peer limits */
 } peer_entry;
 
 struct tcp_stack {
@@ -223,6 +224,7 @@ static peer_entry *peer_get(tcp_stack *s, uint32_t peer_id) {
     p->used = 1;
     p->peer_id = peer_id;
     p->open = p->half_open = 0;
+    p->refused_conns = p->refused_half_open = 0;
     s->peer_used++;
     return p;
 }
@@ -836,10 +838,12 @@ static int new_connection(tcp_stack *s, uint32_t peer_id, const seg_repr *g, dou
     peer_entry *p = peer_get(s, peer_id);
     if (!p) return drop(s, TCP_DROP_NOMEM);
     if (p->half_open >= s->cfg.max_half_open_per_peer) {
+        p->refused_half_open++;
         reply_rst(s, peer_id, g);
         return drop(s, TCP_DROP_LIMIT_HALF_OPEN);
     }
     if (p->open >= s->cfg.max_conns_per_peer) {
+        p->refused_conns++;
         reply_rst(s, peer_id, g);
         return drop(s, TCP_DROP_LIMIT_PEER);
     }
@@ -1694,5 +1698,13 @@ int tcp_peer_counts(tcp_stack *s, uint32_t peer_id, uint32_t *open, uint32_t *ha
     peer_entry *p = peer_find(s, peer_id);
     *open = p ? p->open : 0;
     *half_open = p ? p->half_open : 0;
+    return 0;
+}
+
+int tcp_peer_limit_hits(tcp_stack *s, uint32_t peer_id, uint64_t *conns, uint64_t *half_open) {
+    if (!s || !conns || !half_open) return TCP_EINVAL;
+    peer_entry *p = peer_find(s, peer_id);
+    *conns = p ? p->refused_conns : 0;
+    *half_open = p ? p->refused_half_open : 0;
     return 0;
 }

@@ -195,5 +195,9 @@ const char *tcp_drop_reason_name(int reason);
 void tcp_get_stats(tcp_stack *s, tcp_stats *out);
 /* Open (not TIME-WAIT or closed) and half-open connections of a peer. */
 int tcp_peer_counts(tcp_stack *s, uint32_t peer_id, uint32_t *open, uint32_t *half_open);
+/* SYNs of a peer refused (with an RST) by max_conns_per_peer and by max_half_open_per_peer,
+ * since the stack began.  Owners poll it only when tcp_drop_count of TCP_DROP_LIMIT_PEER or
+ * TCP_DROP_LIMIT_HALF_OPEN moved, so a limit being hit costs no per-packet work. */
+int tcp_peer_limit_hits(tcp_stack *s, uint32_t peer_id, uint64_t *conns, uint64_t *half_open);
 
 #endif

@@ -94,6 +94,7 @@ class Tunnel:
         wall_clock: Callable[[], float] = time.time,
         tcp_buffer: int = 0,
         max_conns_per_peer: int = 0,
+        max_half_open_per_peer: int = 0,
     ) -> None:
         self.listen_port = listen_port
         self.listen_host = listen_host
@@ -101,8 +102,16 @@ class Tunnel:
         self._core = HandshakeCore(private_key)
         self.public_key = self._core.public_key
         self._engine = _ffi.Engine(
-            str(address.ip), address.network.prefixlen, mtu=mtu, max_peers=max_peers
+            str(address.ip),
+            address.network.prefixlen,
+            mtu=mtu,
+            max_peers=max_peers,
+            tcp_max_conns_per_peer=max_conns_per_peer,
+            tcp_max_half_open_per_peer=max_half_open_per_peer,
         )
+        # Per-peer TCP limit refusals already reported (C counts them; limit_hits() polls).
+        self._limit_refusals_seen = 0
+        self._limit_hits_seen: dict[int, tuple[int, int]] = {}
         self._max_peers = max_peers
         self._peers: dict[bytes, _Peer] = {}
         self._by_id: dict[int, _Peer] = {}
@@ -215,6 +224,8 @@ class Tunnel:
         peer = _Peer(peer_id, public_key, nets)
         self._peers[public_key] = peer
         self._by_id[peer_id] = peer
+        # C keeps the counts of a reused peer id: only what happens from now on is this peer's.
+        self._limit_hits_seen[peer_id] = self._engine.tcp_peer_limit_hits(peer_id)
 
     def remove_peer(self, public_key: bytes) -> None:
         for conn in [c for c in self._conns.values() if c.peer_public_key == public_key]:
@@ -248,6 +259,25 @@ class Tunnel:
         for reason, n in self.handshake_drops.items():
             counts[f"handshake_{reason}"] = n
         return counts
+
+    def limit_hits(self) -> list[tuple[bytes, str, int]]:
+        """(public key, "conns" or "half_open", SYNs refused) for each peer whose per-peer TCP
+        limit refused connections since the last call.  Cheap when nothing was refused: one
+        pair of C counters; the peers are looked at only when those moved."""
+        total = self._engine.tcp_limit_refusals()
+        if total == self._limit_refusals_seen:
+            return []
+        self._limit_refusals_seen = total
+        hits: list[tuple[bytes, str, int]] = []
+        for peer_id, peer in self._by_id.items():
+            conns, half_open = self._engine.tcp_peer_limit_hits(peer_id)
+            seen_conns, seen_half_open = self._limit_hits_seen.get(peer_id, (0, 0))
+            if conns > seen_conns:
+                hits.append((peer.public_key, "conns", conns - seen_conns))
+            if half_open > seen_half_open:
+                hits.append((peer.public_key, "half_open", half_open - seen_half_open))
+            self._limit_hits_seen[peer_id] = (conns, half_open)
+        return hits
 
     def engine_stats(self) -> dict[str, int]:
         stats = dict(self._engine.stats())
