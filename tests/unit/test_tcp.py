@@ -19,11 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.unit import tcp_build
+from unclaw_tui.engine import _wgstack_cffi
 
-_mod = tcp_build.load()
-ffi: Any = _mod.ffi
-lib: Any = _mod.lib
+# The TCP stack is compiled into the engine module (and declared in its cdef): test it there,
+# on its own, through its sans-IO API with Python callbacks.
+ffi: Any = _wgstack_cffi.ffi
+lib: Any = _wgstack_cffi.lib
 
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 PEER_IP = 0x0A4D0002  # 10.77.0.2, the peer's tunnel address
