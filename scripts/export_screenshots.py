@@ -136,8 +136,7 @@ async def live(out: Path, wait: float, stop: asyncio.Event) -> list[Path]:
     """Real wireguard-go peers in namespaces: one browses (DNS, HTTP, HTTPS through the
     interception CA) a test host behind the gateway, one pings; the real gateway's console
     is shot meanwhile."""
-    from tests.interop.harness import make_flows_setup, thread_in_namespace, topology
-    from tests.interop.test_dns import HOST_ADDR, start_dns_host
+    from tests.interop.harness import HOST_ADDR, make_flows_setup, thread_in_namespace, topology
     from tests.interop.test_tls import TRUSTED_PORT, start_tls_host
     from tests.interop.tls_host import make_pki
     from unclaw_tui.gateway import Gateway
@@ -145,7 +144,7 @@ async def live(out: Path, wait: float, stop: asyncio.Event) -> list[Path]:
     with topology() as topo:
         s = make_flows_setup(topo)
         s.start_host("http", 80)
-        start_dns_host(s)
+        s.start_dns_host()
         pki = make_pki(topo.tmp / "pki")
         start_tls_host(s, TRUSTED_PORT, pki.trusted)
         s.client(s.add_peer("phone"), extra_routes=("10.78.0.0/16",))

@@ -469,32 +469,38 @@ class FlowsSetup(GatewaySetup):
 
     def start_host(self, kind: str, port: int, *args: str) -> subprocess.Popen[str]:
         """A tests.interop.hosts server on the test host, running once it said 'ready'."""
-        proc = self.topo.spawn(
-            self.internet,
-            *module_cmd("tests.interop.hosts", kind, "--port", str(port), *args),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=self.env(),
-            cwd=str(REPO_ROOT),
-        )
-        wait_ready(proc, 20, f"test host {kind}")
-        return proc
+        return self.start_server_in(self.internet, kind, port, *args)
 
     def start_server_in(
         self, ns: Namespace, kind: str, port: int, *args: str
     ) -> subprocess.Popen[str]:
         """The same servers in another namespace (e.g. on the gateway host's loopback)."""
+        return self.start_module_in(
+            ns, "tests.interop.hosts", kind, "--port", str(port), *args,
+            what=f"{kind} server in {ns.name}",
+        )  # fmt: skip
+
+    def start_dns_host(self) -> subprocess.Popen[str]:
+        """The authoritative test zone (tests.interop.dns_host) on the test host, port 53."""
+        return self.start_module_in(
+            self.internet, "tests.interop.dns_host", "--port", "53", "--a", HOST_ADDR,
+            what="dns host",
+        )  # fmt: skip
+
+    def start_module_in(
+        self, ns: Namespace, module: str, *args: str, what: str
+    ) -> subprocess.Popen[str]:
+        """`python -m module args` in a namespace, once it printed 'ready'."""
         proc = self.topo.spawn(
             ns,
-            *module_cmd("tests.interop.hosts", kind, "--port", str(port), *args),
+            *module_cmd(module, *args),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
             env=self.env(),
             cwd=str(REPO_ROOT),
         )
-        wait_ready(proc, 20, f"{kind} server in {ns.name}")
+        wait_ready(proc, 20, what)
         return proc
 
     def client(

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.interop.harness import HOST_ADDR, REPO_ROOT, FlowsSetup, module_cmd, wait_ready
+from tests.interop.harness import HOST_ADDR, FlowsSetup
 
 pytestmark = pytest.mark.interop
 
@@ -41,23 +40,9 @@ def a_record(answers: list[str]) -> str:
     return addrs[0]
 
 
-def start_dns_host(s: FlowsSetup) -> subprocess.Popen[str]:
-    proc = s.topo.spawn(
-        s.internet,
-        *module_cmd("tests.interop.dns_host", "--port", "53", "--a", HOST_ADDR),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=s.env(),
-        cwd=str(REPO_ROOT),
-    )
-    wait_ready(proc, 20, "dns host")
-    return proc
-
-
 def test_dns_vips_through_the_tunnel(flows_setup: FlowsSetup) -> None:
     s = flows_setup
-    dns_host = start_dns_host(s)
+    dns_host = s.start_dns_host()
     s.start_host("http", HTTP_PORT)
     config = s.add_peer("phone")
     gw = s.start_gateway("--upstream-dns", HOST_ADDR)

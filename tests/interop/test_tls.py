@@ -19,11 +19,9 @@ import pytest
 
 from tests.interop.harness import (
     HOST_ADDR,
-    REPO_ROOT,
     FlowsSetup,
     GatewayProcess,
     module_cmd,
-    wait_ready,
 )
 from tests.interop.tls_host import HOSTNAME, OTHER_HOSTNAME, Pki, make_pki
 
@@ -37,18 +35,10 @@ CURL_CA_ERROR = 60  # CURLE_PEER_FAILED_VERIFICATION
 
 def start_tls_host(s: FlowsSetup, port: int, pair: tuple[Path, Path]) -> subprocess.Popen[str]:
     cert, key = pair
-    proc = s.topo.spawn(
-        s.internet,
-        *module_cmd("tests.interop.tls_host", "serve", "--port", str(port),
-                    "--cert", str(cert), "--key", str(key)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=s.env(),
-        cwd=str(REPO_ROOT),
+    return s.start_module_in(
+        s.internet, "tests.interop.tls_host", "serve", "--port", str(port),
+        "--cert", str(cert), "--key", str(key), what=f"HTTPS test host on {port}",
     )  # fmt: skip
-    wait_ready(proc, 20, f"HTTPS test host on {port}")
-    return proc
 
 
 def bring_up(
@@ -226,16 +216,7 @@ def test_tls_to_a_vip(flows_setup: FlowsSetup) -> None:
     host, and the events name it."""
     s = flows_setup
     pki = make_pki(s.topo.tmp / "pki")
-    dns_host = s.topo.spawn(
-        s.internet,
-        *module_cmd("tests.interop.dns_host", "--port", "53", "--a", HOST_ADDR),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=s.env(),
-        cwd=str(REPO_ROOT),
-    )
-    wait_ready(dns_host, 20, "dns host")
+    s.start_dns_host()
     gw, our_ca = bring_up(s, pki, "--upstream-dns", HOST_ADDR, extra_routes=(VIP_NET,))
     res = s.client_ns.run(
         "dig", "@10.77.0.1", "+time=3", "+tries=2", "+short", HOSTNAME, "A",

@@ -12,8 +12,13 @@ import asyncio
 
 import pytest
 
-from tests.interop.harness import FlowsSetup, GatewaySetup, Namespace, thread_in_namespace
-from tests.interop.test_dns import HOST_ADDR, start_dns_host
+from tests.interop.harness import (
+    HOST_ADDR,
+    FlowsSetup,
+    GatewaySetup,
+    Namespace,
+    thread_in_namespace,
+)
 from unclaw_tui import config
 from unclaw_tui.app import UnclawApp
 from unclaw_tui.gateway import Gateway
@@ -99,7 +104,7 @@ async def test_console_shows_a_flow_and_a_dns_query(flows_setup: FlowsSetup) -> 
     s = flows_setup
     config_text = s.add_peer("phone")
     s.start_host("http", 8080)
-    start_dns_host(s)
+    s.start_dns_host()
     with thread_in_namespace(s.gateway_ns.name):
         settings = config.Settings(
             state_dir=s.state_dir,
