@@ -50,7 +50,7 @@ PARTS: dict[str, tuple[str, Callable[[], list[Figure]]]] = {
              lambda: cmem.run(conns=10_000, peers=1_000)),
     "scale": ("Scale: 1,000 peers, 10,000 idle connections",
               lambda: scale.run(peers=999, n_handshakes=300, conns=10_000)),
-    "tui": ("The TUI's cost", lambda: tui.run(rounds=3, seconds=5, streams_text="1,4")),
+    "tui": ("The TUI's cost", lambda: tui.run(rounds=4, seconds=4, streams_text="1,4")),
 }  # fmt: skip
 
 

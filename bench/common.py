@@ -64,6 +64,7 @@ class GatewayPath:
     gateway_pid: int
     client: WgClient
     config: str = ""  # the client's wg-quick config (ours only), to re-apply after a restart
+    gateway_ifname: str = ""  # the reference gateway's wireguard-go interface
 
     def cpu(self) -> float:
         return cpu_seconds(self.gateway_pid)
@@ -126,7 +127,10 @@ def _start_reference(s: FlowsSetup) -> GatewayPath:
     )  # fmt: skip
     if ping.returncode != 0:
         raise RuntimeError(f"reference gateway unreachable: {ping.stdout}{ping.stderr}")
-    return GatewayPath("reference", REFERENCE_CLIENT_IP, gateway_wg.proc.pid, client)
+    return GatewayPath(
+        "reference", REFERENCE_CLIENT_IP, gateway_wg.proc.pid, client,
+        gateway_ifname=gateway_wg.ifname,
+    )  # fmt: skip
 
 
 def _start_ours(
@@ -254,10 +258,13 @@ def machine_description() -> str:
         ["git", "status", "--porcelain", "--untracked-files=no"],
         capture_output=True, text=True, cwd=REPO_ROOT,
     ).stdout.strip()  # fmt: skip
+    # Other work on the machine (tests, a fuzzer) moves every figure: say how busy it was.
+    load = os.getloadavg()[0]
     return (
         f"{os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}, "
         f"commit {rev or 'unknown'}{' + uncommitted changes' if dirty else ''}, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load:.2f} "
+        "at the end"
     )
 
 
@@ -379,6 +386,8 @@ def figures_table(figures: list[Figure]) -> str:
     ]
     for f in figures:
         digits = 2 if f.ours is not None and abs(f.ours) < 10 else 1
+        if f.unit in ("", "x") and f.ours is not None and float(f.ours).is_integer():
+            digits = 0  # counts
         ref = (
             ""
             if f.reference is None

@@ -59,7 +59,8 @@ def idle_cpu(path: GatewayPath, seconds: float = IDLE_SECONDS) -> float:
 
 
 def _reference_ifname(env: BenchEnv) -> str:
-    return env.setup.gateway_ns.run("wg", "show", "interfaces").stdout.split()[0]
+    # Not `wg show interfaces`: wireguard-go's control sockets are shared by all namespaces.
+    return env.reference.gateway_ifname
 
 
 def add_peers(env: BenchEnv, count: int) -> dict[str, Any]:
