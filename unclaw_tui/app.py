@@ -373,13 +373,8 @@ class UnclawApp(App[int]):
 
 
 def run_app(settings: config.Settings) -> int:
-    """Run the console and the gateway on one event loop (uvloop when installed)."""
-    from unclaw_tui.gateway import Gateway  # the real engine; tests import this module with fakes
+    """Run the console; the gateway runs on its own thread and loop (see gateway_thread)."""
+    from unclaw_tui.gateway_thread import ThreadedGateway  # tests import this module with fakes
 
-    app = UnclawApp(Gateway(settings), state_dir=settings.state_dir)
-    try:
-        import uvloop
-    except ImportError:
-        return app.run() or 0
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(app.run_async()) or 0
+    app = UnclawApp(ThreadedGateway(settings), state_dir=settings.state_dir)
+    return app.run() or 0

@@ -22,6 +22,7 @@ from tests.interop.harness import (
 from unclaw_tui import config
 from unclaw_tui.app import UnclawApp
 from unclaw_tui.gateway import Gateway
+from unclaw_tui.gateway_thread import ThreadedGateway
 from unclaw_tui.screens.peer_qr import PeerQrScreen
 from unclaw_tui.widgets.peers_table import PeersTable
 
@@ -45,6 +46,7 @@ def peer_key(table: PeersTable, name: str) -> str:
 
 
 async def test_console_shows_live_peers_adds_and_removes(wg_setup: GatewaySetup) -> None:
+    """As `unclaw-tui` runs it: the gateway on its own thread (ThreadedGateway)."""
     s = wg_setup
     phone_config = s.add_peer("phone")
     other_ns = s.topo.namespace("d")
@@ -55,7 +57,7 @@ async def test_console_shows_live_peers_adds_and_removes(wg_setup: GatewaySetup)
         settings = config.Settings(
             state_dir=s.state_dir, listen_port=s.port, endpoint=f"{s.gateway_addr}:{s.port}"
         )
-        gateway = Gateway(settings)
+        gateway = ThreadedGateway(settings)
         app = UnclawApp(gateway, state_dir=s.state_dir, refresh_interval=0.25)
         async with app.run_test(size=(120, 40)) as pilot:
             await pilot.pause(0.3)
