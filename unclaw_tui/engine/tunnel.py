@@ -512,7 +512,11 @@ class Tunnel:
         index = self._allocate_index()
         response, keypair = self._core.create_response(peer.public_key, index, now)
         # The initiation authenticated the peer: its source is now its endpoint (roaming).
+        # C then sees no change on the next packet, so a roam through a handshake is told here.
+        previous = self._engine.peer_stats(peer.peer_id).endpoint
         self._engine.peer_set_endpoint(peer.peer_id, src)
+        if previous is not None and previous != src:
+            self._on_event(TunnelEvent("endpoint", peer.public_key, src))
         self._engine.send_raw(response, src)
         self._install(peer, keypair, now)
 
