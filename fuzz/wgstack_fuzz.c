@@ -434,10 +434,13 @@ static void op_query(fz_state *st) {
     wg_engine_stats es;
     tcp_stats ts;
     uint32_t open, half;
+    uint64_t refused_conns, refused_half_open;
     for (uint32_t id = 0; id < NPEERS + 1; id++) {
         wg_peer_get_stats(st->e, id, &ps);
         tcp_peer_counts(wg_engine_tcp(st->e), id, &open, &half);
+        tcp_peer_limit_hits(wg_engine_tcp(st->e), id, &refused_conns, &refused_half_open);
     }
+    for (int i = 0; i < st->nkps; i++) (void)wg_index_in_use(st->e, st->kps[i].local_index);
     wg_engine_get_stats(st->e, &es);
     tcp_get_stats(wg_engine_tcp(st->e), &ts);
     (void)wg_next_deadline(st->e);

@@ -33,6 +33,25 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
+/* Under AddressSanitizer (fuzz/, scripts/test-asan) the decrypt scratch past the current
+ * plaintext is poisoned, so an inner-packet parser reading past a packet's end is reported
+ * although the bytes lie inside one large buffer. */
+#if defined(__SANITIZE_ADDRESS__)
+#define WG_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define WG_ASAN 1
+#endif
+#endif
+#ifdef WG_ASAN
+#include <sanitizer/asan_interface.h>
+#define SCRATCH_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define SCRATCH_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define SCRATCH_POISON(p, n) ((void)(p), (void)(n))
+#define SCRATCH_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 /* ---- Protocol constants: whitepaper section 6, wireguard-go device/constants.go ---------- */
 #define REKEY_AFTER_MESSAGES (1ULL << 60)
 #define REJECT_AFTER_MESSAGES (UINT64_MAX - (1ULL << 13)) /* 2^64 - 2^13 - 1 */
@@ -1285,6 +1304,7 @@ static void transport_input(wg_engine *e, const uint8_t *data, size_t len, const
     uint8_t nonce[12] = {0};
     wr64le(nonce + 4, counter);
     unsigned long long plain_len = 0;
+    SCRATCH_UNPOISON(e->plain, e->plain_cap);
     if (e->dec(e->plain, &plain_len, NULL, data + MSG_TRANSPORT_HEADER_SIZE, clen, NULL, 0, nonce,
                kp->recv_key) != 0) {
         count_drop(e, WG_DROP_DECRYPT);
@@ -1316,6 +1336,7 @@ static void transport_input(wg_engine *e, const uint8_t *data, size_t len, const
     timers_any_authenticated_packet_received(e, id);
     if (plain_len == 0) return; /* keepalive */
     timers_data_received(e, id, now);
+    SCRATCH_POISON(e->plain + plain_len, e->plain_cap - (size_t)plain_len);
     inner_dispatch(e, id, e->plain, (size_t)plain_len, now);
 }
 
@@ -1534,7 +1555,10 @@ void wg_engine_free(wg_engine *e) {
         }
     }
     tcp_stack_free(e->tcp); /* calls no callback */
-    if (e->plain) e->memzero(e->plain, e->plain_cap); /* last decrypted plaintext */
+    if (e->plain) {
+        SCRATCH_UNPOISON(e->plain, e->plain_cap);
+        e->memzero(e->plain, e->plain_cap); /* last decrypted plaintext */
+    }
     if (e->udp_arena) e->memzero(e->udp_arena, e->udp_arena_high); /* decrypted payloads too */
     free(e->peers);
     free(e->timer_list);
