@@ -3,7 +3,7 @@
     python -m bench.throughput            # 3 rounds x 10 s, up/down, 1 and 4 streams (~5 min)
     python -m bench.throughput --rounds 1 --seconds 3      # a quick look
 
-Needs root, wireguard-go, wg and iperf3.  The iperf3 server runs in the test-host namespace;
+Needs root, wireguard-go, wg and iperf3.  A one-off iperf3 server per run on the test host;
 the client in the client namespace binds the source address that selects the path (see
 bench.common).  Rounds alternate ours and the reference (the order flips every round), and
 the medians, the ratio ours / reference, the gateways' CPU seconds per GiB moved and their
@@ -53,14 +53,28 @@ def run_iperf(
         *(["--reverse"] if reverse else []),
     ]  # fmt: skip
     for attempt in range(3):
+        # A fresh one-off server per run: a server left busy by an earlier test (seen under
+        # load) cannot block the runs after it.
+        server = env.setup.topo.spawn(
+            env.setup.internet, "iperf3", "--server", "--one-off", "--port", str(IPERF_PORT),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(0.3)
         cpu_before = path.cpu()
         try:
             res = subprocess.run(
                 env.setup.client_ns.cmd(*cmd), capture_output=True, text=True, timeout=seconds + 30
             )
         except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=5)
             return Sample(scenario, path.name, 0.0, error="iperf3 timed out")
         cpu = path.cpu() - cpu_before
+        try:
+            server.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=5)
         try:
             report = json.loads(res.stdout)
         except json.JSONDecodeError:
@@ -83,14 +97,6 @@ def run_iperf(
 
 
 def measure(env: BenchEnv, rounds: int, seconds: int, streams: list[int]) -> list[Sample]:
-    server = env.setup.topo.spawn(
-        env.setup.internet,
-        "iperf3", "--server", "--port", str(IPERF_PORT),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    time.sleep(0.5)
-    if server.poll() is not None:
-        raise SystemExit("iperf3 server did not start")
     samples: list[Sample] = []
     for round_no in range(rounds):
         order = env.paths if round_no % 2 == 0 else env.paths[::-1]

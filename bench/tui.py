@@ -40,7 +40,7 @@ from bench.common import (
     save_figures,
     summarise,
 )
-from bench.throughput import IPERF_PORT, run_iperf
+from bench.throughput import run_iperf
 from tests.interop.harness import REPO_ROOT
 
 PART = "tui"
@@ -149,13 +149,6 @@ def run(rounds: int = 4, seconds: int = 5, streams_text: str = "1,4") -> list[Fi
     samples: list[Sample] = []
     screen = 0
     with bench_env() as env:
-        server = env.setup.topo.spawn(
-            env.setup.internet, "iperf3", "--server", "--port", str(IPERF_PORT),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        time.sleep(0.5)
-        if server.poll() is not None:
-            raise SystemExit("iperf3 server did not start")
         handle: Any = env.gateway
         mode = "no-ui"
         for round_no in range(rounds):
