@@ -144,9 +144,12 @@ class Subscription:
     def get_nowait(self) -> Event | None:
         """The next queued event, or None; for observers that poll at a few Hz."""
         try:
-            return self._queue.get_nowait()
+            event = self._queue.get_nowait()
         except asyncio.QueueEmpty:
             return None
+        if event is None:  # the close marker: leave it for the iterator, which then ends
+            self._queue.put_nowait(None)
+        return event
 
     def close(self) -> None:
         self._bus._unsubscribe(self)
