@@ -99,13 +99,15 @@ class Tunnel:
         self.listen_port = listen_port
         self.listen_host = listen_host
         self.address = address
-        self._core = HandshakeCore(private_key)
+        self._core = HandshakeCore(private_key, wall_clock=wall_clock)
         self.public_key = self._core.public_key
         self._engine = _ffi.Engine(
             str(address.ip),
             address.network.prefixlen,
             mtu=mtu,
             max_peers=max_peers,
+            tcp_rcvbuf=tcp_buffer,
+            tcp_sndbuf=tcp_buffer,
             tcp_max_conns_per_peer=max_conns_per_peer,
             tcp_max_half_open_per_peer=max_half_open_per_peer,
         )
