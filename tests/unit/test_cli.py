@@ -349,7 +349,7 @@ def test_relay_flags_reach_settings_and_are_not_saved(
     )
     rc = cli.main(
         ["--state-dir", str(state_dir), "--no-ui", "--allow", "127.0.0.0/8",
-         "--allow", "192.168.1.5/24", "--deny", "2001:db8::/32", "--deny", "8.8.8.8",
+         "--allow", "192.168.1.5/24", "--deny", "2001:db8::/32", "--deny", "203.0.113.8",
          "--tcp-buffer", "65536", "--max-flows-per-peer", "16", "--udp-idle-timeout", "2.5"]
     )  # fmt: skip
     assert rc == 0
@@ -360,7 +360,7 @@ def test_relay_flags_reach_settings_and_are_not_saved(
     ]
     assert settings.deny == [
         ipaddress.ip_network("2001:db8::/32"),
-        ipaddress.ip_network("8.8.8.8/32"),
+        ipaddress.ip_network("203.0.113.8/32"),
     ]
     assert settings.tcp_buffer == 65536
     assert settings.max_flows_per_peer == 16

@@ -70,22 +70,27 @@ def test_real_host_addresses_are_refused_by_default() -> None:
 
 
 def test_allow_opens_a_default_range_and_deny_refuses_more() -> None:
-    p = policy(allow=["127.0.0.0/8", "169.254.169.254/32"], deny=["8.8.8.0/24", "2001:db8::/32"])
+    p = policy(
+        allow=["127.0.0.0/8", "169.254.169.254/32"], deny=["203.0.113.0/24", "2001:db8::/32"]
+    )
     assert p.check("127.0.0.1") is None  # the host's loopback address goes with the range
     assert p.check("::1") == "loopback"  # IPv6 loopback was not opened
     assert p.check("169.254.169.254") is None
     assert p.check("169.254.169.253") == "link-local"
-    assert p.check("8.8.8.8") == "denied by --deny 8.8.8.0/24"
-    assert p.check("8.8.4.4") is None
+    assert p.check("203.0.113.8") == "denied by --deny 203.0.113.0/24"
+    assert p.check("192.0.2.44") is None
     assert p.check("2001:db8:1::10") == "host address"  # the /128 is more specific than the deny
     assert p.check("2001:db8::5") == "denied by --deny 2001:db8::/32"
 
 
 def test_precedence_most_specific_wins_then_deny_over_allow() -> None:
-    p = policy(deny=["8.8.8.0/24", "1.1.1.0/24"], allow=["8.8.8.8", "1.1.1.0/24", "10.77.0.0/16"])
-    assert p.check("8.8.8.8") is None  # the /32 allow is more specific than the /24 deny
-    assert p.check("8.8.8.9") == "denied by --deny 8.8.8.0/24"
-    assert p.check("1.1.1.1") == "denied by --deny 1.1.1.0/24"  # same network: deny wins
+    p = policy(
+        deny=["203.0.113.0/24", "198.51.100.0/24"],
+        allow=["203.0.113.8", "198.51.100.0/24", "10.77.0.0/16"],
+    )
+    assert p.check("203.0.113.8") is None  # the /32 allow is more specific than the /24 deny
+    assert p.check("203.0.113.9") == "denied by --deny 203.0.113.0/24"
+    assert p.check("198.51.100.1") == "denied by --deny 198.51.100.0/24"  # same network: deny wins
     # A wider allow does not open the tunnel's /24 (the default is more specific)...
     assert p.check("10.77.0.5") == "tunnel network"
     assert p.check("10.77.1.5") is None

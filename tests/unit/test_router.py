@@ -14,7 +14,7 @@ TABLE = [
     ("tcp", "93.184.216.34", 8443, Route.TLS),
     ("tcp", "10.78.0.5", 443, Route.TLS),  # a VIP on 443 is still TLS (hostname from the map)
     ("tcp", "10.78.255.254", 8443, Route.TLS),
-    ("tcp", "1.1.1.1", 53, Route.DNS),
+    ("tcp", "198.51.100.1", 53, Route.DNS),
     ("tcp", "10.77.0.1", 53, Route.DNS),
     ("tcp", "10.78.3.4", 53, Route.DNS),
     ("tcp", "10.78.0.1", 80, Route.VIP),
@@ -27,14 +27,14 @@ TABLE = [
     ("tcp", "93.184.216.34", 8080, Route.RELAY),
     ("tcp", "2001:db8::1", 443, Route.TLS),
     ("tcp", "2001:db8::1", 80, Route.RELAY),
-    ("udp", "8.8.8.8", 53, Route.DNS),
+    ("udp", "203.0.113.8", 53, Route.DNS),
     ("udp", "10.77.0.1", 53, Route.DNS),
     ("udp", "10.78.0.9", 53, Route.DNS),
     ("udp", "10.78.0.9", 443, Route.VIP),  # QUIC to a VIP: the VIP service decides
     ("udp", "10.78.0.9", 5000, Route.VIP),
-    ("udp", "8.8.8.8", 443, Route.RELAY),
-    ("udp", "8.8.8.8", 123, Route.RELAY),
-    ("udp", "8.8.8.8", 8443, Route.RELAY),  # TLS ports mean nothing for UDP
+    ("udp", "203.0.113.8", 443, Route.RELAY),
+    ("udp", "203.0.113.8", 123, Route.RELAY),
+    ("udp", "203.0.113.8", 8443, Route.RELAY),  # TLS ports mean nothing for UDP
     ("udp", "2001:db8::1", 53, Route.DNS),
 ]
 

@@ -45,13 +45,15 @@ def test_client_config_exact_text() -> None:
 
 
 def test_client_config_parses_back() -> None:
-    text = wgquick.client_config(make_peer("10.77.0.9"), GATEWAY_PUBLIC, "vpn.example:1", "1.1.1.1")
+    text = wgquick.client_config(
+        make_peer("10.77.0.9"), GATEWAY_PUBLIC, "vpn.example:1", "198.51.100.1"
+    )
     parsed = wgquick.parse_config(text)
     assert parsed == {
         "Interface": {
             "PrivateKey": PEER_PRIVATE,
             "Address": "10.77.0.9/32",
-            "DNS": "1.1.1.1",
+            "DNS": "198.51.100.1",
         },
         "Peer": {
             "PublicKey": GATEWAY_PUBLIC,

@@ -405,13 +405,13 @@ def udp4(
 
 def test_udp_datagrams_are_queued_with_exact_endpoints(engine: Engine, client: Client) -> None:
     client.send(
-        udp4((PEER_IP, 5353), ("8.8.8.8", 53), b"query one"),
-        udp4((PEER_IP, 5354), ("1.1.1.1", 443), b"", checksum=False),
+        udp4((PEER_IP, 5353), ("203.0.113.8", 53), b"query one"),
+        udp4((PEER_IP, 5354), ("198.51.100.1", 443), b"", checksum=False),
         udp4((PEER_IP, 40000), (GATEWAY_IP, 53), bytes(range(256)) * 5),
     )
     assert engine.udp_datagrams() == [
-        UdpMeta(PEER_ID, (PEER_IP, 5353), ("8.8.8.8", 53), b"query one"),
-        UdpMeta(PEER_ID, (PEER_IP, 5354), ("1.1.1.1", 443), b""),
+        UdpMeta(PEER_ID, (PEER_IP, 5353), ("203.0.113.8", 53), b"query one"),
+        UdpMeta(PEER_ID, (PEER_IP, 5354), ("198.51.100.1", 443), b""),
         UdpMeta(PEER_ID, (PEER_IP, 40000), (GATEWAY_IP, 53), bytes(range(256)) * 5),
     ]
     assert engine.udp_datagrams() == []  # drained
@@ -432,7 +432,7 @@ def test_udp_datagrams_are_queued_with_exact_endpoints(engine: Engine, client: C
 def test_bad_udp_is_dropped(
     engine: Engine, client: Client, mangle: Callable[[bytes], bytes]
 ) -> None:
-    client.send(mangle(udp4((PEER_IP, 5353), ("8.8.8.8", 53), b"query")))
+    client.send(mangle(udp4((PEER_IP, 5353), ("203.0.113.8", 53), b"query")))
     assert engine.udp_datagrams() == []
     assert drops(engine) == {"bad_ip": 1}
 
@@ -447,19 +447,19 @@ def test_udp_to_multicast_or_broadcast_is_not_queued(engine: Engine, client: Cli
 def test_udp_queue_is_bounded_by_its_arena(engine: Engine, client: Client) -> None:
     payload = bytes(1392)  # mtu 1420 - 28
     arena_fits = 4194304 // len(payload)
-    client.send(*[udp4((PEER_IP, 1), ("8.8.8.8", 9), payload)] * (arena_fits + 5), flush=False)
+    client.send(*[udp4((PEER_IP, 1), ("203.0.113.8", 9), payload)] * (arena_fits + 5), flush=False)
     assert drops(engine) == {"udp_overflow": 5}
     assert len(engine.udp_datagrams()) == arena_fits
-    client.send(udp4((PEER_IP, 1), ("8.8.8.8", 9), b"room again"))
+    client.send(udp4((PEER_IP, 1), ("203.0.113.8", 9), b"room again"))
     assert [d.data for d in engine.udp_datagrams()] == [b"room again"]
 
 
 def test_udp_send_reaches_the_peer_with_valid_checksums(engine: Engine, client: Client) -> None:
-    engine.udp_send(("8.8.8.8", 53), (PEER_IP, 5353), b"answer", client.now)
+    engine.udp_send(("203.0.113.8", 53), (PEER_IP, 5353), b"answer", client.now)
     [packet] = client.receive()
     assert inet_checksum(packet[:20]) == 0
     assert packet[9] == 17
-    assert packet[12:16] == ipaddress.IPv4Address("8.8.8.8").packed
+    assert packet[12:16] == ipaddress.IPv4Address("203.0.113.8").packed
     assert packet[16:20] == ipaddress.IPv4Address(PEER_IP).packed
     udp = packet[20:]
     assert struct.unpack("!HHH", udp[:6]) == (53, 5353, 14)
@@ -471,12 +471,12 @@ def test_udp_send_reaches_the_peer_with_valid_checksums(engine: Engine, client: 
 
 
 def test_udp_send_limits(engine: Engine, client: Client) -> None:
-    engine.udp_send(("8.8.8.8", 53), (PEER_IP, 1), bytes(1392), client.now)  # exactly the MTU
+    engine.udp_send(("203.0.113.8", 53), (PEER_IP, 1), bytes(1392), client.now)  # exactly the MTU
     assert len(client.receive()[0]) == 1420
     with pytest.raises(EngineError) as err:
-        engine.udp_send(("8.8.8.8", 53), (PEER_IP, 1), bytes(1393), client.now)
+        engine.udp_send(("203.0.113.8", 53), (PEER_IP, 1), bytes(1393), client.now)
     assert err.value.code == _ffi.EMSGSIZE
-    engine.udp_send(("8.8.8.8", 53), ("10.77.0.99", 1), b"nobody", client.now)
+    engine.udp_send(("203.0.113.8", 53), ("10.77.0.99", 1), b"nobody", client.now)
     assert drops(engine) == {"no_route": 1}
     with pytest.raises(EngineError):
         engine.udp_send(("2001:db8::1", 53), (PEER_IP, 1), b"v6", client.now)
@@ -503,7 +503,7 @@ def test_icmp_unreachable_quotes_the_flow(
 
 
 def test_icmp_to_another_destination_is_unhandled(engine: Engine, client: Client) -> None:
-    client.send(ipv4(PEER_IP, "8.8.8.8", 1, bytes([8, 0, 0xF7, 0xFF, 0, 0, 0, 0])))
+    client.send(ipv4(PEER_IP, "203.0.113.8", 1, bytes([8, 0, 0xF7, 0xFF, 0, 0, 0, 0])))
     assert drops(engine) == {"unhandled": 1}
 
 
@@ -634,7 +634,7 @@ def test_random_tcp_and_udp_never_crash(
             )
             inner = seg.build(corrupt=not valid_checksum)
         else:
-            inner = udp4((PEER_IP, 1), ("8.8.8.8", 53), header + payload, valid_checksum)
+            inner = udp4((PEER_IP, 1), ("203.0.113.8", 53), header + payload, valid_checksum)
         client.send(inner, inner)
         for ev_type, conn, _ in engine.tcp_events():
             assert ev_type == _ffi.TCP_EV_SYN
