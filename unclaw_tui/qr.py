@@ -7,13 +7,13 @@ rows with half blocks, so it fits an ordinary terminal.  Half-block output pins 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import qrcode
 import qrcode.constants
+
+from unclaw_tui.state import write_atomic
 
 # 256-colour palette entries 16 (#000000) and 231 (#ffffff) sit in the fixed colour cube, which
 # themes do not remap (unlike the 16 basic colours).  The basic 30/107 pair goes first as a
@@ -79,16 +79,7 @@ def save_png(text: str, path: Path, *, scale: int = 8) -> None:
     image = Image.new("L", (size, size), 255)
     image.putdata([0 if dark else 255 for row in matrix for dark in row])
     image = image.resize((size * scale, size * scale), Image.Resampling.NEAREST)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        # The code holds the client's private key: readable by the owner only (mkstemp's 0600).
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    # The code holds the client's private key: readable by the owner only (0600).
+    write_atomic(Path(path).absolute(), png.getvalue())

@@ -266,6 +266,43 @@ def _parse_stats(doc: Any) -> dict[str, PeerRuntime]:
 # --- the directory ----------------------------------------------------------------------------
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace path with data, mode 0600: a crash leaves the old file or the new one, never a
+    part.  The caller holds the directory's lock (`locked`).  Raises OSError."""
+    tmp_path: str | None = None
+    try:
+        # mkstemp creates the file with mode 0600.
+        fd, tmp_path = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent
+        )
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        tmp_path = None
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if tmp_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_path)
+
+
+@contextlib.contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """Hold the state dir's write lock (every writer of the dir, CLI or gateway, takes it)."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
 class StateDir:
     """One gateway's state directory (mode 0700)."""
 
@@ -322,18 +359,15 @@ class StateDir:
             raise StateError(f"cannot create lock file in {self.path}: {exc.strerror}") from None
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[None]:
+        """Hold the dir's write lock around a read-modify-write."""
         try:
-            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            with locked(self.path):
+                yield
         except OSError as exc:
-            raise StateError(f"cannot open lock file in {self.path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the flock
+            raise StateError(f"cannot lock {self.path}: {exc.strerror}") from None
 
-    def _read_json(self, filename: str) -> Any | None:
+    def read_json(self, filename: str) -> Any | None:
         """The parsed file, or None if it does not exist."""
         try:
             text = (self.path / filename).read_text(encoding="utf-8")
@@ -348,33 +382,13 @@ class StateDir:
         except json.JSONDecodeError as exc:
             raise StateError(f"{filename} is malformed: {exc.msg} at line {exc.lineno}") from None
 
-    def _write_json(self, filename: str, doc: Any) -> None:
+    def write_json(self, filename: str, doc: Any) -> None:
         """Atomically replace filename with doc (caller holds the lock)."""
-        text = json.dumps(doc, indent=2) + "\n"
         self._remove_stale_temp_files()
-        tmp_path: str | None = None
         try:
-            # mkstemp creates the file with mode 0600.
-            fd, tmp_path = tempfile.mkstemp(
-                prefix=f".{filename}.", suffix=_TMP_SUFFIX, dir=self.path
-            )
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_path, self.path / filename)
-            tmp_path = None
-            dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_atomic(self.path / filename, (json.dumps(doc, indent=2) + "\n").encode())
         except OSError as exc:
             raise StateError(f"cannot write {self.path / filename}: {exc.strerror}") from None
-        finally:
-            if tmp_path is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp_path)
 
     def _remove_stale_temp_files(self) -> None:
         # Writers hold the lock while a temp file exists, so any temp file seen under the lock
@@ -388,7 +402,7 @@ class StateDir:
     # ... gateway identity and settings
 
     def _load_gateway(self) -> tuple[GatewayIdentity, dict[str, Any], float] | None:
-        doc = self._read_json(GATEWAY_FILE)
+        doc = self.read_json(GATEWAY_FILE)
         return None if doc is None else _parse_gateway(doc)
 
     def _gateway_doc(
@@ -408,13 +422,13 @@ class StateDir:
         loaded = self._load_gateway()
         if loaded is not None:
             return loaded[0]
-        with self._locked():
+        with self.locked():
             loaded = self._load_gateway()  # another process may have won the race
             if loaded is not None:
                 return loaded[0]
             private_key, public_key = keys.generate_keypair()
             identity = GatewayIdentity(private_key=private_key, public_key=public_key)
-            self._write_json(GATEWAY_FILE, self._gateway_doc(identity, time.time(), {}))
+            self.write_json(GATEWAY_FILE, self._gateway_doc(identity, time.time(), {}))
             return identity
 
     def has_identity(self) -> bool:
@@ -436,7 +450,7 @@ class StateDir:
             raise ValueError("endpoint must be a string or None")
         if "address" in values:
             values["address"] = str(validate_address(str(values["address"])))
-        with self._locked():
+        with self.locked():
             loaded = self._load_gateway()
             if loaded is None:
                 private_key, public_key = keys.generate_keypair()
@@ -448,7 +462,7 @@ class StateDir:
             if "address" in values:
                 self._check_address_fits_peers(ipaddress.IPv4Interface(values["address"]))
             settings.update(values)
-            self._write_json(GATEWAY_FILE, self._gateway_doc(identity, created, settings))
+            self.write_json(GATEWAY_FILE, self._gateway_doc(identity, created, settings))
 
     def _check_address_fits_peers(self, address: ipaddress.IPv4Interface) -> None:
         for peer in self.peers():
@@ -466,7 +480,7 @@ class StateDir:
     # ... peers
 
     def peers(self) -> list[PeerRecord]:
-        doc = self._read_json(PEERS_FILE)
+        doc = self.read_json(PEERS_FILE)
         return [] if doc is None else _parse_peers(doc)
 
     def peer(self, name: str) -> PeerRecord:
@@ -477,7 +491,7 @@ class StateDir:
 
     def _write_peers(self, peers: list[PeerRecord]) -> None:
         doc = {"version": PEERS_VERSION, "peers": [p.to_json() for p in peers]}
-        self._write_json(PEERS_FILE, doc)
+        self.write_json(PEERS_FILE, doc)
 
     @classmethod
     def _choose_ip(
@@ -528,7 +542,7 @@ class StateDir:
         validate_peer_name(name)
         if ip is not None:
             validate_peer_ip(ip, network, gateway_ip)
-        with self._locked():
+        with self.locked():
             peers = self.peers()
             chosen = self._choose_ip(peers, name, ip, network, gateway_ip)
             private_key, public_key = keys.generate_keypair()
@@ -556,7 +570,7 @@ class StateDir:
         raise ValueError(f"the tunnel network {network} is full")
 
     def remove_peer(self, name: str) -> PeerRecord:
-        with self._locked():
+        with self.locked():
             peers = self.peers()
             for record in peers:
                 if record.name == name:
@@ -575,10 +589,10 @@ class StateDir:
     # ... stats
 
     def read_stats(self) -> dict[str, PeerRuntime]:
-        doc = self._read_json(STATS_FILE)
+        doc = self.read_json(STATS_FILE)
         return {} if doc is None else _parse_stats(doc)
 
     def write_stats(self, stats: dict[str, PeerRuntime]) -> None:
         doc = {public_key: runtime.to_json() for public_key, runtime in stats.items()}
-        with self._locked():
-            self._write_json(STATS_FILE, doc)
+        with self.locked():
+            self.write_json(STATS_FILE, doc)

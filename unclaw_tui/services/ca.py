@@ -13,9 +13,7 @@ EKU serverAuth. The last `LEAF_CACHE_SIZE` leaves are kept (LRU).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import fcntl
 import ipaddress
 import os
 import secrets
@@ -24,7 +22,6 @@ import ssl
 import stat
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +30,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from unclaw_tui.state import StateError
+from unclaw_tui.state import StateError, locked, write_atomic
 
 CA_KEY_FILE = "ca.key"
 CA_CERT_FILE = "ca.pem"
-LOCK_FILE = ".lock"  # the state dir's lock (see state.py): CLI and gateway may both create
 CA_VALIDITY = datetime.timedelta(days=3650)
 LEAF_VALIDITY = datetime.timedelta(days=30)
 BACKDATE = datetime.timedelta(hours=1)
@@ -115,37 +111,6 @@ def make_ca_certificate(
     )
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace path with data, mode 0600, so a crash leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = ""
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if tmp:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 class CertificateAuthority:
     """The CA key and certificate, and a cache of leaves minted with them."""
 
@@ -185,11 +150,11 @@ class CertificateAuthority:
         directory = Path(directory)
         key_path, cert_path = directory / CA_KEY_FILE, directory / CA_CERT_FILE
         try:
-            with _locked(directory):
+            with locked(directory):
                 if not key_path.exists() and not cert_path.exists():
                     key = ec.generate_private_key(ec.SECP256R1())
                     cert = make_ca_certificate(key)
-                    _atomic_write(
+                    write_atomic(
                         key_path,
                         key.private_bytes(
                             serialization.Encoding.PEM,
@@ -197,7 +162,7 @@ class CertificateAuthority:
                             serialization.NoEncryption(),
                         ),
                     )
-                    _atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+                    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
                     return cls(key, cert, cert_path=cert_path)
         except OSError as exc:
             raise CAError(f"cannot create the CA in {directory}: {exc.strerror or exc}") from None

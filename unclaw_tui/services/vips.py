@@ -213,7 +213,7 @@ def load(state: StateDir, allocator: VipAllocator) -> None:
     aside (the map starts empty) rather than stopping the gateway: the worst outcome is that
     clients' cached answers point at VIPs the gateway no longer knows for 30 s."""
     try:
-        doc = state._read_json(VIPS_FILE)
+        doc = state.read_json(VIPS_FILE)
         if doc is None:
             return
         skipped = allocator.load_json(doc)
@@ -228,5 +228,5 @@ def load(state: StateDir, allocator: VipAllocator) -> None:
 
 def save(state: StateDir, doc: dict[str, Any]) -> None:
     """Write vips.json atomically with mode 0600 (blocking: fsync and the state dir lock)."""
-    with state._locked():
-        state._write_json(VIPS_FILE, doc)
+    with state.locked():
+        state.write_json(VIPS_FILE, doc)
