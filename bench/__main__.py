@@ -3,6 +3,7 @@
     python -m bench                     # every part with the suite's settings (~10-15 min)
     python -m bench --only conns,dns    # some parts, the summary rebuilt from all results
     python -m bench --summary-only      # rebuild summary.md / summary.png from the results
+    python -m bench --only soak         # the 10-minute soak (never in the default run)
 
 Parts (each also runs alone: `python -m bench.<part> --help`):
 
@@ -13,6 +14,7 @@ Parts (each also runs alone: `python -m bench.<part> --help`):
     cmem        C core bytes per idle connection and per idle peer          (bench.cmem)
     scale       1,000 peers (300 handshaking) and 10,000 idle connections   (bench.scale)
     tui         throughput with the TUI running vs --no-ui                  (bench.tui)
+    soak        10 min of mixed load from 3 peers: RSS, descriptors, errors (bench.soak)
 
 Needs root (network namespaces), wireguard-go, wg, iperf3.  Traffic stays inside namespaces
 the bench creates; every namespace and process is removed afterwards.  Each part writes
@@ -28,7 +30,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from bench import cmem, conns, dns, scale, throughput, tls, tui
+from bench import cmem, conns, dns, scale, soak, throughput, tls, tui
 from bench.common import (
     RESULTS_DIR,
     Figure,
@@ -52,6 +54,10 @@ PARTS: dict[str, tuple[str, Callable[[], list[Figure]]]] = {
               lambda: scale.run(peers=999, n_handshakes=300, conns=10_000)),
     "tui": ("The TUI's cost", lambda: tui.run(rounds=4, seconds=4, streams_text="1,4")),
 }  # fmt: skip
+# Selectable with --only, never in the default run: ten minutes on its own.
+EXTRA_PARTS: dict[str, tuple[str, Callable[[], list[Figure]]]] = {
+    "soak": ("Soak: 10 minutes of mixed load from 3 peers", lambda: soak.run(seconds=600)),
+}
 
 
 LOWER_IS_BETTER = {"ms", "s", "s/GiB", "MiB", "KiB", "B", "%"}
@@ -60,7 +66,8 @@ LOWER_IS_BETTER = {"ms", "s", "s/GiB", "MiB", "KiB", "B", "%"}
 def write_summary(failures: dict[str, str]) -> None:
     sections = []
     all_figures: list[Figure] = []
-    for part, (title, _) in PARTS.items():
+    extras = {p: v for p, v in EXTRA_PARTS.items() if p in failures or load_figures(p)}
+    for part, (title, _) in {**PARTS, **extras}.items():
         figures = load_figures(part)
         all_figures += figures
         body = figures_table(figures) if figures else "_not run yet_"
@@ -147,13 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary-only", action="store_true")
     args = parser.parse_args(argv)
     chosen = [p for p in args.only.split(",") if p] or list(PARTS)
-    unknown = [p for p in chosen if p not in PARTS]
+    unknown = [p for p in chosen if p not in PARTS and p not in EXTRA_PARTS]
     if unknown:
-        parser.error(f"unknown parts {unknown}; choose from {list(PARTS)}")
+        parser.error(f"unknown parts {unknown}; choose from {list(PARTS) + list(EXTRA_PARTS)}")
     failures: dict[str, str] = {}
     if not args.summary_only:
         for part in chosen:
-            title, run = PARTS[part]
+            title, run = {**PARTS, **EXTRA_PARTS}[part]
             print(f"\n=== {part}: {title} ===", flush=True)
             t0 = time.monotonic()
             try:
