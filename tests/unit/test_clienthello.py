@@ -4,13 +4,16 @@ hypothesis can think of."""
 from __future__ import annotations
 
 import ssl
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unclaw_tui.services.clienthello import (
+    DEFAULT_MAX_SIZE,
     ClientHello,
+    HelloParser,
     NeedMore,
     NotTls,
     parse,
@@ -158,3 +161,70 @@ def test_mutated_real_hello_gives_a_result(index: int, value: int, tail: bytes) 
 def test_any_fragmentation_parses_the_same(size: int) -> None:
     split = refragment(_HELLO, size)
     assert parse(split) == ClientHello(sni="fuzz.example", alpn=("h2", "http/1.1"), size=len(split))
+
+
+# --- HelloParser: the same answers, fed piece by piece, in linear time --------------------------
+
+
+def feed_in_pieces(data: bytes, cuts: list[int], max_size: int) -> None:
+    """Every answer while feeding equals parse() of what was fed so far, until it is final;
+    after that it stays final whatever follows."""
+    parser = HelloParser(max_size)
+    bounds = sorted({c % (len(data) + 1) for c in cuts} | {len(data)})
+    start = 0
+    final = None
+    for end in bounds:
+        result = parser.feed(data[start:end])
+        if final is not None:
+            assert result == final
+        else:
+            assert result == parse(data[:end], max_size), (start, end)
+            if not isinstance(result, NeedMore):
+                final = result
+        start = end
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=600), st.lists(st.integers(0, 600), max_size=20))
+def test_feeding_pieces_answers_as_parse_does(data: bytes, cuts: list[int]) -> None:
+    feed_in_pieces(data, cuts, max_size=512)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 64),
+    st.lists(st.integers(0, 4000), max_size=30),
+    st.binary(max_size=40),
+)
+def test_feeding_a_fragmented_real_hello_answers_as_parse_does(
+    size: int, cuts: list[int], tail: bytes
+) -> None:
+    feed_in_pieces(refragment(_HELLO, size) + tail, cuts, max_size=DEFAULT_MAX_SIZE)
+
+
+def test_one_byte_records_fed_one_byte_at_a_time_parse() -> None:
+    split = refragment(_HELLO, 1)
+    parser = HelloParser()
+    results = [parser.feed(split[i : i + 1]) for i in range(len(split))]
+    assert all(r == NeedMore() for r in results[:-1])
+    assert results[-1] == ClientHello(sni="fuzz.example", alpn=("h2", "http/1.1"), size=len(split))
+    assert bytes(parser.data) == split
+
+
+def test_feeding_is_linear_in_the_bytes_fed() -> None:
+    """Slow-loris on CPU: a hello announced within the bound but carried one byte per record,
+    each record in its own read, up to the byte bound. Re-parsing everything on each read took
+    seconds here (quadratic); walking each record once takes milliseconds."""
+    body = bytes([1]) + (DEFAULT_MAX_SIZE // 2).to_bytes(3, "big") + bytes(DEFAULT_MAX_SIZE)
+    stream = b"".join(bytes([22, 3, 1, 0, 1, b]) for b in body)
+    parser = HelloParser()
+    started = time.perf_counter()
+    result: object = NeedMore()
+    for i in range(0, len(stream), 6):
+        result = parser.feed(stream[i : i + 6])
+        if not isinstance(result, NeedMore):
+            break
+    took = time.perf_counter() - started
+    assert result == NotTls(f"ClientHello larger than {DEFAULT_MAX_SIZE} bytes")
+    assert len(parser.data) <= DEFAULT_MAX_SIZE + 6
+    assert took < 0.5, took

@@ -1,6 +1,7 @@
 """Sans-IO TLS ClientHello parser: SNI and ALPN from the first bytes of a connection.
 
-`parse(data)` looks at everything a client has sent so far and answers one of:
+`parse(data)` looks at everything a client has sent so far (`HelloParser.feed` the same, piece
+by piece as it arrives, in linear time) and answers one of:
 - `NeedMore`: a ClientHello so far, not complete yet (read more, within the caller's bounds);
 - `NotTls`: not a TLS ClientHello (garbage, another protocol, a malformed or oversized hello);
 - `ClientHello`: the parsed hello (SNI, ALPN protocols) and how many bytes its records took.
@@ -89,43 +90,70 @@ class _Reader:
 
 def parse(data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> Result:
     """Parse the start of a client's byte stream (see the module docstring)."""
-    handshake = bytearray()
-    pos = 0
-    needed: int | None = None  # handshake bytes of the whole hello, once its header is in
-    while True:
-        if needed is not None and len(handshake) >= needed:
-            break
-        if len(data) - pos < RECORD_HEADER:
-            return _need_more(data, pos, max_size, partial=len(data) > pos)
-        content_type = data[pos]
-        major = data[pos + 1]
-        length = int.from_bytes(data[pos + 3 : pos + 5], "big")
-        if content_type != CONTENT_HANDSHAKE:
-            return NotTls("not a TLS handshake record")
-        if major != 3:
-            return NotTls("not a TLS record version")
-        if length == 0 or length > MAX_RECORD_PAYLOAD:
-            return NotTls(f"bad TLS record length {length}")
-        if pos + RECORD_HEADER + length > max_size:
-            return NotTls(f"ClientHello larger than {max_size} bytes")
-        if len(data) < pos + RECORD_HEADER + length:
-            return NeedMore()
-        handshake += data[pos + RECORD_HEADER : pos + RECORD_HEADER + length]
-        pos += RECORD_HEADER + length
-        if needed is None and len(handshake) >= HANDSHAKE_HEADER:
-            if handshake[0] != HANDSHAKE_CLIENT_HELLO:
-                return NotTls("first handshake message is not a ClientHello")
-            needed = HANDSHAKE_HEADER + int.from_bytes(handshake[1:4], "big")
-            if needed > max_size:
+    return HelloParser(max_size).feed(data)
+
+
+class HelloParser:
+    """`parse` for a stream read in pieces: `feed` each piece as it arrives.
+
+    Records already walked are not walked again, so the cost is linear in the bytes fed.
+    Re-parsing from the start on every read would be quadratic: a hello cut into one-byte
+    records, sent in tiny segments, cost seconds of CPU per connection within the byte bound.
+    Once the answer is not `NeedMore` it stays that answer."""
+
+    __slots__ = ("_handshake", "_needed", "_pos", "_result", "data", "max_size")
+
+    def __init__(self, max_size: int = DEFAULT_MAX_SIZE) -> None:
+        self.max_size = max_size
+        self.data = bytearray()  # everything fed so far
+        self._pos = 0  # the end of the last whole record walked
+        self._handshake = bytearray()  # the handshake bytes of those records
+        self._needed: int | None = None  # handshake bytes of the whole hello, once known
+        self._result: Result = NeedMore()
+
+    def feed(self, data: bytes) -> Result:
+        if isinstance(self._result, NeedMore):
+            self.data += data
+            self._result = self._walk()
+        return self._result
+
+    def _walk(self) -> Result:
+        data, max_size, handshake = self.data, self.max_size, self._handshake
+        while True:
+            if self._needed is not None and len(handshake) >= self._needed:
+                break
+            pos = self._pos
+            if len(data) - pos < RECORD_HEADER:
+                return _need_more(data, pos, max_size, partial=len(data) > pos)
+            content_type = data[pos]
+            major = data[pos + 1]
+            length = int.from_bytes(data[pos + 3 : pos + 5], "big")
+            if content_type != CONTENT_HANDSHAKE:
+                return NotTls("not a TLS handshake record")
+            if major != 3:
+                return NotTls("not a TLS record version")
+            if length == 0 or length > MAX_RECORD_PAYLOAD:
+                return NotTls(f"bad TLS record length {length}")
+            if pos + RECORD_HEADER + length > max_size:
                 return NotTls(f"ClientHello larger than {max_size} bytes")
-    try:
-        sni, alpn = _parse_body(bytes(handshake[HANDSHAKE_HEADER:needed]))
-    except _Malformed as exc:
-        return NotTls(f"malformed ClientHello: {exc}")
-    return ClientHello(sni=sni, alpn=alpn, size=pos)
+            if len(data) < pos + RECORD_HEADER + length:
+                return NeedMore()
+            handshake += data[pos + RECORD_HEADER : pos + RECORD_HEADER + length]
+            self._pos = pos + RECORD_HEADER + length
+            if self._needed is None and len(handshake) >= HANDSHAKE_HEADER:
+                if handshake[0] != HANDSHAKE_CLIENT_HELLO:
+                    return NotTls("first handshake message is not a ClientHello")
+                self._needed = HANDSHAKE_HEADER + int.from_bytes(handshake[1:4], "big")
+                if self._needed > max_size:
+                    return NotTls(f"ClientHello larger than {max_size} bytes")
+        try:
+            sni, alpn = _parse_body(bytes(handshake[HANDSHAKE_HEADER : self._needed]))
+        except _Malformed as exc:
+            return NotTls(f"malformed ClientHello: {exc}")
+        return ClientHello(sni=sni, alpn=alpn, size=self._pos)
 
 
-def _need_more(data: bytes, pos: int, max_size: int, *, partial: bool) -> Result:
+def _need_more(data: bytes | bytearray, pos: int, max_size: int, *, partial: bool) -> Result:
     if pos >= max_size:
         return NotTls(f"ClientHello larger than {max_size} bytes")
     if partial:

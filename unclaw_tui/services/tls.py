@@ -2,8 +2,9 @@
 
 Per connection (`TlsService.handle_tcp`):
 1. Accept and read the ClientHello, bounded in size (`MAX_HELLO`) and time (`HELLO_TIMEOUT`),
-   parsed by the sans-IO `clienthello.parse`. Anything else (garbage, a truncated hello, a
-   silent client) is closed cleanly with an event; the service keeps serving the others.
+   parsed as it arrives by the sans-IO `clienthello.HelloParser` (linear time). Anything else
+   (garbage, a truncated hello, a silent client) is closed cleanly with an event; the service
+   keeps serving the others.
 2. The hostname: the SNI, else the VIP's hostname (`gateway.resolver`), else none. The
    destinations: a VIP's real addresses from the resolver, else the original IP; each one
    checked against the egress policy.
@@ -461,9 +462,10 @@ class TlsService:
     ) -> tuple[clienthello.ClientHello | clienthello.NotTls, bytes]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.hello_timeout
-        buf = bytearray()
+        parser = clienthello.HelloParser(MAX_HELLO)
+        buf = parser.data
+        result = parser.feed(b"")
         while True:
-            result = clienthello.parse(bytes(buf), MAX_HELLO)
             if not isinstance(result, clienthello.NeedMore):
                 return result, bytes(buf)
             left = deadline - loop.time()
@@ -479,7 +481,7 @@ class TlsService:
             if not data:
                 what = "truncated" if buf else "closed before sending anything"
                 return clienthello.NotTls(what), bytes(buf)
-            buf += data
+            result = parser.feed(data)  # each record walked once, however the bytes arrive
 
     async def _destinations(self, dst_ip: str, vip_host: str | None) -> list[str]:
         """The real addresses to connect to, in order, each allowed by the egress policy."""
