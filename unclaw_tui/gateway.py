@@ -33,7 +33,7 @@ from unclaw_tui.router import Router
 from unclaw_tui.services import registry
 from unclaw_tui.services.base import Resolver
 from unclaw_tui.services.egress import EgressPolicy
-from unclaw_tui.services.relay import OpenFlows, UdpRelay, relay_tcp
+from unclaw_tui.services.relay import OpenFlows, UdpRelay, relay_tcp, relay_tcp_spliced
 from unclaw_tui.state import PeerRecord, PeerRuntime, StateDir
 from unclaw_tui.wgquick import client_config, resolve_endpoint
 
@@ -380,6 +380,17 @@ class Gateway:
         service = self.services.get(route)
         if service is not None:
             job = service.handle_tcp(conn)
+        elif self._tunnel is not None and self._tunnel.can_splice:
+            # Plain relaying needs no Python per byte: the engine splices it in C.
+            relay_tcp_spliced(
+                conn,
+                self.policy,
+                peer_name=self.peer_name,
+                on_open=self.publish,
+                on_close=self.publish,
+                route=str(route),
+            )
+            return
         else:
             job = relay_tcp(
                 conn,

@@ -7,17 +7,22 @@ Plain lines by default; `--json` prints each event's `to_dict()` as a JSON objec
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import signal
 import sys
+import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import TextIO
 
 from unclaw_tui.config import Settings
 from unclaw_tui.events import Event
 
 PRINT_BATCH = 1000
+# Events held for a slow reader of our output; past it the oldest are dropped and counted.
+PRINT_BACKLOG = 100_000
 # Fields shown first in a plain line, when the event has them.
 _LEAD_FIELDS = ("name", "ip", "endpoint")
 
@@ -34,6 +39,77 @@ def format_plain(event: Event) -> str:
 
 def format_json(event: Event) -> str:
     return json.dumps(event.to_dict(), separators=(",", ":"), sort_keys=False)
+
+
+class EventPrinter:
+    """Prints events from a thread of its own, so a slow reader of our output (a paused pager,
+    a full pipe) never stalls the gateway's loop: events wait in a bounded backlog, and if even
+    that fills, the oldest are dropped and a line says how many."""
+
+    def __init__(
+        self, out: TextIO, fmt: Callable[[Event], str], backlog: int = PRINT_BACKLOG
+    ) -> None:
+        self._out = out
+        self._fmt = fmt
+        self._backlog: collections.deque[Event] = collections.deque()
+        self._limit = backlog
+        self._dropped = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="event-printer", daemon=True)
+        self._thread.start()
+
+    async def forward(self, events: AsyncIterator[Event]) -> None:
+        async for event in events:
+            self.put(event)
+
+    def put(self, event: Event) -> None:
+        with self._lock:
+            if len(self._backlog) >= self._limit:
+                self._backlog.popleft()
+                self._dropped += 1
+            self._backlog.append(event)
+        self._wake.set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Print what is left (waiting at most timeout s for the reader), then stop."""
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _take(self) -> tuple[list[Event], int]:
+        with self._lock:
+            batch = [self._backlog.popleft() for _ in range(min(PRINT_BATCH, len(self._backlog)))]
+            dropped, self._dropped = self._dropped, 0
+        return batch, dropped
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while True:
+                batch, dropped = self._take()
+                if not batch and not dropped:
+                    break
+                lines = [self._fmt(event) for event in batch]
+                if dropped:
+                    lines.insert(0, self._dropped_line(dropped))
+                try:
+                    # One write and one flush per batch: a flush per event cost ~15 % of the
+                    # gateway's time when connections come and go fast.
+                    self._out.write("\n".join(lines) + "\n")
+                    self._out.flush()
+                except (OSError, ValueError):  # the reader went away: nothing left to do
+                    return
+            if self._closing:
+                return
+
+    def _dropped_line(self, count: int) -> str:
+        if self._fmt is format_json:
+            line = {"ts": round(time.time(), 3), "type": "events_dropped", "count": count}
+            return json.dumps(line, separators=(",", ":"))
+        return f"{time.strftime('%H:%M:%S')} events_dropped count={count} (output too slow)"
 
 
 async def run_headless(settings: Settings, out: TextIO | None = None) -> int:
@@ -64,17 +140,8 @@ async def run_headless(settings: Settings, out: TextIO | None = None) -> int:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
-    async def printer() -> None:
-        # Everything queued goes out in one write and one flush: a flush per event cost ~15 %
-        # of the gateway's time when connections come and go fast.
-        async for event in events:
-            lines = [fmt(event)]
-            while len(lines) < PRINT_BATCH and (more := events.get_nowait()) is not None:
-                lines.append(fmt(more))
-            out.write("\n".join(lines) + "\n")
-            out.flush()
-
-    printing = asyncio.create_task(printer())
+    printer = EventPrinter(out, fmt)
+    printing = asyncio.create_task(printer.forward(events))
     try:
         await stop.wait()
     finally:
@@ -82,6 +149,7 @@ async def run_headless(settings: Settings, out: TextIO | None = None) -> int:
         events.close()
         with contextlib.suppress(asyncio.CancelledError):
             await printing
+        printer.close()
     return 0
 
 

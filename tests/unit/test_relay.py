@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import ipaddress
 import socket
@@ -13,11 +14,13 @@ import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from unclaw_tui.engine import _ffi
 from unclaw_tui.events import Event, TcpClosed, TcpOpened, UdpFlowClosed, UdpFlowOpened
 from unclaw_tui.services.egress import EgressPolicy
 from unclaw_tui.services.relay import (
@@ -26,6 +29,8 @@ from unclaw_tui.services.relay import (
     UdpRelay,
     connect_host,
     relay_tcp,
+    relay_tcp_spliced,
+    splice_error,
 )
 
 PEER_KEY = bytes(range(32))
@@ -812,3 +817,86 @@ def test_ipv4_mapped_destination_is_judged_as_ipv4() -> None:
     # The relay passes dst_ip through to the policy as is; a mapped loopback must not slip by.
     assert LOOPBACK_OK.check(str(ipaddress.IPv6Address("::ffff:127.0.0.1"))) is None
     assert EgressPolicy(host_addresses=[]).check("::ffff:169.254.169.254") == "link-local"
+
+
+# --- relaying in C (engine splices): how each ending is worded --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("outcome", "error", "tcp_close", "expected"),
+    [
+        (_ffi.SPLICE_OK, 0, 0, None),
+        (_ffi.SPLICE_FAIL_CONNECT, errno.ECONNREFUSED, 0, "connection refused"),
+        (_ffi.SPLICE_FAIL_CONNECT, errno.ETIMEDOUT, 0, "connect timeout after 10 s"),
+        (_ffi.SPLICE_FAIL_CONNECT, errno.EHOSTUNREACH, 0, "no route to host"),
+        (_ffi.SPLICE_FAIL_HOST, errno.ECONNRESET, 0, "destination: connection reset"),
+        (_ffi.SPLICE_FAIL_HOST, errno.EPIPE, 0, "destination: broken pipe"),
+        (_ffi.SPLICE_FAIL_PEER, 0, _ffi.TCP_CLOSE_RESET, "peer: connection reset"),
+        (_ffi.SPLICE_FAIL_PEER, 0, _ffi.TCP_CLOSE_TIMEOUT, "peer: timed out"),
+        (_ffi.SPLICE_FAIL_PEER, 0, _ffi.TCP_CLOSE_PEER_REMOVED, "peer: peer removed"),
+        (_ffi.SPLICE_FAIL_PEER_GONE, 0, _ffi.TCP_CLOSE_RESET,
+         "peer gone before accept: connection reset"),
+        (_ffi.SPLICE_FAIL_ABORTED, 0, 0, "aborted"),
+    ],
+)  # fmt: skip
+def test_splice_endings_are_worded_as_the_python_relay_words_them(
+    outcome: int, error: int, tcp_close: int, expected: str | None
+) -> None:
+    result = _ffi.SpliceResult(1, outcome, error, tcp_close, 0, 0)
+    assert splice_error(result, connect_timeout=10.0) == expected
+
+
+class SpliceConn:
+    """A peer connection as the engine hands it over, whose splice is recorded, not run."""
+
+    _ids = iter(range(100, 10_000))
+
+    def __init__(self, dst_ip: str, dst_port: int, fail: OSError | None = None) -> None:
+        self.conn_id = next(self._ids)
+        self.peer_public_key = PEER_KEY
+        self.peer_ip, self.src_port = "10.77.0.2", 40000
+        self.dst_ip, self.dst_port = dst_ip, dst_port
+        self.rejected = False
+        self.spliced: tuple[tuple[str, int], float] | None = None
+        self.on_done: Callable[[_ffi.SpliceResult], None] | None = None
+        self.fail = fail
+
+    def splice(
+        self, dst: tuple[str, int], timeout: float, on_done: Callable[[_ffi.SpliceResult], None]
+    ) -> None:
+        if self.fail is not None:
+            raise self.fail
+        self.spliced, self.on_done = (dst, timeout), on_done
+
+    def accept(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        raise AssertionError("a spliced connection is answered in C")
+
+    def reject(self) -> None:
+        self.rejected = True
+
+    def abort(self) -> None:
+        raise AssertionError("not expected here")
+
+
+def test_spliced_relay_checks_the_policy_then_hands_over_and_reports_once() -> None:
+    opened: list[TcpOpened] = []
+    closed: list[TcpClosed] = []
+    kw: dict[str, Any] = {"peer_name": peer_name, "on_open": opened.append,
+                          "on_close": closed.append, "connect_timeout": 3.0}  # fmt: skip
+    refused = SpliceConn("127.0.0.1", 22)
+    relay_tcp_spliced(refused, EgressPolicy(), **kw)
+    assert refused.rejected and refused.spliced is None
+    assert closed[-1].error == "refused by egress policy: loopback"
+
+    conn = SpliceConn("198.18.0.2", 80)
+    relay_tcp_spliced(conn, EgressPolicy(), **kw)
+    assert conn.spliced == (("198.18.0.2", 80), 3.0) and not conn.rejected
+    assert len(closed) == 1  # nothing more until the splice ends
+    assert conn.on_done is not None
+    conn.on_done(_ffi.SpliceResult(conn.conn_id, _ffi.SPLICE_OK, 0, 0, 100, 2000))
+    assert (closed[-1].bytes_up, closed[-1].bytes_down, closed[-1].error) == (100, 2000, None)
+    assert [e.conn_id for e in opened] == [refused.conn_id, conn.conn_id]
+
+    unreachable = SpliceConn("198.18.0.2", 80, fail=OSError(errno.ENETUNREACH, "x"))
+    relay_tcp_spliced(unreachable, EgressPolicy(), **kw)
+    assert unreachable.rejected and closed[-1].error == "x"

@@ -80,6 +80,13 @@ TCP_ENOMEM: int = lib.TCP_ENOMEM
 TCP_ERESET: int = lib.TCP_ERESET
 TCP_EAGAIN: int = lib.TCP_EAGAIN
 
+SPLICE_OK: int = lib.SPLICE_OK
+SPLICE_FAIL_CONNECT: int = lib.SPLICE_FAIL_CONNECT
+SPLICE_FAIL_PEER: int = lib.SPLICE_FAIL_PEER
+SPLICE_FAIL_HOST: int = lib.SPLICE_FAIL_HOST
+SPLICE_FAIL_PEER_GONE: int = lib.SPLICE_FAIL_PEER_GONE
+SPLICE_FAIL_ABORTED: int = lib.SPLICE_FAIL_ABORTED
+
 ICMP_HOST_UNREACHABLE = 1
 ICMP_PORT_UNREACHABLE = 3
 ICMP_ADMIN_PROHIBITED = 13
@@ -113,6 +120,7 @@ _TCP_ERROR_NAMES = {
 _KEY_SIZE = 32
 _OUTPUT_BUF_SIZE = 65536
 _TCP_EVENT_BATCH = 4096
+_SPLICE_RESULT_BATCH = 1024
 _TCP_STATS_FIELDS = (
     "segs_in", "segs_out", "retransmits", "fast_retransmits", "rto_expirations",
     "zero_window_probes", "rsts_out", "syns", "established", "conns", "open", "half_open",
@@ -164,6 +172,18 @@ class TcpInfo:
     bytes_in: int  # payload bytes received in order from the peer
     bytes_out: int  # payload bytes the peer acknowledged
     close_reason: int  # TCP_CLOSE_* once closed, else 0
+
+
+@dataclass(frozen=True, slots=True)
+class SpliceResult:
+    """How a spliced (relayed in C) connection ended; see _splice.h."""
+
+    conn_id: int
+    outcome: int  # SPLICE_OK or SPLICE_FAIL_*
+    error: int  # errno, for SPLICE_FAIL_CONNECT / SPLICE_FAIL_HOST
+    tcp_close: int  # TCP_CLOSE_*, for SPLICE_FAIL_PEER / SPLICE_FAIL_PEER_GONE
+    bytes_up: int  # peer -> destination
+    bytes_down: int  # destination -> peer
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +322,8 @@ class Engine:
             raise EngineError(EINVAL, "bad engine configuration or out of memory")
         self._engine = ffi.gc(raw, lib.wg_engine_free)
         self._tcp = lib.wg_engine_tcp(raw)  # lives as long as the engine
+        self._splice = lib.wg_engine_splice(raw)  # NULL without epoll: nothing is spliced
+        self._splice_results = ffi.new("splice_result[]", _SPLICE_RESULT_BATCH)
         self._tcp_events = ffi.new("tcp_event[]", _TCP_EVENT_BATCH)
         self._tcp_info = ffi.new("tcp_conn_info *")
         # tcp_read copies into this, then one copy into bytes: as large as a receive buffer
@@ -593,6 +615,63 @@ class Engine:
         hits = ffi.new("uint64_t[2]")
         lib.tcp_peer_limit_hits(self._t, _u32(peer_id, "peer_id"), hits, hits + 1)
         return hits[0], hits[1]
+
+    # Splices: relayed connections joined in C to a host socket (_splice.h)
+
+    @property
+    def can_splice(self) -> bool:
+        return self._splice != ffi.NULL
+
+    def splice_connect(self, conn_id: int, dst: Endpoint, deadline: float, now: float) -> None:
+        """Hand a connection still awaiting its SYN's answer to C, which connects to dst and
+        answers the SYN.  OSError when no socket could be started (the caller still owns the
+        handle)."""
+        ip, port = _ipv4_endpoint_to_c(dst, "dst")
+        code = lib.splice_connect(
+            self._splice, _u32(conn_id, "conn_id"), ip, port, float(deadline), float(now)
+        )
+        if code in (TCP_ENOCONN, TCP_ESTATE, TCP_EINVAL):
+            raise EngineError(code, "splice_connect", _TCP_ERROR_NAMES)
+        if code < 0:
+            raise OSError(-code, os.strerror(-code))
+
+    def splice_fd(self) -> int:
+        """The epoll fd to watch for readability (answer with `splice_service`)."""
+        return lib.splice_fd(self._splice)
+
+    def splice_service(self, now: float) -> None:
+        """The sockets' news: move bytes, end what is done, send what that produced."""
+        lib.wg_splice_service(self._e, float(now))
+
+    def splice_results(self, now: float) -> list[SpliceResult]:
+        """Run what TCP events left pending, then every ended connection since the last call."""
+        if self._splice == ffi.NULL:
+            return []
+        lib.splice_run(self._splice, float(now))
+        out: list[SpliceResult] = []
+        buf = self._splice_results
+        while True:
+            n = lib.splice_results(self._splice, buf, _SPLICE_RESULT_BATCH)
+            out.extend(
+                SpliceResult(r.conn_id, r.outcome, r.error, r.tcp_close, r.bytes_up, r.bytes_down)
+                for r in (buf[i] for i in range(n))
+            )
+            if n < _SPLICE_RESULT_BATCH:
+                return out
+
+    def splice_bytes(self, conn_id: int) -> tuple[int, int] | None:
+        """Live (up, down) byte counts of a spliced connection, None if it is not spliced."""
+        counts = ffi.new("uint64_t[2]")
+        if lib.splice_bytes(self._splice, _u32(conn_id, "conn_id"), counts, counts + 1) != 0:
+            return None
+        return counts[0], counts[1]
+
+    def splice_abort(self, conn_id: int, now: float) -> bool:
+        """Reset both sides of a spliced connection now; False if it was not spliced."""
+        return lib.splice_abort(self._splice, _u32(conn_id, "conn_id"), float(now)) == 0
+
+    def splice_active(self) -> int:
+        return lib.splice_active(self._splice)
 
     # UDP and ICMP errors
 

@@ -1405,18 +1405,8 @@ int tcp_reject(tcp_stack *s, uint32_t conn_id, double now) {
     return 0;
 }
 
-long tcp_read(tcp_stack *s, uint32_t conn_id, uint8_t *buf, size_t cap, double now) {
-    tcp_conn *c = conn_by_id(s, conn_id);
-    if (!c) return TCP_ENOCONN;
-    s->now = now;
-    if (!buf && cap) return TCP_EINVAL;
-    c->readable_armed = 0;
-    if (c->state == TCP_ST_CLOSED && c->close_reason != TCP_CLOSE_NORMAL) return TCP_ERESET;
-    if (c->rlen == 0) return c->fin_rcvd ? 0 : TCP_EAGAIN;
-    uint32_t n = (uint32_t)(cap < c->rlen ? cap : c->rlen);
-    uint32_t first = min_u32(n, c->rcap - c->rhead);
-    memcpy(buf, c->rbuf + c->rhead, first);
-    memcpy(buf + first, c->rbuf, n - first);
+/* After n bytes left the receive ring: free it when empty, offer the window when it grew. */
+static void after_read(tcp_stack *s, tcp_conn *c, uint32_t n) {
     c->rhead = (c->rhead + n) % c->rcap;
     c->rlen -= n;
     if (c->rlen == 0 && c->nooo == 0) free_buffers(s, c, 0, 1);
@@ -1428,7 +1418,70 @@ long tcp_read(tcp_stack *s, uint32_t conn_id, uint8_t *buf, size_t cap, double n
         if ((int32_t)(edge - c->rcv_adv) >= (int32_t)min_u32(c->rcap / 2, 2u * s->mss))
             send_ack(s, c);
     }
+}
+
+/* What tcp_read and tcp_read_spans answer before any byte moves: 1 = rlen bytes readable. */
+static long read_status(tcp_conn *c) {
+    c->readable_armed = 0;
+    if (c->state == TCP_ST_CLOSED && c->close_reason != TCP_CLOSE_NORMAL) return TCP_ERESET;
+    if (c->rlen == 0) return c->fin_rcvd ? 0 : TCP_EAGAIN;
+    return 1;
+}
+
+long tcp_read(tcp_stack *s, uint32_t conn_id, uint8_t *buf, size_t cap, double now) {
+    tcp_conn *c = conn_by_id(s, conn_id);
+    if (!c) return TCP_ENOCONN;
+    s->now = now;
+    if (!buf && cap) return TCP_EINVAL;
+    long status = read_status(c);
+    if (status != 1) return status;
+    uint32_t n = (uint32_t)(cap < c->rlen ? cap : c->rlen);
+    uint32_t first = min_u32(n, c->rcap - c->rhead);
+    memcpy(buf, c->rbuf + c->rhead, first);
+    memcpy(buf + first, c->rbuf, n - first);
+    after_read(s, c, n);
     return (long)n;
+}
+
+long tcp_read_spans(tcp_stack *s, uint32_t conn_id, tcp_span spans[2]) {
+    tcp_conn *c = conn_by_id(s, conn_id);
+    if (!c) return TCP_ENOCONN;
+    if (!spans) return TCP_EINVAL;
+    spans[0] = spans[1] = (tcp_span){NULL, 0};
+    long status = read_status(c);
+    if (status != 1) return status;
+    uint32_t first = min_u32(c->rlen, c->rcap - c->rhead);
+    spans[0] = (tcp_span){c->rbuf + c->rhead, first};
+    if (c->rlen > first) spans[1] = (tcp_span){c->rbuf, c->rlen - first};
+    return (long)c->rlen;
+}
+
+long tcp_read_consume(tcp_stack *s, uint32_t conn_id, size_t n, double now) {
+    tcp_conn *c = conn_by_id(s, conn_id);
+    if (!c) return TCP_ENOCONN;
+    if (n > c->rlen) return TCP_EINVAL;
+    s->now = now;
+    if (n) after_read(s, c, (uint32_t)n);
+    return (long)n;
+}
+
+/* What tcp_write and tcp_write_spans check before taking bytes: 0 = may write. */
+static long write_status(const tcp_conn *c) {
+    int st = c->state;
+    if (st == TCP_ST_CLOSED && c->close_reason != TCP_CLOSE_NORMAL) return TCP_ERESET;
+    if (c->fin_queued ||
+        (st != TCP_ST_SYN_RECEIVED && st != TCP_ST_ESTABLISHED && st != TCP_ST_CLOSE_WAIT))
+        return TCP_ESTATE;
+    return 0;
+}
+
+static int ensure_send_buffer(tcp_stack *s, tcp_conn *c) {
+    if (c->sbuf) return 0;
+    c->sbuf = malloc(c->scap);
+    if (!c->sbuf) return TCP_ENOMEM;
+    s->st.mem += c->scap;
+    c->shead = 0;
+    return 0;
 }
 
 long tcp_write(tcp_stack *s, uint32_t conn_id, const uint8_t *data, size_t len, double now) {
@@ -1436,23 +1489,50 @@ long tcp_write(tcp_stack *s, uint32_t conn_id, const uint8_t *data, size_t len, 
     if (!c) return TCP_ENOCONN;
     s->now = now;
     if (!data && len) return TCP_EINVAL;
-    int st = c->state;
-    if (st == TCP_ST_CLOSED && c->close_reason != TCP_CLOSE_NORMAL) return TCP_ERESET;
-    if (c->fin_queued ||
-        (st != TCP_ST_SYN_RECEIVED && st != TCP_ST_ESTABLISHED && st != TCP_ST_CLOSE_WAIT))
-        return TCP_ESTATE;
+    long status = write_status(c);
+    if (status != 0) return status;
     if (len == 0) return 0;
-    if (!c->sbuf) {
-        c->sbuf = malloc(c->scap);
-        if (!c->sbuf) return TCP_ENOMEM;
-        s->st.mem += c->scap;
-        c->shead = 0;
-    }
+    if (ensure_send_buffer(s, c) != 0) return TCP_ENOMEM;
     uint32_t space = c->scap - c->slen;
     uint32_t n = len < space ? (uint32_t)len : space;
     if (n) ring_put(c->sbuf, c->scap, c->shead + c->slen, data, n);
     c->slen += n;
     if (n < len) c->want_writable = 1;
+    conn_output(s, c, now);
+    reap(s);
+    return (long)n;
+}
+
+long tcp_write_spans(tcp_stack *s, uint32_t conn_id, tcp_span spans[2]) {
+    tcp_conn *c = conn_by_id(s, conn_id);
+    if (!c) return TCP_ENOCONN;
+    if (!spans) return TCP_EINVAL;
+    spans[0] = spans[1] = (tcp_span){NULL, 0};
+    long status = write_status(c);
+    if (status != 0) return status;
+    if (ensure_send_buffer(s, c) != 0) return TCP_ENOMEM;
+    uint32_t space = c->scap - c->slen;
+    if (space == 0) {
+        c->want_writable = 1;
+        return 0;
+    }
+    uint32_t tail = (c->shead + c->slen) % c->scap;
+    uint32_t first = min_u32(space, c->scap - tail);
+    spans[0] = (tcp_span){c->sbuf + tail, first};
+    if (space > first) spans[1] = (tcp_span){c->sbuf, space - first};
+    return (long)space;
+}
+
+long tcp_write_commit(tcp_stack *s, uint32_t conn_id, size_t n, double now) {
+    tcp_conn *c = conn_by_id(s, conn_id);
+    if (!c) return TCP_ENOCONN;
+    if (!c->sbuf || n > c->scap - c->slen) return n ? TCP_EINVAL : 0;
+    s->now = now;
+    if (n == 0) {
+        if (c->slen == 0) free_buffers(s, c, 1, 0); /* reserved for nothing: stay small */
+        return 0;
+    }
+    c->slen += (uint32_t)n;
     conn_output(s, c, now);
     reap(s);
     return (long)n;

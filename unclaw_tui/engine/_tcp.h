@@ -187,6 +187,22 @@ int tcp_release(tcp_stack *s, uint32_t conn_id, double now);
 int tcp_remove_peer(tcp_stack *s, uint32_t peer_id, double now);
 int tcp_get_info(tcp_stack *s, uint32_t conn_id, tcp_conn_info *out);
 
+/* Zero-copy access for an owner that moves bytes between a connection and a socket (the
+ * splice, _splice.h): the rings themselves, as at most two spans each.  tcp_read_spans gives
+ * the readable bytes (> 0), 0 at EOF, TCP_EAGAIN when empty (READABLE re-armed, as tcp_read) or
+ * TCP_ERESET; tcp_read_consume(n) then takes n of them (window update as tcp_read).
+ * tcp_write_spans gives the free send space (0 arms TCP_EV_WRITABLE) or tcp_write's errors;
+ * tcp_write_commit(n) then sends the n bytes the owner put at the start of those spans. */
+typedef struct {
+    uint8_t *base;
+    size_t len;
+} tcp_span;
+long tcp_read_spans(tcp_stack *s, uint32_t conn_id, tcp_span spans[2]);
+long tcp_read_consume(tcp_stack *s, uint32_t conn_id, size_t n, double now);
+long tcp_write_spans(tcp_stack *s, uint32_t conn_id, tcp_span spans[2]);
+long tcp_write_commit(tcp_stack *s, uint32_t conn_id, size_t n, double now);
+
+
 void tcp_tick(tcp_stack *s, double now);
 double tcp_next_deadline(tcp_stack *s); /* 0 = nothing armed */
 

@@ -233,6 +233,7 @@ struct wg_engine {
     uint8_t *io_rx_bufs; /* IO_BATCH * IO_RX_BUF_SIZE, allocated by wg_io_attach */
 
     tcp_stack *tcp;
+    splice_table *splice;     /* NULL if epoll is unavailable */
     tcp_pending *tcp_pending; /* tcp_slots entries */
     uint32_t *tcp_ready;      /* FIFO of slots with pending events; each slot at most once */
     uint32_t tcp_slots, tcp_ready_head, tcp_ready_count;
@@ -1162,6 +1163,7 @@ static void tcp_emit_cb(void *ctx, uint32_t peer_id, const uint8_t *pkt, size_t 
 
 static void tcp_event_cb(void *ctx, const tcp_event *ev) {
     wg_engine *e = ctx;
+    if (e->splice && splice_claim_event(e->splice, ev)) return; /* handled in C */
     uint32_t slot = (ev->conn_id & TCP_CONN_SLOT_MASK) - 1;
     if (slot >= e->tcp_slots || ev->type < TCP_EV_SYN || ev->type > TCP_EV_CLOSED) return;
     tcp_pending *p = &e->tcp_pending[slot];
@@ -1179,6 +1181,17 @@ static void tcp_event_cb(void *ctx, const tcp_event *ev) {
 }
 
 tcp_stack *wg_engine_tcp(wg_engine *e) { return e->tcp; }
+
+splice_table *wg_engine_splice(wg_engine *e) { return e->splice; }
+
+int wg_splice_service(wg_engine *e, double now) {
+    if (!e->splice) return 0;
+    e->now = now;
+    int waiting = splice_poll(e->splice, now);
+    tcp_flush(e->tcp, now);
+    if (e->io_fd >= 0) wg_io_flush(e);
+    return waiting;
+}
 
 int wg_tcp_events(wg_engine *e, tcp_event *out, int max) {
     if (!out || max < 0) return WG_EINVAL;
@@ -1452,6 +1465,7 @@ static double peer_earliest_timer(const peer *p) {
 void wg_tick(wg_engine *e, double now) {
     e->now = now;
     tcp_tick(e->tcp, now); /* first: what it sends arms the peers' timers below */
+    splice_run(e->splice, now); /* connect deadlines, and what the TCP timers raised */
     if (e->next_deadline == 0 || now < e->next_deadline) return;
     /* Timers fired below may re-arm: recompute the cache from scratch after the pass. */
     e->next_deadline = 0;
@@ -1471,8 +1485,11 @@ void wg_tick(wg_engine *e, double now) {
 }
 
 double wg_next_deadline(wg_engine *e) {
-    double own = e->next_deadline, tcp = tcp_next_deadline(e->tcp);
-    return tcp != 0 && (own == 0 || tcp < own) ? tcp : own;
+    double earliest = e->next_deadline;
+    double others[2] = {tcp_next_deadline(e->tcp), splice_next_deadline(e->splice)};
+    for (int i = 0; i < 2; i++)
+        if (others[i] != 0 && (earliest == 0 || others[i] < earliest)) earliest = others[i];
+    return earliest;
 }
 
 /* ---- Lifecycle ---------------------------------------------------------------------------- */
@@ -1541,11 +1558,13 @@ wg_engine *wg_engine_new(const wg_config *cfg, wg_aead_encrypt_fn enc, wg_aead_d
         wg_engine_free(e);
         return NULL;
     }
+    e->splice = splice_table_new(e->tcp, e->tcp_slots);
     return e;
 }
 
 void wg_engine_free(wg_engine *e) {
     if (!e) return;
+    splice_table_free(e->splice, e->now); /* first: it resets connections through the stack */
     if (e->peers) {
         for (uint32_t id = 0; id < e->cfg.max_peers; id++) {
             if (!e->peers[id].active) continue;
@@ -1773,7 +1792,8 @@ int wg_io_recv(wg_engine *e, double now, int max_datagrams) {
         if (sockaddr_to_endpoint(&addr, &src)) wg_input(e, e->io_rx_bufs, (size_t)r, &src, now);
 #endif
     }
-    tcp_flush(e->tcp, now); /* the ACKs the batch owes, one per connection */
+    splice_run(e->splice, now); /* the batch's bytes on to the destinations' sockets */
+    tcp_flush(e->tcp, now);     /* the ACKs the batch owes, one per connection */
     wg_io_flush(e);
     return total > 0 || !err ? total : err;
 }

@@ -29,6 +29,7 @@
 #include <stddef.h>
 
 #include "_tcp.h"
+#include "_splice.h"
 
 /* libsodium entry points, taken from the libsodium PyNaCl already loaded (no crypto of ours). */
 typedef int (*wg_aead_encrypt_fn)(unsigned char *c, unsigned long long *clen_p,
@@ -197,6 +198,17 @@ tcp_stack *wg_engine_tcp(wg_engine *e);
  * before a drain come out once, and a connection's pending events come out in the order SYN,
  * READABLE, WRITABLE, PEER_FIN, CLOSED.  Events of released handles are discarded. */
 int wg_tcp_events(wg_engine *e, tcp_event *out, int max);
+
+/* Splices (_splice.h): relayed connections joined in C to a host socket.  The engine owns one
+ * table over its TCP stack: TCP events of spliced connections never reach wg_tcp_events,
+ * wg_io_recv and wg_tick run splice_run (before their tcp_flush / with their timers) and
+ * wg_next_deadline includes connect deadlines.  Python calls splice_connect / splice_results /
+ * splice_abort on wg_engine_splice(e) directly, and answers splice_fd's readability with
+ * wg_splice_service.  NULL only if epoll is unavailable (then nothing is spliced). */
+splice_table *wg_engine_splice(wg_engine *e);
+/* splice_poll, then the ACKs and packets it produced go out (tcp_flush, wg_io_flush).
+ * Returns the number of results waiting in splice_results. */
+int wg_splice_service(wg_engine *e, double now);
 
 /* UDP from peers.  Each datagram (valid header, length and checksum when nonzero; not to a
  * multicast or broadcast address) is queued with its payload in an arena. */

@@ -1,5 +1,5 @@
-"""cffi builder for the C data plane (`_wgstack.c` + the userspace TCP `_tcp.c`), declared by
-`_tcp.h` and `_wgstack.h` (which includes it).
+"""cffi builder for the C data plane (`_wgstack.c` + the userspace TCP `_tcp.c` + the relay's
+splices `_splice.c`), declared by `_tcp.h`, `_splice.h` and `_wgstack.h` (which includes both).
 
 Used by setup.py (`cffi_modules`) and, for development, in place:
 `python -m unclaw_tui.engine.build` puts `_wgstack_cffi*.so` beside this file.
@@ -15,11 +15,15 @@ from cffi import FFI
 
 ENGINE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = ENGINE_DIR.parent.parent
-# The cdef takes _tcp.h first: _wgstack.h uses its types.
-HEADERS = (ENGINE_DIR / "_tcp.h", ENGINE_DIR / "_wgstack.h")
+# The cdef takes the headers in dependency order: _splice.h uses _tcp.h's types, _wgstack.h both.
+HEADERS = (ENGINE_DIR / "_tcp.h", ENGINE_DIR / "_splice.h", ENGINE_DIR / "_wgstack.h")
 # Relative to the repo root, the working directory of setuptools builds (and of __main__ below):
 # setuptools rejects absolute source paths, and distutils would mirror them under its tmpdir.
-SOURCES_REL = ["unclaw_tui/engine/_wgstack.c", "unclaw_tui/engine/_tcp.c"]
+SOURCES_REL = [
+    "unclaw_tui/engine/_wgstack.c",
+    "unclaw_tui/engine/_tcp.c",
+    "unclaw_tui/engine/_splice.c",
+]
 ENGINE_DIR_REL = "unclaw_tui/engine"
 
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Endpoint = tuple[str, int]
+SpliceDone = Callable[[_ffi.SpliceResult], None]
 
 READ_CHUNK = 256 * 1024
 STREAM_LIMIT = 256 * 1024
@@ -44,6 +45,14 @@ _CLOSE_NAMES: dict[int, str] = {
 }
 
 
+def _splice_close_reason(result: _ffi.SpliceResult) -> str:
+    if result.outcome == _ffi.SPLICE_OK:
+        return "normal"
+    if result.outcome in (_ffi.SPLICE_FAIL_PEER, _ffi.SPLICE_FAIL_PEER_GONE):
+        return _CLOSE_NAMES.get(result.tcp_close, "reset")
+    return "rejected" if result.outcome == _ffi.SPLICE_FAIL_CONNECT else "aborted"
+
+
 class TcpConn:
     """A TCP connection a WireGuard peer opened (see the module docstring)."""
 
@@ -56,6 +65,7 @@ class TcpConn:
         self.close_reason: str | None = None
         self._transport: TcpTransport | None = None
         self._released = False
+        self._spliced = False
         self._closed = asyncio.Event()
         self._final_bytes: tuple[int, int] | None = None
 
@@ -90,10 +100,30 @@ class TcpConn:
         self._finish("rejected")
 
     def abort(self) -> None:
-        if self._transport is not None:
+        if self._spliced:
+            self._tunnel._engine.splice_abort(self.conn_id, self._tunnel._now())
+            self._tunnel._schedule_flush()
+        elif self._transport is not None:
             self._transport.abort()
         else:
             self.reject()
+
+    def splice(self, dst: Endpoint, timeout: float, on_done: SpliceDone) -> None:
+        """Relay in C instead of answering here: connect to dst (giving up after timeout s),
+        then SYN-ACK, or RST if it failed; bytes then flow both ways without Python.
+        `on_done` gets the `SpliceResult` once, when it ends.  OSError if no socket could even
+        be started (the connection is still ours to reject)."""
+        if self._transport is not None or self._released:
+            raise RuntimeError("connection already answered")
+        self._tunnel._splice(self, dst, timeout, on_done)
+        self._spliced = True
+        self._released = True  # the handle belongs to C's splice table now
+
+    def _spliced_done(self, result: _ffi.SpliceResult) -> None:
+        self._final_bytes = (result.bytes_up, result.bytes_down)
+        self.close_reason = self.close_reason or _splice_close_reason(result)
+        self._spliced = False
+        self._closed.set()
 
     # -- state -----------------------------------------------------------------------------
 
@@ -112,6 +142,8 @@ class TcpConn:
     def _bytes(self) -> tuple[int, int]:
         if self._final_bytes is not None:
             return self._final_bytes
+        if self._spliced:
+            return self._tunnel.splice_bytes(self.conn_id) or (0, 0)
         try:
             info = self._tunnel._engine.tcp_info(self.conn_id)
         except _ffi.EngineError:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unclaw_tui.engine import _ffi, constants
-from unclaw_tui.engine.flows import TcpConn, TcpHandler, UdpDatagram, UdpHandler
+from unclaw_tui.engine.flows import SpliceDone, TcpConn, TcpHandler, UdpDatagram, UdpHandler
 from unclaw_tui.engine.noise import HandshakeCore, HandshakeError, Keypair
 from unclaw_tui.engine.ratelimit import LoadMonitor, SourceRateLimiter
 
@@ -132,6 +132,9 @@ class Tunnel:
         self._timer_at: float | None = None
         self._closed = False
         self._conns: dict[int, TcpConn] = {}
+        # Connections relayed in C (`splice`): their owner's callback for when they end.
+        self._spliced: dict[int, tuple[TcpConn, SpliceDone]] = {}
+        self._splice_watched = False
         self._flush_scheduled = False
         # Where new flows go; with no handler, SYNs are refused and datagrams dropped.
         self.on_tcp: TcpHandler | None = None
@@ -185,9 +188,16 @@ class Tunnel:
             return
         for conn in list(self._conns.values()):
             conn.abort()
+        now = self._now() if self._loop is not None or self._clock is not None else 0.0
+        for conn_id in list(self._spliced):
+            self._engine.splice_abort(conn_id, now)
+        self._finish_splices(now)
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._splice_watched and self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._engine.splice_fd())
         if self._sock is not None:
             if self._loop is not None:
                 with contextlib.suppress(Exception):
@@ -335,8 +345,50 @@ class Tunnel:
             self._drain_flows()
         except Exception:
             log.exception("flow handling failed")
+        if self._spliced:
+            self._finish_splices(now)
         self._engine.io_flush()
         self._rearm()
+
+    # -- splices: relayed connections joined in C to a host socket --------------------------
+
+    @property
+    def can_splice(self) -> bool:
+        return self._engine.can_splice
+
+    def _splice(self, conn: TcpConn, dst: Endpoint, timeout: float, on_done: SpliceDone) -> None:
+        """See `TcpConn.splice`."""
+        now = self._now()
+        self._engine.splice_connect(conn.conn_id, dst, now + timeout, now)
+        self._conns.pop(conn.conn_id, None)
+        self._spliced[conn.conn_id] = (conn, on_done)
+        if not self._splice_watched and self._loop is not None:
+            self._loop.add_reader(self._engine.splice_fd(), self._on_splice_ready)
+            self._splice_watched = True
+        self._schedule_flush()  # the deadline joins the timer
+
+    def _on_splice_ready(self) -> None:
+        if self._closed:
+            return
+        now = self._now()
+        self._engine.splice_service(now)
+        self._after_engine_work(now)
+
+    def _finish_splices(self, now: float) -> None:
+        for result in self._engine.splice_results(now):
+            entry = self._spliced.pop(result.conn_id, None)
+            if entry is None:
+                continue
+            conn, on_done = entry
+            conn._spliced_done(result)
+            try:
+                on_done(result)
+            except Exception:
+                log.exception("splice completion handler failed")
+
+    def splice_bytes(self, conn_id: int) -> tuple[int, int] | None:
+        """Live (up, down) bytes of a spliced connection."""
+        return self._engine.splice_bytes(conn_id)
 
     # -- flows (TCP connections, UDP datagrams) --------------------------------------------
 
@@ -388,10 +440,13 @@ class Tunnel:
     def _tcp_call(self, fn: Callable[[_ffi.Engine, float], Any]) -> Any:
         """Run one engine call for a flow, then make sure its packets go out this loop turn."""
         result = fn(self._engine, self._now())
+        self._schedule_flush()
+        return result
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._loop is not None and not self._closed:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush_flows)
-        return result
 
     def _flush_flows(self) -> None:
         self._flush_scheduled = False

@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import itertools
+import os
 import socket
 import struct
 import time
@@ -37,6 +39,20 @@ from unclaw_tui.config import (
     DEFAULT_MAX_FLOWS_PER_PEER,
     DEFAULT_TCP_BUFFER,
     DEFAULT_UDP_IDLE_TIMEOUT,
+)
+from unclaw_tui.engine._ffi import (
+    SPLICE_FAIL_CONNECT,
+    SPLICE_FAIL_HOST,
+    SPLICE_FAIL_PEER,
+    SPLICE_FAIL_PEER_GONE,
+    SPLICE_OK,
+    TCP_CLOSE_ABORTED,
+    TCP_CLOSE_EVICTED,
+    TCP_CLOSE_PEER_REMOVED,
+    TCP_CLOSE_RESET,
+    TCP_CLOSE_SYN_TIMEOUT,
+    TCP_CLOSE_TIMEOUT,
+    SpliceResult,
 )
 from unclaw_tui.events import Event, TcpClosed, TcpOpened, UdpFlowClosed, UdpFlowOpened
 from unclaw_tui.services.egress import EgressPolicy
@@ -375,6 +391,87 @@ async def relay_tcp(
         stats.error = f"internal error: {_describe(exc)}"
         _closed(ident, stats, clock() - started, on_close)
         raise
+
+
+class SpliceableConn(TcpConnLike, Protocol):
+    def splice(
+        self, dst: tuple[str, int], timeout: float, on_done: Callable[[SpliceResult], None]
+    ) -> None: ...
+
+
+def relay_tcp_spliced(
+    conn: SpliceableConn,
+    policy: EgressPolicy,
+    *,
+    peer_name: PeerName,
+    on_open: Callable[[TcpOpened], None],
+    on_close: Callable[[TcpClosed], None],
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    route: str = "relay",
+    hostname: str | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """`relay_tcp` with the bytes moved in C (engine splices): the same policy, events and
+    answers to the peer, but no task and no Python per read.  Returns at once; the close event
+    is emitted when the connection ends."""
+    started = clock()
+    ident = {
+        "conn_id": conn.conn_id,
+        "peer": peer_name(conn.peer_public_key),
+        "peer_public_key": _b64(conn.peer_public_key),
+        "peer_ip": conn.peer_ip,
+        "dst_ip": conn.dst_ip,
+        "dst_port": conn.dst_port,
+        "hostname": hostname,
+        "route": route,
+    }
+    on_open(TcpOpened(**ident))
+    reason = policy.check(conn.dst_ip)
+    if reason is not None:
+        conn.reject()
+        stats = SpliceStats(error=f"refused by egress policy: {reason}")
+        _closed(ident, stats, clock() - started, on_close)
+        return
+
+    def done(result: SpliceResult) -> None:
+        stats = SpliceStats(
+            result.bytes_up, result.bytes_down, splice_error(result, connect_timeout)
+        )
+        _closed(ident, stats, clock() - started, on_close)
+
+    try:
+        conn.splice((conn.dst_ip, conn.dst_port), connect_timeout, done)
+    except OSError as exc:
+        conn.reject()
+        _closed(ident, SpliceStats(error=_describe(exc)), clock() - started, on_close)
+
+
+_PEER_CLOSE_ERRORS = {
+    TCP_CLOSE_RESET: "connection reset",
+    TCP_CLOSE_TIMEOUT: "timed out",
+    TCP_CLOSE_PEER_REMOVED: "peer removed",
+    TCP_CLOSE_EVICTED: "evicted",
+    TCP_CLOSE_ABORTED: "aborted",
+    TCP_CLOSE_SYN_TIMEOUT: "handshake timed out",
+}
+
+
+def splice_error(result: SpliceResult, connect_timeout: float) -> str | None:
+    """The `TcpClosed.error` for how a splice ended, worded as `relay_tcp` words it."""
+    if result.outcome == SPLICE_OK:
+        return None
+    if result.outcome == SPLICE_FAIL_CONNECT:
+        if result.error == errno.ETIMEDOUT:
+            return f"connect timeout after {connect_timeout:g} s"
+        return _describe(OSError(result.error, os.strerror(result.error)))
+    if result.outcome == SPLICE_FAIL_HOST:
+        return f"destination: {_describe(OSError(result.error, os.strerror(result.error)))}"
+    peer_error = _PEER_CLOSE_ERRORS.get(result.tcp_close, "connection closed early")
+    if result.outcome == SPLICE_FAIL_PEER:
+        return f"peer: {peer_error}"
+    if result.outcome == SPLICE_FAIL_PEER_GONE:
+        return f"peer gone before accept: {peer_error}"
+    return "aborted"
 
 
 def _closed(
