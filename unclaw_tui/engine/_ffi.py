@@ -635,6 +635,15 @@ class Engine:
         if code < 0:
             raise OSError(-code, os.strerror(-code))
 
+    def splice_attach(self, conn_id: int, fd: int, now: float) -> None:
+        """As `splice_connect` for a socket already connected: on success C owns fd (the
+        caller must have detached it); OSError / EngineError leave fd with the caller."""
+        code = lib.splice_attach(self._splice, _u32(conn_id, "conn_id"), fd, float(now))
+        if code in (TCP_ENOCONN, TCP_ESTATE, TCP_EINVAL):
+            raise EngineError(code, "splice_attach", _TCP_ERROR_NAMES)
+        if code < 0:
+            raise OSError(-code, os.strerror(-code))
+
     def splice_fd(self) -> int:
         """The epoll fd to watch for readability (answer with `splice_service`)."""
         return lib.splice_fd(self._splice)

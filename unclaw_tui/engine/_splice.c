@@ -13,6 +13,7 @@
 #include "_splice.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdbool.h>
@@ -26,7 +27,7 @@
 #define PUMP_BUDGET (1u << 20) /* bytes per direction per turn, so one flow cannot starve others */
 #define EPOLL_BATCH 256
 
-typedef struct splice {
+typedef struct spliced_conn {
     uint32_t conn_id;
     int fd;
     bool connecting;
@@ -38,18 +39,18 @@ typedef struct splice {
     uint32_t tcp_close;
     double deadline;
     uint64_t up, down;
-    struct splice *cprev, *cnext; /* the connecting list */
-} splice;
+    struct spliced_conn *cprev, *cnext; /* the connecting list */
+} spliced_conn;
 
 struct splice_table {
     tcp_stack *tcp;
     uint32_t slots;
     int epfd;
-    splice **by_slot;
+    spliced_conn **by_slot;
     uint8_t *queued; /* per slot: on the ready FIFO */
     uint32_t *ready;
     uint32_t ready_head, ready_count;
-    splice *connecting;
+    spliced_conn *connecting;
     uint32_t active;
     splice_result *results;
     uint32_t res_head, res_count, res_cap;
@@ -57,14 +58,14 @@ struct splice_table {
 
 static uint32_t slot_of(uint32_t conn_id) { return (conn_id & TCP_CONN_SLOT_MASK) - 1; }
 
-static splice *find(splice_table *t, uint32_t conn_id) {
+static spliced_conn *find(splice_table *t, uint32_t conn_id) {
     uint32_t slot = slot_of(conn_id);
     if (slot >= t->slots) return NULL;
-    splice *sp = t->by_slot[slot];
+    spliced_conn *sp = t->by_slot[slot];
     return sp && sp->conn_id == conn_id ? sp : NULL;
 }
 
-static void mark_ready(splice_table *t, splice *sp) {
+static void mark_ready(splice_table *t, spliced_conn *sp) {
     uint32_t slot = slot_of(sp->conn_id);
     if (t->queued[slot]) return;
     t->queued[slot] = 1;
@@ -72,7 +73,7 @@ static void mark_ready(splice_table *t, splice *sp) {
     t->ready_count++;
 }
 
-static void connecting_unlink(splice_table *t, splice *sp) {
+static void connecting_unlink(splice_table *t, spliced_conn *sp) {
     if (!sp->connecting) return;
     if (sp->cprev) sp->cprev->cnext = sp->cnext;
     else t->connecting = sp->cnext;
@@ -103,7 +104,7 @@ splice_table *splice_table_new(tcp_stack *tcp, uint32_t slots) {
     return t;
 }
 
-static void push_result(splice_table *t, const splice *sp, uint32_t outcome, int32_t error) {
+static void push_result(splice_table *t, const spliced_conn *sp, uint32_t outcome, int32_t error) {
     if (t->res_count == t->res_cap) {
         uint32_t cap = t->res_cap ? t->res_cap * 2 : 64;
         splice_result *grown = malloc(cap * sizeof *grown);
@@ -135,7 +136,7 @@ static void close_socket(int fd, bool reset) {
 }
 
 /* End a spliced connection: settle both sides, report, forget. */
-static void finish(splice_table *t, splice *sp, uint32_t outcome, int32_t error, double now) {
+static void finish(splice_table *t, spliced_conn *sp, uint32_t outcome, int32_t error, double now) {
     uint32_t id = sp->conn_id;
     connecting_unlink(t, sp);
     t->by_slot[slot_of(id)] = NULL; /* first: events raised below are no longer ours */
@@ -175,15 +176,45 @@ void splice_table_free(splice_table *t, double now) {
 }
 
 /* ---- Starting ------------------------------------------------------------------------------- */
-int splice_connect(splice_table *t, uint32_t conn_id, uint32_t ip, uint16_t port,
-                   double deadline, double now) {
-    (void)now;
+/* Take fd (non-blocking, connecting or connected) for conn_id; on failure fd stays open. */
+static int adopt(splice_table *t, uint32_t conn_id, int fd, double deadline) {
+    spliced_conn *sp = calloc(1, sizeof *sp);
+    if (!sp) return -ENOMEM;
+    sp->conn_id = conn_id;
+    sp->fd = fd;
+    sp->deadline = deadline;
+    /* Edge-triggered: the connect's completion (or an adopted socket's writability) is the
+     * first edge, so an adopted socket is answered as soon as the owner polls. */
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+                             .data.u64 = conn_id};
+    if (epoll_ctl(t->epfd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+        int err = errno;
+        free(sp);
+        return -err;
+    }
+    sp->connecting = true;
+    sp->cnext = t->connecting;
+    if (t->connecting) t->connecting->cprev = sp;
+    t->connecting = sp;
+    t->by_slot[slot_of(conn_id)] = sp;
+    t->active++;
+    return 0;
+}
+
+static int check_pending(splice_table *t, uint32_t conn_id) {
     if (!t) return TCP_EINVAL;
     tcp_conn_info info;
     if (tcp_get_info(t->tcp, conn_id, &info) != 0) return TCP_ENOCONN;
     if (info.state != TCP_ST_SYN_PENDING || find(t, conn_id)) return TCP_ESTATE;
-    uint32_t slot = slot_of(conn_id);
-    if (slot >= t->slots) return TCP_EINVAL;
+    if (slot_of(conn_id) >= t->slots) return TCP_EINVAL;
+    return 0;
+}
+
+int splice_connect(splice_table *t, uint32_t conn_id, uint32_t ip, uint16_t port,
+                   double deadline, double now) {
+    (void)now;
+    int bad = check_pending(t, conn_id);
+    if (bad) return bad;
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) return -errno;
     int one = 1; /* the peer's stack already coalesces; delaying again only adds latency */
@@ -195,35 +226,25 @@ int splice_connect(splice_table *t, uint32_t conn_id, uint32_t ip, uint16_t port
         close(fd);
         return -err;
     }
-    splice *sp = calloc(1, sizeof *sp);
-    if (!sp) {
-        close(fd);
-        return -ENOMEM;
-    }
-    sp->conn_id = conn_id;
-    sp->fd = fd;
-    sp->deadline = deadline;
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
-                             .data.u64 = conn_id};
-    if (epoll_ctl(t->epfd, EPOLL_CTL_ADD, fd, &ev) != 0) {
-        int err = errno;
-        close(fd);
-        free(sp);
-        return -err;
-    }
-    sp->connecting = true;
-    sp->cnext = t->connecting;
-    if (t->connecting) t->connecting->cprev = sp;
-    t->connecting = sp;
-    t->by_slot[slot] = sp;
-    t->active++;
-    return 0;
+    int adopted = adopt(t, conn_id, fd, deadline);
+    if (adopted != 0) close(fd);
+    return adopted;
+}
+
+int splice_attach(splice_table *t, uint32_t conn_id, int fd, double now) {
+    (void)now;
+    int bad = check_pending(t, conn_id);
+    if (bad) return bad;
+    if (fd < 0) return TCP_EINVAL;
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0) return -errno;
+    return adopt(t, conn_id, fd, 0);
 }
 
 /* ---- News ----------------------------------------------------------------------------------- */
 int splice_claim_event(splice_table *t, const tcp_event *ev) {
     if (!t || !ev) return 0;
-    splice *sp = find(t, ev->conn_id);
+    spliced_conn *sp = find(t, ev->conn_id);
     if (!sp) return 0;
     if (ev->type == TCP_EV_CLOSED) {
         sp->tcp_closed = true;
@@ -243,7 +264,7 @@ int splice_poll(splice_table *t, double now) {
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0) break;
         for (int i = 0; i < n; i++) {
-            splice *sp = find(t, (uint32_t)evs[i].data.u64);
+            spliced_conn *sp = find(t, (uint32_t)evs[i].data.u64);
             if (!sp) continue;
             uint32_t e = evs[i].events;
             if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) sp->host_readable = true;
@@ -261,7 +282,7 @@ int splice_poll(splice_table *t, double now) {
 static bool is_again(int err) { return err == EAGAIN || err == EWOULDBLOCK; }
 
 /* The connect finished (or failed): answer the peer's SYN.  Returns false if sp ended. */
-static bool settle_connect(splice_table *t, splice *sp, double now) {
+static bool settle_connect(splice_table *t, spliced_conn *sp, double now) {
     int err = 0;
     socklen_t len = sizeof err;
     if (getsockopt(sp->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
@@ -287,7 +308,7 @@ static bool settle_connect(splice_table *t, splice *sp, double now) {
 }
 
 /* Peer -> destination.  Returns false if sp ended; sets *more when the budget ran out. */
-static bool pump_up(splice_table *t, splice *sp, double now, bool *more) {
+static bool pump_up(splice_table *t, spliced_conn *sp, double now, bool *more) {
     uint32_t moved = 0;
     while (!sp->up_done && sp->host_writable) {
         if (moved >= PUMP_BUDGET) {
@@ -330,7 +351,7 @@ static bool pump_up(splice_table *t, splice *sp, double now, bool *more) {
 }
 
 /* Destination -> peer.  Returns false if sp ended; sets *more when the budget ran out. */
-static bool pump_down(splice_table *t, splice *sp, double now, bool *more) {
+static bool pump_down(splice_table *t, spliced_conn *sp, double now, bool *more) {
     uint32_t moved = 0;
     while (!sp->down_done && sp->host_readable) {
         if (moved >= PUMP_BUDGET) {
@@ -375,7 +396,7 @@ static bool pump_down(splice_table *t, splice *sp, double now, bool *more) {
     return true;
 }
 
-static void service(splice_table *t, splice *sp, double now) {
+static void service(splice_table *t, spliced_conn *sp, double now) {
     if (sp->connecting) {
         if (sp->tcp_closed) { /* the peer gave up (RST, removed) while we connected */
             finish(t, sp, SPLICE_FAIL_PEER_GONE, 0, now);
@@ -411,11 +432,11 @@ void splice_run(splice_table *t, double now) {
         t->ready_head = (t->ready_head + 1) % t->slots;
         t->ready_count--;
         t->queued[slot] = 0;
-        splice *sp = t->by_slot[slot];
+        spliced_conn *sp = t->by_slot[slot];
         if (sp) service(t, sp, now);
     }
-    for (splice *sp = t->connecting; sp;) {
-        splice *next = sp->cnext;
+    for (spliced_conn *sp = t->connecting; sp;) {
+        spliced_conn *next = sp->cnext;
         if (sp->deadline != 0 && now >= sp->deadline) finish(t, sp, SPLICE_FAIL_CONNECT, ETIMEDOUT, now);
         sp = next;
     }
@@ -424,7 +445,7 @@ void splice_run(splice_table *t, double now) {
 double splice_next_deadline(splice_table *t) {
     double earliest = 0;
     if (!t) return 0;
-    for (splice *sp = t->connecting; sp; sp = sp->cnext)
+    for (spliced_conn *sp = t->connecting; sp; sp = sp->cnext)
         if (sp->deadline != 0 && (earliest == 0 || sp->deadline < earliest)) earliest = sp->deadline;
     return earliest;
 }
@@ -442,7 +463,7 @@ int splice_results(splice_table *t, splice_result *out, int max) {
 }
 
 int splice_bytes(splice_table *t, uint32_t conn_id, uint64_t *up, uint64_t *down) {
-    splice *sp = t ? find(t, conn_id) : NULL;
+    spliced_conn *sp = t ? find(t, conn_id) : NULL;
     if (!sp) return TCP_ENOCONN;
     if (up) *up = sp->up;
     if (down) *down = sp->down;
@@ -450,7 +471,7 @@ int splice_bytes(splice_table *t, uint32_t conn_id, uint64_t *up, uint64_t *down
 }
 
 int splice_abort(splice_table *t, uint32_t conn_id, double now) {
-    splice *sp = t ? find(t, conn_id) : NULL;
+    spliced_conn *sp = t ? find(t, conn_id) : NULL;
     if (!sp) return TCP_ENOCONN;
     finish(t, sp, SPLICE_FAIL_ABORTED, 0, now);
     return 0;

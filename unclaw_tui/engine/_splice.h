@@ -64,6 +64,10 @@ void splice_table_free(splice_table *t, double now);
  * owns the handle and answers the SYN itself), TCP_ENOCONN / TCP_ESTATE for a bad handle. */
 int splice_connect(splice_table *t, uint32_t conn_id, uint32_t ip, uint16_t port,
                    double deadline, double now);
+/* As splice_connect, for a socket the owner connected itself (fd: a connected TCP socket, made
+ * non-blocking here): the SYN is answered at the next poll.  0: the table owns fd and the
+ * handle; else the caller keeps both. */
+int splice_attach(splice_table *t, uint32_t conn_id, int fd, double now);
 /* 1 if ev is about a spliced connection (taken, handled at the next splice_run), else 0. */
 int splice_claim_event(splice_table *t, const tcp_event *ev);
 /* The epoll fd: readable when a spliced socket has news; answer with splice_poll. */

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -118,6 +119,15 @@ class TcpConn:
         self._tunnel._splice(self, dst, timeout, on_done)
         self._spliced = True
         self._released = True  # the handle belongs to C's splice table now
+
+    def splice_socket(self, sock: socket.socket, on_done: SpliceDone) -> None:
+        """As `splice`, for a host socket the caller already connected: C takes it over
+        (the socket object is detached) and the SYN is answered at once."""
+        if self._transport is not None or self._released:
+            raise RuntimeError("connection already answered")
+        self._tunnel._splice(self, sock, 0.0, on_done)
+        self._spliced = True
+        self._released = True
 
     def _spliced_done(self, result: _ffi.SpliceResult) -> None:
         self._final_bytes = (result.bytes_up, result.bytes_down)

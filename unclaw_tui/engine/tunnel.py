@@ -356,10 +356,20 @@ class Tunnel:
     def can_splice(self) -> bool:
         return self._engine.can_splice
 
-    def _splice(self, conn: TcpConn, dst: Endpoint, timeout: float, on_done: SpliceDone) -> None:
-        """See `TcpConn.splice`."""
+    def _splice(
+        self,
+        conn: TcpConn,
+        target: Endpoint | socket.socket,
+        timeout: float,
+        on_done: SpliceDone,
+    ) -> None:
+        """See `TcpConn.splice` and `TcpConn.splice_socket`."""
         now = self._now()
-        self._engine.splice_connect(conn.conn_id, dst, now + timeout, now)
+        if isinstance(target, socket.socket):
+            self._engine.splice_attach(conn.conn_id, target.fileno(), now)
+            target.detach()  # the fd is C's now
+        else:
+            self._engine.splice_connect(conn.conn_id, target, now + timeout, now)
         self._conns.pop(conn.conn_id, None)
         self._spliced[conn.conn_id] = (conn, on_done)
         if not self._splice_watched and self._loop is not None:

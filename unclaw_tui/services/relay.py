@@ -121,12 +121,8 @@ async def connect_host(
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(ip, port, limit=buffer_size), timeout
         )
-    except TimeoutError:
-        raise ConnectFailed(f"connect timeout after {timeout:g} s") from None
-    except ConnectionRefusedError:
-        raise ConnectFailed("connection refused") from None
-    except OSError as exc:
-        raise ConnectFailed((exc.strerror or str(exc)).lower()) from None
+    except (TimeoutError, OSError) as exc:
+        raise _connect_failed(exc, timeout) from None
     sock = writer.get_extra_info("socket")
     if sock is not None:
         # The peer's stack already coalesces; delaying small writes again only adds latency.
@@ -134,6 +130,34 @@ async def connect_host(
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     writer.transport.set_write_buffer_limits(high=buffer_size)
     return reader, writer
+
+
+async def connect_socket(
+    ip: str, port: int, *, timeout: float = DEFAULT_CONNECT_TIMEOUT
+) -> socket.socket:
+    """A connected non-blocking TCP socket from this host (TCP_NODELAY), for the engine's
+    splices to take over; errors as `connect_host`."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (ip, port)), timeout)
+    except (TimeoutError, OSError) as exc:
+        sock.close()
+        raise _connect_failed(exc, timeout) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _connect_failed(exc: BaseException, timeout: float) -> ConnectFailed:
+    if isinstance(exc, TimeoutError):
+        return ConnectFailed(f"connect timeout after {timeout:g} s")
+    if isinstance(exc, ConnectionRefusedError):
+        return ConnectFailed("connection refused")
+    assert isinstance(exc, OSError)
+    return ConnectFailed((exc.strerror or str(exc)).lower())
 
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)

@@ -4,7 +4,8 @@ TCP (any port but 443/8443, which the router sends to TLS): the VIP's hostname f
 (an unknown VIP: RST), its real IPv4 addresses from the upstream (cached by TTL), the egress
 policy on each, then a connection to the first that accepts (the next one on failure, within
 one overall connect budget); only then is the peer's SYN answered, and both ways are spliced
-as the relay does. Every connection yields one `TcpOpened` and one `TcpClosed` with route
+as the relay does: by the engine in C when the connection offers `splice_socket`, else by
+asyncio streams. Every connection yields one `TcpOpened` and one `TcpClosed` with route
 "vip" and the hostname.
 
 UDP: a datagram to an unknown VIP gets ICMP port unreachable. UDP to port 443 of a VIP is
@@ -21,8 +22,8 @@ import contextlib
 import itertools
 import time
 from collections import Counter
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from unclaw_tui.events import TcpClosed, TcpOpened
 from unclaw_tui.router import Route
@@ -34,14 +35,18 @@ from unclaw_tui.services.relay import (
     SpliceStats,
     UdpRelay,
     connect_host,
+    connect_socket,
     reset_host_connection,
     splice,
+    splice_error,
 )
 
 if TYPE_CHECKING:
+    from unclaw_tui.engine._ffi import SpliceResult
     from unclaw_tui.services.base import GatewayServices
     from unclaw_tui.services.relay import TcpConnLike, UdpDatagramLike
 
+HostT = TypeVar("HostT")
 QUIC_PORT = 443
 MAX_ADDRESSES_TRIED = 4
 MIN_CONNECT_TIMEOUT = 3.0  # per address, when several share DEFAULT_CONNECT_TIMEOUT
@@ -98,13 +103,28 @@ class VipService:
         }
         self.gateway.publish(TcpOpened(**ident))
         stats = SpliceStats()
-        answered = False
+        answered = reported = False
         try:
             if hostname is None:
                 self.counts["unknown_vip"] += 1
                 stats.error = "unknown VIP"
                 return
-            host = await self._connect(hostname, conn.dst_port, stats)
+            splice_socket = getattr(conn, "splice_socket", None)
+            if splice_socket is not None:
+                # The engine can splice in C: connect a plain socket and hand it over.
+                sock = await self._connect(hostname, conn.dst_port, stats, connect_socket)
+                if sock is None:
+                    return
+                try:
+                    splice_socket(sock, lambda result: self._spliced(ident, started, result))
+                except Exception as exc:
+                    sock.close()
+                    answered = True  # the engine gave up on the SYN: nothing left to reject
+                    stats.error = f"peer gone before accept: {exc}"
+                    return
+                answered = reported = True  # TcpClosed comes when the splice ends
+                return
+            host = await self._connect(hostname, conn.dst_port, stats, self._connect_streams)
             if host is None:
                 return
             host_reader, host_writer = host
@@ -146,21 +166,43 @@ class VipService:
             if not answered:
                 with contextlib.suppress(Exception):
                     conn.reject()  # RST: the client sees "connection refused" at once
-            self.gateway.publish(
-                TcpClosed(
-                    **ident,
-                    bytes_up=stats.bytes_up,
-                    bytes_down=stats.bytes_down,
-                    duration=time.monotonic() - started,
-                    error=stats.error,
+            if not reported:
+                self.gateway.publish(
+                    TcpClosed(
+                        **ident,
+                        bytes_up=stats.bytes_up,
+                        bytes_down=stats.bytes_down,
+                        duration=time.monotonic() - started,
+                        error=stats.error,
+                    )
                 )
+
+    def _spliced(self, ident: dict[str, Any], started: float, result: SpliceResult) -> None:
+        self.gateway.publish(
+            TcpClosed(
+                **ident,
+                bytes_up=result.bytes_up,
+                bytes_down=result.bytes_down,
+                duration=time.monotonic() - started,
+                error=splice_error(result, DEFAULT_CONNECT_TIMEOUT),
             )
+        )
+
+    async def _connect_streams(
+        self, ip: str, port: int, timeout: float
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        buffer = self.gateway.settings.tcp_buffer
+        return await connect_host(ip, port, timeout=timeout, buffer_size=buffer)
 
     async def _connect(
-        self, hostname: str, port: int, stats: SpliceStats
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        """A host connection to the first real address that the policy allows and that
-        accepts; None (with stats.error saying why) if there is none."""
+        self,
+        hostname: str,
+        port: int,
+        stats: SpliceStats,
+        connect: Callable[..., Awaitable[HostT]],
+    ) -> HostT | None:
+        """`connect(ip, port, timeout)` to the first real address that the policy allows and
+        that accepts; None (with stats.error saying why) if there is none."""
         addresses = (await self.resolver.resolve(hostname))[:MAX_ADDRESSES_TRIED]
         if not addresses:
             stats.error = f"{hostname} does not resolve upstream"
@@ -177,9 +219,7 @@ class VipService:
             timeout = max(MIN_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT / len(allowed))
             for ip in allowed:
                 try:
-                    return await connect_host(
-                        ip, port, timeout=timeout, buffer_size=self.gateway.settings.tcp_buffer
-                    )
+                    return await connect(ip, port, timeout=timeout)
                 except ConnectFailed as exc:
                     errors.append(f"{ip}: {exc}")
         stats.error = "; ".join(errors)
