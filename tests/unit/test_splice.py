@@ -22,7 +22,7 @@ from tests.unit.test_tcp import ACK, FIN, MSS, RST, SYN, Peer
 from tests.unit.test_wgstack import PEER_ID
 from tests.unit.test_wgstack_flows import GW_WSCALE, Client, new_engine, syn_event
 from unclaw_tui.engine import _ffi
-from unclaw_tui.engine._ffi import Engine, SpliceResult
+from unclaw_tui.engine._ffi import Engine, EngineError, SpliceResult
 
 WAIT = 5.0  # seconds any single step may take before the test fails
 
@@ -240,3 +240,26 @@ def test_megabytes_both_ways_with_back_pressure_arrive_intact(
     assert hashlib.sha256(got_up).digest() == hashlib.sha256(up).digest()
     assert hashlib.sha256(got_down).digest() == hashlib.sha256(down).digest()
     assert engine.splice_bytes(conn) == (len(up), len(down))
+
+
+def test_an_attached_socket_is_answered_at_the_next_poll(
+    engine: Engine, client: Client, listener: socket.socket
+) -> None:
+    peer = Peer()
+    conn = syn_event(client, peer)
+    host = socket.create_connection(listener.getsockname(), timeout=WAIT)
+    server, _ = listener.accept()
+    engine.splice_attach(conn, host.detach(), client.now)
+    assert service(client) == []
+    [synack] = client.segments()
+    assert synack.flags == SYN | ACK
+    peer.rcv_nxt = (synack.seq + 1) & 0xFFFFFFFF
+    client.send(peer.seg(), peer.data(b"ping"))
+    engine.splice_results(client.now)
+    assert server.recv(10) == b"ping"
+    server.sendall(b"pong")
+    assert service(client) == []
+    assert [s.payload for s in client.segments() if s.payload] == [b"pong"]
+    assert engine.splice_bytes(conn) == (4, 4)
+    with pytest.raises(EngineError):  # the handle is the table's now
+        engine.splice_attach(conn, 0, client.now)
