@@ -175,6 +175,7 @@ class UnclawApp(App[int]):
         now = self.clock()
         self.snapshot = message.snapshot
         self.model.peers.update(message.snapshot, now)
+        self.model.connections.live_bytes(message.snapshot.flow_bytes)
         self.model.connections.prune(now)
         dashboard = self.dashboard
         dashboard.refresh_panes(now, live=not self.paused)

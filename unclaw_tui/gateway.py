@@ -77,6 +77,8 @@ class GatewaySnapshot:
     drops: dict[str, int] = field(default_factory=dict)  # reason -> count
     open_flows: int = 0
     under_load: bool = False
+    # Live (bytes_up, bytes_down) of open TCP connections that moved bytes lately, by conn_id.
+    flow_bytes: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def peers_online(self) -> int:
@@ -112,6 +114,9 @@ class GatewayProtocol(Protocol):
 # How often the state dir is polled for peers added or removed by the CLI, and stats written.
 PEERS_POLL_INTERVAL = 0.5
 STATS_WRITE_INTERVAL = 2.0
+# Spliced connections appear in snapshots while their bytes moved this recently: long enough
+# that a console polling a few times a second sees each one's final live count.
+FLOW_BYTES_WINDOW = 3.0
 
 
 class Gateway:
@@ -241,7 +246,14 @@ class Gateway:
             drops=tunnel.drop_counts() if tunnel else {},
             open_flows=self.open_flows.total,
             under_load=tunnel.under_load if tunnel else False,
+            flow_bytes=self._flow_bytes(),
         )
+
+    def _flow_bytes(self) -> dict[int, tuple[int, int]]:
+        live = self.open_flows.live_bytes()
+        if self._tunnel is not None:
+            live.update(self._tunnel.spliced_flow_bytes(within=FLOW_BYTES_WINDOW))
+        return live
 
     # -- internals -------------------------------------------------------------------------
 

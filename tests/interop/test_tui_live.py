@@ -140,6 +140,30 @@ async def test_console_shows_a_flow_and_a_dns_query(flows_setup: FlowsSetup) -> 
                 peer_key(app.dashboard.peers, "phone"), "handshake"
             ).endswith("ago")
 
+            # A download in progress: its open row counts the bytes as they go, not at the end.
+            slow = await asyncio.create_subprocess_exec(
+                *s.client_ns.cmd("curl", "-s", "-o", "/dev/null", "--limit-rate", "1M",
+                                 "http://198.18.0.2:8080/bytes/4000000"),
+            )  # fmt: skip
+            try:
+                live: list[str] = []
+                for _ in range(40):  # bounded: up to 4 s
+                    await pilot.pause(0.1)
+                    live = [
+                        conns.cell_text(key, "down")
+                        for key in conns.shown_keys()
+                        if conns.cell_text(key, "state") == "open"
+                        and conns.cell_text(key, "dst") == "198.18.0.2:8080"
+                    ]
+                    if live and live[0] not in ("0 B", "0"):
+                        break
+                assert live and live[0] not in ("0 B", "0"), live
+                assert slow.returncode is None, "the download must still be running"
+            finally:
+                if slow.returncode is None:
+                    slow.kill()
+                await slow.wait()
+
             # A DNS query through the tunnel lands in the DNS log with its VIP answer.
             dig = await asyncio.create_subprocess_exec(
                 *s.client_ns.cmd("dig", "+short", "+time=2", "+tries=1", "@10.77.0.1",

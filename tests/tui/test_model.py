@@ -139,3 +139,19 @@ async def test_live_table_bulk_removal_matches_store_and_keeps_selection() -> No
         table.set_filter("40", 0)
         assert all("40" in table.cell_text(k, "n") for k in table.shown_keys())
         assert table.selected_key == "k400"
+
+
+def test_open_connections_take_live_byte_counts_and_closed_ones_keep_their_final() -> None:
+    model = ConnectionsModel()
+    model.opened(_opened(1, 0))
+    model.opened(_opened(2, 0))
+    model.closed(_closed(2, 5))
+    model.store.take_changes()
+    model.live_bytes({1: (100, 5000), 2: (999, 999), 3: (7, 7)})  # 3: never seen, ignored
+    row1, row2 = model.store.get("t1"), model.store.get("t2")
+    assert row1 is not None and (row1.bytes_up, row1.bytes_down) == (100, 5000)
+    assert row2 is not None and (row2.bytes_up, row2.bytes_down) == (1, 2)
+    assert "t3" not in model.store
+    assert list(model.store.take_changes()) == ["t1"]
+    model.live_bytes({1: (100, 5000)})  # unchanged: no redraw
+    assert list(model.store.take_changes()) == []

@@ -25,6 +25,7 @@ from unclaw_tui.events import Event, TcpClosed, TcpOpened, UdpFlowClosed, UdpFlo
 from unclaw_tui.services.egress import EgressPolicy
 from unclaw_tui.services.relay import (
     OpenFlows,
+    SpliceStats,
     UdpFlowTable,
     UdpRelay,
     connect_host,
@@ -900,3 +901,18 @@ def test_spliced_relay_checks_the_policy_then_hands_over_and_reports_once() -> N
     unreachable = SpliceConn("198.18.0.2", 80, fail=OSError(errno.ENETUNREACH, "x"))
     relay_tcp_spliced(unreachable, EgressPolicy(), **kw)
     assert unreachable.rejected and closed[-1].error == "x"
+
+
+def test_open_flows_publish_tracked_live_counters_until_the_close() -> None:
+    flows = OpenFlows()
+    opened = TcpOpened(conn_id=9, peer="phone", peer_public_key="k", peer_ip="10.77.0.2",
+                       dst_ip="198.18.0.2", dst_port=443, hostname=None, route="tls")  # fmt: skip
+    flows.observe(opened)
+    stats = SpliceStats()
+    flows.track(9, stats)
+    assert flows.live_bytes() == {}  # nothing moved yet
+    stats.bytes_up, stats.bytes_down = 10, 20
+    assert flows.live_bytes() == {9: (10, 20)}
+    fields = {k: v for k, v in opened.to_dict().items() if k not in ("ts", "type")}
+    flows.observe(TcpClosed(**fields, bytes_up=10, bytes_down=20, duration=1.0, error=None))
+    assert flows.live_bytes() == {} and flows.total == 0

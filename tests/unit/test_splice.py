@@ -261,5 +261,7 @@ def test_an_attached_socket_is_answered_at_the_next_poll(
     assert service(client) == []
     assert [s.payload for s in client.segments() if s.payload] == [b"pong"]
     assert engine.splice_bytes(conn) == (4, 4)
+    assert engine.splice_active_flows(since=client.now) == {conn: (4, 4)}
+    assert engine.splice_active_flows(since=client.now + 1) == {}  # nothing moved since
     with pytest.raises(EngineError):  # the handle is the table's now
         engine.splice_attach(conn, 0, client.now)

@@ -675,6 +675,17 @@ class Engine:
             return None
         return counts[0], counts[1]
 
+    def splice_active_flows(self, since: float) -> dict[int, tuple[int, int]]:
+        """{conn_id: (up, down)} of spliced connections whose bytes moved at or after since."""
+        if self._splice == ffi.NULL:
+            return {}
+        count = lib.splice_active(self._splice)
+        if count == 0:
+            return {}
+        out = ffi.new("splice_progress[]", count)
+        n = lib.splice_list_active(self._splice, float(since), out, count)
+        return {out[i].conn_id: (out[i].bytes_up, out[i].bytes_down) for i in range(n)}
+
     def splice_abort(self, conn_id: int, now: float) -> bool:
         """Reset both sides of a spliced connection now; False if it was not spliced."""
         return lib.splice_abort(self._splice, _u32(conn_id, "conn_id"), float(now)) == 0

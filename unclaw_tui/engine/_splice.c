@@ -38,6 +38,7 @@ typedef struct spliced_conn {
     bool tcp_closed;                   /* TCP_EV_CLOSED came */
     uint32_t tcp_close;
     double deadline;
+    double active_at; /* when bytes last moved */
     uint64_t up, down;
     struct spliced_conn *cprev, *cnext; /* the connecting list */
 } spliced_conn;
@@ -341,6 +342,7 @@ static bool pump_up(splice_table *t, spliced_conn *sp, double now, bool *more) {
         }
         tcp_read_consume(t->tcp, sp->conn_id, (size_t)sent, now);
         sp->up += (uint64_t)sent;
+        sp->active_at = now;
         moved += (uint32_t)sent;
         if (sent < avail) {
             sp->host_writable = false; /* the socket is full: its next edge resumes us */
@@ -385,6 +387,7 @@ static bool pump_down(splice_table *t, spliced_conn *sp, double now, bool *more)
             break;
         }
         sp->down += (uint64_t)got;
+        sp->active_at = now;
         moved += (uint32_t)got;
         if (got < space && !sp->host_hup) {
             /* Drained: the next arrival is a new edge.  Not so for an EOF or error that came
@@ -468,6 +471,17 @@ int splice_bytes(splice_table *t, uint32_t conn_id, uint64_t *up, uint64_t *down
     if (up) *up = sp->up;
     if (down) *down = sp->down;
     return 0;
+}
+
+int splice_list_active(splice_table *t, double since, splice_progress *out, int max) {
+    if (!t || !out || max < 0) return TCP_EINVAL;
+    int n = 0;
+    for (uint32_t i = 0; i < t->slots && n < max; i++) {
+        spliced_conn *sp = t->by_slot[i];
+        if (sp && (sp->up || sp->down) && sp->active_at >= since)
+            out[n++] = (splice_progress){sp->conn_id, sp->up, sp->down};
+    }
+    return n;
 }
 
 int splice_abort(splice_table *t, uint32_t conn_id, double now) {

@@ -49,6 +49,11 @@ typedef struct {
     uint64_t bytes_down; /* destination -> peer, taken by the peer's send ring */
 } splice_result;
 
+typedef struct {
+    uint32_t conn_id;
+    uint64_t bytes_up, bytes_down;
+} splice_progress;
+
 typedef struct splice_table splice_table;
 
 /* slots: the TCP stack's max_conns (conn_id slot numbers index the table).  NULL when out of
@@ -82,6 +87,9 @@ double splice_next_deadline(splice_table *t); /* 0 = nothing armed */
 int splice_results(splice_table *t, splice_result *out, int max);
 /* Live byte counts of a spliced connection; TCP_ENOCONN if it is not (or no longer) spliced. */
 int splice_bytes(splice_table *t, uint32_t conn_id, uint64_t *up, uint64_t *down);
+/* Live byte counts of the spliced connections whose bytes moved at or after since (the
+ * caller's clock): up to max, returns the count.  For a console's per-connection counters. */
+int splice_list_active(splice_table *t, double since, splice_progress *out, int max);
 /* Reset both sides now (result SPLICE_FAIL_ABORTED); TCP_ENOCONN if not spliced. */
 int splice_abort(splice_table *t, uint32_t conn_id, double now);
 uint32_t splice_active(splice_table *t); /* connections spliced now (connecting included) */

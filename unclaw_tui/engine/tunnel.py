@@ -396,6 +396,11 @@ class Tunnel:
             except Exception:
                 log.exception("splice completion handler failed")
 
+    def spliced_flow_bytes(self, within: float) -> dict[int, tuple[int, int]]:
+        """{conn_id: (up, down)} of spliced connections whose bytes moved in the last `within`
+        seconds: what a console needs to keep open connections' counters live."""
+        return self._engine.splice_active_flows(self._now() - within)
+
     def splice_bytes(self, conn_id: int) -> tuple[int, int] | None:
         """Live (up, down) bytes of a spliced connection."""
         return self._engine.splice_bytes(conn_id)

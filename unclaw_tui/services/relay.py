@@ -298,6 +298,20 @@ class OpenFlows:
         self._open: dict[tuple[str, int], tuple[str, str]] = {}
         self._per_peer: dict[str, int] = {}
         self._per_dst: dict[str, int] = {}
+        # Live counters of open TCP connections that Python relays (TLS...), by conn_id.
+        self._live: dict[int, SpliceStats] = {}
+
+    def track(self, conn_id: int, stats: SpliceStats) -> None:
+        """Publish an open TCP connection's live counters (until its TcpClosed)."""
+        self._live[conn_id] = stats
+
+    def live_bytes(self) -> dict[int, tuple[int, int]]:
+        """{conn_id: (up, down)} of the tracked open TCP connections that moved bytes."""
+        return {
+            conn_id: (s.bytes_up, s.bytes_down)
+            for conn_id, s in self._live.items()
+            if s.bytes_up or s.bytes_down
+        }
 
     def observe(self, event: Event) -> None:
         if isinstance(event, TcpOpened | UdpFlowOpened):
@@ -308,6 +322,8 @@ class OpenFlows:
                 self._per_peer[key] = self._per_peer.get(key, 0) + 1
                 self._per_dst[event.dst_ip] = self._per_dst.get(event.dst_ip, 0) + 1
         elif isinstance(event, TcpClosed | UdpFlowClosed):
+            if isinstance(event, TcpClosed):
+                self._live.pop(event.conn_id, None)
             flow = ("tcp" if isinstance(event, TcpClosed) else "udp", event.conn_id)
             entry = self._open.pop(flow, None)
             if entry is not None:

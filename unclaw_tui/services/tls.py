@@ -312,6 +312,7 @@ class _Flow:
             self.hostname = hostname
             self.opened = True
             self.service.gateway.publish(TcpOpened(**self.ident()))
+            self.service.gateway.open_flows.track(self.conn.conn_id, self.stats)
 
     def close(self) -> None:
         self.open(self.hostname)

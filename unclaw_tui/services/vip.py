@@ -124,6 +124,7 @@ class VipService:
                     return
                 answered = reported = True  # TcpClosed comes when the splice ends
                 return
+            self.gateway.open_flows.track(conn.conn_id, stats)
             host = await self._connect(hostname, conn.dst_port, stats, self._connect_streams)
             if host is None:
                 return

@@ -237,6 +237,18 @@ class ConnectionsModel:
         self._closed_order.append((event.ts, key))
         self._bound()
 
+    def live_bytes(self, flow_bytes: dict[int, tuple[int, int]]) -> None:
+        """Live counters of open TCP connections (from a snapshot); closed rows keep the
+        final counts their close event brought."""
+        for conn_id, (up, down) in flow_bytes.items():
+            key = f"t{conn_id}"
+            row = self.store.get(key)
+            if row is None or row.closed_at is not None:
+                continue
+            if (row.bytes_up, row.bytes_down) != (up, down):
+                row.bytes_up, row.bytes_down = up, down
+                self.store.touch(key)
+
     def prune(self, now: float) -> None:
         """Forget closed flows older than the TTL."""
         while self._closed_order and self._closed_order[0][0] + self.closed_ttl <= now:
