@@ -15,6 +15,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -582,3 +583,13 @@ def make_flows_setup(topo: Topology) -> FlowsSetup:
     gateway_ns.run("ip", "route", "add", f"{METADATA_ADDR}/32", "via", HOST_ADDR)
     internet_ns.run("ip", "route", "add", TUNNEL_NET, "via", GATEWAY_INET_ADDR)
     return FlowsSetup(topo, client_ns, gateway_ns, topo.tmp / "state", internet_ns=internet_ns)
+
+
+def sockets_to(pid: int, ip: str, port: int, protocol: str = "udp") -> int:
+    """Sockets in the network namespace of `pid` whose remote end is ip:port, from
+    /proc/<pid>/net/{udp,tcp} (IPv4; a connected UDP socket counts once it has a peer)."""
+    packed = socket.inet_aton(ip)
+    # The kernel prints the address as the native-endian u32 of its network-order bytes.
+    want = f"{int.from_bytes(packed, sys.byteorder):08X}:{port:04X}"
+    lines = Path(f"/proc/{pid}/net/{protocol}").read_text().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[2] == want)
