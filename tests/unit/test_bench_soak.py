@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from bench.soak import (
@@ -12,6 +14,8 @@ from bench.soak import (
     error_key,
     flatness,
     linear_slope,
+    names_state_kib,
+    tcp_counters,
 )
 
 
@@ -104,3 +108,33 @@ def test_classification_by_pattern_most_frequent_first() -> None:
     ]
     assert rows[1].why == "iperf3 resets at its end"
     assert rows[0].why == "not expected in a clean run"
+
+
+class FakeNamespace:
+    """Stands in for a namespace: `cat /proc/net/snmp /proc/net/netstat` gives this text."""
+
+    TEXT = (
+        "Ip: Forwarding DefaultTTL\nIp: 1 64\n"
+        "Tcp: RtoAlgorithm ActiveOpens EstabResets OutRsts\nTcp: 1 10 3 7\n"
+        "TcpExt: SyncookiesSent TCPAbortOnData TCPAbortOnClose\nTcpExt: 0 4 2\n"
+    )
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        assert args == ("cat", "/proc/net/snmp", "/proc/net/netstat")
+        return subprocess.CompletedProcess(args, 0, self.TEXT, "")
+
+
+def test_tcp_counters_pick_the_named_counters() -> None:
+    assert tcp_counters(FakeNamespace()) == {  # type: ignore[arg-type]
+        "Tcp:EstabResets": 3,
+        "Tcp:OutRsts": 7,
+        "TcpExt:TCPAbortOnData": 4,
+        "TcpExt:TCPAbortOnClose": 2,
+    }
+
+
+def test_names_state_grows_with_the_names() -> None:
+    small = names_state_kib([f"a{i}.soak.test" for i in range(100)])
+    large = names_state_kib([f"a{i}.soak.test" for i in range(1000)])
+    assert 0 < small < large
+    assert 5 < large / small < 15  # about linear
