@@ -232,6 +232,8 @@ def error_key(event: dict[str, Any]) -> str | None:
         return kind + (f" {event['limit']}" if kind == "limit_hit" else "")
     if kind == "under_load" and event.get("active"):
         return "under_load"
+    if kind == "events_dropped":  # our reader fell behind: the counts above are short
+        return "events_dropped (output too slow)"
     return None
 
 

@@ -95,6 +95,7 @@ def test_error_keys() -> None:
     )
     assert error_key({"type": "under_load", "active": False}) is None
     assert error_key({"type": "peer_handshake", "name": "a"}) is None
+    assert error_key({"type": "events_dropped", "count": 3}) == "events_dropped (output too slow)"
 
 
 def test_classification_by_pattern_most_frequent_first() -> None:
