@@ -243,6 +243,8 @@ class DnsQuery(Event):
     rcode: str = "NOERROR"
     upstream_ms: float | None = None  # None when answered locally (VIP or cache)
     cached: bool = False
+    # Why it failed (SERVFAIL: the upstream's error; MALFORMED: what was wrong), else None.
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -256,6 +258,11 @@ class TlsHost(Event):
     mode: str = "intercepted"  # "intercepted" / "passthrough" / "rejected"
     ok: bool = True
     error: str | None = None
+    # The TCP connection it came on (joins tcp_opened / tcp_closed), and who made it.
+    conn_id: int | None = None
+    peer_public_key: str = ""
+    dst_ip: str = ""
+    dst_port: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -270,6 +277,8 @@ class HttpRequest(Event):
     status: int | None = None  # None when no response came
     bytes: int = 0  # response body bytes
     ms: float = 0.0
+    conn_id: int | None = None  # the TCP connection it came on
+    peer_public_key: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

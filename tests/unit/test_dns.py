@@ -152,6 +152,21 @@ async def test_servfail_when_upstream_fails(answerer: DnsAnswerer) -> None:
     answerer.upstream.add("sf.test", "A", upstream_servfail)  # type: ignore[attr-defined]
     r = await ask(answerer, query("sf.test"))
     assert r.header.rcode == RCODE.SERVFAIL and not r.rr
+    sf = await answerer.answer(query("sf.test"), udp=True)
+    assert sf.error == "upstream answered SERVFAIL"  # the event says why, not just SERVFAIL
+
+
+async def test_failures_carry_the_upstreams_reason_and_successes_none(
+    answerer: DnsAnswerer,
+) -> None:
+    fake = answerer.upstream
+    fake.lookups[("gone.test", QTYPE.A)] = UpstreamAnswer(  # type: ignore[attr-defined]
+        None, RCODE.SERVFAIL, 4.0, error="198.18.0.2:53: port unreachable"
+    )
+    gone = await answerer.answer(query("gone.test"), udp=True)
+    assert (gone.rcode, gone.error) == ("SERVFAIL", "198.18.0.2:53: port unreachable")
+    ok = await answerer.answer(query("example.test"), udp=True)
+    assert (ok.rcode, ok.error) == ("NOERROR", None)
 
 
 @pytest.mark.parametrize("qtype", ["AAAA", "HTTPS", "SVCB"])
@@ -441,7 +456,8 @@ async def test_service_udp_answers_publishes_and_persists(gateway: FakeGateway) 
     assert (ok.peer, ok.peer_ip, ok.qname, ok.qtype, ok.answers) == (
         "phone", "10.77.0.2", "example.test", "A", ["10.78.0.1"])  # fmt: skip
     assert ok.upstream_ms is not None and not ok.cached
-    assert any(e.rcode == "MALFORMED" for e in events)
+    malformed = next(e for e in events if e.rcode == "MALFORMED")
+    assert malformed.error == "shorter than a DNS header" and malformed.answers == []
     assert service.hostname_for_vip("10.78.0.1") == "example.test"
     assert await service.resolve("example.test") == ["198.18.0.2"]
     await service.close()

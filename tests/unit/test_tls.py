@@ -409,6 +409,12 @@ async def test_intercept_with_http_events(make_harness: Any, pki: Pki) -> None:
     assert all(r.peer == "phone" and r.ms >= 0 for r in requests)
     (opened,) = h.gateway.of(TcpOpened)
     assert opened.hostname == "example.test"
+    # TLS and HTTP events name the connection they came on, and who made it.
+    assert (tls_event.conn_id, tls_event.peer_public_key, tls_event.dst_ip) == (
+        opened.conn_id, opened.peer_public_key, opened.dst_ip)  # fmt: skip
+    assert tls_event.dst_port == opened.dst_port
+    assert {(r.conn_id, r.peer_public_key) for r in requests} == {
+        (opened.conn_id, opened.peer_public_key)}  # fmt: skip
     (closed,) = h.gateway.of(TcpClosed)
     assert closed.error is None and closed.bytes_down > 0 and closed.bytes_up > 0
     h.check_flow_pairs()

@@ -107,6 +107,7 @@ class Outcome:
     upstream_ms: float | None = None
     cached: bool = False
     malformed: str | None = None  # why the input was dropped
+    error: str | None = None  # why the answer is a failure (SERVFAIL), for the event
 
 
 def parse_query(data: bytes) -> DNSRecord | str:
@@ -234,6 +235,7 @@ class DnsAnswerer:
         rcode: int,
         answers: list[str],
         upstream: UpstreamAnswer | None = None,
+        error: str | None = None,
     ) -> Outcome:
         q = request.questions[0] if request.questions else None
         return Outcome(
@@ -244,6 +246,7 @@ class DnsAnswerer:
             rcode=RCODE.get(rcode),
             upstream_ms=None if upstream is None else upstream.ms,
             cached=upstream is not None and upstream.cached,
+            error=error or (upstream.error if upstream is not None else None),
         )
 
     async def _answer_a(self, request: DNSRecord, limit: int | None) -> Outcome:
@@ -261,7 +264,7 @@ class DnsAnswerer:
             vip = self.vips.allocate(hostname, self.clock(), self.in_use)
             if vip is None:
                 log.warning("VIP pool exhausted: no VIP for %s", hostname)
-                return self._failed(request, limit, found)
+                return self._failed(request, limit, found, "VIP pool exhausted")
             reply.add_answer(RR(q.qname, QTYPE.A, ttl=VIP_TTL, rdata=A(vip)))
             answers.append(vip)
         else:
@@ -271,9 +274,17 @@ class DnsAnswerer:
                     reply.add_auth(rr)
         return self._outcome(request, fit(reply, limit), rcode, answers, found)
 
-    def _failed(self, request: DNSRecord, limit: int | None, found: UpstreamAnswer) -> Outcome:
+    def _failed(
+        self,
+        request: DNSRecord,
+        limit: int | None,
+        found: UpstreamAnswer,
+        error: str | None = None,
+    ) -> Outcome:
         reply = local_reply(request, RCODE.SERVFAIL)
-        return self._outcome(request, fit(reply, limit), RCODE.SERVFAIL, [], found)
+        if error is None and found.error is None:
+            error = f"upstream answered {RCODE.get(found.rcode)}"
+        return self._outcome(request, fit(reply, limit), RCODE.SERVFAIL, [], found, error)
 
     def _answer_vip_ptr(self, request: DNSRecord, limit: int | None, vip: str) -> Outcome:
         hostname = self.vips.hostname_for(vip)
@@ -452,6 +463,7 @@ class DnsService:
                 rcode=outcome.rcode,
                 upstream_ms=None if outcome.upstream_ms is None else round(outcome.upstream_ms, 1),
                 cached=outcome.cached,
+                error=outcome.error,
             )
         )
         return outcome
@@ -472,8 +484,8 @@ class DnsService:
                 peer_ip=peer_ip,
                 qname="",
                 qtype="",
-                answers=[why],
                 rcode="MALFORMED",
+                error=why,
             )
         )
 

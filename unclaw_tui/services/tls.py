@@ -336,7 +336,16 @@ class _Flow:
     ) -> None:
         self.service.gateway.publish(
             TlsHost(
-                peer=self.peer, sni=sni or "", alpn=alpn, mode=mode, ok=error is None, error=error
+                peer=self.peer,
+                sni=sni or "",
+                alpn=alpn,
+                mode=mode,
+                ok=error is None,
+                error=error,
+                conn_id=self.conn.conn_id,
+                peer_public_key=_b64(self.conn.peer_public_key),
+                dst_ip=self.conn.dst_ip,
+                dst_port=self.conn.dst_port,
             )
         )
         if error is not None:
@@ -665,6 +674,8 @@ class TlsService:
                     status=x.status,
                     bytes=x.bytes,
                     ms=x.ms,
+                    conn_id=flow.conn.conn_id,
+                    peer_public_key=_b64(flow.conn.peer_public_key),
                 )
             )
 

@@ -296,7 +296,7 @@ class DnsModel:
 
     def query(self, event: ev.DnsQuery) -> None:
         self._seq += 1
-        answer = ", ".join(event.answers) if event.answers else "-"
+        answer = ", ".join(event.answers) if event.answers else (event.error or "-")
         self.store.put(
             f"q{self._seq}",
             DnsRow(
