@@ -291,6 +291,33 @@ async def test_upstream_udp_cache_by_ttl(zone_server: tuple[ZoneResolver, int]) 
     assert (await client.lookup("nope.example.test", QTYPE.A)).cached  # SOA minimum: 30 s
 
 
+async def test_upstream_away_serves_stale_answers_for_a_day(
+    zone_server: tuple[ZoneResolver, int],
+) -> None:
+    _zone, port = zone_server
+    clock = Clock()
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    dead = closed.getsockname()
+    closed.close()  # nothing listens there: port unreachable at once
+    live = UpstreamClient([("127.0.0.1", port)], clock=clock)
+    fresh = await live.lookup("example.test", QTYPE.A)
+    assert fresh.rcode == RCODE.NOERROR and fresh.error is None
+    # The same cache, the upstream gone, the 60 s TTL long past.
+    away = UpstreamClient([dead], clock=clock, cache=live.cache)
+    clock.now += 3600
+    stale = await away.lookup("example.test", QTYPE.A)
+    assert stale.rcode == RCODE.NOERROR and stale.cached
+    assert [(str(rr.rdata), rr.ttl) for rr in stale.response.rr] == [("198.18.0.2", 30)]  # type: ignore[union-attr]
+    assert (stale.error or "").startswith("served stale: ")
+    assert await away.resolve_a("example.test") == ["198.18.0.2"]  # VIP connections go on
+    never = await away.lookup("other.example.test", QTYPE.A)
+    assert never.response is None and never.rcode == RCODE.SERVFAIL
+    clock.now += 86_400  # a day past its TTL: no longer served
+    gone = await away.lookup("example.test", QTYPE.A)
+    assert gone.response is None and gone.rcode == RCODE.SERVFAIL
+
+
 async def test_upstream_truncated_udp_falls_back_to_tcp(
     zone_server: tuple[ZoneResolver, int],
 ) -> None:

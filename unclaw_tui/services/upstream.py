@@ -8,7 +8,9 @@ one; the whole question is bounded by `timeout` (2 s) in total, split between th
 to try, so a dead upstream means SERVFAIL in 2 s, never a hang.
 
 Answers (positive, and negative ones with an SOA) are cached by their TTL, and concurrent
-identical questions share one upstream exchange.
+identical questions share one upstream exchange. When every server fails, an answer whose TTL
+ran out less than a day ago is served stale, with a 30 s TTL (RFC 8767): names the peers
+already use keep working while the upstream is away, and the event says so.
 
 The egress policy does not apply to these servers: the operator configured them (and the
 default, /etc/resolv.conf, is often a loopback address the policy refuses to peers).
@@ -36,6 +38,8 @@ EDNS_PAYLOAD = 1232  # what we offer upstream (the DNS flag day 2020 value)
 MAX_CACHE_ENTRIES = 10_000
 MAX_TTL = 3600  # cap, so a bad upstream cannot pin an answer for days
 MAX_NEGATIVE_TTL = 300
+STALE_MAX_AGE = 86_400.0  # serve-stale (RFC 8767): how long past its TTL an answer may be used
+STALE_TTL = 30  # the TTL a stale answer is given (RFC 8767 4: 30 s)
 
 _OPT = QTYPE.OPT
 
@@ -100,18 +104,36 @@ class DnsCache:
             self._entries.popitem(last=False)
 
     def get(self, key: Hashable, now: float) -> DNSRecord | None:
+        """A fresh answer (TTLs lowered by its age here), or None."""
         hit = self._entries.get(key)
         if hit is None:
             return None
         packed, stored, expires = hit
         if now >= expires:
-            del self._entries[key]
-            return None
+            if now >= expires + STALE_MAX_AGE:
+                del self._entries[key]
+            return None  # kept a while for get_stale
         response = DNSRecord.parse(packed)
         age = int(now - stored)
         for rr in (*response.rr, *response.auth, *response.ar):
             if rr.rtype != _OPT:
                 rr.ttl = max(0, rr.ttl - age)
+        return response
+
+    def get_stale(self, key: Hashable, now: float) -> DNSRecord | None:
+        """An answer past its TTL by less than STALE_MAX_AGE, with every TTL set to STALE_TTL;
+        for when the upstream cannot be reached (RFC 8767)."""
+        hit = self._entries.get(key)
+        if hit is None:
+            return None
+        packed, _stored, expires = hit
+        if now >= expires + STALE_MAX_AGE:
+            del self._entries[key]
+            return None
+        response = DNSRecord.parse(packed)
+        for rr in (*response.rr, *response.auth, *response.ar):
+            if rr.rtype != _OPT:
+                rr.ttl = min(rr.ttl, STALE_TTL)
         return response
 
 
@@ -195,6 +217,14 @@ class UpstreamClient:
             answer = await self._exchange(query, qname, qtype)
             if answer.response is not None:
                 self.cache.put(key, answer.response, self.clock())
+            elif (stale := self.cache.get_stale(key, self.clock())) is not None:
+                answer = UpstreamAnswer(
+                    stale,
+                    stale.header.rcode,
+                    None,
+                    cached=True,
+                    error=f"served stale: {answer.error}",
+                )
             future.set_result(answer)
             return answer
         except BaseException as exc:
