@@ -334,6 +334,7 @@ class Engine:
         self._out_buf = ffi.new("uint8_t[]", _OUTPUT_BUF_SIZE)
         self._out_dst = ffi.new("wg_endpoint *")
         self._event = ffi.new("wg_event *")
+        self._pending = ffi.new("wg_pending *")
         self._endpoint = ffi.new("wg_endpoint *")
 
     def close(self) -> None:
@@ -469,6 +470,11 @@ class Engine:
 
     def tick(self, now: float) -> None:
         lib.wg_tick(self._e, float(now))
+
+    def collect(self, now: float) -> Any:
+        """A `wg_pending` (read its fields; valid until the next call) saying what waits."""
+        lib.wg_collect(self._e, float(now), self._pending)
+        return self._pending
 
     def next_deadline(self) -> float | None:
         return _time_or_none(lib.wg_next_deadline(self._e))

@@ -492,3 +492,5 @@ int splice_abort(splice_table *t, uint32_t conn_id, double now) {
 }
 
 uint32_t splice_active(splice_table *t) { return t ? t->active : 0; }
+
+uint32_t splice_results_waiting(splice_table *t) { return t ? t->res_count : 0; }

@@ -93,5 +93,6 @@ int splice_list_active(splice_table *t, double since, splice_progress *out, int 
 /* Reset both sides now (result SPLICE_FAIL_ABORTED); TCP_ENOCONN if not spliced. */
 int splice_abort(splice_table *t, uint32_t conn_id, double now);
 uint32_t splice_active(splice_table *t); /* connections spliced now (connecting included) */
+uint32_t splice_results_waiting(splice_table *t); /* results splice_results would return */
 
 #endif

@@ -1492,6 +1492,17 @@ double wg_next_deadline(wg_engine *e) {
     return earliest;
 }
 
+void wg_collect(wg_engine *e, double now, wg_pending *out) {
+    e->now = now;
+    splice_run(e->splice, now);
+    out->events = e->ev_count;
+    out->tcp_events = e->tcp_ready_count;
+    out->udp_datagrams = e->udp_count;
+    out->splice_results = splice_results_waiting(e->splice);
+    out->outputs = e->out_count;
+    out->next_deadline = wg_next_deadline(e);
+}
+
 /* ---- Lifecycle ---------------------------------------------------------------------------- */
 static uint32_t pow2_at_least(uint32_t n) {
     uint32_t v = 16;

@@ -242,6 +242,20 @@ uint64_t wg_drop_count(wg_engine *e, int reason);
 const char *wg_drop_reason_name(int reason);
 void wg_engine_get_stats(wg_engine *e, wg_engine_stats *out);
 
+/* What the owner has to do after engine work, in one call (each call from Python is a round
+ * trip of the interpreter lock, which a console thread may be holding): run the splices' deferred
+ * work, then count what waits for wg_next_event, wg_tcp_events, wg_udp_drain, splice_results and
+ * wg_io_flush, and give wg_next_deadline. */
+typedef struct {
+    uint32_t events;
+    uint32_t tcp_events;     /* connections with TCP events */
+    uint32_t udp_datagrams;
+    uint32_t splice_results;
+    uint32_t outputs;        /* datagrams queued to send */
+    double next_deadline;    /* 0 = nothing armed */
+} wg_pending;
+void wg_collect(wg_engine *e, double now, wg_pending *out);
+
 /* The IO helper over a non-blocking UDP socket owned by Python. family is 4 (AF_INET socket)
  * or 6 (AF_INET6 socket, dual-stack: IPv4 peers appear as family 4 endpoints). */
 int wg_io_attach(wg_engine *e, int fd, int family);

@@ -117,6 +117,7 @@ class Tunnel:
         self._max_peers = max_peers
         self._peers: dict[bytes, _Peer] = {}
         self._by_id: dict[int, _Peer] = {}
+        self._initiating: dict[int, _Peer] = {}  # peers with a handshake retransmission armed
         self._free_ids: list[int] = list(range(max_peers - 1, -1, -1))
         self._on_event = on_event or (lambda _e: None)
         self._clock = clock
@@ -149,7 +150,7 @@ class Tunnel:
         self.listen_port = sock.getsockname()[1]
         self._engine.io_attach(sock.fileno(), family)
         self._loop.add_reader(sock.fileno(), self._on_readable)
-        self._rearm()
+        self._rearm(self._engine.next_deadline())
 
     def _bind(self) -> tuple[socket.socket, int]:
         host = self.listen_host
@@ -244,6 +245,7 @@ class Tunnel:
             conn.abort()
         peer = self._peers.pop(public_key)
         del self._by_id[peer.peer_id]
+        self._initiating.pop(peer.peer_id, None)
         self._engine.peer_remove(peer.peer_id)
         self._core.remove_peer(public_key)
         self._free_ids.append(peer.peer_id)
@@ -336,19 +338,36 @@ class Tunnel:
         self._after_engine_work(now)
 
     def _after_engine_work(self, now: float) -> None:
-        """Handle what C raised, send what is queued, re-arm the single timer."""
-        try:
-            self._drain_events(now)
-        except Exception:  # the loop must survive any single bad event
-            log.exception("event handling failed")
-        try:
-            self._drain_flows()
-        except Exception:
-            log.exception("flow handling failed")
-        if self._spliced:
+        """Handle what C raised, send what is queued, re-arm the single timer.
+
+        One C call says what waits, and only those are drained: each call into C gives up the
+        interpreter lock, and getting it back can mean waiting for the console's thread."""
+        pending = self._engine.collect(now)
+        handled = False
+        if pending.events:
+            handled = True
+            try:
+                self._drain_events(now)
+            except Exception:  # the loop must survive any single bad event
+                log.exception("event handling failed")
+        else:
+            self._check_load(now)
+        if pending.tcp_events or pending.udp_datagrams:
+            handled = True
+            try:
+                self._drain_flows(tcp=pending.tcp_events > 0, udp=pending.udp_datagrams > 0)
+            except Exception:
+                log.exception("flow handling failed")
+        if pending.splice_results:
+            handled = True
             self._finish_splices(now)
-        self._engine.io_flush()
-        self._rearm()
+        if handled:  # handlers may have queued packets and moved deadlines
+            self._engine.io_flush()
+            self._rearm(self._engine.next_deadline())
+        else:
+            if pending.outputs:
+                self._engine.io_flush()
+            self._rearm(pending.next_deadline or None)
 
     # -- splices: relayed connections joined in C to a host socket --------------------------
 
@@ -407,8 +426,8 @@ class Tunnel:
 
     # -- flows (TCP connections, UDP datagrams) --------------------------------------------
 
-    def _drain_flows(self) -> None:
-        for ev_type, conn_id, arg in self._engine.tcp_events():
+    def _drain_flows(self, *, tcp: bool = True, udp: bool = True) -> None:
+        for ev_type, conn_id, arg in self._engine.tcp_events() if tcp else ():
             if ev_type == _ffi.TCP_EV_SYN:
                 self._new_conn(conn_id)
                 continue
@@ -425,7 +444,7 @@ class Tunnel:
             except Exception:  # a misbehaving protocol must not take the loop down
                 log.exception("TCP event on %r failed", conn)
                 conn.abort()
-        datagrams = self._engine.udp_datagrams()
+        datagrams = self._engine.udp_datagrams() if udp else None
         if datagrams:
             for meta in datagrams:
                 peer = self._by_id.get(meta.peer_id)
@@ -495,11 +514,13 @@ class Tunnel:
         self.on_udp = offer
         return _drain_queue(queue)
 
-    def _rearm(self) -> None:
+    def _rearm(self, engine_deadline: float | None) -> None:
+        """Arm the single timer for the earliest of C's deadline and ours."""
         if self._loop is None or self._closed:
             return
-        deadlines = [d for d in (self._engine.next_deadline(),) if d]
-        deadlines += [p.next_retransmit for p in self._peers.values() if p.next_retransmit]
+        deadlines = [engine_deadline] if engine_deadline else []
+        # Only peers with a handshake in flight: no pass over every peer per packet batch.
+        deadlines += [p.next_retransmit for p in self._initiating.values() if p.next_retransmit]
         if self._under_load:
             deadlines.append(self._now() + 1.0)
         if not deadlines:
@@ -605,7 +626,7 @@ class Tunnel:
 
     def _handshake_complete(self, peer: _Peer, *, initiator: bool) -> None:
         peer.attempt_started = None
-        peer.next_retransmit = None
+        self._set_retransmit(peer, None)
         peer.last_handshake_wall = self._wall()
         st = self._engine.peer_stats(peer.peer_id)
         self._on_event(TunnelEvent("handshake", peer.public_key, st.endpoint, initiator=initiator))
@@ -631,22 +652,32 @@ class Tunnel:
     def _send_initiation(self, peer: _Peer, now: float) -> None:
         endpoint = self._engine.peer_stats(peer.peer_id).endpoint
         if endpoint is None:
-            peer.attempt_started = peer.next_retransmit = None
+            peer.attempt_started = None
+            self._set_retransmit(peer, None)
             return
         message = self._core.create_initiation(peer.public_key, self._allocate_index(), now)
         self._engine.send_raw(message, endpoint)
         peer.last_initiation_sent = now
-        peer.next_retransmit = (
-            now + constants.REKEY_TIMEOUT + random.uniform(0, constants.REKEY_TIMEOUT_JITTER_MAX)
+        self._set_retransmit(
+            peer,
+            now + constants.REKEY_TIMEOUT + random.uniform(0, constants.REKEY_TIMEOUT_JITTER_MAX),
         )
 
+    def _set_retransmit(self, peer: _Peer, at: float | None) -> None:
+        peer.next_retransmit = at
+        if at is None:
+            self._initiating.pop(peer.peer_id, None)
+        else:
+            self._initiating[peer.peer_id] = peer
+
     def _handshake_timers(self, now: float) -> None:
-        for peer in self._peers.values():
+        for peer in list(self._initiating.values()):
             if peer.next_retransmit is None or now < peer.next_retransmit:
                 continue
             assert peer.attempt_started is not None
             if now - peer.attempt_started >= constants.REKEY_ATTEMPT_TIME:
-                peer.attempt_started = peer.next_retransmit = None
+                peer.attempt_started = None
+                self._set_retransmit(peer, None)
                 self._engine.peer_drop_staged(peer.peer_id)
                 self._on_event(TunnelEvent("handshake_failed", peer.public_key))
             else:
