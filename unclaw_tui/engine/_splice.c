@@ -257,9 +257,10 @@ int splice_claim_event(splice_table *t, const tcp_event *ev) {
 
 int splice_fd(splice_table *t) { return t ? t->epfd : -1; }
 
-int splice_poll(splice_table *t, double now) {
-    if (!t) return 0;
+int splice_gather(splice_table *t) {
+    if (!t || t->active == 0) return 0;
     struct epoll_event evs[EPOLL_BATCH];
+    int marked = 0;
     for (int round = 0; round < 64; round++) { /* bounded: the sockets' news, not a loop forever */
         int n = epoll_wait(t->epfd, evs, EPOLL_BATCH, 0);
         if (n < 0 && errno == EINTR) continue;
@@ -272,9 +273,16 @@ int splice_poll(splice_table *t, double now) {
             if (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) sp->host_hup = true;
             if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR)) sp->host_writable = true;
             mark_ready(t, sp);
+            marked++;
         }
         if (n < EPOLL_BATCH) break;
     }
+    return marked;
+}
+
+int splice_poll(splice_table *t, double now) {
+    if (!t) return 0;
+    splice_gather(t);
     splice_run(t, now);
     return (int)t->res_count;
 }

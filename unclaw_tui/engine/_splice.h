@@ -79,6 +79,8 @@ int splice_claim_event(splice_table *t, const tcp_event *ev);
 int splice_fd(splice_table *t);
 /* Collect the sockets' news without waiting, then splice_run.  Returns the results waiting. */
 int splice_poll(splice_table *t, double now);
+/* Only collect the sockets' news (for the next splice_run); returns how many had some. */
+int splice_gather(splice_table *t);
 /* Move what can move for every connection with news, end those that are done, time out
  * connects past their deadline. */
 void splice_run(splice_table *t, double now);

@@ -1803,6 +1803,9 @@ int wg_io_recv(wg_engine *e, double now, int max_datagrams) {
         if (sockaddr_to_endpoint(&addr, &src)) wg_input(e, e->io_rx_bufs, (size_t)r, &src, now);
 #endif
     }
+    /* The destinations' news too, while we are here: it often comes with the peers' ACKs, and
+     * taking it now spares the owner a wake-up (and a trip through Python) for the epoll fd. */
+    splice_gather(e->splice);
     splice_run(e->splice, now); /* the batch's bytes on to the destinations' sockets */
     tcp_flush(e->tcp, now);     /* the ACKs the batch owes, one per connection */
     wg_io_flush(e);
