@@ -90,6 +90,13 @@ EXPECTED_ERRORS: tuple[tuple[str, str], ...] = (
         "(counted there as TCPAbortOnClose, see the test host's counters below).  A "
         "terminating relay holds more in flight than kernel forwarding, so the window is wider.",
     ),
+    (
+        r"^tcp_closed \[relay:5201\]: peer: connection reset$",
+        "The mirror case: iperf3's client ends a download test by closing its data connection "
+        "with bytes still unread, so the client's kernel resets it (counted in the client "
+        "namespace as TCPAbortOnClose, see the clients' counters below) and the relay passes "
+        "the reset on to the test host.",
+    ),
 )
 # The test host's TCP counters read before and after the load (/proc/net/snmp and netstat in its
 # namespace): they show which side of a reset event sent the reset, and why.
@@ -566,6 +573,7 @@ class SoakResult:
     examples: dict[str, list[dict[str, Any]]]
     runs: list[tuple[str, str, float, float]]
     host_tcp: dict[str, int]  # the test host's TCP_COUNTERS: after the load minus before
+    client_tcp: dict[str, int]  # the same for the clients' namespace
     names_kib: float  # names_state_kib() of the hostnames asked after the warm-up
 
     @property
@@ -667,6 +675,7 @@ def soak(seconds: float, interval: float, bulk_mbit: int) -> SoakResult:
                 gw.events.clear()
                 fd_baseline = open_fds(pid)
                 host_tcp_before = tcp_counters(inet)
+                client_tcp_before = tcp_counters(env.setup.client_ns)
                 samples.append(_sample(pid, 0.0, "before", tally))
                 t0, t0_wall = time.monotonic(), time.time()
                 load.deadline = t0 + seconds
@@ -707,6 +716,7 @@ def soak(seconds: float, interval: float, bulk_mbit: int) -> SoakResult:
                         break
                 peak = peak_rss_kib(pid) if alive else 0
                 host_tcp_after = tcp_counters(inet)
+                client_tcp_after = tcp_counters(env.setup.client_ns)
                 stderr_tail = gw.stderr_lines[-20:]
             except BaseException:
                 load.close(join_timeout=5)
@@ -734,6 +744,7 @@ def soak(seconds: float, interval: float, bulk_mbit: int) -> SoakResult:
         examples=tally.examples,
         runs=load.runs,
         host_tcp={k: host_tcp_after.get(k, 0) - v for k, v in host_tcp_before.items()},
+        client_tcp={k: client_tcp_after.get(k, 0) - v for k, v in client_tcp_before.items()},
         names_kib=names_state_kib(late_names),
     )
     if not alive:
@@ -872,6 +883,7 @@ def report_markdown(r: SoakResult, command: str, machine: str) -> str:
     events = ", ".join(f"{k} {n:,}" for k, n in r.events_by_type.items())
     examples = _examples_text(r)
     host_tcp = ", ".join(f"{k} {v:,}" for k, v in r.host_tcp.items()) or "not read"
+    client_tcp = ", ".join(f"{k} {v:,}" for k, v in r.client_tcp.items()) or "not read"
     stderr = "\n".join(r.stderr_tail) or "(nothing)"
     return f"""# Soak: {r.seconds:.0f} s of mixed load from 3 peers
 
@@ -907,7 +919,8 @@ Events by type: {events}.
 {examples}
 
 The test host's TCP counters over the load (its kernel's view: resets it sent, connections
-reset under it, closes with unread data): {host_tcp}.
+reset under it, closes with unread data): {host_tcp}.  The clients' namespace's, the same
+way: {client_tcp}.
 
 ## The curve (one row every ~30 s; every sample in soak.samples.json)
 
@@ -1015,6 +1028,7 @@ def save(r: SoakResult, command: str) -> str:
                 "events_by_type": r.events_by_type,
                 "error_examples": r.examples,
                 "test_host_tcp_counters": r.host_tcp,
+                "client_tcp_counters": r.client_tcp,
                 "load_start": r.load_start,
                 "runs": [
                     {"kind": k, "peer": p, "t_start": a - r.load_start, "t_end": b - r.load_start}
