@@ -229,6 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="TCP connections per peer still in their handshake (SYN flood bound; default 256)",
     )
     parser.add_argument(
+        "--hello-timeout",
+        type=_seconds,
+        default=config.DEFAULT_HELLO_TIMEOUT,
+        metavar="SECONDS",
+        help="time a TLS client may take to send its whole ClientHello (default 10)",
+    )
+    parser.add_argument(
+        "--dns-tcp-idle-timeout",
+        type=_seconds,
+        default=config.DEFAULT_DNS_TCP_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="time a DNS-over-TCP client may take to start each query (default 10)",
+    )
+    parser.add_argument(
         "--udp-idle-timeout",
         type=_seconds,
         default=config.DEFAULT_UDP_IDLE_TIMEOUT,
@@ -329,6 +343,8 @@ def _build_settings(
         auto_passthrough=bool(args.auto_passthrough),
         max_conns_per_peer=args.max_conns_per_peer,
         max_half_open_per_peer=args.max_half_open_per_peer,
+        hello_timeout=args.hello_timeout,
+        dns_tcp_idle_timeout=args.dns_tcp_idle_timeout,
     )
     if "listen_port" in merged:
         settings.listen_port = merged["listen_port"]

@@ -18,6 +18,10 @@ DEFAULT_UDP_IDLE_TIMEOUT = 60.0
 # past either, its new SYNs are refused with an RST (the C stack's own defaults).
 DEFAULT_MAX_CONNS_PER_PEER = 4096
 DEFAULT_MAX_HALF_OPEN_PER_PEER = 256
+# Slow-loris bounds: the time a client of the TLS service may take to send its whole
+# ClientHello, and a client of DNS over TCP to start each query.
+DEFAULT_HELLO_TIMEOUT = 10.0
+DEFAULT_DNS_TCP_IDLE_TIMEOUT = 10.0
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -56,6 +60,8 @@ class Settings:
     auto_passthrough: bool = False
     max_conns_per_peer: int = DEFAULT_MAX_CONNS_PER_PEER  # TCP, this run only
     max_half_open_per_peer: int = DEFAULT_MAX_HALF_OPEN_PER_PEER
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT  # seconds, TLS
+    dns_tcp_idle_timeout: float = DEFAULT_DNS_TCP_IDLE_TIMEOUT  # seconds
 
     @property
     def gateway_ip(self) -> ipaddress.IPv4Address:

@@ -37,8 +37,15 @@ from tests.interop.harness import (
 from tests.interop.test_floods import second_client
 from tests.interop.test_tls import TRUSTED_PORT, bring_up, start_tls_host
 from tests.interop.tls_host import HOSTNAME, _client_hello, make_pki
-from unclaw_tui.services.dns import TCP_IDLE_TIMEOUT, TCP_QUERY_TIMEOUT
-from unclaw_tui.services.tls import HELLO_TIMEOUT, MAX_HELLO
+from unclaw_tui.services.dns import TCP_QUERY_TIMEOUT
+from unclaw_tui.services.tls import MAX_HELLO
+
+# The time bounds, set through their flags (shorter than the 10 s defaults, so the flags are
+# seen to work and the tests run faster).
+HELLO_TIMEOUT = 6.0
+TCP_IDLE_TIMEOUT = 7.0
+HELLO_FLAGS = ("--hello-timeout", f"{HELLO_TIMEOUT:g}")
+DNS_FLAGS = ("--dns-tcp-idle-timeout", f"{TCP_IDLE_TIMEOUT:g}")
 
 pytestmark = pytest.mark.interop
 
@@ -203,7 +210,7 @@ def chunked(data: bytes, size: int) -> list[bytes]:
 
 def tls_bring_up(s: FlowsSetup) -> tuple[GatewayProcess, Path]:
     pki = make_pki(s.topo.tmp / "pki")
-    return bring_up(s, pki)
+    return bring_up(s, pki, *HELLO_FLAGS)
 
 
 def test_tls_hello_time_and_byte_bounds(flows_setup: FlowsSetup) -> None:
@@ -272,7 +279,7 @@ def test_tls_idle_crowd_is_closed_and_others_are_served(flows_setup: FlowsSetup)
     phone_config = s.add_peer("phone")
     laptop_config = s.add_peer("laptop")
     our_ca = Path(s.cli("ca", "--path").stdout.strip())
-    gw = s.start_gateway(env={"SSL_CERT_FILE": str(pki.ca_file)})
+    gw = s.start_gateway(*HELLO_FLAGS, env={"SSL_CERT_FILE": str(pki.ca_file)})
     phone = s.client(phone_config)
     laptop_ns, laptop = second_client(s, laptop_config)
     for client in (phone, laptop):
@@ -353,7 +360,7 @@ def test_dns_over_tcp_time_and_byte_bounds(flows_setup: FlowsSetup) -> None:
     s = flows_setup
     s.start_dns_host()
     config = s.add_peer("phone")
-    gw = s.start_gateway("--upstream-dns", HOST_ADDR)
+    gw = s.start_gateway("--upstream-dns", HOST_ADDR, *DNS_FLAGS)
     client = s.client(config)
     assert client.ping("10.77.0.1", count=2).returncode == 0
     rss_before = rss_kib(gw.proc.pid)

@@ -385,18 +385,19 @@ class DnsService:
         up = down = 0
         error: str | None = None
         writer: asyncio.StreamWriter | None = None
+        idle_timeout = self.gateway.settings.dns_tcp_idle_timeout
         try:
             reader, writer = conn.accept()
             for _ in range(TCP_MAX_QUERIES):
                 try:
-                    head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)
+                    head = await asyncio.wait_for(reader.readexactly(2), idle_timeout)
                 except asyncio.IncompleteReadError as exc:
                     if exc.partial:
                         error = "connection closed inside a length prefix"
                         self._report_malformed(conn.peer_public_key, conn.peer_ip, error)
                     break  # else a clean end between queries
                 except TimeoutError:
-                    error = f"idle for {TCP_IDLE_TIMEOUT:g} s"
+                    error = f"idle for {idle_timeout:g} s"
                     break
                 (length,) = struct.unpack("!H", head)
                 try:

@@ -712,4 +712,5 @@ def default_upstream_context(alpn: tuple[str, ...]) -> ssl.SSLContext:
 
 def create(gateway: GatewayServices) -> dict[Route, Service]:
     ca = CertificateAuthority.load_or_create(gateway.state.path)
-    return {Route.TLS: cast("Service", TlsService(gateway, ca))}
+    service = TlsService(gateway, ca, hello_timeout=gateway.settings.hello_timeout)
+    return {Route.TLS: cast("Service", service)}
