@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import json
 import os
 import socket
 import ssl
@@ -27,7 +28,8 @@ from unclaw_tui.services import tls
 from unclaw_tui.services.ca import CA_CERT_FILE, CertificateAuthority
 from unclaw_tui.services.egress import EgressPolicy
 from unclaw_tui.services.relay import OpenFlows
-from unclaw_tui.services.tls import ClientTls, TlsService, valid_hostname
+from unclaw_tui.services.tls import PASSTHROUGH_FILE, ClientTls, TlsService, valid_hostname
+from unclaw_tui.state import StateDir
 
 PEER_KEY = bytes(range(32))
 VIP = "10.78.0.5"
@@ -180,15 +182,10 @@ class FakeResolver:
         return []
 
 
-@dataclass
-class FakeState:
-    path: Path
-
-
 class FakeGateway:
     def __init__(self, state_dir: Path, **settings: Any) -> None:
         self.settings = Settings(state_dir=state_dir, **settings)
-        self.state = FakeState(state_dir)
+        self.state = StateDir(state_dir)
         self.policy = EgressPolicy(allow=["127.0.0.0/8"], host_addresses=[])
         self.open_flows = OpenFlows()
         self.resolver: FakeResolver | None = None
@@ -499,6 +496,18 @@ async def test_client_rejecting_our_ca_then_auto_passthrough(make_harness: Any, 
     second = h.gateway.of(TlsHost)[1]
     assert (second.mode, second.ok) == ("passthrough", True)
     h.check_flow_pairs()
+
+    # Remembered across a restart: the list is in the state dir (0600), and a new service
+    # with auto-passthrough on starts with it.
+    saved = h.gateway.state.path / PASSTHROUGH_FILE
+    for _ in range(50):  # the write runs off the loop
+        if saved.exists():
+            break
+        await asyncio.sleep(0.02)
+    assert json.loads(saved.read_text()) == {"hosts": ["example.test"]}
+    assert saved.stat().st_mode & 0o777 == 0o600
+    again = TlsService(h.gateway, h.service.ca)  # type: ignore[arg-type]
+    assert again.is_passthrough("example.test") and not again.is_passthrough("other.test")
 
 
 async def test_client_rejection_without_auto_passthrough_stays_intercepted(

@@ -62,6 +62,7 @@ from unclaw_tui.services.relay import (
     reset_host_connection,
     splice,
 )
+from unclaw_tui.state import StateError
 
 if TYPE_CHECKING:
     from unclaw_tui.engine.flows import UdpDatagram
@@ -76,6 +77,9 @@ CONNECT_TIMEOUT = 10.0  # upstream TCP connect plus TLS handshake, per address
 CLOSE_TIMEOUT = 5.0
 UPSTREAM_CONTEXTS = 32  # cached client contexts, one per distinct ALPN offer
 AUTO_PASSTHROUGH_HOSTS = 4096
+# The auto-passthrough hosts, kept in the state dir so a restart does not break those clients
+# again: {"hosts": [...]}, least recently rejected first.
+PASSTHROUGH_FILE = "auto-passthrough.json"
 READ_SIZE = MIN_READ_SIZE
 HTTP1_ALPN = (None, "http/1.1", "http/1.0")
 
@@ -378,6 +382,8 @@ class TlsService:
         self.connect_timeout = connect_timeout
         # Hosts whose clients rejected our certificate (auto-passthrough), least recent first.
         self.rejected_hosts: OrderedDict[str, None] = OrderedDict()
+        if gateway.settings.auto_passthrough:
+            self._load_rejected_hosts()
 
     # -- Service -------------------------------------------------------------------------------
 
@@ -418,6 +424,26 @@ class TlsService:
         self.rejected_hosts.move_to_end(hostname)
         while len(self.rejected_hosts) > AUTO_PASSTHROUGH_HOSTS:
             self.rejected_hosts.popitem(last=False)
+        hosts = list(self.rejected_hosts)
+        # fsync and the state dir's lock may block: off the loop (a new host is rare).
+        saving = asyncio.get_running_loop().run_in_executor(None, self._save_rejected, hosts)
+        saving.add_done_callback(_log_failure)
+
+    def _save_rejected(self, hosts: list[str]) -> None:
+        state = self.gateway.state
+        with state.locked():
+            state.write_json(PASSTHROUGH_FILE, {"hosts": hosts})
+
+    def _load_rejected_hosts(self) -> None:
+        try:
+            doc = self.gateway.state.read_json(PASSTHROUGH_FILE)
+        except StateError as exc:
+            log.warning("auto-passthrough hosts not loaded: %s", exc)
+            return
+        hosts = doc.get("hosts") if isinstance(doc, dict) else None
+        for host in hosts[-AUTO_PASSTHROUGH_HOSTS:] if isinstance(hosts, list) else ():
+            if isinstance(host, str) and host:
+                self.rejected_hosts[host] = None
 
     def upstream_context(self, alpn: tuple[str, ...]) -> ssl.SSLContext:
         ctx = self._upstream_contexts.get(alpn)
@@ -708,6 +734,11 @@ def default_upstream_context(alpn: tuple[str, ...]) -> ssl.SSLContext:
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.warning("auto-passthrough hosts not saved: %s", exc)
 
 
 def create(gateway: GatewayServices) -> dict[Route, Service]:
