@@ -367,16 +367,7 @@ async def relay_tcp(
 ) -> TcpClosed:
     """Relay one peer connection to its destination; returns the close event it emitted."""
     started = clock()
-    ident = {
-        "conn_id": conn.conn_id,
-        "peer": peer_name(conn.peer_public_key),
-        "peer_public_key": _b64(conn.peer_public_key),
-        "peer_ip": conn.peer_ip,
-        "dst_ip": conn.dst_ip,
-        "dst_port": conn.dst_port,
-        "hostname": hostname,
-        "route": route,
-    }
+    ident = flow_ident(conn, peer_name, route, hostname)
     on_open(TcpOpened(**ident))
     stats = SpliceStats()
     accepted = False
@@ -455,16 +446,7 @@ def relay_tcp_spliced(
     answers to the peer, but no task and no Python per read.  Returns at once; the close event
     is emitted when the connection ends."""
     started = clock()
-    ident = {
-        "conn_id": conn.conn_id,
-        "peer": peer_name(conn.peer_public_key),
-        "peer_public_key": _b64(conn.peer_public_key),
-        "peer_ip": conn.peer_ip,
-        "dst_ip": conn.dst_ip,
-        "dst_port": conn.dst_port,
-        "hostname": hostname,
-        "route": route,
-    }
+    ident = flow_ident(conn, peer_name, route, hostname)
     on_open(TcpOpened(**ident))
     reason = policy.check(conn.dst_ip)
     if reason is not None:
@@ -512,6 +494,22 @@ def splice_error(result: SpliceResult, connect_timeout: float) -> str | None:
     if result.outcome == SPLICE_FAIL_PEER_GONE:
         return f"peer gone before accept: {peer_error}"
     return "aborted"
+
+
+def flow_ident(
+    conn: TcpConnLike, peer_name: PeerName, route: str, hostname: str | None
+) -> dict[str, Any]:
+    """The fields a connection's TcpOpened and TcpClosed share."""
+    return {
+        "conn_id": conn.conn_id,
+        "peer": peer_name(conn.peer_public_key),
+        "peer_public_key": _b64(conn.peer_public_key),
+        "peer_ip": conn.peer_ip,
+        "dst_ip": conn.dst_ip,
+        "dst_port": conn.dst_port,
+        "hostname": hostname,
+        "route": route,
+    }
 
 
 def _closed(
