@@ -17,7 +17,6 @@ flows go to the resolved address (replies still come from the VIP).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import itertools
 import time
@@ -36,6 +35,7 @@ from unclaw_tui.services.relay import (
     UdpRelay,
     connect_host,
     connect_socket,
+    flow_ident,
     reset_host_connection,
     splice,
     splice_error,
@@ -59,10 +59,6 @@ UDP_FLOW_IDS_START = 5 << 32
 class VipResolver(Protocol):
     def hostname_for_vip(self, ip: str) -> str | None: ...
     async def resolve(self, hostname: str) -> list[str]: ...
-
-
-def _b64(key: bytes) -> str:
-    return base64.b64encode(key).decode("ascii")
 
 
 class VipService:
@@ -91,16 +87,7 @@ class VipService:
     async def handle_tcp(self, conn: TcpConnLike) -> None:
         started = time.monotonic()
         hostname = self.resolver.hostname_for_vip(conn.dst_ip)
-        ident: dict[str, Any] = {
-            "conn_id": conn.conn_id,
-            "peer": self.gateway.peer_name(conn.peer_public_key),
-            "peer_public_key": _b64(conn.peer_public_key),
-            "peer_ip": conn.peer_ip,
-            "dst_ip": conn.dst_ip,
-            "dst_port": conn.dst_port,
-            "hostname": hostname,
-            "route": str(Route.VIP),
-        }
+        ident = flow_ident(conn, self.gateway.peer_name, str(Route.VIP), hostname)
         self.gateway.publish(TcpOpened(**ident))
         stats = SpliceStats()
         answered = reported = False
