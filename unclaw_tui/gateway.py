@@ -345,6 +345,8 @@ class Gateway:
                     last_stats = time.monotonic()
                     # fsync and the file lock may block: keep them off the packet loop.
                     await asyncio.to_thread(self.state.write_stats, self._collect_stats())
+                    if self._tunnel is not None:
+                        await asyncio.to_thread(self._tunnel.trim_memory)
             except Exception:  # a bad edit of the state files must not stop the gateway
                 log.exception("state poll failed")
 

@@ -471,6 +471,11 @@ class Engine:
     def tick(self, now: float) -> None:
         lib.wg_tick(self._e, float(now))
 
+    @staticmethod
+    def trim_memory() -> None:
+        """Return the C library's free memory to the system (see wg_trim_memory)."""
+        lib.wg_trim_memory()
+
     def collect(self, now: float) -> Any:
         """A `wg_pending` (read its fields; valid until the next call) saying what waits."""
         lib.wg_collect(self._e, float(now), self._pending)

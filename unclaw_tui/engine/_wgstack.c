@@ -24,6 +24,9 @@
 #include "_wgstack.h"
 
 #include <errno.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1490,6 +1493,12 @@ double wg_next_deadline(wg_engine *e) {
     for (int i = 0; i < 2; i++)
         if (others[i] != 0 && (earliest == 0 || others[i] < earliest)) earliest = others[i];
     return earliest;
+}
+
+void wg_trim_memory(void) {
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
 }
 
 void wg_collect(wg_engine *e, double now, wg_pending *out) {

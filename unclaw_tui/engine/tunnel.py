@@ -415,6 +415,10 @@ class Tunnel:
             except Exception:
                 log.exception("splice completion handler failed")
 
+    def trim_memory(self) -> None:
+        """Give free C heap back to the system; callable from any thread (see wg_trim_memory)."""
+        self._engine.trim_memory()
+
     def spliced_flow_bytes(self, within: float) -> dict[int, tuple[int, int]]:
         """{conn_id: (up, down)} of spliced connections whose bytes moved in the last `within`
         seconds: what a console needs to keep open connections' counters live."""
