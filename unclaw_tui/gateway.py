@@ -39,7 +39,7 @@ from unclaw_tui.wgquick import client_config, resolve_endpoint
 
 if TYPE_CHECKING:  # the engine (a compiled module) is imported when the gateway starts
     from unclaw_tui.engine.flows import TcpConn, UdpDatagram
-    from unclaw_tui.engine.tunnel import Tunnel, TunnelEvent
+    from unclaw_tui.engine.tunnel import PeerInfo, Tunnel, TunnelEvent
 
 log = logging.getLogger(__name__)
 
@@ -236,13 +236,14 @@ class Gateway:
 
     def snapshot(self) -> GatewaySnapshot:
         tunnel = self._tunnel
+        live = tunnel.peers if tunnel is not None else {}
         return GatewaySnapshot(
             listen_port=tunnel.listen_port if tunnel else self.settings.listen_port,
             public_key=self.identity.public_key,
             endpoint=self.endpoint,
             address=str(self.settings.address),
             started_at=self.started_at,
-            peers=tuple(self._peer_snapshot(r) for r in self._records.values()),
+            peers=tuple(self._peer_snapshot(r, live) for r in self._records.values()),
             drops=tunnel.drop_counts() if tunnel else {},
             open_flows=self.open_flows.total,
             under_load=tunnel.under_load if tunnel else False,
@@ -257,12 +258,18 @@ class Gateway:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _peer_runtime(self, record: PeerRecord) -> PeerRuntime:
-        """Counters of this run added to those saved by earlier runs."""
+    def _peer_runtime(
+        self, record: PeerRecord, infos: dict[bytes, PeerInfo] | None = None
+    ) -> PeerRuntime:
+        """Counters of this run added to those saved by earlier runs (`infos`: the tunnel's
+        peers, when the caller already has them)."""
         base = self._baseline.get(record.public_key)
+        key = unb64(record.public_key)
         live = None
-        if self._tunnel is not None and unb64(record.public_key) in self._by_key:
-            live = self._tunnel.peer_info(unb64(record.public_key))
+        if infos is not None:
+            live = infos.get(key)
+        elif self._tunnel is not None and key in self._by_key:
+            live = self._tunnel.peer_info(key)
         endpoint = format_endpoint(live.endpoint) if live else None
         last = live.last_handshake if live else None
         return PeerRuntime(
@@ -274,8 +281,10 @@ class Gateway:
             tx_packets=(base.tx_packets if base else 0) + (live.tx_packets if live else 0),
         )
 
-    def _peer_snapshot(self, record: PeerRecord) -> PeerSnapshot:
-        rt = self._peer_runtime(record)
+    def _peer_snapshot(
+        self, record: PeerRecord, infos: dict[bytes, PeerInfo] | None = None
+    ) -> PeerSnapshot:
+        rt = self._peer_runtime(record, infos)
         return PeerSnapshot(
             name=record.name,
             public_key=record.public_key,
@@ -372,8 +381,9 @@ class Gateway:
 
     def _collect_stats(self) -> dict[str, PeerRuntime]:
         stats = dict(self._baseline)
+        infos = self._tunnel.peers if self._tunnel is not None else {}
         for record in self._records.values():
-            stats[record.public_key] = self._peer_runtime(record)
+            stats[record.public_key] = self._peer_runtime(record, infos)
         return stats
 
     def _write_stats(self) -> None:

@@ -5,8 +5,8 @@ loop (measured: the TUI cost 15-35 % of bulk throughput against `--no-ui`).  Her
 runs on a thread of its own with its own loop (uvloop when installed), and the C engine releases
 the GIL while it works.  The UI thread never calls into the engine:
 
-- `snapshot()` returns the latest snapshot the gateway thread published (4 per second, and
-  right after every command);
+- `snapshot()` returns the latest snapshot the gateway thread published (2 per second, the
+  console's refresh rate, and right after every command);
 - events are forwarded in batches, one cross-thread wake-up per batch, into a bus on the UI's
   loop that `subscribe()` reads;
 - commands (add/remove peer, client config) run on the gateway loop and the caller waits for
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-SNAPSHOT_INTERVAL = 0.25
+SNAPSHOT_INTERVAL = 0.5
 EVENT_BATCH = 1000
 START_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 10.0

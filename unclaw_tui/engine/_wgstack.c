@@ -878,6 +878,21 @@ int wg_peer_get_stats(wg_engine *e, uint32_t peer_id, wg_peer_stats *out) {
     return 0;
 }
 
+int wg_peers_get_stats(wg_engine *e, const uint32_t *peer_ids, int n, wg_peer_stats *out) {
+    if (!peer_ids || !out || n < 0) return WG_EINVAL;
+    int known = 0;
+    for (int i = 0; i < n; i++) {
+        if (wg_peer_get_stats(e, peer_ids[i], &out[i]) == 0) known++;
+        else memset(&out[i], 0, sizeof out[i]);
+    }
+    return known;
+}
+
+void wg_all_drop_counts(wg_engine *e, uint64_t *out) {
+    for (int i = 0; i < WG_DROP__COUNT; i++) out[i] = e->drops[i];
+    for (int i = 0; i < TCP_DROP__COUNT; i++) out[WG_DROP__COUNT + i] = tcp_drop_count(e->tcp, i);
+}
+
 int wg_index_in_use(wg_engine *e, uint32_t local_index) {
     return index_lookup(&e->indices, local_index) != NULL;
 }

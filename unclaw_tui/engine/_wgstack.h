@@ -165,6 +165,9 @@ int wg_peer_install_keypair(wg_engine *e, uint32_t peer_id, uint32_t local_index
 /* Python gave up on handshaking (REKEY_ATTEMPT_TIME): drop the staged packets. */
 int wg_peer_drop_staged(wg_engine *e, uint32_t peer_id);
 int wg_peer_get_stats(wg_engine *e, uint32_t peer_id, wg_peer_stats *out);
+/* wg_peer_get_stats for n peers in one call (a console's snapshot of every peer); an unknown id
+ * leaves its entry zeroed.  Returns how many ids were known. */
+int wg_peers_get_stats(wg_engine *e, const uint32_t *peer_ids, int n, wg_peer_stats *out);
 int wg_index_in_use(wg_engine *e, uint32_t local_index); /* 1 if a keypair holds it */
 
 /* The sans-IO core. */
@@ -239,6 +242,9 @@ int wg_icmp_unreachable(wg_engine *e, uint32_t peer_ip, uint16_t peer_port, uint
 
 /* Counters. */
 uint64_t wg_drop_count(wg_engine *e, int reason);
+/* Every drop counter in one call: out[0 .. WG_DROP__COUNT) the engine's, then
+ * out[WG_DROP__COUNT .. + TCP_DROP__COUNT) the TCP stack's. */
+void wg_all_drop_counts(wg_engine *e, uint64_t *out);
 const char *wg_drop_reason_name(int reason);
 void wg_engine_get_stats(wg_engine *e, wg_engine_stats *out);
 

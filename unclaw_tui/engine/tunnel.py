@@ -252,9 +252,19 @@ class Tunnel:
 
     def peer_info(self, public_key: bytes) -> PeerInfo:
         peer = self._peers[public_key]
-        st = self._engine.peer_stats(peer.peer_id)
+        return self._info(peer, self._engine.peer_stats(peer.peer_id))
+
+    @property
+    def peers(self) -> dict[bytes, PeerInfo]:
+        """Every peer's info, from one C call."""
+        peers = list(self._peers.values())
+        stats = self._engine.peers_stats([p.peer_id for p in peers])
+        return {p.public_key: self._info(p, st) for p, st in zip(peers, stats, strict=True)}
+
+    @staticmethod
+    def _info(peer: _Peer, st: _ffi.PeerStats) -> PeerInfo:
         return PeerInfo(
-            public_key=public_key,
+            public_key=peer.public_key,
             allowed_ips=peer.allowed_ips,
             endpoint=st.endpoint,
             last_handshake=peer.last_handshake_wall,
@@ -263,10 +273,6 @@ class Tunnel:
             rx_packets=st.rx_packets,
             tx_packets=st.tx_packets,
         )
-
-    @property
-    def peers(self) -> dict[bytes, PeerInfo]:
-        return {pk: self.peer_info(pk) for pk in self._peers}
 
     def drop_counts(self) -> dict[str, int]:
         counts = {k: v for k, v in self._engine.drop_counts().items() if v}
