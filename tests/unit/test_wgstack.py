@@ -770,3 +770,13 @@ def test_io_helper_over_loopback_udp(family: int) -> None:
         gateway.close()
         for sock in peers:
             sock.close()
+
+
+def test_many_peers_stats_and_all_drop_counters_in_one_call_each(wg_session: Engine) -> None:
+    wg_session.input(transport(LOCAL_INDEX + 1, 1, b""), PEER_ENDPOINT, T0)  # one drop
+    [one, unknown] = wg_session.peers_stats([PEER_ID, PEER_ID + 1])
+    assert one == wg_session.peer_stats(PEER_ID) and one.rx_packets == 1
+    assert (unknown.rx_packets, unknown.endpoint) == (0, None)
+    counts = wg_session.drop_counts()
+    assert counts["unknown_index"] == 1 and sum(counts.values()) == 1
+    assert "tcp_bad_checksum" in counts and len(counts) == len(set(counts))
