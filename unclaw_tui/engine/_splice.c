@@ -427,7 +427,10 @@ static void service(splice_table *t, spliced_conn *sp, double now) {
         finish(t, sp, SPLICE_OK, 0, now);
         return;
     }
-    if (sp->tcp_closed) { /* closed "normally" with a direction still open: cannot carry on */
+    /* Closed normally means both FINs were exchanged, so our direction is done; what may be
+     * left is the peer's last bytes in the ring while the destination's socket is full: they
+     * go on when it drains.  Closed with our direction still open cannot carry on. */
+    if (sp->tcp_closed && !sp->down_done) {
         finish(t, sp, SPLICE_FAIL_PEER, 0, now);
         return;
     }
