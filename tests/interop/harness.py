@@ -593,3 +593,17 @@ def sockets_to(pid: int, ip: str, port: int, protocol: str = "udp") -> int:
     want = f"{int.from_bytes(packed, sys.byteorder):08X}:{port:04X}"
     lines = Path(f"/proc/{pid}/net/{protocol}").read_text().splitlines()[1:]
     return sum(1 for line in lines if line.split()[2] == want)
+
+
+def run_json(s: FlowsSetup, ns: Namespace, module: str, *args: str, timeout: float = 90) -> Any:
+    """Run a test module's command in a namespace; its last stdout line, parsed as JSON."""
+    res = subprocess.run(
+        ns.cmd(*module_cmd(module, *args)),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=s.env(),
+        cwd=str(REPO_ROOT),
+    )
+    assert res.returncode == 0, f"{module} {args} exited {res.returncode}: {res.stderr[-2000:]}"
+    return json.loads(res.stdout.strip().splitlines()[-1])

@@ -33,6 +33,7 @@ from tests.interop.harness import (
     Namespace,
     module_cmd,
     rss_kib,
+    run_json,
     sockets_to,
     wait_for,
     wait_ready,
@@ -50,19 +51,6 @@ CONNECT_TIMEOUT = 10.0  # services/relay.py: the relay's connect to a destinatio
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def run_json(s: FlowsSetup, ns: Namespace, module: str, *args: str, timeout: float = 90) -> Any:
-    res = subprocess.run(
-        ns.cmd(*module_cmd(module, *args)),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=s.env(),
-        cwd=str(REPO_ROOT),
-    )
-    assert res.returncode == 0, f"{module} {args} exited {res.returncode}: {res.stderr[-2000:]}"
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def test_destination_reset_mid_transfer_resets_the_client_and_leaks_nothing(

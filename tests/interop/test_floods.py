@@ -27,6 +27,7 @@ from tests.interop.harness import (
     module_cmd,
     replace_endpoint,
     rss_kib,
+    run_json,
 )
 
 pytestmark = pytest.mark.interop
@@ -34,19 +35,6 @@ pytestmark = pytest.mark.interop
 HTTP_PORT = 8080
 BLACKHOLE = "198.18.0.77"  # on the internet link, but no host: connects to it hang, then fail
 MiB_KIB = 1024
-
-
-def run_json(s: FlowsSetup, ns: Namespace, module: str, *args: str, timeout: float = 60) -> Any:
-    res = subprocess.run(
-        ns.cmd(*module_cmd(module, *args)),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=s.env(),
-        cwd=str(REPO_ROOT),
-    )
-    assert res.returncode == 0, f"{module} {args} exited {res.returncode}: {res.stderr[-2000:]}"
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def spawn_json(s: FlowsSetup, ns: Namespace, module: str, *args: str) -> subprocess.Popen[str]:
