@@ -77,7 +77,6 @@ QTYPE_SVCB = 64
 QTYPE_HTTPS = 65
 _NO_ANSWER_TYPES = frozenset({QTYPE.AAAA, QTYPE_SVCB, QTYPE_HTTPS})
 
-TCP_IDLE_TIMEOUT = 10.0  # seconds to start the next query on a TCP connection
 TCP_QUERY_TIMEOUT = 5.0  # seconds to send the rest of a query once it started
 TCP_WRITE_TIMEOUT = 10.0
 TCP_MAX_QUERIES = 1000

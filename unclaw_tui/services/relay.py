@@ -33,29 +33,18 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from unclaw_tui.config import (
     DEFAULT_MAX_FLOWS_PER_PEER,
     DEFAULT_TCP_BUFFER,
     DEFAULT_UDP_IDLE_TIMEOUT,
 )
-from unclaw_tui.engine._ffi import (
-    SPLICE_FAIL_CONNECT,
-    SPLICE_FAIL_HOST,
-    SPLICE_FAIL_PEER,
-    SPLICE_FAIL_PEER_GONE,
-    SPLICE_OK,
-    TCP_CLOSE_ABORTED,
-    TCP_CLOSE_EVICTED,
-    TCP_CLOSE_PEER_REMOVED,
-    TCP_CLOSE_RESET,
-    TCP_CLOSE_SYN_TIMEOUT,
-    TCP_CLOSE_TIMEOUT,
-    SpliceResult,
-)
 from unclaw_tui.events import Event, TcpClosed, TcpOpened, UdpFlowClosed, UdpFlowOpened
 from unclaw_tui.services.egress import EgressPolicy
+
+if TYPE_CHECKING:
+    from unclaw_tui.engine._ffi import SpliceResult
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 MIN_READ_SIZE = 64 * 1024
@@ -468,34 +457,6 @@ def relay_tcp_spliced(
         _closed(ident, SpliceStats(error=_describe(exc)), clock() - started, on_close)
 
 
-_PEER_CLOSE_ERRORS = {
-    TCP_CLOSE_RESET: "connection reset",
-    TCP_CLOSE_TIMEOUT: "timed out",
-    TCP_CLOSE_PEER_REMOVED: "peer removed",
-    TCP_CLOSE_EVICTED: "evicted",
-    TCP_CLOSE_ABORTED: "aborted",
-    TCP_CLOSE_SYN_TIMEOUT: "handshake timed out",
-}
-
-
-def splice_error(result: SpliceResult, connect_timeout: float) -> str | None:
-    """The `TcpClosed.error` for how a splice ended, worded as `relay_tcp` words it."""
-    if result.outcome == SPLICE_OK:
-        return None
-    if result.outcome == SPLICE_FAIL_CONNECT:
-        if result.error == errno.ETIMEDOUT:
-            return f"connect timeout after {connect_timeout:g} s"
-        return _describe(OSError(result.error, os.strerror(result.error)))
-    if result.outcome == SPLICE_FAIL_HOST:
-        return f"destination: {_describe(OSError(result.error, os.strerror(result.error)))}"
-    peer_error = _PEER_CLOSE_ERRORS.get(result.tcp_close, "connection closed early")
-    if result.outcome == SPLICE_FAIL_PEER:
-        return f"peer: {peer_error}"
-    if result.outcome == SPLICE_FAIL_PEER_GONE:
-        return f"peer gone before accept: {peer_error}"
-    return "aborted"
-
-
 def flow_ident(
     conn: TcpConnLike, peer_name: PeerName, route: str, hostname: str | None
 ) -> dict[str, Any]:
@@ -510,6 +471,39 @@ def flow_ident(
         "hostname": hostname,
         "route": route,
     }
+
+
+# Why the peer's side of a splice ended, by _ffi.TCP_CLOSE_NAMES name, as the event words it.
+_PEER_CLOSE_ERRORS = {
+    "reset": "connection reset",
+    "timeout": "timed out",
+    "peer_removed": "peer removed",
+    "evicted": "evicted",
+    "aborted": "aborted",
+    "syn_timeout": "handshake timed out",
+}
+
+
+def splice_error(result: SpliceResult, connect_timeout: float) -> str | None:
+    """The `TcpClosed.error` for how a splice ended, worded as `relay_tcp` words it."""
+    # The compiled engine: imported here, as everywhere in the services, once it runs.
+    from unclaw_tui.engine import _ffi
+
+    if result.outcome == _ffi.SPLICE_OK:
+        return None
+    if result.outcome == _ffi.SPLICE_FAIL_CONNECT:
+        if result.error == errno.ETIMEDOUT:
+            return f"connect timeout after {connect_timeout:g} s"
+        return _describe(OSError(result.error, os.strerror(result.error)))
+    if result.outcome == _ffi.SPLICE_FAIL_HOST:
+        return f"destination: {_describe(OSError(result.error, os.strerror(result.error)))}"
+    closed_as = _ffi.TCP_CLOSE_NAMES.get(result.tcp_close, "")
+    peer_error = _PEER_CLOSE_ERRORS.get(closed_as, "connection closed early")
+    if result.outcome == _ffi.SPLICE_FAIL_PEER:
+        return f"peer: {peer_error}"
+    if result.outcome == _ffi.SPLICE_FAIL_PEER_GONE:
+        return f"peer gone before accept: {peer_error}"
+    return "aborted"
 
 
 def _closed(

@@ -47,6 +47,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from unclaw_tui.config import DEFAULT_HELLO_TIMEOUT
 from unclaw_tui.events import HttpRequest, TcpClosed, TcpOpened, TlsHost
 from unclaw_tui.router import Route
 from unclaw_tui.services import clienthello
@@ -71,7 +72,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_HELLO = clienthello.DEFAULT_MAX_SIZE
-HELLO_TIMEOUT = 10.0  # seconds for the whole ClientHello: a slow client cannot hold us longer
+# The whole ClientHello (--hello-timeout): a slow client cannot hold us longer.
+HELLO_TIMEOUT = DEFAULT_HELLO_TIMEOUT
 HANDSHAKE_TIMEOUT = 10.0  # the client's side of the handshake, after its hello
 CONNECT_TIMEOUT = 10.0  # upstream TCP connect plus TLS handshake, per address
 CLOSE_TIMEOUT = 5.0
