@@ -108,6 +108,11 @@ class UnclawApp(App[int]):
         return DashboardScreen(self.model, self.clock)
 
     @property
+    def closing(self) -> bool:
+        """True once the app has started to close its screens: late messages are ignored."""
+        return not self.screen_stack
+
+    @property
     def dashboard(self) -> DashboardScreen:
         screen = self.screen_stack[0]
         assert isinstance(screen, DashboardScreen)
@@ -174,6 +179,8 @@ class UnclawApp(App[int]):
 
     @on(SnapshotTaken)
     def _apply_snapshot(self, message: SnapshotTaken) -> None:
+        if self.closing:
+            return
         now = self.clock()
         self.snapshot = message.snapshot
         self.model.peers.update(message.snapshot, now)
@@ -187,6 +194,8 @@ class UnclawApp(App[int]):
 
     @on(EventsArrived)
     def _apply_events(self) -> None:
+        if self.closing:
+            return
         peers_changed = False
         model = self.model
         while self._inbox:
@@ -293,7 +302,8 @@ class UnclawApp(App[int]):
         # Moving through peers with the arrow keys should not rebuild the table at every step.
         if self._scope_timer is not None:
             self._scope_timer.stop()
-        self._scope_timer = self.set_timer(FILTER_DEBOUNCE_S, self._rescope)
+        # The timer belongs to the dashboard so that it dies with it instead of firing at exit.
+        self._scope_timer = self.dashboard.set_timer(FILTER_DEBOUNCE_S, self._rescope)
 
     def action_filter(self) -> None:
         dashboard = self.dashboard
@@ -308,13 +318,15 @@ class UnclawApp(App[int]):
 
     @on(FilterBar.Changed)
     def _filter_changed(self) -> None:
+        if self.closing:
+            return
         if self._filter_timer is not None:
             self._filter_timer.stop()
-        self._filter_timer = self.set_timer(FILTER_DEBOUNCE_S, self._apply_filter)
+        self._filter_timer = self.dashboard.set_timer(FILTER_DEBOUNCE_S, self._apply_filter)
 
     def _apply_filter(self) -> None:
         target = self._filter_target
-        if target is None:
+        if target is None or self.closing:
             return
         target.set_filter(self.dashboard.query_one(FilterBar).value.strip(), self.clock())
         self.dashboard.retitle(target)
