@@ -138,6 +138,7 @@ class Subscription:
         self._bus = bus
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize)
         self.dropped = 0
+        self.ended = False
 
     def _offer(self, event: Event | None) -> None:
         while True:
@@ -147,6 +148,21 @@ class Subscription:
             except asyncio.QueueFull:
                 self._queue.get_nowait()
                 self.dropped += 1
+
+    def take(self, limit: int) -> list[Event]:
+        """Up to `limit` queued events without waiting, for readers that poll on a cadence
+        (one wake-up per batch instead of one per event); `ended` tells when close() was
+        reached."""
+        batch: list[Event] = []
+        queue = self._queue
+        while len(batch) < limit and not queue.empty():
+            event = queue.get_nowait()
+            if event is None:
+                self.ended = True
+                queue.put_nowait(None)  # left for an iterator, which then ends too
+                break
+            batch.append(event)
+        return batch
 
     def get_nowait(self) -> Event | None:
         """The next queued event, or None; for observers that poll at a few Hz."""

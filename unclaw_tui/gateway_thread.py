@@ -7,8 +7,8 @@ the GIL while it works.  The UI thread never calls into the engine:
 
 - `snapshot()` returns the latest snapshot the gateway thread published (2 per second, the
   console's refresh rate, and right after every command);
-- events are forwarded in batches, one cross-thread wake-up per batch, into a bus on the UI's
-  loop that `subscribe()` reads;
+- events are forwarded in batches every 50 ms, one cross-thread wake-up per batch, into a bus
+  on the UI's loop that `subscribe()` reads;
 - commands (add/remove peer, client config) run on the gateway loop and the caller waits for
   their result, which they produce at once (a state-file write and an engine call).
 """
@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 SNAPSHOT_INTERVAL = 0.5
-EVENT_BATCH = 1000
+EVENT_BATCH = 5000
+# Events reach the console at most this late; see _forward.
+EVENT_FORWARD_INTERVAL = 0.05
 START_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 10.0
 
@@ -112,25 +114,26 @@ class ThreadedGateway:
         self._gateway = gateway
         self._latest = gateway.snapshot()
         self._ready.set()
-        tasks = [
-            asyncio.create_task(self._forward(events)),
-            asyncio.create_task(self._publish_snapshots(gateway)),
-        ]
+        forwarding = asyncio.create_task(self._forward(events))
+        snapshots = asyncio.create_task(self._publish_snapshots(gateway))
         await self._stopping.wait()
         await gateway.stop()
-        await asyncio.sleep(0)  # let the forwarder take GatewayStopped
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        events.close()  # the forwarder hands over what is left, GatewayStopped last, and ends
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(forwarding, COMMAND_TIMEOUT)
+        snapshots.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await snapshots
 
     async def _forward(self, events: Subscription) -> None:
-        async for event in events:
-            batch = [event]
-            while len(batch) < EVENT_BATCH and (more := events.get_nowait()) is not None:
-                batch.append(more)
-            self._to_ui(batch)
+        # On a cadence rather than per event: each hand-over wakes the UI thread, which then
+        # competes with this one for the interpreter lock.
+        while not events.ended:
+            batch = events.take(EVENT_BATCH)
+            if batch:
+                self._to_ui(batch)
+            if len(batch) < EVENT_BATCH:
+                await asyncio.sleep(EVENT_FORWARD_INTERVAL)
 
     def _to_ui(self, batch: list[Event]) -> None:
         if self._ui_loop is None:

@@ -14,13 +14,16 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TextIO
 
 from unclaw_tui.config import Settings
-from unclaw_tui.events import Event
+from unclaw_tui.events import Event, Subscription
 
 PRINT_BATCH = 1000
+FORWARD_BATCH = 5000
+# How often events are taken from the gateway and printed: output lags at most this much.
+PRINT_INTERVAL = 0.05
 # Events held for a slow reader of our output; past it the oldest are dropped and counted.
 PRINT_BACKLOG = 100_000
 # Fields shown first in a plain line, when the event has them.
@@ -60,16 +63,27 @@ class EventPrinter:
         self._thread = threading.Thread(target=self._run, name="event-printer", daemon=True)
         self._thread.start()
 
-    async def forward(self, events: AsyncIterator[Event]) -> None:
-        async for event in events:
-            self.put(event)
+    async def forward(self, events: Subscription) -> None:
+        """Move events into the backlog on a cadence until the subscription ends: at thousands
+        of connections a second, a wake-up of this thread per event cost the gateway more than
+        the printing."""
+        while True:
+            batch = events.take(FORWARD_BATCH)
+            if batch:
+                self.put(batch)
+            if events.ended:
+                return
+            if len(batch) < FORWARD_BATCH:
+                await asyncio.sleep(PRINT_INTERVAL)
 
-    def put(self, event: Event) -> None:
+    def put(self, events: list[Event]) -> None:
         with self._lock:
-            if len(self._backlog) >= self._limit:
-                self._backlog.popleft()
-                self._dropped += 1
-            self._backlog.append(event)
+            backlog = self._backlog
+            backlog.extend(events)
+            excess = len(backlog) - self._limit
+            for _ in range(max(0, excess)):
+                backlog.popleft()
+            self._dropped += max(0, excess)
         self._wake.set()
 
     def close(self, timeout: float = 5.0) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import threading
 import time
 
-from unclaw_tui.events import GatewayStopped
+from unclaw_tui.events import EventBus, GatewayStopped
 from unclaw_tui.headless import EventPrinter, format_json
 
 
@@ -33,7 +34,7 @@ def test_put_never_blocks_on_a_stalled_reader_and_nothing_is_lost() -> None:
     printer = EventPrinter(out, format_json)
     started = time.monotonic()
     for _ in range(500):
-        printer.put(GatewayStopped())
+        printer.put([GatewayStopped()])
     assert time.monotonic() - started < 1.0  # the writes are stalled; put() is not
     out.release.set()
     printer.close()
@@ -45,10 +46,10 @@ def test_overflow_drops_the_oldest_and_says_how_many() -> None:
     out = StalledOutput()
     printer = EventPrinter(out, format_json, backlog=10)
     first = GatewayStopped(ts=1.0)
-    printer.put(first)  # the writer thread may already hold this one, stalled in write()
+    printer.put([first])  # the writer thread may already hold this one, stalled in write()
     time.sleep(0.2)
     for i in range(30):
-        printer.put(GatewayStopped(ts=100.0 + i))
+        printer.put([GatewayStopped(ts=100.0 + i)])
     out.release.set()
     printer.close()
     lines = _lines(out)
@@ -62,11 +63,27 @@ def test_overflow_drops_the_oldest_and_says_how_many() -> None:
 def test_plain_format_reports_drops_too() -> None:
     out = StalledOutput()
     printer = EventPrinter(out, lambda e: f"event {e.type}", backlog=1)
-    printer.put(GatewayStopped())
+    printer.put([GatewayStopped()])
     time.sleep(0.2)
     for _ in range(5):
-        printer.put(GatewayStopped())
+        printer.put([GatewayStopped()])
     out.release.set()
     printer.close()
     text = out.getvalue()
     assert "events_dropped count=" in text and "(output too slow)" in text
+
+
+async def test_forward_prints_every_event_in_order_and_ends_with_the_subscription() -> None:
+    bus = EventBus()
+    subscription = bus.subscribe(maxsize=100_000)
+    out = io.StringIO()
+    printer = EventPrinter(out, format_json)
+    forwarding = asyncio.create_task(printer.forward(subscription))
+    for i in range(12_000):  # more than one forward batch
+        bus.publish(GatewayStopped(ts=float(i)))
+    await asyncio.sleep(0.01)
+    bus.publish(GatewayStopped(ts=-1.0))  # after the forwarder took a batch
+    subscription.close()
+    await asyncio.wait_for(forwarding, 5)
+    printer.close()
+    assert [line["ts"] for line in _lines(out)] == [float(i) for i in range(12_000)] + [-1.0]

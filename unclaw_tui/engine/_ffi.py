@@ -487,6 +487,11 @@ class Engine:
         lib.wg_tick(self._e, float(now))
 
     @staticmethod
+    def tune_allocator() -> None:
+        """Process-wide allocator settings for many short connections (see wg_tune_allocator)."""
+        lib.wg_tune_allocator()
+
+    @staticmethod
     def trim_memory() -> None:
         """Return the C library's free memory to the system (see wg_trim_memory)."""
         lib.wg_trim_memory()

@@ -267,6 +267,10 @@ void wg_collect(wg_engine *e, double now, wg_pending *out);
  * this the process's resident size creeps up with heap fragmentation under long mixed load. */
 void wg_trim_memory(void);
 
+/* Process-wide: keep large TCP rings on the heap and stop free() from shrinking it, so that
+ * short connections do not cost system calls and page faults (see _wgstack.c). */
+void wg_tune_allocator(void);
+
 /* The IO helper over a non-blocking UDP socket owned by Python. family is 4 (AF_INET socket)
  * or 6 (AF_INET6 socket, dual-stack: IPv4 peers appear as family 4 endpoints). */
 int wg_io_attach(wg_engine *e, int fd, int family);

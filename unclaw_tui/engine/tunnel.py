@@ -101,6 +101,7 @@ class Tunnel:
         self.address = address
         self._core = HandshakeCore(private_key, wall_clock=wall_clock)
         self.public_key = self._core.public_key
+        _ffi.Engine.tune_allocator()
         self._engine = _ffi.Engine(
             str(address.ip),
             address.network.prefixlen,
