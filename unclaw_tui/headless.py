@@ -40,8 +40,11 @@ def format_plain(event: Event) -> str:
     return " ".join(parts)
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps with options builds one per call
+
+
 def format_json(event: Event) -> str:
-    return json.dumps(event.to_dict(), separators=(",", ":"), sort_keys=False)
+    return _JSON.encode(event.to_dict())
 
 
 class EventPrinter:

@@ -20,6 +20,7 @@ anything else                        | RELAY
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from enum import StrEnum
@@ -45,6 +46,7 @@ class Route(StrEnum):
     RELAY = "relay"
 
 
+@functools.lru_cache(maxsize=4096)  # per connection otherwise: parsing is not free
 def is_vip(dst_ip: str, vip_network: IPNetwork = _DEFAULT_VIP_NETWORK) -> bool:
     try:
         return ipaddress.ip_address(dst_ip) in vip_network

@@ -137,6 +137,7 @@ class Tunnel:
         # Connections relayed in C (`splice`): their owner's callback for when they end.
         self._spliced: dict[int, tuple[TcpConn, SpliceDone]] = {}
         self._splice_watched = False
+        self._splices_started = False  # splice_connect/attach ran in this engine turn
         self._flush_scheduled = False
         # Where new flows go; with no handler, SYNs are refused and datagrams dropped.
         self.on_tcp: TcpHandler | None = None
@@ -365,7 +366,14 @@ class Tunnel:
                 self._drain_flows(tcp=pending.tcp_events > 0, udp=pending.udp_datagrams > 0)
             except Exception:
                 log.exception("flow handling failed")
-        if pending.splice_results:
+        if self._splices_started:
+            # A connect to a nearby host often completes inside connect() itself: take the
+            # sockets' news now, so the SYN-ACKs leave in this turn instead of the next one.
+            self._splices_started = False
+            self._engine.splice_service(now)
+            handled = True
+            self._finish_splices(now)
+        elif pending.splice_results:
             handled = True
             self._finish_splices(now)
         if handled:  # handlers may have queued packets and moved deadlines
@@ -398,6 +406,7 @@ class Tunnel:
             self._engine.splice_connect(conn.conn_id, target, now + timeout, now)
         self._conns.pop(conn.conn_id, None)
         self._spliced[conn.conn_id] = (conn, on_done)
+        self._splices_started = True
         if not self._splice_watched and self._loop is not None:
             self._loop.add_reader(self._engine.splice_fd(), self._on_splice_ready)
             self._splice_watched = True
