@@ -60,7 +60,7 @@ class TuiGateway:
             s.gateway_ns,
             sys.executable, "-m", "unclaw_tui", "--state-dir", str(s.state_dir),
             "--listen-port", str(s.port),
-            stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+            stdin=slave, stdout=slave, stderr=slave,
             env={**bench_env_vars(), "TERM": "xterm-256color", "COLUMNS": str(COLUMNS),
                  "LINES": str(ROWS)},
             cwd=str(REPO_ROOT),

@@ -7,11 +7,16 @@ Nothing here runs per packet in the gateway: `io_recv` and `io_flush` handle who
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import ipaddress
 import os
 import socket
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nacl.bindings
 from nacl import _sodium
@@ -314,6 +319,8 @@ class Engine:
         """TCP settings 0 take the engine's defaults (256 KiB buffers each way, 65536
         connections, 4096 per peer, 256 half-open per peer)."""
         self._engine: Any = None
+        self._worker: Any = None
+        self._lock_owner: int | None = None
         ip = ipaddress.IPv4Address(tunnel_ip)
         if not 0 <= prefix_len <= 32:
             raise EngineError(EINVAL, "prefix_len must be 0..32")
@@ -355,9 +362,55 @@ class Engine:
         self._endpoint = ffi.new("wg_endpoint *")
 
     def close(self) -> None:
+        self.worker_stop()
         if self._engine is not None:
             ffi.release(self._engine)  # runs wg_engine_free now, which zeroes every key
             self._engine = None
+
+    # The data plane's thread (_worker.h).  While it runs, every method below takes the engine
+    # lock for its call, unless this thread holds it already (`locked()` around a sequence).
+
+    def worker_start(self, notify_fd: int) -> None:
+        """Run the data plane on its own C thread; `notify_fd` (an eventfd) becomes readable
+        when the engine has work for us: answer with `locked()` + collect and drain."""
+        if self._worker is not None:
+            raise EngineError(EINVAL, "the worker is already running")
+        worker = lib.wg_worker_start(self._e, notify_fd)
+        if worker == ffi.NULL:
+            err = ffi.errno or EINVAL
+            raise OSError(err, f"cannot start the engine thread: {os.strerror(err)}")
+        self._worker = worker
+
+    def worker_stop(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            lib.wg_worker_stop(worker)  # joins the thread; the engine is ours alone again
+
+    @property
+    def threaded(self) -> bool:
+        return self._worker is not None
+
+    def worker_stats(self) -> dict[str, int]:
+        if self._worker is None:
+            return {"wakeups": 0, "notifications": 0}
+        out = ffi.new("wg_worker_stats *")
+        lib.wg_worker_get_stats(self._worker, out)
+        return {"wakeups": out.wakeups, "notifications": out.notifications}
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the engine for a sequence of calls (re-entrant on this thread)."""
+        worker = self._worker
+        if worker is None or self._lock_owner == threading.get_ident():
+            yield
+            return
+        lib.wg_worker_lock(worker)  # waits without the interpreter lock
+        self._lock_owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._lock_owner = None
+            lib.wg_worker_unlock(worker)
 
     def __del__(self) -> None:
         self.close()
@@ -800,3 +853,33 @@ class Engine:
 
     def io_flush(self) -> int:
         return _check(lib.wg_io_flush(self._e), "io_flush")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Not serialized: the thread's own controls, and what touches no engine state.
+_UNLOCKED = frozenset({"close", "worker_start", "worker_stop", "worker_stats", "locked"})
+
+
+def _serialized(fn: F) -> F:
+    """`fn` under the engine lock while the worker runs (see Engine.locked)."""
+
+    @functools.wraps(fn)
+    def call(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        worker = self._worker
+        if worker is None or self._lock_owner == threading.get_ident():
+            return fn(self, *args, **kwargs)
+        lib.wg_worker_lock(worker)
+        self._lock_owner = threading.get_ident()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            self._lock_owner = None
+            lib.wg_worker_unlock(worker)
+
+    return call  # type: ignore[return-value]
+
+
+for _name, _member in list(vars(Engine).items()):
+    if inspect.isfunction(_member) and not _name.startswith("_") and _name not in _UNLOCKED:
+        setattr(Engine, _name, _serialized(_member))

@@ -1527,6 +1527,21 @@ void wg_tune_allocator(void) {
 #endif
 }
 
+int wg_owner_work(wg_engine *e) {
+    return e->ev_count || e->tcp_ready_count || e->udp_count ||
+           splice_results_waiting(e->splice) != 0;
+}
+
+int wg_io_fd(wg_engine *e) { return e->io_fd; }
+
+void wg_timers_due(wg_engine *e, double now) {
+    double due = wg_next_deadline(e);
+    if (due == 0 || now < due) return;
+    wg_tick(e, now);
+    tcp_flush(e->tcp, now);
+    if (e->io_fd >= 0) wg_io_flush(e);
+}
+
 void wg_collect(wg_engine *e, double now, wg_pending *out) {
     e->now = now;
     splice_run(e->splice, now);

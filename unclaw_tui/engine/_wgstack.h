@@ -262,6 +262,14 @@ typedef struct {
 } wg_pending;
 void wg_collect(wg_engine *e, double now, wg_pending *out);
 
+/* Nonzero when something waits that only the owner handles: events, TCP events of its own
+ * connections, UDP datagrams or ended splices (what wg_collect counts, minus outputs). */
+int wg_owner_work(wg_engine *e);
+/* The attached UDP socket, or -1. */
+int wg_io_fd(wg_engine *e);
+/* If the earliest deadline has passed: wg_tick, then what it produced goes out. */
+void wg_timers_due(wg_engine *e, double now);
+
 /* Give the C library's free memory back to the system (glibc's malloc_trim; elsewhere a
  * no-op).  TCP rings come and go with traffic, freed in another order than allocated; without
  * this the process's resident size creeps up with heap fragmentation under long mixed load. */

@@ -1,5 +1,6 @@
 """cffi builder for the C data plane (`_wgstack.c` + the userspace TCP `_tcp.c` + the relay's
-splices `_splice.c`), declared by `_tcp.h`, `_splice.h` and `_wgstack.h` (which includes both).
+splices `_splice.c` + the data plane's thread `_worker.c`), declared by `_tcp.h`, `_splice.h`,
+`_wgstack.h` (which includes both) and `_worker.h`.
 
 Used by setup.py (`cffi_modules`) and, for development, in place:
 `python -m unclaw_tui.engine.build` puts `_wgstack_cffi*.so` beside this file.
@@ -15,14 +16,21 @@ from cffi import FFI
 
 ENGINE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = ENGINE_DIR.parent.parent
-# The cdef takes the headers in dependency order: _splice.h uses _tcp.h's types, _wgstack.h both.
-HEADERS = (ENGINE_DIR / "_tcp.h", ENGINE_DIR / "_splice.h", ENGINE_DIR / "_wgstack.h")
+# The cdef takes the headers in dependency order: _splice.h uses _tcp.h's types, _wgstack.h both,
+# _worker.h (the data plane's own thread) the engine.
+HEADERS = (
+    ENGINE_DIR / "_tcp.h",
+    ENGINE_DIR / "_splice.h",
+    ENGINE_DIR / "_wgstack.h",
+    ENGINE_DIR / "_worker.h",
+)
 # Relative to the repo root, the working directory of setuptools builds (and of __main__ below):
 # setuptools rejects absolute source paths, and distutils would mirror them under its tmpdir.
 SOURCES_REL = [
     "unclaw_tui/engine/_wgstack.c",
     "unclaw_tui/engine/_tcp.c",
     "unclaw_tui/engine/_splice.c",
+    "unclaw_tui/engine/_worker.c",
 ]
 ENGINE_DIR_REL = "unclaw_tui/engine"
 
@@ -40,8 +48,8 @@ def cdef_from_header(text: str) -> str:
     return "\n".join(kept)
 
 
-compile_args = ["-O2", "-std=c11", "-Wall", "-Wextra"]
-link_args: list[str] = []
+compile_args = ["-O2", "-std=c11", "-Wall", "-Wextra", "-pthread"]
+link_args: list[str] = ["-pthread"]
 if os.environ.get("UNCLAW_SANITIZE") == "1":
     sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
     compile_args += sanitize
@@ -51,7 +59,7 @@ ffibuilder = FFI()
 ffibuilder.cdef("\n".join(cdef_from_header(header.read_text()) for header in HEADERS))
 ffibuilder.set_source(
     "unclaw_tui.engine._wgstack_cffi",
-    '#include "_wgstack.h"',
+    '#include "_wgstack.h"\n#include "_worker.h"',
     sources=SOURCES_REL,
     include_dirs=[ENGINE_DIR_REL],
     extra_compile_args=compile_args,

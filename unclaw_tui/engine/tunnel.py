@@ -2,9 +2,16 @@
 
 The pipeline: the UDP socket becomes readable → one call into C receives a batch (recvmmsg),
 decrypts, answers pings and queues replies → Python drains the few events C raised (handshake
-messages, "a handshake is needed", roaming, key expiry) → one call flushes the batch (sendmmsg).
-A single timer armed at the earliest of C's deadline and our handshake retransmissions drives
-the protocol timers.  Nothing here runs per data packet.
+messages, "a handshake is needed", roaming, key expiry, new connections) → one call flushes the
+batch (sendmmsg).  Nothing here runs per data packet.
+
+Where eventfd exists, C does the receiving on a thread of its own (`_worker.h`): it waits on the
+UDP socket, the splices' sockets and the engine's timers, and wakes this loop through an eventfd
+only when something waits for Python.  Every use of the engine from here then holds the engine
+lock (`Engine.locked`, taken per call otherwise); bulk traffic never needs the interpreter, so a
+busy console thread cannot slow it.  Without the worker, the loop watches the UDP socket and the
+splices' epoll fd itself, and a single timer armed at the earliest of C's deadline and our
+handshake retransmissions drives the protocol timers.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import random
 import socket
 import time
@@ -95,7 +103,10 @@ class Tunnel:
         tcp_buffer: int = 0,
         max_conns_per_peer: int = 0,
         max_half_open_per_peer: int = 0,
+        engine_thread: bool = True,
     ) -> None:
+        """`engine_thread`: run the data plane on its own C thread (_worker.h) when the
+        platform has eventfd; off with an injected `clock`, which that thread cannot follow."""
         self.listen_port = listen_port
         self.listen_host = listen_host
         self.address = address
@@ -139,6 +150,8 @@ class Tunnel:
         self._splice_watched = False
         self._splices_started = False  # splice_connect/attach ran in this engine turn
         self._flush_scheduled = False
+        self._use_worker = engine_thread and clock is None and hasattr(os, "eventfd")
+        self._notify_fd: int | None = None
         # Where new flows go; with no handler, SYNs are refused and datagrams dropped.
         self.on_tcp: TcpHandler | None = None
         self.on_udp: UdpHandler | None = None
@@ -151,8 +164,19 @@ class Tunnel:
         self._sock = sock
         self.listen_port = sock.getsockname()[1]
         self._engine.io_attach(sock.fileno(), family)
-        self._loop.add_reader(sock.fileno(), self._on_readable)
-        self._rearm(self._engine.next_deadline())
+        if self._use_worker:
+            # C takes the socket, the splices and the engine's timers; we hear of our part.
+            self._notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            try:
+                self._engine.worker_start(self._notify_fd)
+            except OSError:
+                os.close(self._notify_fd)
+                self._notify_fd = None
+                raise
+            self._loop.add_reader(self._notify_fd, self._on_notify)
+        else:
+            self._loop.add_reader(sock.fileno(), self._on_readable)
+        self._rearm(self._engine_deadline())
 
     def _bind(self) -> tuple[socket.socket, int]:
         host = self.listen_host
@@ -189,6 +213,15 @@ class Tunnel:
     def close(self) -> None:
         if self._closed:
             return
+        # First: from here on the engine is this thread's alone, as without the worker.
+        self._engine.worker_stop()
+        if self._notify_fd is not None:
+            if self._loop is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(self._notify_fd)
+            os.close(self._notify_fd)
+            self._notify_fd = None
+        self._use_worker = False
         for conn in list(self._conns.values()):
             conn.abort()
         now = self._now() if self._loop is not None or self._clock is not None else 0.0
@@ -224,6 +257,17 @@ class Tunnel:
         if not self._free_ids:
             raise ValueError(f"too many peers (max {self._max_peers})")
         nets = tuple(str(ipaddress.ip_network(n, strict=False)) for n in allowed_ips)
+        with self._engine.locked():  # the worker never sees a peer half set up
+            self._add_peer(public_key, preshared_key, nets, persistent_keepalive, endpoint)
+
+    def _add_peer(
+        self,
+        public_key: bytes,
+        preshared_key: bytes | None,
+        nets: tuple[str, ...],
+        persistent_keepalive: int,
+        endpoint: Endpoint | None,
+    ) -> None:
         peer_id = self._free_ids.pop()
         self._engine.peer_add(peer_id, persistent_keepalive)
         try:
@@ -243,6 +287,10 @@ class Tunnel:
         self._limit_hits_seen[peer_id] = self._engine.tcp_peer_limit_hits(peer_id)
 
     def remove_peer(self, public_key: bytes) -> None:
+        with self._engine.locked():
+            self._remove_peer(public_key)
+
+    def _remove_peer(self, public_key: bytes) -> None:
         for conn in [c for c in self._conns.values() if c.peer_public_key == public_key]:
             conn.abort()
         peer = self._peers.pop(public_key)
@@ -313,17 +361,34 @@ class Tunnel:
     def send_inner(self, packet: bytes) -> None:
         """Route an inner IP packet to its peer by allowed IPs, encrypt and send it (staged,
         with a handshake started, if there is no session yet)."""
-        now = self._now()
-        self._engine.send_inner(packet, now)
-        self._after_engine_work(now)
+        with self._engine.locked():
+            now = self._now()
+            self._engine.send_inner(packet, now)
+            self._after_engine_work(now)
 
     # -- the loop --------------------------------------------------------------------------
 
     def _now(self) -> float:
         if self._clock is not None:
             return self._clock()
+        if self._use_worker:
+            return time.monotonic()  # the worker's clock (CLOCK_MONOTONIC)
         assert self._loop is not None
         return self._loop.time()
+
+    def _engine_deadline(self) -> float | None:
+        """The engine's own deadline, when our timer has to drive it (no worker)."""
+        return None if self._use_worker else self._engine.next_deadline()
+
+    def _on_notify(self) -> None:
+        """The worker says the engine has work for us."""
+        assert self._notify_fd is not None
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._notify_fd)
+        if self._closed:
+            return
+        with self._engine.locked():
+            self._after_engine_work(self._now())
 
     def _on_readable(self) -> None:
         if self._closed:
@@ -340,10 +405,12 @@ class Tunnel:
         self._timer_at = None
         if self._closed:
             return
-        now = self._now()
-        self._engine.tick(now)
-        self._handshake_timers(now)
-        self._after_engine_work(now)
+        with self._engine.locked():
+            now = self._now()
+            if not self._use_worker:  # else the worker runs the engine's timers
+                self._engine.tick(now)
+            self._handshake_timers(now)
+            self._after_engine_work(now)
 
     def _after_engine_work(self, now: float) -> None:
         """Handle what C raised, send what is queued, re-arm the single timer.
@@ -378,11 +445,11 @@ class Tunnel:
             self._finish_splices(now)
         if handled:  # handlers may have queued packets and moved deadlines
             self._engine.io_flush()
-            self._rearm(self._engine.next_deadline())
+            self._rearm(self._engine_deadline())
         else:
             if pending.outputs:
                 self._engine.io_flush()
-            self._rearm(pending.next_deadline or None)
+            self._rearm(None if self._use_worker else pending.next_deadline or None)
 
     # -- splices: relayed connections joined in C to a host socket --------------------------
 
@@ -407,7 +474,7 @@ class Tunnel:
         self._conns.pop(conn.conn_id, None)
         self._spliced[conn.conn_id] = (conn, on_done)
         self._splices_started = True
-        if not self._splice_watched and self._loop is not None:
+        if not self._splice_watched and self._loop is not None and not self._use_worker:
             self._loop.add_reader(self._engine.splice_fd(), self._on_splice_ready)
             self._splice_watched = True
         self._schedule_flush()  # the deadline joins the timer
@@ -506,7 +573,8 @@ class Tunnel:
         self._flush_scheduled = False
         if self._closed:
             return
-        self._after_engine_work(self._now())
+        with self._engine.locked():
+            self._after_engine_work(self._now())
 
     def _forget_conn(self, conn: TcpConn) -> None:
         self._conns.pop(conn.conn_id, None)
