@@ -4,12 +4,15 @@
     python -m bench.tui                       # 4 rounds, up/down x 1 and 4 streams, 5 s each
     python -m bench.tui --rounds 1 --seconds 3 --streams 1
 
-The TUI runs as a user runs it (`python -m unclaw_tui --state-dir ... --listen-port ...`,
-no `--no-ui`) on a pseudo-terminal of 120x40 whose output this process drains (a headless
-terminal: the app renders every frame as it would on screen).  Each round runs one mode, then
-the other (the order flips every round): the gateway is stopped and the other mode started
-with the same state dir and port; the wireguard-go client's peer is removed and set again so
-it handshakes at once with the new process.  The iperf3 runs are bench.throughput's.
+The TUI runs as a user runs it (`python -m unclaw_tui --state-dir ... --listen-port ...`, no
+`--no-ui`) on a pseudo-terminal of 120x40 whose output this process drains (a headless
+terminal: the app renders every frame as it would on screen). Both modes start the same way, in
+this process's session: a session of its own would put the TUI in a scheduler autogroup of its
+own (Linux `sched_autogroup`), which alone changed its download throughput by 20-30 %. Each
+round runs one mode, then the other (the order flips every round): the gateway is stopped and
+the other mode started with the same state dir and port; the wireguard-go client's peer is
+removed and set again so it handshakes at once with the new process. The iperf3 runs are
+bench.throughput's.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ TARGET = 0.9
 class TuiGateway:
     """unclaw-tui with its console on a pty in the gateway namespace."""
 
-    def __init__(self, env: BenchEnv) -> None:
+    def __init__(self, env: BenchEnv, *gateway_args: str) -> None:
         s = env.setup
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
@@ -59,7 +62,7 @@ class TuiGateway:
         self.proc = s.topo.spawn(
             s.gateway_ns,
             sys.executable, "-m", "unclaw_tui", "--state-dir", str(s.state_dir),
-            "--listen-port", str(s.port),
+            "--listen-port", str(s.port), *gateway_args,
             stdin=slave, stdout=slave, stderr=slave,
             env={**bench_env_vars(), "TERM": "xterm-256color", "COLUMNS": str(COLUMNS),
                  "LINES": str(ROWS)},
@@ -109,17 +112,17 @@ def rehandshake(env: BenchEnv, timeout: float = 30) -> None:
     raise RuntimeError("the client never reached the restarted gateway")
 
 
-def switch(env: BenchEnv, current: Any, mode: str) -> Any:
+def switch(env: BenchEnv, current: Any, mode: str, *gateway_args: str) -> Any:
     """Stop whatever runs now and start `mode` ('no-ui' or 'tui'); returns its handle."""
     if isinstance(current, TuiGateway):
         current.stop()
     else:
         current.terminate()
     if mode == "tui":
-        handle: Any = TuiGateway(env)
+        handle: Any = TuiGateway(env, *gateway_args)
         pid = handle.proc.pid
     else:
-        handle = env.setup.start_gateway()
+        handle = env.setup.start_gateway(*gateway_args)
         pid = handle.proc.pid
     env.ours.gateway_pid = pid
     rehandshake(env)
@@ -144,18 +147,21 @@ def paired_ratios(samples: list[Sample]) -> dict[str, list[float]]:
     return out
 
 
-def run(rounds: int = 4, seconds: int = 5, streams_text: str = "1,4") -> list[Figure]:
+def run(
+    rounds: int = 4, seconds: int = 5, streams_text: str = "1,4", gateway_args: str = ""
+) -> list[Figure]:
+    extra = gateway_args.split()
     streams = [int(n) for n in streams_text.split(",")]
     samples: list[Sample] = []
     screen = 0
-    with bench_env() as env:
+    with bench_env(*extra) as env:
         handle: Any = env.gateway
         mode = "no-ui"
         for round_no in range(rounds):
             order = ("no-ui", "tui") if round_no % 2 == 0 else ("tui", "no-ui")
             for wanted in order:
                 if wanted != mode:
-                    handle = switch(env, handle, wanted)
+                    handle = switch(env, handle, wanted, *extra)
                     mode = wanted
                 for reverse in (False, True):
                     for n in streams:
@@ -203,7 +209,9 @@ def run(rounds: int = 4, seconds: int = 5, streams_text: str = "1,4") -> list[Fi
     table = markdown_table(summaries).replace("ours", "TUI").replace("reference", "--no-ui")
     report = (
         "# The console's cost: throughput with the TUI running vs --no-ui\n\n"
-        f"`python -m bench.tui --rounds {rounds} --seconds {seconds} --streams {streams_text}` "
+        f"`python -m bench.tui --rounds {rounds} --seconds {seconds} --streams {streams_text}"
+        + (f" --gateway-args '{gateway_args}'" if gateway_args else "")
+        + "` "
         f"on {machine_description()}.\n\n"
         f"The TUI on a {COLUMNS}x{ROWS} pseudo-terminal (drained by the bench"
         + (f"; {screen // 1024} KiB of screen output in its last run" if screen else "")
@@ -220,8 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="even: ABBA against drift")
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--streams", default="1,4")
+    parser.add_argument(
+        "--gateway-args", default="", help="extra flags for both modes, e.g. --no-engine-thread"
+    )
     args = parser.parse_args(argv)
-    run(args.rounds, args.seconds, args.streams)
+    run(args.rounds, args.seconds, args.streams, args.gateway_args)
     return 0
 
 

@@ -243,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="time a DNS-over-TCP client may take to start each query (default 10)",
     )
     parser.add_argument(
+        "--no-engine-thread",
+        dest="engine_thread",
+        action="store_false",
+        help="move packets on the event loop's thread instead of a C thread of its own "
+        "(slower; for comparison and debugging)",
+    )
+    parser.add_argument(
         "--udp-idle-timeout",
         type=_seconds,
         default=config.DEFAULT_UDP_IDLE_TIMEOUT,
@@ -345,6 +352,7 @@ def _build_settings(
         max_half_open_per_peer=args.max_half_open_per_peer,
         hello_timeout=args.hello_timeout,
         dns_tcp_idle_timeout=args.dns_tcp_idle_timeout,
+        engine_thread=bool(args.engine_thread),
     )
     if "listen_port" in merged:
         settings.listen_port = merged["listen_port"]

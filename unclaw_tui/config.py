@@ -62,6 +62,8 @@ class Settings:
     max_half_open_per_peer: int = DEFAULT_MAX_HALF_OPEN_PER_PEER
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT  # seconds, TLS
     dns_tcp_idle_timeout: float = DEFAULT_DNS_TCP_IDLE_TIMEOUT  # seconds
+    # The data plane on a C thread of its own (off: on the event loop's thread, as before).
+    engine_thread: bool = True
 
     @property
     def gateway_ip(self) -> ipaddress.IPv4Address:

@@ -171,6 +171,7 @@ class Gateway:
             tcp_buffer=s.tcp_buffer,
             max_conns_per_peer=s.max_conns_per_peer,
             max_half_open_per_peer=s.max_half_open_per_peer,
+            engine_thread=s.engine_thread,
         )
         self._tunnel.on_tcp = self._on_tcp
         self._tunnel.on_udp = self._on_udp

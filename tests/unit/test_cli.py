@@ -351,7 +351,7 @@ def test_relay_flags_reach_settings_and_are_not_saved(
         ["--state-dir", str(state_dir), "--no-ui", "--allow", "127.0.0.0/8",
          "--allow", "192.168.1.5/24", "--deny", "2001:db8::/32", "--deny", "203.0.113.8",
          "--tcp-buffer", "65536", "--max-flows-per-peer", "16", "--udp-idle-timeout", "2.5",
-         "--hello-timeout", "3", "--dns-tcp-idle-timeout", "4.5"]
+         "--hello-timeout", "3", "--dns-tcp-idle-timeout", "4.5", "--no-engine-thread"]
     )  # fmt: skip
     assert rc == 0
     (settings,) = seen
@@ -367,6 +367,7 @@ def test_relay_flags_reach_settings_and_are_not_saved(
     assert settings.max_flows_per_peer == 16
     assert settings.udp_idle_timeout == 2.5
     assert (settings.hello_timeout, settings.dns_tcp_idle_timeout) == (3.0, 4.5)
+    assert settings.engine_thread is False
     assert StateDir(state_dir, create=False).saved_settings() == {}
 
     # The next run without the flags is back to the defaults.
@@ -377,6 +378,7 @@ def test_relay_flags_reach_settings_and_are_not_saved(
     assert seen[0].max_flows_per_peer == config.DEFAULT_MAX_FLOWS_PER_PEER
     assert seen[0].udp_idle_timeout == config.DEFAULT_UDP_IDLE_TIMEOUT
     assert seen[0].hello_timeout == seen[0].dns_tcp_idle_timeout == 10.0
+    assert seen[0].engine_thread is True
 
 
 def test_bad_cidr_on_run_is_one_line_and_creates_nothing(

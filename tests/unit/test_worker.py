@@ -1,0 +1,153 @@
+"""The data plane's own thread (_worker.c) under a real Tunnel over loopback UDP: Python hears
+from it only for Python's work, C's timers run without Python, the engine lock serializes
+Python's calls with the thread's batches, and stopping it hands the engine back."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from tests.packets import ping_packet
+from unclaw_tui.engine import _ffi
+from unclaw_tui.engine.noise import generate_private_key
+from unclaw_tui.engine.tunnel import Tunnel, TunnelEvent
+
+
+async def until(pred: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if pred():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+class Pair:
+    """A gateway Tunnel with the worker and a client Tunnel without one, peered."""
+
+    def __init__(self) -> None:
+        self.gw_events: list[TunnelEvent] = []
+        self.cl_events: list[TunnelEvent] = []
+        self.gw = Tunnel(generate_private_key(), 0, ipaddress.IPv4Interface("10.77.0.1/24"),
+                         listen_host="127.0.0.1", on_event=self.gw_events.append)  # fmt: skip
+        self.cl = Tunnel(generate_private_key(), 0, ipaddress.IPv4Interface("10.77.0.2/24"),
+                         listen_host="127.0.0.1", on_event=self.cl_events.append,
+                         engine_thread=False)  # fmt: skip
+
+    async def start(self, *, keepalive: int = 0) -> None:
+        await self.gw.start()
+        await self.cl.start()
+        self.gw.add_peer(self.cl.public_key, allowed_ips=["10.77.0.2/32"],
+                         persistent_keepalive=keepalive)  # fmt: skip
+        self.cl.add_peer(self.gw.public_key, allowed_ips=["10.77.0.1/32"],
+                         endpoint=("127.0.0.1", self.gw.listen_port))  # fmt: skip
+
+    def echo_replies(self) -> int:
+        return self.gw.engine_stats()["icmp_echo_replies"]
+
+    async def ping(self, seq: int) -> None:
+        before = self.echo_replies()
+        self.cl.send_inner(ping_packet("10.77.0.2", "10.77.0.1", seq=seq))
+        await until(lambda: self.echo_replies() > before, f"echo reply {seq}")
+
+    def close(self) -> None:
+        self.gw.close()
+        self.cl.close()
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Pair]:
+    p = Pair()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def worker(tunnel: Tunnel) -> _ffi.Engine:
+    return tunnel._engine
+
+
+async def test_worker_answers_pings_and_wakes_python_only_for_its_work(pair: Pair) -> None:
+    await pair.start()
+    assert worker(pair.gw).threaded and not worker(pair.cl).threaded
+    await pair.ping(1)  # the handshake goes through Python: the worker must have said so
+    assert any(e.kind == "handshake" for e in pair.gw_events)
+    stats = worker(pair.gw).worker_stats()
+    assert stats["notifications"] >= 1
+    for seq in range(2, 52):  # answered in C, nothing for Python
+        await pair.ping(seq)
+    after = worker(pair.gw).worker_stats()
+    assert after["wakeups"] >= stats["wakeups"] + 50
+    assert after["notifications"] - stats["notifications"] <= 2
+
+
+async def test_engine_timers_run_on_the_worker(pair: Pair) -> None:
+    await pair.start(keepalive=1)
+    await pair.ping(1)
+    received = pair.cl.peer_info(pair.gw.public_key).rx_packets
+    pair.gw._rearm = lambda _deadline: None  # type: ignore[method-assign]  # no Python timer
+    if pair.gw._timer is not None:
+        pair.gw._timer.cancel()
+    # Persistent keepalives every second come from C's timers alone.
+    await until(
+        lambda: pair.cl.peer_info(pair.gw.public_key).rx_packets >= received + 2,
+        "keepalives",
+        seconds=6,
+    )
+
+
+async def test_python_calls_interleave_with_the_worker_batches(pair: Pair) -> None:
+    await pair.start()
+    await pair.ping(1)
+    stop = threading.Event()
+    loop = asyncio.get_running_loop()
+
+    async def hammer() -> int:
+        calls = 0
+        while not stop.is_set():
+            for _ in range(50):  # each takes and gives back the engine lock
+                assert pair.gw.peers
+                pair.gw.drop_counts()
+                calls += 2
+            await asyncio.sleep(0)
+        return calls
+
+    task = loop.create_task(hammer())
+    for seq in range(2, 202):
+        pair.cl.send_inner(ping_packet("10.77.0.2", "10.77.0.1", seq=seq))
+        if seq % 20 == 0:
+            await asyncio.sleep(0.005)
+    await until(lambda: pair.echo_replies() >= 201, "every echo reply")
+    stop.set()
+    assert await task > 100
+    assert pair.gw.peer_info(pair.cl.public_key).rx_packets >= 201
+
+
+async def test_close_stops_the_thread_and_the_engine_is_ours_again(pair: Pair) -> None:
+    await pair.start()
+    await pair.ping(1)
+    engine = worker(pair.gw)
+    fd = pair.gw._notify_fd
+    assert fd is not None
+    threads = threading.active_count()  # the worker is a C thread: not counted here
+    pair.gw.close()
+    assert not engine.threaded
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the eventfd is closed
+    assert threading.active_count() == threads
+    # Closing twice, and the client's own close, are harmless.
+    pair.gw.close()
+
+
+async def test_lock_is_reentrant_on_the_owner_thread(pair: Pair) -> None:
+    await pair.start()
+    engine = worker(pair.gw)
+    with engine.locked():
+        with engine.locked():  # nested: no deadlock
+            assert engine.next_deadline() is None or engine.next_deadline() > 0
+        engine.stats()  # a serialized call inside a held lock: no deadlock either
