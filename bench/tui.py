@@ -210,7 +210,7 @@ def run(
     report = (
         "# The console's cost: throughput with the TUI running vs --no-ui\n\n"
         f"`python -m bench.tui --rounds {rounds} --seconds {seconds} --streams {streams_text}"
-        + (f" --gateway-args '{gateway_args}'" if gateway_args else "")
+        + (f" --gateway-args='{gateway_args}'" if gateway_args else "")
         + "` "
         f"on {machine_description()}.\n\n"
         f"The TUI on a {COLUMNS}x{ROWS} pseudo-terminal (drained by the bench"
@@ -229,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--streams", default="1,4")
     parser.add_argument(
-        "--gateway-args", default="", help="extra flags for both modes, e.g. --no-engine-thread"
+        "--gateway-args",
+        default="",
+        help="extra flags for both modes, e.g. --gateway-args=--no-engine-thread",
     )
     args = parser.parse_args(argv)
     run(args.rounds, args.seconds, args.streams, args.gateway_args)

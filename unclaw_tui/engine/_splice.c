@@ -33,6 +33,7 @@ typedef struct spliced_conn {
     bool connecting;
     bool host_readable, host_writable; /* edge-triggered readiness not yet used up */
     bool host_hup;                     /* the socket reported its EOF or an error: read to it */
+    bool host_err;                     /* EPOLLERR or EPOLLHUP came: how a connect fails */
     bool up_done;                      /* the peer's EOF was passed on (shutdown(SHUT_WR)) */
     bool down_done;                    /* the destination's EOF was passed on (FIN queued) */
     bool tcp_closed;                   /* TCP_EV_CLOSED came */
@@ -272,6 +273,7 @@ int splice_gather(splice_table *t) {
             if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) sp->host_readable = true;
             if (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) sp->host_hup = true;
             if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR)) sp->host_writable = true;
+            if (e & (EPOLLHUP | EPOLLERR)) sp->host_err = true;
             mark_ready(t, sp);
             marked++;
         }
@@ -292,17 +294,16 @@ static bool is_again(int err) { return err == EAGAIN || err == EWOULDBLOCK; }
 
 /* The connect finished (or failed): answer the peer's SYN.  Returns false if sp ended. */
 static bool settle_connect(splice_table *t, spliced_conn *sp, double now) {
+    /* A connecting TCP socket reports EPOLLOUT only once established, and EPOLLERR/EPOLLHUP
+     * when the connect failed: the edges say it all, and the error costs a system call only
+     * when there is one. */
     int err = 0;
-    socklen_t len = sizeof err;
-    if (getsockopt(sp->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
-    if (err == 0) {
-        struct sockaddr_in peer;
-        socklen_t plen = sizeof peer;
-        if (getpeername(sp->fd, (struct sockaddr *)&peer, &plen) != 0) {
-            if (errno != ENOTCONN) err = errno;
-            else if (!sp->host_readable) return true; /* a stray edge: still connecting */
-            else err = ECONNREFUSED;
-        }
+    if (sp->host_err) {
+        socklen_t len = sizeof err;
+        if (getsockopt(sp->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
+        if (err == 0) err = ECONNREFUSED; /* hung up without saying why */
+    } else if (!sp->host_writable) {
+        return true; /* a stray edge: still connecting */
     }
     if (err != 0) {
         finish(t, sp, SPLICE_FAIL_CONNECT, err, now);
@@ -332,7 +333,9 @@ static bool pump_up(splice_table *t, spliced_conn *sp, double now, bool *more) {
             return false;
         }
         if (avail == 0) {
-            shutdown(sp->fd, SHUT_WR); /* half-close: the other way keeps running */
+            /* Half-close: the other way keeps running.  If it has ended too, the close that
+             * follows at once sends the FIN, and this system call is spared. */
+            if (!sp->down_done) shutdown(sp->fd, SHUT_WR);
             sp->up_done = true;
             break;
         }
