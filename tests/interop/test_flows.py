@@ -212,7 +212,9 @@ def test_destination_that_stops_reading_keeps_gateway_memory_bounded(
     peak = max(peak, rss_kib(gw.proc.pid))
     result = json.loads(out.strip().splitlines()[-1])
     assert result["error"] is None, result
-    assert result["sent"] > 2 * MiB, f"the destination's buffers should take data first: {result}"
+    # Bytes flowed before back-pressure: more than the gateway's own ring (256 KiB) holds.  How
+    # much more depends on the kernels' buffer autotuning on both sides (1.9-5.7 MiB seen).
+    assert result["sent"] > 1 * MiB, f"the destination's buffers should take data first: {result}"
     # Back-pressure reached the client: only the buffers on the way (the client's socket, the
     # gateway's bounded windows, the sink's receive buffer) hold data; 64 MiB never fit.
     assert result["sent"] < 48 * MiB, result

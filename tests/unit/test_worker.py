@@ -151,3 +151,13 @@ async def test_lock_is_reentrant_on_the_owner_thread(pair: Pair) -> None:
         with engine.locked():  # nested: no deadlock
             assert engine.next_deadline() is None or engine.next_deadline() > 0
         engine.stats()  # a serialized call inside a held lock: no deadlock either
+
+
+async def test_stopping_inside_the_lock_is_refused_not_a_deadlock(pair: Pair) -> None:
+    await pair.start()
+    engine = worker(pair.gw)
+    with engine.locked(), pytest.raises(RuntimeError):
+        engine.worker_stop()
+    assert engine.threaded  # still running, and stoppable once the lock is given back
+    engine.worker_stop()
+    assert not engine.threaded

@@ -382,6 +382,9 @@ class Engine:
         self._worker = worker
 
     def worker_stop(self) -> None:
+        if self._worker is not None and self._lock_owner == threading.get_ident():
+            # Joining needs the lock this thread holds: a deadlock, not a stop.
+            raise RuntimeError("worker_stop inside Engine.locked()")
         worker, self._worker = self._worker, None
         if worker is not None:
             lib.wg_worker_stop(worker)  # joins the thread; the engine is ours alone again
