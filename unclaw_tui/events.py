@@ -150,8 +150,7 @@ class Subscription:
                 self.dropped += 1
 
     def take(self, limit: int) -> list[Event]:
-        """Up to `limit` queued events without waiting, for readers that poll on a cadence
-        (one wake-up per batch instead of one per event); `ended` tells when close() was
+        """Up to `limit` queued events without waiting; `ended` tells when close() was
         reached."""
         batch: list[Event] = []
         queue = self._queue
@@ -163,6 +162,19 @@ class Subscription:
                 break
             batch.append(event)
         return batch
+
+    async def batches(self, limit: int, interval: float) -> AsyncIterator[list[Event]]:
+        """Lists of up to `limit` events, taken every `interval` seconds (at once while more
+        wait) until close() is reached: for readers that hand events to another thread, one
+        wake-up per batch instead of one per event."""
+        while True:
+            batch = self.take(limit)
+            if batch:
+                yield batch
+            if self.ended:
+                return
+            if len(batch) < limit:
+                await asyncio.sleep(interval)
 
     def get_nowait(self) -> Event | None:
         """The next queued event, or None; for observers that poll at a few Hz."""

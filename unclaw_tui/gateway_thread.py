@@ -126,14 +126,10 @@ class ThreadedGateway:
             await snapshots
 
     async def _forward(self, events: Subscription) -> None:
-        # On a cadence rather than per event: each hand-over wakes the UI thread, which then
-        # competes with this one for the interpreter lock.
-        while not events.ended:
-            batch = events.take(EVENT_BATCH)
-            if batch:
-                self._to_ui(batch)
-            if len(batch) < EVENT_BATCH:
-                await asyncio.sleep(EVENT_FORWARD_INTERVAL)
+        # A batch at a time: each hand-over wakes the UI thread, which then competes with this
+        # one for the interpreter lock.
+        async for batch in events.batches(EVENT_BATCH, EVENT_FORWARD_INTERVAL):
+            self._to_ui(batch)
 
     def _to_ui(self, batch: list[Event]) -> None:
         if self._ui_loop is None:

@@ -67,17 +67,11 @@ class EventPrinter:
         self._thread.start()
 
     async def forward(self, events: Subscription) -> None:
-        """Move events into the backlog on a cadence until the subscription ends: at thousands
-        of connections a second, a wake-up of this thread per event cost the gateway more than
-        the printing."""
-        while True:
-            batch = events.take(FORWARD_BATCH)
-            if batch:
-                self.put(batch)
-            if events.ended:
-                return
-            if len(batch) < FORWARD_BATCH:
-                await asyncio.sleep(PRINT_INTERVAL)
+        """Move events into the backlog until the subscription ends, a batch at a time: at
+        thousands of connections a second, a wake-up of this thread per event cost the gateway
+        more than the printing."""
+        async for batch in events.batches(FORWARD_BATCH, PRINT_INTERVAL):
+            self.put(batch)
 
     def put(self, events: list[Event]) -> None:
         with self._lock:

@@ -35,7 +35,7 @@ from tests.interop.harness import (
     thread_in_namespace,
 )
 from tests.interop.test_floods import second_client
-from tests.interop.test_tls import TRUSTED_PORT, bring_up, start_tls_host
+from tests.interop.test_tls import TRUSTED_PORT, bring_up, curl_https, https_args, start_tls_host
 from tests.interop.tls_host import HOSTNAME, _client_hello, make_pki
 from unclaw_tui.services.dns import TCP_QUERY_TIMEOUT
 from unclaw_tui.services.tls import MAX_HELLO
@@ -261,12 +261,7 @@ def test_tls_hello_time_and_byte_bounds(flows_setup: FlowsSetup) -> None:
     assert_open_flows_balanced(gw, "tls")
 
     # The gateway still intercepts as usual.
-    res = s.curl(
-        "--max-time", "15", "--cacert", str(our_ca),
-        "--resolve", f"{HOSTNAME}:{TRUSTED_PORT}:{HOST_ADDR}",
-        "-w", "\n%{http_code}", f"https://{HOSTNAME}/after",
-        timeout=30,
-    )  # fmt: skip
+    res = curl_https(s, our_ca, "/after")
     assert res.returncode == 0 and res.stdout == "hello from /after\n\n200", res.stderr
 
 
@@ -314,10 +309,7 @@ def test_tls_idle_crowd_is_closed_and_others_are_served(flows_setup: FlowsSetup)
     # The other peer, while all of the phone's idle connections are held.
     t0 = time.monotonic()
     res = laptop_ns.run(
-        "curl", "--silent", "--show-error", "--noproxy", "*",
-        "--max-time", "15", "--cacert", str(our_ca),
-        "--resolve", f"{HOSTNAME}:{TRUSTED_PORT}:{HOST_ADDR}",
-        "-w", "\n%{http_code}", f"https://{HOSTNAME}/meanwhile",
+        "curl", "--silent", "--show-error", "--noproxy", "*", *https_args(our_ca, "/meanwhile"),
         check=False, timeout=30,
     )  # fmt: skip
     took = time.monotonic() - t0
@@ -326,12 +318,7 @@ def test_tls_idle_crowd_is_closed_and_others_are_served(flows_setup: FlowsSetup)
     early = closed_events(gw, "tls", addr(20))
     assert early == [], early  # the crowd was still there
     # ... and the same peer too.
-    res = s.curl(
-        "--max-time", "15", "--cacert", str(our_ca),
-        "--resolve", f"{HOSTNAME}:{TRUSTED_PORT}:{HOST_ADDR}",
-        "-w", "\n%{http_code}", f"https://{HOSTNAME}/same-peer",
-        timeout=30,
-    )  # fmt: skip
+    res = curl_https(s, our_ca, "/same-peer")
     assert res.returncode == 0 and res.stdout.endswith("200"), res.stderr
     peak_rss = max(peak_rss, rss_kib(gw.proc.pid))
 

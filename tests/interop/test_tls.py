@@ -57,19 +57,31 @@ def bring_up(
     return gw, our_ca
 
 
+def https_args(
+    cafile: Path,
+    path: str = "/",
+    port: int = TRUSTED_PORT,
+    host: str = HOSTNAME,
+    addr: str = HOST_ADDR,
+) -> list[str]:
+    """curl's arguments for GET https://host:port/path at addr, trusting cafile; the output
+    ends with a line holding the HTTP status."""
+    return [
+        "--max-time", "15", "--cacert", str(cafile),
+        "--resolve", f"{host}:{port}:{addr}",
+        "-w", "\n%{http_code}", f"https://{host}:{port}{path}",
+    ]  # fmt: skip
+
+
 def curl_https(
     s: FlowsSetup,
     cafile: Path,
     path: str = "/",
     port: int = TRUSTED_PORT,
     host: str = HOSTNAME,
+    addr: str = HOST_ADDR,
 ) -> subprocess.CompletedProcess[str]:
-    return s.curl(
-        "--max-time", "15", "--cacert", str(cafile),
-        "--resolve", f"{host}:{port}:{HOST_ADDR}",
-        "-w", "\n%{http_code}", f"https://{host}:{port}{path}",
-        timeout=30,
-    )  # fmt: skip
+    return s.curl(*https_args(cafile, path, port, host, addr), timeout=30)
 
 
 def tls_event(**fields: Any) -> Callable[[dict[str, Any]], bool]:
@@ -225,12 +237,7 @@ def test_tls_to_a_vip(flows_setup: FlowsSetup) -> None:
     vip = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
     assert vip.startswith("10.78."), (res.stdout, res.stderr)
 
-    res = s.curl(
-        "--max-time", "15", "--cacert", str(our_ca),
-        "--resolve", f"{HOSTNAME}:{TRUSTED_PORT}:{vip}",
-        "-w", "\n%{http_code}", f"https://{HOSTNAME}/via-vip",
-        timeout=30,
-    )  # fmt: skip
+    res = curl_https(s, our_ca, "/via-vip", addr=vip)
     assert res.returncode == 0 and res.stdout == "hello from /via-vip\n\n200", res.stderr
     gw.wait_event(tls_event(sni=HOSTNAME, mode="intercepted", ok=True), 10, "tls ok")
     http = gw.wait_event(lambda e: e["type"] == "http_request", 10, "http_request")

@@ -18,25 +18,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.unit.test_tcp import ACK, FIN, MSS, RST, SYN, Peer
+from tests.unit.test_tcp import ACK, FIN, RST, SYN, Peer
 from tests.unit.test_wgstack import PEER_ID
-from tests.unit.test_wgstack_flows import GW_WSCALE, Client, new_engine, syn_event
+from tests.unit.test_wgstack_flows import GW_WSCALE, Client, syn_event, window_batch
 from unclaw_tui.engine import _ffi
 from unclaw_tui.engine._ffi import Engine, EngineError, SpliceResult
 
 WAIT = 5.0  # seconds any single step may take before the test fails
-
-
-@pytest.fixture
-def engine() -> Iterator[Engine]:
-    engine = new_engine()
-    yield engine
-    engine.close()
-
-
-@pytest.fixture
-def client(engine: Engine) -> Client:
-    return Client(engine)
 
 
 @pytest.fixture
@@ -208,10 +196,8 @@ def test_megabytes_both_ways_with_back_pressure_arrive_intact(
     for step in range(20_000):
         if len(got_up) == len(up) and len(got_down) == len(down):
             break
-        batch = []
-        while up_sent < len(up) and up_sent - up_acked + MSS <= min(gw_window, 64 * MSS):
-            batch.append(peer.data(up[up_sent : up_sent + MSS]))
-            up_sent += len(batch[-1].payload)
+        batch = window_batch(peer, up, up_sent, up_acked, gw_window)
+        up_sent += sum(len(seg.payload) for seg in batch)
         if batch:
             client.send(*batch)
         # the destination reads only every other step at first: the peer must be held back

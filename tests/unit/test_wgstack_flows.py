@@ -13,7 +13,7 @@ import random
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -95,20 +95,18 @@ def new_engine(**tcp: int) -> Engine:
     return engine
 
 
-@pytest.fixture
-def engine() -> Iterator[Engine]:
-    engine = new_engine()
-    yield engine
-    engine.close()
-
-
-@pytest.fixture
-def client(engine: Engine) -> Client:
-    return Client(engine)
-
-
 def drops(engine: Engine) -> dict[str, int]:
     return {name: n for name, n in engine.drop_counts().items() if n}
+
+
+def window_batch(peer: Peer, data: bytes, sent: int, acked: int, window: int) -> list[Seg]:
+    """The peer's next segments of `data` from offset `sent`: what the gateway's window allows
+    with `acked` acknowledged, at most 64 segments a batch."""
+    batch: list[Seg] = []
+    while sent < len(data) and sent - acked + MSS <= min(window, 64 * MSS):
+        batch.append(peer.data(data[sent : sent + MSS]))
+        sent += len(batch[-1].payload)
+    return batch
 
 
 def syn_event(client: Client, peer: Peer) -> int:
@@ -259,11 +257,8 @@ def test_megabytes_both_ways_arrive_intact(engine: Engine, client: Client) -> No
     for _ in range(2000):
         if len(got_up) == len(up) and len(got_down) == len(down):
             break
-        # the peer sends what the gateway's window allows, at most 64 segments a batch
-        batch = []
-        while up_sent < len(up) and up_sent - up_acked + MSS <= min(gw_window, 64 * MSS):
-            batch.append(peer.data(up[up_sent : up_sent + MSS]))
-            up_sent += len(batch[-1].payload)
+        batch = window_batch(peer, up, up_sent, up_acked, gw_window)
+        up_sent += sum(len(seg.payload) for seg in batch)
         client.send(*batch)
         # the gateway's owner reads everything and writes what the send buffer takes
         assert {t for t, _, _ in engine.tcp_events()} <= {

@@ -403,15 +403,24 @@ class Engine:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the engine for a sequence of calls (re-entrant on this thread)."""
-        worker = self._worker
-        if worker is None or self._lock_owner == threading.get_ident():
-            yield
-            return
-        lib.wg_worker_lock(worker)  # waits without the interpreter lock
-        self._lock_owner = threading.get_ident()
+        taken = self._take_lock()
         try:
             yield
         finally:
+            self._give_lock(taken)
+
+    def _take_lock(self) -> Any:
+        """Take the engine lock unless no worker runs or this thread holds it already; returns
+        the worker to give it back to (None: nothing was taken)."""
+        worker = self._worker
+        if worker is None or self._lock_owner == threading.get_ident():
+            return None
+        lib.wg_worker_lock(worker)  # waits without the interpreter lock
+        self._lock_owner = threading.get_ident()
+        return worker
+
+    def _give_lock(self, worker: Any) -> None:
+        if worker is not None:
             self._lock_owner = None
             lib.wg_worker_unlock(worker)
 
@@ -869,16 +878,11 @@ def _serialized(fn: F) -> F:
 
     @functools.wraps(fn)
     def call(self: Engine, *args: Any, **kwargs: Any) -> Any:
-        worker = self._worker
-        if worker is None or self._lock_owner == threading.get_ident():
-            return fn(self, *args, **kwargs)
-        lib.wg_worker_lock(worker)
-        self._lock_owner = threading.get_ident()
+        taken = self._take_lock()
         try:
             return fn(self, *args, **kwargs)
         finally:
-            self._lock_owner = None
-            lib.wg_worker_unlock(worker)
+            self._give_lock(taken)
 
     return call  # type: ignore[return-value]
 

@@ -71,6 +71,12 @@ static int sleep_ms(double deadline, double now) {
     return ms > WORKER_MAX_SLEEP_MS ? WORKER_MAX_SLEEP_MS : (int)ms;
 }
 
+/* Called without the lock: let an owner that is waiting for the engine take it first.  Without
+ * this the worker, always ready again at once under load, could take the lock back every time. */
+static void step_aside(wg_worker *w) {
+    for (int i = 0; i < WORKER_YIELDS && atomic_load(&w->owner_waiting) > 0; i++) sched_yield();
+}
+
 static void *worker_main(void *arg) {
     wg_worker *w = arg;
     wg_engine *e = w->e;
@@ -86,10 +92,7 @@ static void *worker_main(void *arg) {
             w->sleep_until = deadline;
             pthread_mutex_unlock(&w->lock);
             n = epoll_wait(w->epfd, evs, 8, timeout);
-            /* Step aside for an owner that is waiting for the engine: without this the worker,
-             * always ready again at once under load, could take the lock back every time. */
-            for (int i = 0; i < WORKER_YIELDS && atomic_load(&w->owner_waiting) > 0; i++)
-                sched_yield();
+            step_aside(w);
             pthread_mutex_lock(&w->lock);
             w->sleeping = false;
             if (w->stop) break;
@@ -116,8 +119,7 @@ static void *worker_main(void *arg) {
             /* Between batches under load: let a waiting owner in before the next one. */
             if (atomic_load(&w->owner_waiting) > 0) {
                 pthread_mutex_unlock(&w->lock);
-                for (int i = 0; i < WORKER_YIELDS && atomic_load(&w->owner_waiting) > 0; i++)
-                    sched_yield();
+                step_aside(w);
                 pthread_mutex_lock(&w->lock);
             }
         }
