@@ -250,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(slower; for comparison and debugging)",
     )
     parser.add_argument(
+        "--no-fast-relay",
+        dest="fast_relay",
+        action="store_false",
+        help="decide every new relayed connection in Python, even to a destination already "
+        "allowed (slower; for comparison and debugging)",
+    )
+    parser.add_argument(
         "--udp-idle-timeout",
         type=_seconds,
         default=config.DEFAULT_UDP_IDLE_TIMEOUT,
@@ -353,6 +360,7 @@ def _build_settings(
         hello_timeout=args.hello_timeout,
         dns_tcp_idle_timeout=args.dns_tcp_idle_timeout,
         engine_thread=bool(args.engine_thread),
+        fast_relay=bool(args.fast_relay),
     )
     if "listen_port" in merged:
         settings.listen_port = merged["listen_port"]

@@ -64,6 +64,9 @@ class Settings:
     dns_tcp_idle_timeout: float = DEFAULT_DNS_TCP_IDLE_TIMEOUT  # seconds
     # The data plane on a C thread of its own (off: on the event loop's thread, as before).
     engine_thread: bool = True
+    # New connections to a destination the relay already accepted are relayed by the engine
+    # without asking Python again, and reported afterwards (off: every SYN is decided in Python).
+    fast_relay: bool = True
 
     @property
     def gateway_ip(self) -> ipaddress.IPv4Address:

@@ -29,16 +29,24 @@ from unclaw_tui.events import (
     Subscription,
     UnderLoad,
 )
-from unclaw_tui.router import Router
+from unclaw_tui.router import Route, Router
 from unclaw_tui.services import registry
 from unclaw_tui.services.base import Resolver
 from unclaw_tui.services.egress import EgressPolicy
-from unclaw_tui.services.relay import OpenFlows, UdpRelay, relay_tcp, relay_tcp_spliced
+from unclaw_tui.services.relay import (
+    DEFAULT_CONNECT_TIMEOUT,
+    OpenFlows,
+    UdpRelay,
+    fast_relayed,
+    relay_tcp,
+    relay_tcp_spliced,
+)
 from unclaw_tui.state import PeerRecord, PeerRuntime, StateDir
 from unclaw_tui.wgquick import client_config, resolve_endpoint
 
 if TYPE_CHECKING:  # the engine (a compiled module) is imported when the gateway starts
-    from unclaw_tui.engine.flows import TcpConn, UdpDatagram
+    from unclaw_tui.engine._ffi import FastOpen
+    from unclaw_tui.engine.flows import SpliceDone, TcpConn, UdpDatagram
     from unclaw_tui.engine.tunnel import PeerInfo, Tunnel, TunnelEvent
 
 log = logging.getLogger(__name__)
@@ -175,6 +183,9 @@ class Gateway:
         )
         self._tunnel.on_tcp = self._on_tcp
         self._tunnel.on_udp = self._on_udp
+        self._tunnel.on_fast_relay = self._on_fast_relay
+        # The engine's fast-relay approvals are the policy's verdicts: they go when it changes.
+        self.policy.on_change = self._tunnel.fast_relay_clear
         await self._tunnel.start()
         self._baseline = self.state.read_stats()
         self._reconcile_peers(announce=False)
@@ -203,6 +214,7 @@ class Gateway:
         self._tasks.clear()
         if self._tunnel is not None:
             self._write_stats()
+            self.policy.on_change = None
             self._tunnel.close()
             self._tunnel = None
             self.bus.publish(GatewayStopped())
@@ -407,14 +419,17 @@ class Gateway:
             job = service.handle_tcp(conn)
         elif self._tunnel is not None and self._tunnel.can_splice:
             # Plain relaying needs no Python per byte: the engine splices it in C.
-            relay_tcp_spliced(
+            spliced = relay_tcp_spliced(
                 conn,
                 self.policy,
                 peer_name=self.peer_name,
                 on_open=self.publish,
                 on_close=self.publish,
                 route=str(route),
+                connect_timeout=DEFAULT_CONNECT_TIMEOUT,
             )
+            if spliced and route is Route.RELAY and self.settings.fast_relay:
+                self._approve_fast_relay(self._tunnel, (conn.dst_ip, conn.dst_port))
             return
         else:
             job = relay_tcp(
@@ -429,6 +444,27 @@ class Gateway:
         task = asyncio.create_task(job)
         self._flow_tasks.add(task)
         task.add_done_callback(self._flow_done)
+
+    def _approve_fast_relay(self, tunnel: Tunnel, dst: tuple[str, int]) -> None:
+        """The router and the egress policy just sent a connection to dst to the relay: let the
+        engine relay the next ones to dst on its own, for as long as that verdict holds.
+
+        Only the policy's verdict can change while the gateway runs (it reads this host's
+        addresses again every so often); the router's table is fixed once the services are up.
+        So an approval lapses when the policy would look again, and all of them go at once
+        when its rules change (`policy.on_change`)."""
+        tunnel.fast_relay_allow(dst, self.policy.verdicts_valid_for(), DEFAULT_CONNECT_TIMEOUT)
+
+    def _on_fast_relay(self, opened: FastOpen, peer_public_key: bytes) -> SpliceDone:
+        return fast_relayed(
+            opened,
+            peer_public_key,
+            peer_name=self.peer_name,
+            on_open=self.publish,
+            on_close=self.publish,
+            connect_timeout=DEFAULT_CONNECT_TIMEOUT,
+            route=str(Route.RELAY),
+        )
 
     def _flow_done(self, task: asyncio.Task[Any]) -> None:
         self._flow_tasks.discard(task)

@@ -326,9 +326,10 @@ def udp_probe(
 
 
 async def many_connections(
-    host: str, port: int, count: int, nbytes: int, timeout: float
+    host: str, port: int, count: int, nbytes: int, timeout: float, one_at_a_time: bool = False
 ) -> dict[str, Any]:
-    """Open `count` connections, hold them all open at once, then fetch on every one."""
+    """Open `count` connections, hold them all open at once, then fetch on every one (or, one
+    at a time: each opened, fetched on and closed before the next)."""
     all_open = asyncio.Event()
     opened = 0
     errors: list[str] = []
@@ -349,7 +350,7 @@ async def many_connections(
                 all_open.set()
             await all_open.wait()
             writer.write(
-                f"GET /bytes/{nbytes}?seed={index} HTTP/1.1\r\nHost: x\r\n"
+                f"GET /bytes/{nbytes}?seed={index:06d} HTTP/1.1\r\nHost: x\r\n"
                 "Connection: close\r\n\r\n".encode()
             )
             await writer.drain()
@@ -370,9 +371,14 @@ async def many_connections(
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    async def in_turn() -> list[bool]:
+        all_open.set()
+        return [await one(i) for i in range(count)]
+
     t0 = time.monotonic()
     try:
-        done = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(count))), timeout)
+        every = in_turn() if one_at_a_time else asyncio.gather(*(one(i) for i in range(count)))
+        done = await asyncio.wait_for(every, timeout)
     except TimeoutError:
         return {"ok": 0, "count": count, "errors": ["timeout", *errors[:20]], "opened": opened}
     return {
@@ -436,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "many":
             p.add_argument("--count", type=int, default=200)
             p.add_argument("--bytes", type=int, default=16384)
+            p.add_argument("--one-at-a-time", action="store_true")
         if kind == "stuff":
             p.add_argument("--max-bytes", type=int, default=64 << 20)
             p.add_argument("--max-seconds", type=float, default=20.0)
@@ -457,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
             out = udp_probe(args.host, args.port, sizes, args.count, args.timeout, args.max_seconds)
         elif args.kind == "many":
             out = asyncio.run(
-                many_connections(args.host, args.port, args.count, args.bytes, args.timeout)
+                many_connections(
+                    args.host, args.port, args.count, args.bytes, args.timeout, args.one_at_a_time
+                )
             )
         else:
             out = stuff(args.host, args.port, args.max_bytes, args.max_seconds)

@@ -117,17 +117,27 @@ def test_host_addresses_are_refreshed_now_and_then() -> None:
         return list(current)
 
     p = EgressPolicy(clock=lambda: now[0], host_address_source=source, refresh_interval=30)
+    changes = []
+    p.on_change = lambda: changes.append(now[0])
     assert p.check("192.0.2.50") == "host address"
     assert p.check("192.0.2.51") is None
     current[:] = [ipaddress.ip_address("192.0.2.51")]  # an interface changed its address
     now[0] = 29.0
+    # A verdict kept elsewhere (the engine's fast relay) must lapse when the policy re-reads.
+    assert p.verdicts_valid_for() == 1.0
     assert p.check("192.0.2.51") is None  # not re-read yet
+    assert changes == []
     now[0] = 30.0
     assert p.check("192.0.2.51") == "host address"
+    assert changes == [30.0]  # kept verdicts are told to go
+    assert p.verdicts_valid_for() == 30.0
     assert p.check("192.0.2.50") is None
     assert reads == [0.0, 30.0]
-    # Given addresses are static: never re-read.
+    p.refresh_host_addresses(["192.0.2.52"])
+    assert changes == [30.0, 30.0] and p.check("192.0.2.52") == "host address"
+    # Given addresses are static: never re-read, and verdicts never lapse on their own.
     fixed = EgressPolicy(host_addresses=["192.0.2.9"], clock=lambda: now[0])
+    assert fixed.verdicts_valid_for() is None
     now[0] = 1e9
     assert fixed.check("192.0.2.9") == "host address"
 

@@ -843,7 +843,7 @@ def test_ipv4_mapped_destination_is_judged_as_ipv4() -> None:
 def test_splice_endings_are_worded_as_the_python_relay_words_them(
     outcome: int, error: int, tcp_close: int, expected: str | None
 ) -> None:
-    result = _ffi.SpliceResult(1, outcome, error, tcp_close, 0, 0)
+    result = _ffi.SpliceResult(1, outcome, error, tcp_close, 0, 0, 0.0)
     assert splice_error(result, connect_timeout=10.0) == expected
 
 
@@ -894,7 +894,7 @@ def test_spliced_relay_checks_the_policy_then_hands_over_and_reports_once() -> N
     assert conn.spliced == (("198.18.0.2", 80), 3.0) and not conn.rejected
     assert len(closed) == 1  # nothing more until the splice ends
     assert conn.on_done is not None
-    conn.on_done(_ffi.SpliceResult(conn.conn_id, _ffi.SPLICE_OK, 0, 0, 100, 2000))
+    conn.on_done(_ffi.SpliceResult(conn.conn_id, _ffi.SPLICE_OK, 0, 0, 100, 2000, 0.0))
     assert (closed[-1].bytes_up, closed[-1].bytes_down, closed[-1].error) == (100, 2000, None)
     assert [e.conn_id for e in opened] == [refused.conn_id, conn.conn_id]
 

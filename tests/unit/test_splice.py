@@ -76,7 +76,7 @@ def test_bytes_flow_both_ways_with_half_close_and_one_clean_result(
     server.close()
     # Both EOFs passed on: the splice is over; the stack finishes the FIN exchange alone.
     [result] = service(client)
-    assert result == SpliceResult(conn, _ffi.SPLICE_OK, 0, 0, 18, 24)
+    assert result == SpliceResult(conn, _ffi.SPLICE_OK, 0, 0, 18, 24, client.now)
     assert engine.splice_active() == 0 and engine.splice_bytes(conn) is None
     segs = client.segments()
     assert b"".join(s.payload for s in segs) == b"HTTP/1.0 200 OK\r\n\r\nhello"
@@ -251,3 +251,89 @@ def test_an_attached_socket_is_answered_at_the_next_poll(
     assert engine.splice_active_flows(since=client.now + 1) == {}  # nothing moved since
     with pytest.raises(EngineError):  # the handle is the table's now
         engine.splice_attach(conn, 0, client.now)
+
+
+# ---- The fast relay: SYNs to approved destinations spliced without the owner ---------------
+
+LOOPBACK = 0x7F000001
+
+
+def fast_peer(listener: socket.socket, sport: int = 40000) -> Peer:
+    """A peer connecting to the listener itself (the engine connects where the SYN goes)."""
+    return Peer(sport=sport, dport=listener.getsockname()[1], dst_ip=LOOPBACK)
+
+
+def test_fast_relay_splices_an_approved_destination_without_asking_and_reports_it(
+    engine: Engine, client: Client, listener: socket.socket
+) -> None:
+    dst = listener.getsockname()
+    engine.fast_relay_allow(dst, None, 10.0)
+    peer = fast_peer(listener)
+    client.send(peer.syn())
+    assert engine.tcp_events() == []  # no decision asked for
+    [opened] = engine.fast_relay_opened()
+    assert opened.peer_id == PEER_ID and opened.opened_at == client.now
+    assert opened.src == ("10.77.0.2", peer.sport) and opened.dst == dst
+    assert engine.fast_relay_opened() == []  # each is reported once
+    assert engine.stats()["fast_relayed"] == 1
+    server, _ = listener.accept()
+    server.settimeout(WAIT)
+    assert service(client) == []
+    [synack] = client.segments()  # the SYN's answer came once the destination accepted
+    assert synack.flags == SYN | ACK and synack.ack == peer.iss + 1
+    peer.rcv_nxt = (synack.seq + 1) & 0xFFFFFFFF
+    client.send(peer.seg(), peer.data(b"ping", flags=ACK | FIN))
+    engine.splice_results(client.now)
+    assert server.recv(100) == b"ping" and server.recv(100) == b""
+    server.sendall(b"pong")
+    server.close()
+    client.now += 0.5
+    [result] = service(client)
+    assert result == SpliceResult(opened.conn_id, _ffi.SPLICE_OK, 0, 0, 4, 4, client.now)
+    assert b"".join(s.payload for s in client.segments()) == b"pong"
+
+
+def test_fast_relay_refused_destination_still_gets_an_honest_rst(
+    engine: Engine, client: Client
+) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    engine.fast_relay_allow(("127.0.0.1", port), None, 10.0)
+    peer = Peer(dport=port, dst_ip=LOOPBACK)
+    client.send(peer.syn())
+    [opened] = engine.fast_relay_opened()
+    [result] = service(client)
+    assert result.conn_id == opened.conn_id
+    assert (result.outcome, result.error) == (_ffi.SPLICE_FAIL_CONNECT, errno.ECONNREFUSED)
+    [rst] = client.segments()
+    assert rst.flags == RST | ACK and rst.ack == peer.iss + 1
+
+
+@pytest.mark.parametrize("case", ["other_port", "other_address", "expired", "cleared"])
+def test_fast_relay_leaves_every_other_syn_to_the_owner(
+    engine: Engine, client: Client, listener: socket.socket, case: str
+) -> None:
+    ip, port = listener.getsockname()
+    engine.fast_relay_allow((ip, port), client.now + 5, 10.0)
+    peer = fast_peer(listener)
+    if case == "other_port":
+        peer.dport = port + 1 if port < 65535 else port - 1
+    elif case == "other_address":
+        peer.dst_ip = LOOPBACK + 1
+    elif case == "expired":
+        client.now += 5
+    else:
+        engine.fast_relay_clear()
+    syn_event(client, peer)
+    assert engine.fast_relay_opened() == [] and engine.stats()["fast_relayed"] == 0
+
+
+def test_fast_relay_approvals_are_checked(engine: Engine) -> None:
+    for dst, timeout in [(("127.0.0.1", 0), 10.0), (("0.0.0.0", 80), 10.0),
+                         (("127.0.0.1", 80), -1.0)]:  # fmt: skip
+        with pytest.raises(EngineError):
+            engine.fast_relay_allow(dst, None, timeout)
+    with pytest.raises(EngineError):
+        engine.fast_relay_allow(("::1", 80), None, 10.0)  # IPv4 only, as the stack

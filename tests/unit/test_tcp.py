@@ -246,6 +246,7 @@ class Peer:
     sport: int = 40000
     dport: int = 80
     iss: int = 1000
+    dst_ip: int = DST_IP
     wscale: int | None = 7
     sack_permitted: bool = False
     snd_nxt: int = 0
@@ -256,13 +257,14 @@ class Peer:
         kw.setdefault("seq", self.snd_nxt)
         kw.setdefault("ack", self.rcv_nxt)
         kw.setdefault("wnd", 2048 if self.wscale is not None else 65535)
-        return Seg(sport=self.sport, dport=self.dport, **kw)
+        return Seg(sport=self.sport, dport=self.dport, dst_ip=self.dst_ip, **kw)
 
     def syn(self) -> Seg:
         self.snd_nxt = self.iss + 1
         return Seg(
             seq=self.iss, ack=0, flags=SYN, wnd=65535, mss=MSS, wscale=self.wscale,
-            sport=self.sport, dport=self.dport, sack_permitted=self.sack_permitted,
+            sport=self.sport, dport=self.dport, dst_ip=self.dst_ip,
+            sack_permitted=self.sack_permitted,
         )  # fmt: skip
 
     def data(self, payload: bytes, flags: int = ACK | PSH, **kw: Any) -> Seg:

@@ -45,6 +45,7 @@ ENOSPC: int = lib.WG_ENOSPC
 EINDEX: int = lib.WG_EINDEX
 EIO: int = lib.WG_EIO
 EMSGSIZE: int = lib.WG_EMSGSIZE
+ENOMEM: int = lib.WG_ENOMEM
 
 TCP_EV_SYN: int = lib.TCP_EV_SYN
 TCP_EV_READABLE: int = lib.TCP_EV_READABLE
@@ -111,6 +112,7 @@ _ERROR_NAMES = {
     EINDEX: "local index already in use",
     EIO: "no socket attached",
     EMSGSIZE: "larger than the tunnel MTU",
+    ENOMEM: "out of memory",
 }
 
 _TCP_ERROR_NAMES = {
@@ -190,6 +192,18 @@ class SpliceResult:
     tcp_close: int  # TCP_CLOSE_*, for SPLICE_FAIL_PEER / SPLICE_FAIL_PEER_GONE
     bytes_up: int  # peer -> destination
     bytes_down: int  # destination -> peer
+    ended_at: float  # when it ended (the engine's clock)
+
+
+@dataclass(frozen=True, slots=True)
+class FastOpen:
+    """A connection the engine spliced on its own (a fast-relay destination); see _wgstack.h."""
+
+    conn_id: int
+    peer_id: int
+    src: Endpoint  # the peer's side
+    dst: Endpoint
+    opened_at: float  # when its SYN was taken (the engine's clock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +361,7 @@ class Engine:
         self._tcp = lib.wg_engine_tcp(raw)  # lives as long as the engine
         self._splice = lib.wg_engine_splice(raw)  # NULL without epoll: nothing is spliced
         self._splice_results = ffi.new("splice_result[]", _SPLICE_RESULT_BATCH)
+        self._fast_opened = ffi.new("wg_fast_open[]", _SPLICE_RESULT_BATCH)
         self._tcp_events = ffi.new("tcp_event[]", _TCP_EVENT_BATCH)
         self._tcp_info = ffi.new("tcp_conn_info *")
         # tcp_read copies into this, then one copy into bytes: as large as a receive buffer
@@ -612,6 +627,7 @@ class Engine:
             "udp_tx": out.udp_tx,
             "icmp_unreachables": out.icmp_unreachables,
             "ipv6_refused": out.ipv6_refused,
+            "fast_relayed": out.fast_relayed,
         }
 
     # TCP: connections peers open, driven through the engine's stack (handles are conn ids)
@@ -738,6 +754,42 @@ class Engine:
         if code < 0:
             raise OSError(-code, os.strerror(-code))
 
+    def fast_relay_allow(
+        self, dst: Endpoint, expires: float | None, connect_timeout: float
+    ) -> None:
+        """Let the engine splice SYNs to dst itself until expires (the engine's clock; None =
+        until cleared), connecting with connect_timeout; reported by `fast_relay_opened`."""
+        ip, port = _ipv4_endpoint_to_c(dst, "dst")
+        _check(
+            lib.wg_fast_relay_allow(
+                self._e, ip, port, float(expires or 0.0), float(connect_timeout)
+            ),
+            "fast_relay_allow",
+        )
+
+    def fast_relay_clear(self) -> None:
+        """Forget every fast-relay approval (the rules behind them changed)."""
+        lib.wg_fast_relay_clear(self._e)
+
+    def fast_relay_opened(self) -> list[FastOpen]:
+        """Connections the engine spliced on its own since the last call, oldest first."""
+        out: list[FastOpen] = []
+        buf = self._fast_opened
+        while True:
+            n = lib.wg_fast_relay_opened(self._e, buf, _SPLICE_RESULT_BATCH)
+            out.extend(
+                FastOpen(
+                    r.conn_id,
+                    r.peer_id,
+                    (_ipv4_str(r.src_ip), r.src_port),
+                    (_ipv4_str(r.dst_ip), r.dst_port),
+                    r.opened_at,
+                )
+                for r in (buf[i] for i in range(n))
+            )
+            if n < _SPLICE_RESULT_BATCH:
+                return out
+
     def splice_fd(self) -> int:
         """The epoll fd to watch for readability (answer with `splice_service`)."""
         return lib.splice_fd(self._splice)
@@ -756,7 +808,9 @@ class Engine:
         while True:
             n = lib.splice_results(self._splice, buf, _SPLICE_RESULT_BATCH)
             out.extend(
-                SpliceResult(r.conn_id, r.outcome, r.error, r.tcp_close, r.bytes_up, r.bytes_down)
+                SpliceResult(
+                    r.conn_id, r.outcome, r.error, r.tcp_close, r.bytes_up, r.bytes_down, r.ended_at
+                )
                 for r in (buf[i] for i in range(n))
             )
             if n < _SPLICE_RESULT_BATCH:

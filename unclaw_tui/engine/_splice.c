@@ -106,7 +106,8 @@ splice_table *splice_table_new(tcp_stack *tcp, uint32_t slots) {
     return t;
 }
 
-static void push_result(splice_table *t, const spliced_conn *sp, uint32_t outcome, int32_t error) {
+static void push_result(splice_table *t, const spliced_conn *sp, uint32_t outcome, int32_t error,
+                        double now) {
     if (t->res_count == t->res_cap) {
         uint32_t cap = t->res_cap ? t->res_cap * 2 : 64;
         splice_result *grown = malloc(cap * sizeof *grown);
@@ -125,6 +126,7 @@ static void push_result(splice_table *t, const spliced_conn *sp, uint32_t outcom
         .tcp_close = sp->tcp_close,
         .bytes_up = sp->up,
         .bytes_down = sp->down,
+        .ended_at = now,
     };
     t->res_count++;
 }
@@ -160,7 +162,7 @@ static void finish(splice_table *t, spliced_conn *sp, uint32_t outcome, int32_t 
         break;
     }
     tcp_release(t->tcp, id, now); /* after a clean end the stack finishes its FIN on its own */
-    push_result(t, sp, outcome, error);
+    push_result(t, sp, outcome, error, now);
     t->active--;
     free(sp);
 }

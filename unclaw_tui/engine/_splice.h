@@ -47,6 +47,7 @@ typedef struct {
     uint32_t tcp_close;  /* TCP_CLOSE_*, for SPLICE_FAIL_PEER and SPLICE_FAIL_PEER_GONE */
     uint64_t bytes_up;   /* peer -> destination, taken by the destination's socket */
     uint64_t bytes_down; /* destination -> peer, taken by the peer's send ring */
+    double ended_at;     /* when it ended (the caller's clock) */
 } splice_result;
 
 typedef struct {

@@ -191,6 +191,14 @@ typedef struct {
     wg_endpoint dst;
 } output_meta;
 
+/* A destination approved for the fast relay (see wg_fast_relay_allow). */
+typedef struct {
+    uint32_t ip;
+    uint16_t port;
+    bool used;
+    double expires; /* 0 = never */
+} fast_relay_entry;
+
 /* TCP events waiting for wg_tcp_events, one entry per TCP table slot: a bit per event type, so
  * the queue can never overflow and a dropped READABLE can never stall a connection. */
 typedef struct {
@@ -240,6 +248,11 @@ struct wg_engine {
     tcp_pending *tcp_pending; /* tcp_slots entries */
     uint32_t *tcp_ready;      /* FIFO of slots with pending events; each slot at most once */
     uint32_t tcp_slots, tcp_ready_head, tcp_ready_count;
+
+    fast_relay_entry *fast_relay; /* WG_FAST_RELAY_SLOTS, allocated by the first approval */
+    double fast_connect_timeout;
+    wg_fast_open *fast_opened;    /* ring of reports for the owner */
+    uint32_t fast_head, fast_count, fast_cap;
 
     wg_udp_meta *udp_meta; /* WG_UDP_QUEUE_MAX entries */
     uint8_t *udp_arena;    /* WG_UDP_ARENA_SIZE bytes */
@@ -1179,9 +1192,93 @@ static void tcp_emit_cb(void *ctx, uint32_t peer_id, const uint8_t *pkt, size_t 
     peer_send_data(e, peer_id, pkt, len, now);
 }
 
+/* ---- Fast relay: SYNs to approved destinations spliced without the owner ------------------ */
+static uint32_t fast_relay_slot(uint32_t ip, uint16_t port) {
+    uint32_t h = (ip ^ ((uint32_t)port * 0x9e3779b1u)) * 0x85ebca6bu;
+    return (h ^ (h >> 15)) & (WG_FAST_RELAY_SLOTS - 1);
+}
+
+int wg_fast_relay_allow(wg_engine *e, uint32_t ip, uint16_t port, double expires,
+                        double connect_timeout) {
+    if (ip == 0 || port == 0 || !(connect_timeout >= 0)) return WG_EINVAL;
+    if (!e->fast_relay) {
+        e->fast_relay = calloc(WG_FAST_RELAY_SLOTS, sizeof *e->fast_relay);
+        if (!e->fast_relay) return WG_ENOMEM;
+    }
+    e->fast_relay[fast_relay_slot(ip, port)] =
+        (fast_relay_entry){.ip = ip, .port = port, .used = true, .expires = expires};
+    e->fast_connect_timeout = connect_timeout;
+    return 0;
+}
+
+void wg_fast_relay_clear(wg_engine *e) {
+    if (e->fast_relay) memset(e->fast_relay, 0, WG_FAST_RELAY_SLOTS * sizeof *e->fast_relay);
+}
+
+static bool fast_relay_approved(wg_engine *e, uint32_t ip, uint16_t port) {
+    const fast_relay_entry *f = &e->fast_relay[fast_relay_slot(ip, port)];
+    return f->used && f->ip == ip && f->port == port && (f->expires == 0 || e->now < f->expires);
+}
+
+static bool fast_report_room(wg_engine *e) {
+    if (e->fast_count < e->fast_cap) return true;
+    if (e->fast_cap >= WG_FAST_RELAY_QUEUE_MAX) return false;
+    uint32_t cap = e->fast_cap ? e->fast_cap * 2 : 64;
+    wg_fast_open *grown = malloc(cap * sizeof *grown);
+    if (!grown) return false;
+    for (uint32_t i = 0; i < e->fast_count; i++)
+        grown[i] = e->fast_opened[(e->fast_head + i) % e->fast_cap];
+    free(e->fast_opened);
+    e->fast_opened = grown;
+    e->fast_cap = cap;
+    e->fast_head = 0;
+    return true;
+}
+
+/* A new connection's SYN: splice it here if its destination is approved.  Runs inside the TCP
+ * stack's input (the SYN event is the last thing it raises), which splice_connect allows: it
+ * only reads the connection and opens a socket; the SYN is answered later, by splice_run. */
+static bool fast_relay_take(wg_engine *e, uint32_t conn_id) {
+    tcp_conn_info info;
+    if (tcp_get_info(e->tcp, conn_id, &info) != 0) return false;
+    if (!fast_relay_approved(e, info.dst_ip, info.dst_port) || !fast_report_room(e)) return false;
+    if (splice_connect(e->splice, conn_id, info.dst_ip, info.dst_port,
+                       e->now + e->fast_connect_timeout, e->now) != 0)
+        return false; /* the owner decides, and answers, as for any SYN */
+    e->fast_opened[(e->fast_head + e->fast_count) % e->fast_cap] = (wg_fast_open){
+        .conn_id = conn_id,
+        .peer_id = info.peer_id,
+        .src_ip = info.src_ip,
+        .dst_ip = info.dst_ip,
+        .src_port = info.src_port,
+        .dst_port = info.dst_port,
+        .opened_at = e->now,
+    };
+    e->fast_count++;
+    e->stats.fast_relayed++;
+    return true;
+}
+
+int wg_fast_relay_opened(wg_engine *e, wg_fast_open *out, int max) {
+    if (!out || max < 0) return WG_EINVAL;
+    int n = 0;
+    while (n < max && e->fast_count) {
+        out[n++] = e->fast_opened[e->fast_head];
+        e->fast_head = (e->fast_head + 1) % e->fast_cap;
+        e->fast_count--;
+    }
+    return n;
+}
+
+uint32_t wg_reports_waiting(wg_engine *e) {
+    return e->fast_count + splice_results_waiting(e->splice);
+}
+
 static void tcp_event_cb(void *ctx, const tcp_event *ev) {
     wg_engine *e = ctx;
     if (e->splice && splice_claim_event(e->splice, ev)) return; /* handled in C */
+    if (ev->type == TCP_EV_SYN && e->fast_relay && e->splice && fast_relay_take(e, ev->conn_id))
+        return;
     uint32_t slot = (ev->conn_id & TCP_CONN_SLOT_MASK) - 1;
     if (slot >= e->tcp_slots || ev->type < TCP_EV_SYN || ev->type > TCP_EV_CLOSED) return;
     tcp_pending *p = &e->tcp_pending[slot];
@@ -1528,8 +1625,7 @@ void wg_tune_allocator(void) {
 }
 
 int wg_owner_work(wg_engine *e) {
-    return e->ev_count || e->tcp_ready_count || e->udp_count ||
-           splice_results_waiting(e->splice) != 0;
+    return e->ev_count || e->tcp_ready_count || e->udp_count;
 }
 
 int wg_io_fd(wg_engine *e) { return e->io_fd; }
@@ -1549,6 +1645,7 @@ void wg_collect(wg_engine *e, double now, wg_pending *out) {
     out->tcp_events = e->tcp_ready_count;
     out->udp_datagrams = e->udp_count;
     out->splice_results = splice_results_waiting(e->splice);
+    out->fast_opened = e->fast_count;
     out->outputs = e->out_count;
     out->next_deadline = wg_next_deadline(e);
 }
@@ -1653,6 +1750,8 @@ void wg_engine_free(wg_engine *e) {
     free(e->io_rx_bufs);
     free(e->tcp_pending);
     free(e->tcp_ready);
+    free(e->fast_relay);
+    free(e->fast_opened);
     free(e->udp_meta);
     free(e->udp_arena);
     free(e);

@@ -52,6 +52,7 @@ typedef void (*wg_memzero_fn)(void *pnt, size_t len);
 #define WG_EINDEX -5
 #define WG_EIO -6
 #define WG_EMSGSIZE -7 /* a packet to build would exceed the tunnel MTU */
+#define WG_ENOMEM -8
 
 /* A UDP endpoint. family is 4 or 6 (0: none); addr holds 4 or 16 bytes in network order. */
 typedef struct {
@@ -139,6 +140,7 @@ typedef struct {
     uint64_t udp_tx;          /* UDP datagrams sent by wg_udp_send */
     uint64_t icmp_unreachables; /* ICMP destination unreachable sent by wg_icmp_unreachable */
     uint64_t ipv6_refused;    /* IPv6 TCP SYNs answered with RST, UDP with ICMPv6 unreachable */
+    uint64_t fast_relayed;    /* SYNs spliced by the engine itself (wg_fast_relay_allow) */
 } wg_engine_stats;
 
 typedef struct wg_engine wg_engine;
@@ -213,6 +215,32 @@ splice_table *wg_engine_splice(wg_engine *e);
  * Returns the number of results waiting in splice_results. */
 int wg_splice_service(wg_engine *e, double now);
 
+/* Fast relay: SYNs to destinations (ip:port) the owner already approved are spliced by the
+ * engine itself (splice_connect, connect_timeout as given with the approval) instead of being
+ * raised as TCP_EV_SYN, so a new connection to a known-good destination needs no owner turn.
+ * Each is reported afterwards through wg_fast_relay_opened and ends like any splice, in
+ * splice_results.  Approvals are a bounded cache (WG_FAST_RELAY_SLOTS, direct-mapped: a
+ * collision forgets the older one) that lapse at their expiry (the caller's clock; 0 = never);
+ * wg_fast_relay_clear forgets them all, for when the owner's rules change.  A SYN the engine
+ * cannot start itself (no socket, WG_FAST_RELAY_QUEUE_MAX reports unread) is raised as usual. */
+#define WG_FAST_RELAY_SLOTS 4096
+#define WG_FAST_RELAY_QUEUE_MAX 65536
+typedef struct {
+    uint32_t conn_id;
+    uint32_t peer_id;
+    uint32_t src_ip, dst_ip;     /* src = the peer's tunnel-side address, as tcp_conn_info */
+    uint16_t src_port, dst_port;
+    double opened_at;            /* when the SYN was taken (the caller's clock) */
+} wg_fast_open;
+/* WG_EINVAL for a zero ip or port or a negative timeout; WG_ENOMEM; 0 when approved. */
+int wg_fast_relay_allow(wg_engine *e, uint32_t ip, uint16_t port, double expires,
+                        double connect_timeout);
+void wg_fast_relay_clear(wg_engine *e);
+/* Pop up to max reports of connections the engine spliced itself, oldest first. */
+int wg_fast_relay_opened(wg_engine *e, wg_fast_open *out, int max);
+/* Reports waiting for the owner: wg_fast_relay_opened's plus splice_results'. */
+uint32_t wg_reports_waiting(wg_engine *e);
+
 /* UDP from peers.  Each datagram (valid header, length and checksum when nonzero; not to a
  * multicast or broadcast address) is queued with its payload in an arena. */
 typedef struct {
@@ -257,13 +285,15 @@ typedef struct {
     uint32_t tcp_events;     /* connections with TCP events */
     uint32_t udp_datagrams;
     uint32_t splice_results;
+    uint32_t fast_opened;    /* reports for wg_fast_relay_opened */
     uint32_t outputs;        /* datagrams queued to send */
     double next_deadline;    /* 0 = nothing armed */
 } wg_pending;
 void wg_collect(wg_engine *e, double now, wg_pending *out);
 
-/* Nonzero when something waits that only the owner handles: events, TCP events of its own
- * connections, UDP datagrams or ended splices (what wg_collect counts, minus outputs). */
+/* Nonzero when something waits that only the owner handles and that cannot wait: events, TCP
+ * events of its own connections, UDP datagrams.  Reports (wg_reports_waiting) can wait a
+ * little and be read in batches. */
 int wg_owner_work(wg_engine *e);
 /* The attached UDP socket, or -1. */
 int wg_io_fd(wg_engine *e);

@@ -25,6 +25,11 @@
 #define WORKER_MAX_SLEEP_MS 1000
 /* How many times the worker yields to an owner waiting for the lock before taking it anyway. */
 #define WORKER_YIELDS 64
+/* Reports (connections the engine opened and ended on its own) are read in batches: the owner
+ * is woken for them this long after the first one waits, or once this many wait, instead of
+ * once per connection.  Their events come this much later; nothing else waits for them. */
+#define REPORT_DELAY 0.02
+#define REPORT_BATCH 256
 
 enum { TAG_UDP = 1, TAG_SPLICE = 2, TAG_WAKE = 3 };
 
@@ -39,6 +44,7 @@ struct wg_worker {
     bool sleeping;      /* in epoll_wait, until sleep_until (0 = no deadline) */
     double sleep_until;
     bool notified;      /* notify_fd raised and the owner has not locked since */
+    double reports_since; /* when the oldest unread report was seen (0 = none waits) */
     uint64_t wakeups, notifications;
 };
 
@@ -57,8 +63,14 @@ static void bump(int fd) {
     /* EAGAIN: the counter is saturated, so the reader will wake anyway. */
 }
 
-static void notify_owner(wg_worker *w) {
-    if (w->notified || !wg_owner_work(w->e)) return;
+static void notify_owner(wg_worker *w, double now) {
+    uint32_t reports = wg_reports_waiting(w->e);
+    if (reports == 0) w->reports_since = 0;
+    else if (w->reports_since == 0) w->reports_since = now;
+    if (w->notified) return;
+    bool reports_due =
+        reports != 0 && (reports >= REPORT_BATCH || now >= w->reports_since + REPORT_DELAY);
+    if (!reports_due && !wg_owner_work(w->e)) return;
     w->notified = true;
     w->notifications++;
     bump(w->notify_fd);
@@ -85,6 +97,10 @@ static void *worker_main(void *arg) {
     while (!w->stop) {
         double now = monotonic_now();
         double deadline = wg_next_deadline(e);
+        if (w->reports_since != 0 && !w->notified) {
+            double due = w->reports_since + REPORT_DELAY;
+            if (deadline == 0 || due < deadline) deadline = due;
+        }
         int timeout = sleep_ms(deadline, now);
         int n = 0;
         if (timeout > 0) {
@@ -114,7 +130,7 @@ static void *worker_main(void *arg) {
         if (udp) wg_io_recv(e, now, WORKER_RECV_BUDGET); /* also takes the splices' news */
         else if (splice) wg_splice_service(e, now);
         wg_timers_due(e, now);
-        notify_owner(w);
+        notify_owner(w, now);
         if (udp || splice) {
             /* Between batches under load: let a waiting owner in before the next one. */
             if (atomic_load(&w->owner_waiting) > 0) {
@@ -197,7 +213,7 @@ void wg_worker_unlock(wg_worker *w) {
         wake = deadline != 0 && (w->sleep_until == 0 || deadline < w->sleep_until);
         if (wake) w->sleep_until = deadline; /* one wake-up per earlier deadline */
     }
-    notify_owner(w);
+    notify_owner(w, monotonic_now());
     pthread_mutex_unlock(&w->lock);
     if (wake) bump(w->wake_fd);
 }

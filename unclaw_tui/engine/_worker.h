@@ -7,7 +7,8 @@
  * engine's deadline, and does what the loop did for them (wg_io_recv, wg_splice_service,
  * wg_tick).  It never needs the interpreter: the owner hears from it only when the engine has
  * something only the owner can handle (wg_owner_work: handshake messages, new connections, data
- * for the owner's own flows, ended splices), through an eventfd.
+ * for the owner's own flows), through an eventfd.  Reports of connections the engine opened and
+ * ended on its own (wg_reports_waiting) wake the owner in batches, at most 20 ms late.
  *
  * One mutex guards the engine.  The worker holds it while it works and drops it while it waits;
  * the owner takes it (wg_worker_lock) around every use of the engine while the worker runs, and

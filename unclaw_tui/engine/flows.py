@@ -405,4 +405,7 @@ class UdpDatagram:
 
 
 TcpHandler = Callable[[TcpConn], None]
+# A connection the engine relayed on its own (a fast-relay destination) and the peer's public
+# key -> what to call when it ends.
+FastRelayHandler = Callable[[_ffi.FastOpen, bytes], SpliceDone]
 UdpHandler = Callable[[UdpDatagram], None]

@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unclaw_tui.engine import _ffi, constants
-from unclaw_tui.engine.flows import SpliceDone, TcpConn, TcpHandler, UdpDatagram, UdpHandler
+from unclaw_tui.engine.flows import (
+    FastRelayHandler,
+    SpliceDone,
+    TcpConn,
+    TcpHandler,
+    UdpDatagram,
+    UdpHandler,
+)
 from unclaw_tui.engine.noise import HandshakeCore, HandshakeError, Keypair
 from unclaw_tui.engine.ratelimit import LoadMonitor, SourceRateLimiter
 
@@ -145,8 +152,9 @@ class Tunnel:
         self._timer_at: float | None = None
         self._closed = False
         self._conns: dict[int, TcpConn] = {}
-        # Connections relayed in C (`splice`): their owner's callback for when they end.
-        self._spliced: dict[int, tuple[TcpConn, SpliceDone]] = {}
+        # Connections relayed in C (`splice`, or the fast relay's with no TcpConn): their
+        # owner's callback for when they end.
+        self._spliced: dict[int, tuple[TcpConn | None, SpliceDone]] = {}
         self._splice_watched = False
         self._splices_started = False  # splice_connect/attach ran in this engine turn
         self._flush_scheduled = False
@@ -155,6 +163,8 @@ class Tunnel:
         # Where new flows go; with no handler, SYNs are refused and datagrams dropped.
         self.on_tcp: TcpHandler | None = None
         self.on_udp: UdpHandler | None = None
+        # Told of each connection the engine relayed on its own (see `fast_relay_allow`).
+        self.on_fast_relay: FastRelayHandler | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -225,6 +235,7 @@ class Tunnel:
         for conn in list(self._conns.values()):
             conn.abort()
         now = self._now() if self._loop is not None or self._clock is not None else 0.0
+        self._take_fast_relayed()  # so that they too end with a report
         for conn_id in list(self._spliced):
             self._engine.splice_abort(conn_id, now)
         self._finish_splices(now)
@@ -291,6 +302,9 @@ class Tunnel:
             self._remove_peer(public_key)
 
     def _remove_peer(self, public_key: bytes) -> None:
+        # Reports of the peer's fast-relayed connections name it by its id: read them while
+        # the id is still this peer's.
+        self._take_fast_relayed()
         for conn in [c for c in self._conns.values() if c.peer_public_key == public_key]:
             conn.abort()
         peer = self._peers.pop(public_key)
@@ -433,6 +447,9 @@ class Tunnel:
                 self._drain_flows(tcp=pending.tcp_events > 0, udp=pending.udp_datagrams > 0)
             except Exception:
                 log.exception("flow handling failed")
+        if pending.fast_opened:  # before the results: one may be of a connection listed here
+            handled = True
+            self._take_fast_relayed()
         if self._splices_started:
             # A connect to a nearby host often completes inside connect() itself: take the
             # sockets' news now, so the SYN-ACKs leave in this turn instead of the next one.
@@ -479,6 +496,27 @@ class Tunnel:
             self._splice_watched = True
         self._schedule_flush()  # the deadline joins the timer
 
+    def fast_relay_allow(self, dst: Endpoint, ttl: float | None, connect_timeout: float) -> None:
+        """From now on, SYNs to dst are spliced by the engine itself, without `on_tcp`, for
+        ttl seconds (None: until `fast_relay_clear`); each is reported to `on_fast_relay`.
+        For destinations whose every connection `on_tcp` would relay anyway."""
+        expires = None if ttl is None else self._now() + ttl
+        self._engine.fast_relay_allow(dst, expires, connect_timeout)
+
+    def fast_relay_clear(self) -> None:
+        """Every SYN goes to `on_tcp` again, until the next `fast_relay_allow`."""
+        self._engine.fast_relay_clear()
+
+    def _take_fast_relayed(self) -> None:
+        for opened in self._engine.fast_relay_opened():
+            peer = self._by_id.get(opened.peer_id)
+            if peer is None or self.on_fast_relay is None:  # cannot happen: see _remove_peer
+                continue
+            try:
+                self._spliced[opened.conn_id] = (None, self.on_fast_relay(opened, peer.public_key))
+            except Exception:
+                log.exception("fast relay handler failed")
+
     def _on_splice_ready(self) -> None:
         if self._closed:
             return
@@ -492,7 +530,8 @@ class Tunnel:
             if entry is None:
                 continue
             conn, on_done = entry
-            conn._spliced_done(result)
+            if conn is not None:
+                conn._spliced_done(result)
             try:
                 on_done(result)
             except Exception:

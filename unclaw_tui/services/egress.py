@@ -159,6 +159,8 @@ class EgressPolicy:
         self._clock = clock
         self._refresh_interval = refresh_interval
         self._refreshed_at = clock()
+        # Called whenever the rules change, so that verdicts kept elsewhere can be dropped.
+        self.on_change: Callable[[], None] | None = None
         hosts = host_addresses if host_addresses is not None else host_address_source()
         self._install(hosts)
 
@@ -181,6 +183,16 @@ class EgressPolicy:
         self.rules: tuple[Rule, ...] = (*fixed, *host_rules)
         self._table = RuleTable(self.rules)
         self._verdicts: dict[str | IPAddress, str | None] = {}
+        if self.on_change is not None:
+            self.on_change()
+
+    def verdicts_valid_for(self) -> float | None:
+        """Seconds a verdict given now stays right, unless `on_change` says otherwise first:
+        until the host addresses are read again (None when they never are, a fixed set having
+        been given).  After it, ask `check` again."""
+        if self._static_hosts:
+            return None
+        return max(0.0, self._refreshed_at + self._refresh_interval - self._clock())
 
     def refresh_host_addresses(self, hosts: Iterable[str | IPAddress] | None = None) -> None:
         """Re-read this host's addresses (or take the given ones)."""

@@ -44,7 +44,7 @@ from unclaw_tui.events import Event, TcpClosed, TcpOpened, UdpFlowClosed, UdpFlo
 from unclaw_tui.services.egress import EgressPolicy
 
 if TYPE_CHECKING:
-    from unclaw_tui.engine._ffi import SpliceResult
+    from unclaw_tui.engine._ffi import FastOpen, SpliceResult
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 MIN_READ_SIZE = 64 * 1024
@@ -430,10 +430,10 @@ def relay_tcp_spliced(
     route: str = "relay",
     hostname: str | None = None,
     clock: Callable[[], float] = time.monotonic,
-) -> None:
+) -> bool:
     """`relay_tcp` with the bytes moved in C (engine splices): the same policy, events and
-    answers to the peer, but no task and no Python per read.  Returns at once; the close event
-    is emitted when the connection ends."""
+    answers to the peer, but no task and no Python per read.  Returns at once, True when the
+    connection went to C (the policy allowed it); the close event is emitted when it ends."""
     started = clock()
     ident = flow_ident(conn, peer_name, route, hostname)
     on_open(TcpOpened(**ident))
@@ -442,7 +442,7 @@ def relay_tcp_spliced(
         conn.reject()
         stats = SpliceStats(error=f"refused by egress policy: {reason}")
         _closed(ident, stats, clock() - started, on_close)
-        return
+        return False
 
     def done(result: SpliceResult) -> None:
         stats = SpliceStats(
@@ -455,19 +455,68 @@ def relay_tcp_spliced(
     except OSError as exc:
         conn.reject()
         _closed(ident, SpliceStats(error=_describe(exc)), clock() - started, on_close)
+        return False
+    return True
+
+
+def fast_relayed(
+    opened: FastOpen,
+    peer_public_key: bytes,
+    *,
+    peer_name: PeerName,
+    on_open: Callable[[TcpOpened], None],
+    on_close: Callable[[TcpClosed], None],
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    route: str = "relay",
+) -> Callable[[SpliceResult], None]:
+    """The events of a connection the engine relayed on its own (its destination was approved
+    by an earlier `relay_tcp_spliced`): the same `TcpOpened` and `TcpClosed` as that one's,
+    reported afterwards.  Returns what to call with its result."""
+    ident = _ident(
+        opened.conn_id, peer_public_key, opened.src[0], opened.dst, peer_name, route, None
+    )
+    on_open(TcpOpened(**ident))
+
+    def done(result: SpliceResult) -> None:
+        stats = SpliceStats(
+            result.bytes_up, result.bytes_down, splice_error(result, connect_timeout)
+        )
+        _closed(ident, stats, max(0.0, result.ended_at - opened.opened_at), on_close)
+
+    return done
 
 
 def flow_ident(
     conn: TcpConnLike, peer_name: PeerName, route: str, hostname: str | None
 ) -> dict[str, Any]:
     """The fields a connection's TcpOpened and TcpClosed share."""
+    return _ident(
+        conn.conn_id,
+        conn.peer_public_key,
+        conn.peer_ip,
+        (conn.dst_ip, conn.dst_port),
+        peer_name,
+        route,
+        hostname,
+    )
+
+
+def _ident(
+    conn_id: int,
+    peer_public_key: bytes,
+    peer_ip: str,
+    dst: tuple[str, int],
+    peer_name: PeerName,
+    route: str,
+    hostname: str | None,
+) -> dict[str, Any]:
     return {
-        "conn_id": conn.conn_id,
-        "peer": peer_name(conn.peer_public_key),
-        "peer_public_key": _b64(conn.peer_public_key),
-        "peer_ip": conn.peer_ip,
-        "dst_ip": conn.dst_ip,
-        "dst_port": conn.dst_port,
+        "conn_id": conn_id,
+        "peer": peer_name(peer_public_key),
+        "peer_public_key": _b64(peer_public_key),
+        "peer_ip": peer_ip,
+        "dst_ip": dst[0],
+        "dst_port": dst[1],
         "hostname": hostname,
         "route": route,
     }
