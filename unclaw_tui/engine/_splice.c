@@ -394,18 +394,25 @@ static bool pump_down(splice_table *t, spliced_conn *sp, double now, bool *more)
             return false;
         }
         tcp_write_commit(t->tcp, sp->conn_id, (size_t)got, now);
-        if (got == 0) {
+        bool eof = got == 0;
+        if (got > 0) {
+            sp->down += (uint64_t)got;
+            sp->active_at = now;
+            moved += (uint32_t)got;
+            if (got < space) {
+                /* Drained.  If the destination's FIN (and nothing worse) was in before this
+                 * read, that short read took everything before it: the EOF needs no read of
+                 * its own.  An error that came with the data still has to be read. */
+                eof = sp->host_hup && !sp->host_err;
+                if (!sp->host_hup) { /* the next arrival is a new edge */
+                    sp->host_readable = false;
+                    break;
+                }
+            }
+        }
+        if (eof) {
             tcp_shutdown_write(t->tcp, sp->conn_id, now); /* FIN after the buffered data */
             sp->down_done = true;
-            break;
-        }
-        sp->down += (uint64_t)got;
-        sp->active_at = now;
-        moved += (uint32_t)got;
-        if (got < space && !sp->host_hup) {
-            /* Drained: the next arrival is a new edge.  Not so for an EOF or error that came
-             * with the data: its one edge is spent, so read on until it shows. */
-            sp->host_readable = false;
             break;
         }
     }

@@ -155,6 +155,10 @@ class Tunnel:
         # Connections relayed in C (`splice`, or the fast relay's with no TcpConn): their
         # owner's callback for when they end.
         self._spliced: dict[int, tuple[TcpConn | None, SpliceDone]] = {}
+        # Reports taken from C under the engine lock, handled after it is given back (see
+        # _take_reports): a fast-relayed connection opened (with its peer's key), a splice ended.
+        self._reports: list[tuple[_ffi.FastOpen, bytes] | _ffi.SpliceResult] = []
+        self._reports_scheduled = False
         self._splice_watched = False
         self._splices_started = False  # splice_connect/attach ran in this engine turn
         self._flush_scheduled = False
@@ -235,10 +239,12 @@ class Tunnel:
         for conn in list(self._conns.values()):
             conn.abort()
         now = self._now() if self._loop is not None or self._clock is not None else 0.0
-        self._take_fast_relayed()  # so that they too end with a report
+        self._take_reports(now)  # fast-relayed connections not reported yet end with a report too
+        self._deliver_reports()
         for conn_id in list(self._spliced):
             self._engine.splice_abort(conn_id, now)
-        self._finish_splices(now)
+        self._take_reports(now)
+        self._deliver_reports()
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
@@ -304,7 +310,7 @@ class Tunnel:
     def _remove_peer(self, public_key: bytes) -> None:
         # Reports of the peer's fast-relayed connections name it by its id: read them while
         # the id is still this peer's.
-        self._take_fast_relayed()
+        self._take_reports(self._now())
         for conn in [c for c in self._conns.values() if c.peer_public_key == public_key]:
             conn.abort()
         peer = self._peers.pop(public_key)
@@ -447,19 +453,16 @@ class Tunnel:
                 self._drain_flows(tcp=pending.tcp_events > 0, udp=pending.udp_datagrams > 0)
             except Exception:
                 log.exception("flow handling failed")
-        if pending.fast_opened:  # before the results: one may be of a connection listed here
-            handled = True
-            self._take_fast_relayed()
         if self._splices_started:
             # A connect to a nearby host often completes inside connect() itself: take the
             # sockets' news now, so the SYN-ACKs leave in this turn instead of the next one.
             self._splices_started = False
             self._engine.splice_service(now)
             handled = True
-            self._finish_splices(now)
-        elif pending.splice_results:
+            self._take_reports(now)
+        elif pending.fast_opened or pending.splice_results:
             handled = True
-            self._finish_splices(now)
+            self._take_reports(now)
         if handled:  # handlers may have queued packets and moved deadlines
             self._engine.io_flush()
             self._rearm(self._engine_deadline())
@@ -507,15 +510,45 @@ class Tunnel:
         """Every SYN goes to `on_tcp` again, until the next `fast_relay_allow`."""
         self._engine.fast_relay_clear()
 
-    def _take_fast_relayed(self) -> None:
+    def _take_reports(self, now: float) -> None:
+        """Move C's reports (fast-relayed connections opened, splices ended, in that order: a
+        result may be of a connection opened in the same batch) to `_reports`.  Called under
+        the engine lock; they are handled after it, so that building events for a batch of
+        connections never keeps the engine's thread waiting."""
         for opened in self._engine.fast_relay_opened():
             peer = self._by_id.get(opened.peer_id)
-            if peer is None or self.on_fast_relay is None:  # cannot happen: see _remove_peer
+            if peer is not None:  # always: see _remove_peer
+                self._reports.append((opened, peer.public_key))
+        self._reports.extend(self._engine.splice_results(now))
+        if self._reports and not self._reports_scheduled and self._loop is not None:
+            self._reports_scheduled = True
+            self._loop.call_soon(self._deliver_reports)
+
+    def _deliver_reports(self) -> None:
+        self._reports_scheduled = False
+        reports, self._reports = self._reports, []
+        for report in reports:
+            if isinstance(report, tuple):
+                opened, public_key = report
+                if self.on_fast_relay is None:
+                    continue
+                try:
+                    done = self.on_fast_relay(opened, public_key)
+                except Exception:
+                    log.exception("fast relay handler failed")
+                    continue
+                self._spliced[opened.conn_id] = (None, done)
                 continue
+            entry = self._spliced.pop(report.conn_id, None)
+            if entry is None:
+                continue
+            conn, on_done = entry
+            if conn is not None:
+                conn._spliced_done(report)
             try:
-                self._spliced[opened.conn_id] = (None, self.on_fast_relay(opened, peer.public_key))
+                on_done(report)
             except Exception:
-                log.exception("fast relay handler failed")
+                log.exception("splice completion handler failed")
 
     def _on_splice_ready(self) -> None:
         if self._closed:
@@ -523,19 +556,6 @@ class Tunnel:
         now = self._now()
         self._engine.splice_service(now)
         self._after_engine_work(now)
-
-    def _finish_splices(self, now: float) -> None:
-        for result in self._engine.splice_results(now):
-            entry = self._spliced.pop(result.conn_id, None)
-            if entry is None:
-                continue
-            conn, on_done = entry
-            if conn is not None:
-                conn._spliced_done(result)
-            try:
-                on_done(result)
-            except Exception:
-                log.exception("splice completion handler failed")
 
     def trim_memory(self) -> None:
         """Give free C heap back to the system; callable from any thread (see wg_trim_memory)."""
