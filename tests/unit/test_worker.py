@@ -5,15 +5,20 @@ Python's calls with the thread's batches, and stopping it hands the engine back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import ipaddress
 import os
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from tests.packets import ping_packet
+from tests.unit.test_tcp import RST, SYN, Seg
 from unclaw_tui.engine import _ffi
+from unclaw_tui.engine.flows import SpliceDone
 from unclaw_tui.engine.noise import generate_private_key
 from unclaw_tui.engine.tunnel import Tunnel, TunnelEvent
 
@@ -38,12 +43,12 @@ class Pair:
                          listen_host="127.0.0.1", on_event=self.cl_events.append,
                          engine_thread=False)  # fmt: skip
 
-    async def start(self, *, keepalive: int = 0) -> None:
+    async def start(self, *, keepalive: int = 0, client_routes: str = "10.77.0.1/32") -> None:
         await self.gw.start()
         await self.cl.start()
         self.gw.add_peer(self.cl.public_key, allowed_ips=["10.77.0.2/32"],
                          persistent_keepalive=keepalive)  # fmt: skip
-        self.cl.add_peer(self.gw.public_key, allowed_ips=["10.77.0.1/32"],
+        self.cl.add_peer(self.gw.public_key, allowed_ips=[client_routes],
                          endpoint=("127.0.0.1", self.gw.listen_port))  # fmt: skip
 
     def echo_replies(self) -> int:
@@ -161,3 +166,46 @@ async def test_stopping_inside_the_lock_is_refused_not_a_deadlock(pair: Pair) ->
     assert engine.threaded  # still running, and stoppable once the lock is given back
     engine.worker_stop()
     assert not engine.threaded
+
+
+async def test_fast_relayed_connections_reach_python_in_batches(pair: Pair) -> None:
+    """SYNs to an approved destination are spliced by the worker alone; Python hears of them
+    in a few batched notifications, not one per connection, and each gets its report pair."""
+    await pair.start(client_routes="0.0.0.0/0")  # the client sends everything to the gateway
+    await pair.ping(1)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    opened: list[_ffi.FastOpen] = []
+    ended: list[_ffi.SpliceResult] = []
+
+    def on_fast_relay(meta: _ffi.FastOpen, public_key: bytes) -> SpliceDone:
+        assert public_key == pair.cl.public_key
+        opened.append(meta)
+        return ended.append
+
+    pair.gw.on_fast_relay = on_fast_relay
+    pair.gw.fast_relay_allow(("127.0.0.1", port), None, 5.0)
+    before = worker(pair.gw).worker_stats()["notifications"]
+    count = 40
+    segment = functools.partial(Seg, seq=1000, ack=0, wnd=65535, dst_ip=0x7F000001, dport=port)
+    for i in range(count):  # spread out: each could wake Python on its own
+        pair.cl.send_inner(segment(flags=SYN, sport=41000 + i).build())
+        await asyncio.sleep(0.001)
+    await until(lambda: len(opened) == count, "every fast-relayed connection's report")
+    for i in range(count):  # the peer gives up: each ends with a reset
+        pair.cl.send_inner(segment(flags=RST, seq=1001, sport=41000 + i).build())
+        await asyncio.sleep(0.001)
+    await until(lambda: len(ended) == count, "every fast-relayed connection's end")
+    notifications = worker(pair.gw).worker_stats()["notifications"] - before
+    assert len(opened) == count and {m.src[1] for m in opened} == set(range(41000, 41040))
+    assert {r.conn_id for r in ended} == {m.conn_id for m in opened}
+    assert all(r.ended_at >= m.opened_at for r, m in zip(ended, opened, strict=True))
+    print(f"\n{count} fast-relayed connections, {notifications} notifications")
+    assert notifications < count // 4, notifications
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            listener.accept()[0].close()
+    listener.close()
