@@ -254,8 +254,8 @@ def machine_description() -> str:
     rev = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT
     ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
+    dirty = subprocess.run(  # the results a run is writing do not count
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
         capture_output=True, text=True, cwd=REPO_ROOT,
     ).stdout.strip()  # fmt: skip
     # Other work on the machine (tests, a fuzzer) moves every figure: say how busy it was.
