@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.interop.hosts import pattern_chunks
+
 HOSTNAME = "example.test"
 OTHER_HOSTNAME = "auto.test"  # also in the certificates, for a second host with its own rules
 IO_TIMEOUT = 30.0
@@ -124,6 +126,13 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         while True:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
             path = head.split(b" ", 2)[1]
+            if path.startswith(b"/bytes/"):  # GET /bytes/N: N bytes of tests.interop.hosts' pattern
+                n = int(path.removeprefix(b"/bytes/"))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % n)
+                for chunk in pattern_chunks(n):
+                    writer.write(chunk)
+                    await writer.drain()
+                continue
             body = b"hello from " + path + b"\n"
             writer.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"

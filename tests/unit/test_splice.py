@@ -20,7 +20,13 @@ import pytest
 
 from tests.unit.test_tcp import ACK, FIN, RST, SYN, Peer
 from tests.unit.test_wgstack import PEER_ID
-from tests.unit.test_wgstack_flows import GW_WSCALE, Client, syn_event, window_batch
+from tests.unit.test_wgstack_flows import (
+    GW_WSCALE,
+    Client,
+    establish,
+    syn_event,
+    window_batch,
+)
 from unclaw_tui.engine import _ffi
 from unclaw_tui.engine._ffi import Engine, EngineError, SpliceResult
 
@@ -337,3 +343,51 @@ def test_fast_relay_approvals_are_checked(engine: Engine) -> None:
             engine.fast_relay_allow(dst, None, timeout)
     with pytest.raises(EngineError):
         engine.fast_relay_allow(("::1", 80), None, 10.0)  # IPv4 only, as the stack
+
+
+# ---- Adopting a connection the owner accepted and read from (TLS passthrough) ---------------
+
+
+def test_adopted_connection_relays_what_the_owner_left_and_all_that_follows(
+    engine: Engine, client: Client, listener: socket.socket
+) -> None:
+    peer, conn = establish(client)
+    client.send(peer.data(b"hello:"), peer.data(b"still-in-the-ring:"))
+    assert engine.tcp_read(conn, 6, client.now) == b"hello:"  # what the owner read itself
+    host = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    server.settimeout(WAIT)
+    host.sendall(b"hello:")  # the owner sends it on before handing over
+    engine.tcp_events()  # READABLE, the owner's until now
+    engine.splice_adopt(conn, host.detach(), client.now)
+    client.send(peer.data(b"after", flags=ACK | FIN))
+    engine.splice_results(client.now)
+    received = b""
+    while not received.endswith(b"after"):
+        received += server.recv(100)
+    assert received == b"hello:still-in-the-ring:after"
+    assert server.recv(100) == b""  # the peer's FIN went on as a half-close
+    assert service(client, rounds=1) == []
+    server.sendall(b"response")
+    server.close()
+    [result] = service(client)
+    assert (result.conn_id, result.outcome) == (conn, _ffi.SPLICE_OK)
+    assert (result.bytes_up, result.bytes_down) == (len("still-in-the-ring:after"), 8)
+    segs = client.segments()
+    assert b"".join(s.payload for s in segs) == b"response" and segs[-1].flags & FIN
+    assert engine.tcp_events() == []  # the spliced connection's events stayed in C
+
+
+def test_adopt_wants_an_accepted_connection_not_yet_spliced(
+    engine: Engine, client: Client, listener: socket.socket
+) -> None:
+    conn = syn_event(client, Peer())
+    sock = socket.create_connection(listener.getsockname())
+    try:
+        with pytest.raises(EngineError):  # a SYN still pending: splice_attach's case
+            engine.splice_adopt(conn, sock.fileno(), client.now)
+        engine.tcp_accept(conn, client.now)
+        with pytest.raises(EngineError):  # SYN-RECEIVED: not established yet
+            engine.splice_adopt(conn, sock.fileno(), client.now)
+    finally:
+        sock.close()

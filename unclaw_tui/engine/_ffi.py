@@ -754,6 +754,15 @@ class Engine:
         if code < 0:
             raise OSError(-code, os.strerror(-code))
 
+    def splice_adopt(self, conn_id: int, fd: int, now: float) -> None:
+        """As `splice_attach` for a connection already accepted (ESTABLISHED or CLOSE_WAIT)
+        whose bytes read so far the caller has sent to fd itself."""
+        code = lib.splice_adopt(self._splice, _u32(conn_id, "conn_id"), fd, float(now))
+        if code in (TCP_ENOCONN, TCP_ESTATE, TCP_EINVAL):
+            raise EngineError(code, "splice_adopt", _TCP_ERROR_NAMES)
+        if code < 0:
+            raise OSError(-code, os.strerror(-code))
+
     def fast_relay_allow(
         self, dst: Endpoint, expires: float | None, connect_timeout: float
     ) -> None:

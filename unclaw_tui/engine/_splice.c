@@ -205,13 +205,23 @@ static int adopt(splice_table *t, uint32_t conn_id, int fd, double deadline) {
     return 0;
 }
 
-static int check_pending(splice_table *t, uint32_t conn_id) {
+/* 0 if conn_id is a connection in one of the two states given and not spliced yet. */
+static int check_state(splice_table *t, uint32_t conn_id, uint32_t state, uint32_t or_state) {
     if (!t) return TCP_EINVAL;
     tcp_conn_info info;
     if (tcp_get_info(t->tcp, conn_id, &info) != 0) return TCP_ENOCONN;
-    if (info.state != TCP_ST_SYN_PENDING || find(t, conn_id)) return TCP_ESTATE;
+    if ((info.state != state && info.state != or_state) || find(t, conn_id)) return TCP_ESTATE;
     if (slot_of(conn_id) >= t->slots) return TCP_EINVAL;
     return 0;
+}
+
+static int check_pending(splice_table *t, uint32_t conn_id) {
+    return check_state(t, conn_id, TCP_ST_SYN_PENDING, TCP_ST_SYN_PENDING);
+}
+
+static int set_nonblocking(int fd) {
+    int flags = fcntl(fd, F_GETFL);
+    return flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0 ? -errno : 0;
 }
 
 int splice_connect(splice_table *t, uint32_t conn_id, uint32_t ip, uint16_t port,
@@ -240,9 +250,25 @@ int splice_attach(splice_table *t, uint32_t conn_id, int fd, double now) {
     int bad = check_pending(t, conn_id);
     if (bad) return bad;
     if (fd < 0) return TCP_EINVAL;
-    int flags = fcntl(fd, F_GETFL);
-    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0) return -errno;
-    return adopt(t, conn_id, fd, 0);
+    int err = set_nonblocking(fd);
+    return err ? err : adopt(t, conn_id, fd, 0);
+}
+
+int splice_adopt(splice_table *t, uint32_t conn_id, int fd, double now) {
+    (void)now;
+    int bad = check_state(t, conn_id, TCP_ST_ESTABLISHED, TCP_ST_CLOSE_WAIT);
+    if (bad) return bad;
+    if (fd < 0) return TCP_EINVAL;
+    int err = set_nonblocking(fd);
+    if (!err) err = adopt(t, conn_id, fd, 0);
+    if (err) return err;
+    /* Both sides are up already: no connect to settle, no SYN to answer.  A connected socket
+     * takes bytes until a send says otherwise; the ring may hold the peer's next bytes. */
+    spliced_conn *sp = t->by_slot[slot_of(conn_id)];
+    connecting_unlink(t, sp);
+    sp->host_writable = true;
+    mark_ready(t, sp);
+    return 0;
 }
 
 /* ---- News ----------------------------------------------------------------------------------- */

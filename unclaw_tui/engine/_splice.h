@@ -74,6 +74,12 @@ int splice_connect(splice_table *t, uint32_t conn_id, uint32_t ip, uint16_t port
  * non-blocking here): the SYN is answered at the next poll.  0: the table owns fd and the
  * handle; else the caller keeps both. */
 int splice_attach(splice_table *t, uint32_t conn_id, int fd, double now);
+/* As splice_attach, for a connection the owner already accepted and read from (ESTABLISHED, or
+ * CLOSE_WAIT after the peer's FIN): whatever the owner read from the peer it has sent to fd
+ * itself, and nothing it wrote to the peer is still queued.  From the next splice_run on, the
+ * bytes still in the receive ring and all that follow move in C.  0: the table owns fd and the
+ * handle; else the caller keeps both. */
+int splice_adopt(splice_table *t, uint32_t conn_id, int fd, double now);
 /* 1 if ev is about a spliced connection (taken, handled at the next splice_run), else 0. */
 int splice_claim_event(splice_table *t, const tcp_event *ev);
 /* The epoll fd: readable when a spliced socket has news; answer with splice_poll. */

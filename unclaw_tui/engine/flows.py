@@ -129,6 +129,42 @@ class TcpConn:
         self._spliced = True
         self._released = True
 
+    def detach_reading(self, reader: asyncio.StreamReader) -> bytes | None:
+        """Stop reading from the peer into `reader` (from `accept`) and take back what it
+        buffered but did not give out yet, to hand the connection to `splice_accepted`.  None,
+        with nothing changed, when it cannot go to C: no splices, the peer's EOF already read,
+        or bytes for the peer still queued.  Undo with `writer.transport.resume_reading()`."""
+        t = self._transport
+        if (
+            t is None
+            or self._released
+            or not self._tunnel.can_splice
+            or t._eof_from_peer
+            or t._buffer
+            or t.is_closing()
+            or reader.at_eof()
+        ):
+            return None
+        t.pause_reading()
+        # A StreamReader keeps what it was fed in `_buffer`; there is no public way to take it.
+        buffered: bytearray = reader._buffer  # type: ignore[attr-defined]
+        left = bytes(buffered)
+        buffered.clear()
+        return left
+
+    def splice_accepted(self, sock: socket.socket, on_done: SpliceDone) -> None:
+        """Relay in C from now on between this accepted connection (after `detach_reading`)
+        and `sock`, connected to the destination: everything read from the peer so far must
+        have been sent to sock already; the rest follows in C, both ways, as for `splice`.  The
+        streams are done with (C owns the handle and, on success, the socket).  OSError or
+        EngineError leave both with the caller."""
+        t = self._transport
+        if t is None or self._released:
+            raise RuntimeError("connection not accepted here, or already released")
+        self._tunnel._splice(self, sock, 0.0, on_done, accepted=True)
+        self._spliced = True
+        self._released = True  # the transport's close/abort no longer touch the handle
+
     def _spliced_done(self, result: _ffi.SpliceResult) -> None:
         self._final_bytes = (result.bytes_up, result.bytes_down)
         self.close_reason = self.close_reason or _splice_close_reason(result)

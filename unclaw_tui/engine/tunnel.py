@@ -483,11 +483,16 @@ class Tunnel:
         target: Endpoint | socket.socket,
         timeout: float,
         on_done: SpliceDone,
+        *,
+        accepted: bool = False,
     ) -> None:
-        """See `TcpConn.splice` and `TcpConn.splice_socket`."""
+        """See `TcpConn.splice`, `TcpConn.splice_socket` and (accepted) `splice_accepted`."""
         now = self._now()
         if isinstance(target, socket.socket):
-            self._engine.splice_attach(conn.conn_id, target.fileno(), now)
+            if accepted:
+                self._engine.splice_adopt(conn.conn_id, target.fileno(), now)
+            else:
+                self._engine.splice_attach(conn.conn_id, target.fileno(), now)
             target.detach()  # the fd is C's now
         else:
             self._engine.splice_connect(conn.conn_id, target, now + timeout, now)

@@ -41,11 +41,12 @@ import fnmatch
 import ipaddress
 import logging
 import re
+import socket
 import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 from unclaw_tui.config import DEFAULT_HELLO_TIMEOUT
 from unclaw_tui.events import HttpRequest, TcpClosed, TcpOpened, TlsHost
@@ -59,13 +60,15 @@ from unclaw_tui.services.relay import (
     Side,
     SpliceStats,
     TcpConnLike,
-    connect_host,
+    connect_socket,
     reset_host_connection,
     splice,
+    splice_error,
 )
 from unclaw_tui.state import StateError
 
 if TYPE_CHECKING:
+    from unclaw_tui.engine._ffi import SpliceResult
     from unclaw_tui.engine.flows import UdpDatagram
     from unclaw_tui.services.base import GatewayServices, Service
 
@@ -282,6 +285,17 @@ class _Tap:
         data: bytes = await self.inner.read(n)
         self.on_data(data)
         return data
+
+
+@runtime_checkable
+class HandOverConn(TcpConnLike, Protocol):
+    """A connection the engine can take over after Python read from it (engine/flows.py)."""
+
+    def detach_reading(self, reader: asyncio.StreamReader) -> bytes | None: ...
+
+    def splice_accepted(
+        self, sock: socket.socket, on_done: Callable[[SpliceResult], None]
+    ) -> None: ...
 
 
 # --- one connection's bookkeeping -------------------------------------------------------------
@@ -552,15 +566,13 @@ class TlsService:
         seen: bytes,
     ) -> None:
         conn = flow.conn
+        # Nothing more from the peer into Python while we connect: it waits in C's ring, for
+        # C to relay once the ClientHello (and anything read with it) has gone ahead.
+        left = conn.detach_reading(reader) if isinstance(conn, HandOverConn) else None
         failure = "no address"
         for ip in addresses:
             try:
-                host_reader, host_writer = await connect_host(
-                    ip,
-                    conn.dst_port,
-                    timeout=self.connect_timeout,
-                    buffer_size=self.gateway.settings.tcp_buffer,
-                )
+                sock = await connect_socket(ip, conn.dst_port, timeout=self.connect_timeout)
                 break
             except ConnectFailed as exc:
                 failure = str(exc)
@@ -569,8 +581,18 @@ class TlsService:
             conn.abort()
             return
         flow.tls_event(sni, "passthrough", alpn=offered_alpn)
-        host_writer.write(seen)  # the ClientHello (and anything after it), untouched
-        flow.stats.bytes_up += len(seen)
+        first = seen + (left or b"")  # the ClientHello (and anything after it), untouched
+        flow.stats.bytes_up += len(first)
+        if left is not None and isinstance(conn, HandOverConn):
+            first = await self._hand_over(flow, conn, sock, first)
+            if first is None:
+                return  # relayed in C to the end
+            writer.transport.resume_reading()
+        host_reader, host_writer = await asyncio.open_connection(
+            sock=sock, limit=self.gateway.settings.tcp_buffer
+        )
+        host_writer.transport.set_write_buffer_limits(high=self.gateway.settings.tcp_buffer)
+        host_writer.write(first)
         await splice(
             Side("peer", reader, writer, conn.abort),
             Side(
@@ -579,6 +601,41 @@ class TlsService:
             read_size=READ_SIZE,
             stats=flow.stats,
         )
+
+    async def _hand_over(
+        self, flow: _Flow, conn: HandOverConn, sock: socket.socket, first: bytes
+    ) -> bytes | None:
+        """Send `first` to the destination and let C relay the rest of the connection; None
+        once it ended there.  If the socket does not take `first` at once (a hello larger than
+        its buffer) or C cannot take the connection, what is left to send, for Python's relay."""
+        try:
+            sent = sock.send(first)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = 0  # Python's relay meets the same error and reports it
+        if sent < len(first):
+            return first[sent:]
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[SpliceResult] = loop.create_future()
+
+        def done(result: SpliceResult) -> None:
+            if not ended.done():
+                ended.set_result(result)
+
+        # The compiled engine: imported here, as everywhere in the services, once it runs.
+        from unclaw_tui.engine._ffi import EngineError
+
+        try:
+            conn.splice_accepted(sock, done)
+        except (OSError, EngineError) as exc:
+            log.debug("passthrough stays in Python: %s", exc)
+            return b""
+        result = await ended
+        flow.stats.bytes_up += result.bytes_up
+        flow.stats.bytes_down += result.bytes_down
+        flow.stats.error = splice_error(result, self.connect_timeout)
+        return None
 
     async def _connect_upstream(
         self, addresses: list[str], port: int, ctx: ssl.SSLContext, server_name: str
