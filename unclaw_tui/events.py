@@ -166,14 +166,24 @@ class Subscription:
     async def batches(self, limit: int, interval: float) -> AsyncIterator[list[Event]]:
         """Lists of up to `limit` events, taken every `interval` seconds (at once while more
         wait) until close() is reached: for readers that hand events to another thread, one
-        wake-up per batch instead of one per event."""
+        wake-up per batch instead of one per event.  With nothing queued it waits for the next
+        event instead, so an idle gateway is not woken `1 / interval` times a second."""
+        first: list[Event] = []
         while True:
-            batch = self.take(limit)
+            batch = first + self.take(limit - len(first))
+            first = []
             if batch:
                 yield batch
             if self.ended:
                 return
-            if len(batch) < limit:
+            if not batch:
+                event = await self._queue.get()
+                if event is None:
+                    self.ended = True
+                    self._queue.put_nowait(None)  # left for an iterator, as take() does
+                    return
+                first = [event]
+            elif len(batch) < limit:
                 await asyncio.sleep(interval)
 
     def get_nowait(self) -> Event | None:

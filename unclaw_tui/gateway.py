@@ -357,6 +357,7 @@ class Gateway:
 
     async def _poll_state(self) -> None:
         last_stats = time.monotonic()
+        last_activity: tuple[int, ...] | None = None
         while True:
             await asyncio.sleep(PEERS_POLL_INTERVAL)
             try:
@@ -365,12 +366,23 @@ class Gateway:
                 self._publish_limit_hits()
                 if time.monotonic() - last_stats >= STATS_WRITE_INTERVAL:
                     last_stats = time.monotonic()
+                    activity = self._activity()
+                    if activity == last_activity:
+                        continue  # nothing moved: the stats file says it already
+                    last_activity = activity
                     # fsync and the file lock may block: keep them off the packet loop.
                     await asyncio.to_thread(self.state.write_stats, self._collect_stats())
                     if self._tunnel is not None:
                         await asyncio.to_thread(self._tunnel.trim_memory)
             except Exception:  # a bad edit of the state files must not stop the gateway
                 log.exception("state poll failed")
+
+    def _activity(self) -> tuple[int, ...]:
+        """What changes whenever a peer's stats can: the peer set, datagrams in and out."""
+        if self._tunnel is None:
+            return self._peers_signature
+        engine = self._tunnel.engine_stats()
+        return (*self._peers_signature, engine["rx_datagrams"], engine["tx_datagrams"])
 
     def _publish_limit_hits(self) -> None:
         if self._tunnel is None:
