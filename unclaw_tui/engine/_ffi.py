@@ -305,6 +305,20 @@ def _ipv4_endpoint_to_c(endpoint: Endpoint, what: str) -> tuple[int, int]:
     return addr, port
 
 
+T = TypeVar("T")
+
+
+def _pop_all(pop: Callable[[Any, int], int], buf: Any, convert: Callable[[Any], T]) -> list[T]:
+    """Everything a C queue holds: `pop(buf, max)` fills buf (_SPLICE_RESULT_BATCH entries)
+    and returns the count, until it returns less than a full batch."""
+    out: list[T] = []
+    while True:
+        n = pop(buf, _SPLICE_RESULT_BATCH)
+        out.extend(convert(buf[i]) for i in range(n))
+        if n < _SPLICE_RESULT_BATCH:
+            return out
+
+
 def _tcp_check(code: int, what: str) -> int:
     if code == TCP_ERESET:
         raise ConnectionResetError(f"{what}: connection reset")
@@ -782,22 +796,18 @@ class Engine:
 
     def fast_relay_opened(self) -> list[FastOpen]:
         """Connections the engine spliced on its own since the last call, oldest first."""
-        out: list[FastOpen] = []
-        buf = self._fast_opened
-        while True:
-            n = lib.wg_fast_relay_opened(self._e, buf, _SPLICE_RESULT_BATCH)
-            out.extend(
-                FastOpen(
-                    r.conn_id,
-                    r.peer_id,
-                    (_ipv4_str(r.src_ip), r.src_port),
-                    (_ipv4_str(r.dst_ip), r.dst_port),
-                    r.opened_at,
-                )
-                for r in (buf[i] for i in range(n))
-            )
-            if n < _SPLICE_RESULT_BATCH:
-                return out
+        e = self._e
+        return _pop_all(
+            lambda buf, n: lib.wg_fast_relay_opened(e, buf, n),
+            self._fast_opened,
+            lambda r: FastOpen(
+                r.conn_id,
+                r.peer_id,
+                (_ipv4_str(r.src_ip), r.src_port),
+                (_ipv4_str(r.dst_ip), r.dst_port),
+                r.opened_at,
+            ),
+        )
 
     def splice_fd(self) -> int:
         """The epoll fd to watch for readability (answer with `splice_service`)."""
@@ -812,18 +822,14 @@ class Engine:
         if self._splice == ffi.NULL:
             return []
         lib.splice_run(self._splice, float(now))
-        out: list[SpliceResult] = []
-        buf = self._splice_results
-        while True:
-            n = lib.splice_results(self._splice, buf, _SPLICE_RESULT_BATCH)
-            out.extend(
-                SpliceResult(
-                    r.conn_id, r.outcome, r.error, r.tcp_close, r.bytes_up, r.bytes_down, r.ended_at
-                )
-                for r in (buf[i] for i in range(n))
-            )
-            if n < _SPLICE_RESULT_BATCH:
-                return out
+        splice = self._splice
+        return _pop_all(
+            lambda buf, n: lib.splice_results(splice, buf, n),
+            self._splice_results,
+            lambda r: SpliceResult(
+                r.conn_id, r.outcome, r.error, r.tcp_close, r.bytes_up, r.bytes_down, r.ended_at
+            ),
+        )
 
     def splice_bytes(self, conn_id: int) -> tuple[int, int] | None:
         """Live (up, down) byte counts of a spliced connection, None if it is not spliced."""
