@@ -10,7 +10,8 @@ Per connection (`TlsService.handle_tcp`):
    checked against the egress policy.
 3. Passthrough (the hostname matches `settings.passthrough`, or a client rejected our
    certificate for it before and `settings.auto_passthrough` is on): connect, replay the bytes
-   read so far, splice the encrypted bytes untouched.
+   read so far, splice the encrypted bytes untouched: in C (`splice_accepted`) where the
+   engine can take the connection, else in Python.
 4. Intercept (the default): connect upstream with TLS first, offering the client's ALPN list,
    with SNI and full verification against the system store (`SSL_CERT_FILE` honoured). A
    failed verification closes the client's connection and says why. Then terminate the
