@@ -109,8 +109,9 @@ class UnclawApp(App[int]):
 
     @property
     def closing(self) -> bool:
-        """True once the app has started to close its screens: late messages are ignored."""
-        return not self.screen_stack
+        """True once the app has started to shut down (Textual clears `is_running` before it
+        removes the widgets) or to close its screens: late messages are ignored."""
+        return not self.is_running or not self.screen_stack
 
     @property
     def dashboard(self) -> DashboardScreen:

@@ -48,15 +48,19 @@ def without_volatile(ev: TcpOpened | TcpClosed) -> dict[str, Any]:
     return fields
 
 
+@pytest.mark.parametrize("engine_thread", [True, False], ids=["engine-thread", "event-loop"])
 async def test_repeat_connections_are_relayed_by_the_engine_and_reported_alike(
-    flows_setup: FlowsSetup,
+    flows_setup: FlowsSetup, engine_thread: bool
 ) -> None:
     s = flows_setup
     s.start_host("http", HTTP_PORT)
     peer_config = s.add_peer("phone")
     with thread_in_namespace(s.gateway_ns.name):
         settings = config.Settings(
-            state_dir=s.state_dir, listen_port=s.port, endpoint=f"{s.gateway_addr}:{s.port}"
+            state_dir=s.state_dir,
+            listen_port=s.port,
+            endpoint=f"{s.gateway_addr}:{s.port}",
+            engine_thread=engine_thread,
         )
         gateway = Gateway(settings)
         events = gateway.subscribe()
