@@ -106,17 +106,14 @@ async def connect_host(
     buffer_size: int = DEFAULT_TCP_BUFFER,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A TCP connection from this host, with TCP_NODELAY and buffers bounded by buffer_size."""
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(ip, port, limit=buffer_size), timeout
-        )
-    except (TimeoutError, OSError) as exc:
-        raise _connect_failed(exc, timeout) from None
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        # The peer's stack already coalesces; delaying small writes again only adds latency.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return await host_streams(await connect_socket(ip, port, timeout=timeout), buffer_size)
+
+
+async def host_streams(
+    sock: socket.socket, buffer_size: int = DEFAULT_TCP_BUFFER
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Streams over a connected host socket, with buffers bounded by buffer_size."""
+    reader, writer = await asyncio.open_connection(sock=sock, limit=buffer_size)
     writer.transport.set_write_buffer_limits(high=buffer_size)
     return reader, writer
 
@@ -126,7 +123,8 @@ async def connect_socket(
 ) -> socket.socket:
     """A connected non-blocking TCP socket from this host (TCP_NODELAY), for the engine's
     splices to take over; errors as `connect_host`."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
@@ -445,10 +443,7 @@ def relay_tcp_spliced(
         return False
 
     def done(result: SpliceResult) -> None:
-        stats = SpliceStats(
-            result.bytes_up, result.bytes_down, splice_error(result, connect_timeout)
-        )
-        _closed(ident, stats, clock() - started, on_close)
+        _closed(ident, spliced_stats(result, connect_timeout), clock() - started, on_close)
 
     try:
         conn.splice((conn.dst_ip, conn.dst_port), connect_timeout, done)
@@ -478,9 +473,7 @@ def fast_relayed(
     on_open(TcpOpened(**ident))
 
     def done(result: SpliceResult) -> None:
-        stats = SpliceStats(
-            result.bytes_up, result.bytes_down, splice_error(result, connect_timeout)
-        )
+        stats = spliced_stats(result, connect_timeout)
         _closed(ident, stats, max(0.0, result.ended_at - opened.opened_at), on_close)
 
     return done
@@ -531,6 +524,11 @@ _PEER_CLOSE_ERRORS = {
     "aborted": "aborted",
     "syn_timeout": "handshake timed out",
 }
+
+
+def spliced_stats(result: SpliceResult, connect_timeout: float) -> SpliceStats:
+    """A splice's final counters and `TcpClosed.error`."""
+    return SpliceStats(result.bytes_up, result.bytes_down, splice_error(result, connect_timeout))
 
 
 def splice_error(result: SpliceResult, connect_timeout: float) -> str | None:

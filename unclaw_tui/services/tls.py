@@ -62,9 +62,10 @@ from unclaw_tui.services.relay import (
     SpliceStats,
     TcpConnLike,
     connect_socket,
+    host_streams,
     reset_host_connection,
     splice,
-    splice_error,
+    spliced_stats,
 )
 from unclaw_tui.state import StateError
 
@@ -569,7 +570,8 @@ class TlsService:
         conn = flow.conn
         # Nothing more from the peer into Python while we connect: it waits in C's ring, for
         # C to relay once the ClientHello (and anything read with it) has gone ahead.
-        left = conn.detach_reading(reader) if isinstance(conn, HandOverConn) else None
+        hand_over = conn if isinstance(conn, HandOverConn) else None
+        left = hand_over.detach_reading(reader) if hand_over is not None else None
         failure = "no address"
         for ip in addresses:
             try:
@@ -584,15 +586,12 @@ class TlsService:
         flow.tls_event(sni, "passthrough", alpn=offered_alpn)
         first = seen + (left or b"")  # the ClientHello (and anything after it), untouched
         flow.stats.bytes_up += len(first)
-        if left is not None and isinstance(conn, HandOverConn):
-            first = await self._hand_over(flow, conn, sock, first)
+        if hand_over is not None and left is not None:
+            first = await self._hand_over(flow, hand_over, sock, first)
             if first is None:
                 return  # relayed in C to the end
             writer.transport.resume_reading()
-        host_reader, host_writer = await asyncio.open_connection(
-            sock=sock, limit=self.gateway.settings.tcp_buffer
-        )
-        host_writer.transport.set_write_buffer_limits(high=self.gateway.settings.tcp_buffer)
+        host_reader, host_writer = await host_streams(sock, self.gateway.settings.tcp_buffer)
         host_writer.write(first)
         await splice(
             Side("peer", reader, writer, conn.abort),
@@ -611,10 +610,8 @@ class TlsService:
         its buffer) or C cannot take the connection, what is left to send, for Python's relay."""
         try:
             sent = sock.send(first)
-        except BlockingIOError:
+        except OSError:  # full (BlockingIOError) or failed: Python's relay reports the latter
             sent = 0
-        except OSError:
-            sent = 0  # Python's relay meets the same error and reports it
         if sent < len(first):
             return first[sent:]
         loop = asyncio.get_running_loop()
@@ -632,10 +629,10 @@ class TlsService:
         except (OSError, EngineError) as exc:
             log.debug("passthrough stays in Python: %s", exc)
             return b""
-        result = await ended
-        flow.stats.bytes_up += result.bytes_up
-        flow.stats.bytes_down += result.bytes_down
-        flow.stats.error = splice_error(result, self.connect_timeout)
+        stats = spliced_stats(await ended, self.connect_timeout)
+        flow.stats.bytes_up += stats.bytes_up
+        flow.stats.bytes_down += stats.bytes_down
+        flow.stats.error = stats.error
         return None
 
     async def _connect_upstream(

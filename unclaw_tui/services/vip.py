@@ -38,7 +38,7 @@ from unclaw_tui.services.relay import (
     flow_ident,
     reset_host_connection,
     splice,
-    splice_error,
+    spliced_stats,
 )
 
 if TYPE_CHECKING:
@@ -166,13 +166,14 @@ class VipService:
                 )
 
     def _spliced(self, ident: dict[str, Any], started: float, result: SpliceResult) -> None:
+        stats = spliced_stats(result, DEFAULT_CONNECT_TIMEOUT)
         self.gateway.publish(
             TcpClosed(
                 **ident,
-                bytes_up=result.bytes_up,
-                bytes_down=result.bytes_down,
+                bytes_up=stats.bytes_up,
+                bytes_down=stats.bytes_down,
                 duration=time.monotonic() - started,
-                error=splice_error(result, DEFAULT_CONNECT_TIMEOUT),
+                error=stats.error,
             )
         )
 
