@@ -601,6 +601,110 @@ async def test_policy_refusal_is_rejected(make_harness: Any, pki: Pki) -> None:
     h.check_flow_pairs()
 
 
+def client_hello(server_hostname: str) -> bytes:
+    """A real ClientHello, as a TLS client's first flight."""
+    ctx = ssl.create_default_context()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname=server_hostname)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return out.read()
+
+
+class PlainOrigin:
+    """A TCP server that records its connections; the first `close_first` are closed at once,
+    the others echo."""
+
+    def __init__(self, close_first: int = 0) -> None:
+        self.close_first = close_first
+        self.accepted = 0
+        self.first_accepted = asyncio.Event()
+        self.first_ended = asyncio.Event()
+        self.received: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        number = self.accepted
+        self.first_accepted.set()
+        try:
+            if number <= self.close_first:
+                return
+            received = b""
+            while data := await r.read(65536):
+                received += data
+                w.write(data)
+                await w.drain()
+            self.received.append(received)
+        except ConnectionError:
+            pass
+        finally:
+            w.close()
+            if number == 1:
+                self.first_ended.set()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
+async def test_the_destination_is_connected_while_the_hello_arrives(
+    make_harness: Any, pki: Pki
+) -> None:
+    """The connect to the destination does not wait for the ClientHello; a connection that
+    turns out not to be TLS closes it again without a byte sent."""
+    h: Harness = await make_harness()
+    origin = PlainOrigin()
+    await origin.start()
+    h.dst = ("127.0.0.1", origin.port)
+    reader, writer = await h.open(None)
+    await asyncio.wait_for(origin.first_accepted.wait(), 5)  # nothing sent yet
+    writer.write(b"GET / HTTP/1.1\r\n\r\n")
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    await asyncio.wait_for(origin.first_ended.wait(), 5)
+    await close_writer(writer)
+    await h.settle()
+    origin.close()
+    assert origin.received == [b""]  # connected, closed, never written to
+    (event,) = h.gateway.of(TlsHost)
+    assert event.mode == "rejected" and event.error is not None
+    assert event.error.startswith("not a TLS ClientHello")
+    h.check_flow_pairs()
+
+
+async def test_an_early_connection_the_destination_closed_is_opened_again(
+    make_harness: Any, pki: Pki
+) -> None:
+    """The destination closes the connection made while the client was still silent; the
+    hello, when it comes, goes to a new one."""
+    h: Harness = await make_harness(passthrough=["*.test"])
+    origin = PlainOrigin(close_first=1)
+    await origin.start()
+    h.dst = ("127.0.0.1", origin.port)
+    reader, writer = await h.open(None)
+    await asyncio.wait_for(origin.first_ended.wait(), 5)
+    await asyncio.sleep(0.05)  # its FIN reaches the gateway's socket (loopback: at once)
+    hello = client_hello("pass.example.test")
+    writer.write(hello)
+    assert await asyncio.wait_for(reader.readexactly(len(hello)), 10) == hello  # echoed
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    await close_writer(writer)
+    await h.settle()
+    origin.close()
+    assert origin.accepted == 2 and origin.received == [hello]
+    (event,) = h.gateway.of(TlsHost)
+    assert (event.mode, event.ok, event.sni) == ("passthrough", True, "pass.example.test")
+    (closed,) = h.gateway.of(TcpClosed)
+    assert (closed.bytes_up, closed.bytes_down, closed.error) == (len(hello), len(hello), None)
+    h.check_flow_pairs()
+
+
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [
@@ -617,11 +721,7 @@ async def test_garbage_is_closed_cleanly(
     origin = await start_origin(pki.trusted)
     h.dst = ("127.0.0.1", origin.port)
     if payload == "truncated":
-        ctx = ssl.create_default_context()
-        obj = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname="x.test")
-        with pytest.raises(ssl.SSLWantReadError):
-            obj.do_handshake()
-        data = out.read()
+        data = client_hello("x.test")
         payload = data[: len(data) // 2]
     assert isinstance(payload, bytes)
     reader, writer = await h.open(None)

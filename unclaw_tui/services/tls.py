@@ -5,14 +5,17 @@ Per connection (`TlsService.handle_tcp`):
    parsed as it arrives by the sans-IO `clienthello.HelloParser` (linear time). Anything else
    (garbage, a truncated hello, a silent client) is closed cleanly with an event; the service
    keeps serving the others.
-2. The hostname: the SNI, else the VIP's hostname (`gateway.resolver`), else none. The
-   destinations: a VIP's real addresses from the resolver, else the original IP; each one
-   checked against the egress policy.
+2. Meanwhile, the destination (`_EarlyUpstream`): a VIP's real addresses from the resolver,
+   else the original IP, each one checked against the egress policy; a TCP connection to the
+   first that answers is opened while the hello is still arriving, since where to connect does
+   not depend on it. A connection that turns out not to be TLS closes it again unused; one the
+   destination closed meanwhile (a slow hello) is opened anew. The hostname: the SNI, else the
+   VIP's hostname (`gateway.resolver`), else none.
 3. Passthrough (the hostname matches `settings.passthrough`, or a client rejected our
-   certificate for it before and `settings.auto_passthrough` is on): connect, replay the bytes
-   read so far, splice the encrypted bytes untouched: in C (`splice_accepted`) where the
-   engine can take the connection, else in Python.
-4. Intercept (the default): connect upstream with TLS first, offering the client's ALPN list,
+   certificate for it before and `settings.auto_passthrough` is on): replay the bytes read so
+   far to the destination, splice the encrypted bytes untouched: in C (`splice_accepted`)
+   where the engine can take the connection, else in Python.
+4. Intercept (the default): TLS to the destination first, offering the client's ALPN list,
    with SNI and full verification against the system store (`SSL_CERT_FILE` honoured). A
    failed verification closes the client's connection and says why. Then terminate the
    client's TLS with a leaf for the hostname minted by the local CA (`ca.py`), offering only
@@ -39,6 +42,7 @@ import asyncio
 import base64
 import contextlib
 import fnmatch
+import functools
 import ipaddress
 import logging
 import re
@@ -46,7 +50,7 @@ import socket
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 from unclaw_tui.config import DEFAULT_HELLO_TIMEOUT
@@ -374,6 +378,47 @@ class _Flow:
             self.error = error
 
 
+class _EarlyUpstream:
+    """The TCP connection to the destination, opened while the ClientHello arrives: `take()`
+    it once the hello says how to serve the connection, `discard()` it in any case (closes
+    it, or stops the connect, unless it was taken)."""
+
+    def __init__(self, connect: Callable[[], Awaitable[socket.socket]]) -> None:
+        self._connect = connect
+        self._task = asyncio.ensure_future(connect())
+        self._taken = False
+
+    async def take(self) -> socket.socket:
+        """The connected socket; raises `_Refused` or `ConnectFailed`.  A connection the
+        destination closed while the hello was slow to come is opened again: a TLS server
+        never speaks first, so anything readable on it now is its end."""
+        sock = await self._task
+        if not _quiet(sock):
+            sock.close()
+            self._task = asyncio.ensure_future(self._connect())
+            sock = await self._task
+        self._taken = True
+        return sock
+
+    def discard(self) -> None:
+        task = self._task
+        if not task.done():
+            task.cancel()  # connect_socket closes its socket on the way out
+        elif not task.cancelled() and task.exception() is None and not self._taken:
+            task.result().close()
+
+
+def _quiet(sock: socket.socket) -> bool:
+    """Nothing to read and no error pending: the connection is still open and silent."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False  # data or EOF
+
+
 # --- the service ------------------------------------------------------------------------------
 
 
@@ -482,9 +527,28 @@ class TlsService:
         except Exception as exc:
             flow.error = f"peer gone before accept: {_describe(exc)}"
             return
-        hello, seen = await self._read_hello(reader)
         resolver = self.gateway.resolver
         vip_host = resolver.hostname_for_vip(conn.dst_ip) if resolver is not None else None
+        # Where to connect is known from the SYN (or the VIP), not from the hello: connect
+        # while the ClientHello arrives, so neither mode waits a round trip to the host after it.
+        upstream = _EarlyUpstream(
+            functools.partial(self._open_upstream, conn.dst_ip, conn.dst_port, vip_host)
+        )
+        try:
+            await self._serve_hello(flow, reader, writer, vip_host, upstream)
+        finally:
+            upstream.discard()
+
+    async def _serve_hello(
+        self,
+        flow: _Flow,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        vip_host: str | None,
+        upstream: _EarlyUpstream,
+    ) -> None:
+        conn = flow.conn
+        hello, seen = await self._read_hello(reader)
         if isinstance(hello, clienthello.NotTls):
             flow.open(vip_host)
             flow.tls_event(None, "rejected", error=f"not a TLS ClientHello: {hello.reason}")
@@ -498,18 +562,11 @@ class TlsService:
             return
         hostname = sni or vip_host
         flow.open(hostname)
-        passthrough = self.is_passthrough(hostname)
-        try:
-            addresses = await self._destinations(conn.dst_ip, vip_host)
-        except _Refused as exc:
-            flow.tls_event(sni, "rejected", error=str(exc))
-            conn.abort()
-            return
-        if passthrough:
+        if self.is_passthrough(hostname):
             offered = ",".join(hello.alpn) or None
-            await self._passthrough(flow, sni, offered, addresses, reader, writer, seen)
+            await self._passthrough(flow, sni, offered, upstream, reader, writer, seen)
         else:
-            await self._intercept(flow, hello, hostname, addresses, reader, writer, seen)
+            await self._intercept(flow, hello, hostname, upstream, reader, writer, seen)
 
     async def _read_hello(
         self, reader: asyncio.StreamReader
@@ -537,6 +594,17 @@ class TlsService:
                 return clienthello.NotTls(what), bytes(buf)
             result = parser.feed(data)  # each record walked once, however the bytes arrive
 
+    async def _open_upstream(self, dst_ip: str, port: int, vip_host: str | None) -> socket.socket:
+        """A TCP connection to the first allowed destination that answers; `_Refused` if the
+        policy allows none, `ConnectFailed` (the last reason) if none answers."""
+        failure = "no address"
+        for ip in await self._destinations(dst_ip, vip_host):
+            try:
+                return await connect_socket(ip, port, timeout=self.connect_timeout)
+            except ConnectFailed as exc:
+                failure = str(exc)
+        raise ConnectFailed(failure)
+
     async def _destinations(self, dst_ip: str, vip_host: str | None) -> list[str]:
         """The real addresses to connect to, in order, each allowed by the egress policy."""
         if vip_host is not None and self.gateway.resolver is not None:
@@ -562,7 +630,7 @@ class TlsService:
         flow: _Flow,
         sni: str | None,
         offered_alpn: str | None,
-        addresses: list[str],
+        upstream: _EarlyUpstream,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         seen: bytes,
@@ -572,15 +640,14 @@ class TlsService:
         # C to relay once the ClientHello (and anything read with it) has gone ahead.
         hand_over = conn if isinstance(conn, HandOverConn) else None
         left = hand_over.detach_reading(reader) if hand_over is not None else None
-        failure = "no address"
-        for ip in addresses:
-            try:
-                sock = await connect_socket(ip, conn.dst_port, timeout=self.connect_timeout)
-                break
-            except ConnectFailed as exc:
-                failure = str(exc)
-        else:
-            flow.tls_event(sni, "passthrough", alpn=offered_alpn, error=failure)
+        try:
+            sock = await upstream.take()
+        except _Refused as exc:
+            flow.tls_event(sni, "rejected", error=str(exc))
+            conn.abort()
+            return
+        except ConnectFailed as exc:
+            flow.tls_event(sni, "passthrough", alpn=offered_alpn, error=str(exc))
             conn.abort()
             return
         flow.tls_event(sni, "passthrough", alpn=offered_alpn)
@@ -635,41 +702,31 @@ class TlsService:
         flow.stats.error = stats.error
         return None
 
-    async def _connect_upstream(
-        self, addresses: list[str], port: int, ctx: ssl.SSLContext, server_name: str
+    async def _upstream_tls(
+        self, sock: socket.socket, ctx: ssl.SSLContext, server_name: str
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """TLS to the first address that answers; a certificate failure ends the search (the
-        same name is served by the same certificate everywhere)."""
-        failure: Exception = ConnectFailed("no address")
-        for ip in addresses:
-            try:
-                return await asyncio.wait_for(
-                    asyncio.open_connection(
-                        ip,
-                        port,
-                        ssl=ctx,
-                        server_hostname=server_name,
-                        ssl_handshake_timeout=self.connect_timeout,
-                        limit=self.gateway.settings.tcp_buffer,
-                    ),
-                    self.connect_timeout,
-                )
-            except ssl.SSLCertVerificationError:
-                raise
-            except TimeoutError:
-                failure = ConnectFailed(f"connect timeout after {self.connect_timeout:g} s")
-            except ConnectionRefusedError:
-                failure = ConnectFailed("connection refused")
-            except (OSError, ssl.SSLError) as exc:
-                failure = exc
-        raise failure
+        """TLS over the connected socket, with SNI and full verification."""
+        try:
+            return await asyncio.wait_for(
+                asyncio.open_connection(
+                    sock=sock,
+                    ssl=ctx,
+                    server_hostname=server_name,
+                    ssl_handshake_timeout=self.connect_timeout,
+                    limit=self.gateway.settings.tcp_buffer,
+                ),
+                self.connect_timeout,
+            )
+        except BaseException:
+            sock.close()  # the transport closes it too, once it exists: a second close is a no-op
+            raise
 
     async def _intercept(
         self,
         flow: _Flow,
         hello: clienthello.ClientHello,
         hostname: str | None,
-        addresses: list[str],
+        upstream: _EarlyUpstream,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         seen: bytes,
@@ -679,10 +736,18 @@ class TlsService:
         offer = tuple(p for p in hello.alpn if 0 < len(p.encode("latin-1")) < 256)
         server_name = hostname or conn.dst_ip
         try:
+            sock = await upstream.take()
+        except _Refused as exc:
+            flow.tls_event(sni, "rejected", error=str(exc))
+            conn.abort()
+            return
+        except ConnectFailed as exc:
+            flow.tls_event(sni, "intercepted", error=f"upstream: {exc}")
+            await _close_client(writer, conn)
+            return
+        try:
             ctx = self.upstream_context(offer)
-            up_reader, up_writer = await self._connect_upstream(
-                addresses, conn.dst_port, ctx, server_name
-            )
+            up_reader, up_writer = await self._upstream_tls(sock, ctx, server_name)
         except ssl.SSLCertVerificationError as exc:
             flow.tls_event(
                 sni, "intercepted", error=f"upstream certificate rejected: {_describe(exc)}"
