@@ -84,12 +84,17 @@ def tcpop(action: str, handle: int = 0, arg: int = 0) -> bytes:
         "release",
         "info",
         "write_small",
+        "splice",  # the owner's splice_connect to the harness's host (arg: timeout s % 16)
+        "splice_abort",
+        "splice_counts",
     ]
     return bytes([4, handle, actions.index(action)]) + u16(arg)
 
 
-def drain(toggle_auto: bool = False) -> bytes:
-    return bytes([5, 1 if toggle_auto else 0])
+def drain(toggle_auto: bool = False, close_host: bool = False, reset_host: bool = False) -> bytes:
+    """close_host: the harness's host closes its accepted sockets (reset_host: with an RST)."""
+    mode = (1 if toggle_auto else 0) | (2 if close_host else 0) | (4 if reset_host else 0)
+    return bytes([5, mode])
 
 
 def send(kind: int, data: bytes = b"") -> bytes:
@@ -430,6 +435,55 @@ def sessions() -> Iterator[tuple[str, bytes]]:
     yield "endpoint_change", keys(0, 4 | 0x18) + inner(ping) + keys(1, 4)
 
 
+def splices() -> Iterator[tuple[str, bytes]]:
+    """Connections joined to the harness's host on loopback: by the fast relay (flow bit 6, a
+    destination every engine approves) and by the owner's splice_connect."""
+    opts = SYN_OPTIONS
+    fast = 0x40
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    opened = tcpseg(SYN, flow=fast, opts=opts) + drain() + tcpseg(ACK, flow=fast)
+    yield (
+        "fast_relay_exchange",
+        opened
+        + tcpseg(ACK | PSH, flow=fast, payload=request)
+        + drain()
+        + drain()
+        + tcpseg(ACK, flow=fast)
+        + tcpop("splice_counts")
+        + drain(close_host=True)
+        + tcpseg(ACK, flow=fast)
+        + tcpseg(ACK | FIN, flow=fast)
+        + drain()
+        + tick(200)
+        + QUERY,
+    )
+    yield (
+        "fast_relay_host_resets",
+        opened
+        + tcpseg(ACK | PSH, flow=fast, payload=request)
+        + drain(close_host=True, reset_host=True),
+    )
+    yield "fast_relay_peer_resets", opened + tcpseg(RST, flow=fast) + drain()
+    yield (
+        "fast_relay_many",
+        b"".join(tcpseg(SYN, flow=fast | i, seq=i) for i in range(4))
+        + drain()
+        + tcpop("splice_abort"),
+    )
+    yield (
+        "owner_splice",
+        tcpseg(SYN, opts=opts)
+        + tcpop("splice", arg=5)
+        + drain()
+        + tcpseg(ACK)
+        + tcpseg(ACK | PSH, payload=request)
+        + drain()
+        + tcpop("splice_counts")
+        + tcpop("splice_abort")
+        + drain(),
+    )
+
+
 def main() -> None:
     # Ephemeral keys, cookie secrets and nonces come from os.urandom: seed them for stable bytes.
     os.urandom = random.Random(7).randbytes
@@ -443,6 +497,7 @@ def main() -> None:
         seeds.append(("inner_fixed_" + name, inner(packet, flags=2)))
     seeds.extend(conversations())
     seeds.extend(sessions())
+    seeds.extend(splices())
     for name, data in seeds:
         digest = hashlib.sha1(data).hexdigest()[:8]
         (CORPUS / f"{name}-{digest}").write_bytes(data)

@@ -10,6 +10,12 @@
  * decrypted with the harness's copy of the keys to learn the stack's sequence numbers.  At the
  * end every handle is released and the engine freed, so LeakSanitizer sees any leak.
  *
+ * Splices reach real sockets, on loopback only: the harness listens on two ports of 127.0.0.1
+ * (its "host").  The first is approved for the fast relay in every engine, so SYNs to it
+ * (TCPSEG flow&0x40) are spliced by the engine itself; the owner's splice_connect (TCPOP) goes
+ * to the second.  The host accepts, reads and discards, answers once, and closes (or resets)
+ * when DRAIN says; every drain also services the splices and pops their reports.
+ *
  * Input format (little endian), repeated until the input ends; fuzz/make_corpus.py writes it:
  *   op byte % 10, then
  *   0 RAW     src:u8 len:u16 bytes            wg_input of an arbitrary datagram
@@ -18,22 +24,30 @@
  *                                             flags&8 from another source endpoint (roaming)
  *   2 TCPSEG  flags:u8 flow:u8 tcpflags:u8 seq_delta:i16 ack_delta:i16 win:u16
  *             optlen:u8 opts paylen:u16 payload
+ *                                             flow&0x40: to the fast-relay destination (below)
  *   3 TICK    step:u8                         high bit: (step&127)*10 s, else step*5 ms
- *   4 TCPOP   handle:u8 action:u8 arg:u16     accept/reject/read/write/shutdown/abort/release/info
- *   5 DRAIN   mode:u8                         drain everything; mode&1 toggles auto-draining outputs
+ *   4 TCPOP   handle:u8 action:u8 arg:u16     accept/reject/read/write/shutdown/abort/release/info,
+ *                                             splice to the harness's host, abort a splice, counts
+ *   5 DRAIN   mode:u8                         drain everything; mode&1 toggles auto-draining outputs,
+ *                                             mode&2 closes the host's accepted sockets (mode&4: RST)
  *   6 SEND    kind:u8 len:u16 bytes           wg_udp_send / wg_icmp_unreachable / wg_send_inner / wg_send_raw
  *   7 KEYS    peer:u8 action:u8               new keypair (initiator / responder), remove + re-add,
  *                                             drop staged, set endpoint
  *   8 FLUSH                                   tcp_flush
  *   9 QUERY                                   stats, deadlines, counters
  */
+#define _GNU_SOURCE /* accept4 */
+#include <netinet/in.h>
 #include <sodium.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include "_splice.h"
 #include "_wgstack.h"
 
 #define NPEERS 3      /* peer 2 never gets a keypair: its traffic is staged */
@@ -41,6 +55,9 @@
 #define MAX_KEYPAIRS 32
 #define MAX_FLOWS 32
 #define TUNNEL_IP 0x0a4d0001u /* 10.77.0.1 */
+#define LOOPBACK 0x7f000001u  /* 127.0.0.1: the harness's host, the only place splices reach */
+#define MAX_ACCEPTED 32
+#define MAX_SPLICED 64
 
 typedef struct {
     uint32_t peer_id, local_index, remote_index;
@@ -67,8 +84,18 @@ typedef struct {
     fz_flow flows[MAX_FLOWS];
     uint32_t gen;
     bool auto_drain_outputs;
+    uint32_t spliced[MAX_SPLICED]; /* conn_ids the splice table owns (results not yet seen) */
+    int nspliced;
+    uint64_t spliced_up, spliced_down; /* of the results seen, for FUZZ_VERBOSE */
+    int accepted[MAX_ACCEPTED]; /* the host's ends of spliced connections */
+    bool answered[MAX_ACCEPTED];
+    int naccepted;
     uint8_t scratch[65536 + 64];
 } fz_state;
+
+/* The harness's host: [0] approved for the fast relay, [1] for the owner's splice_connect. */
+static int host_fd[2] = {-1, -1};
+static uint16_t host_port[2];
 
 static const uint32_t peer_ip[NPEERS] = {0x0a4d0002u, 0x0a4d0003u, 0x0a4d0004u};
 static const uint8_t peer_ip6[NPEERS][16] = {
@@ -259,6 +286,86 @@ static void learn_output(fz_state *st, const uint8_t *msg, size_t len) {
     }
 }
 
+/* ---- The host and the splices ------------------------------------------------------------ */
+static void host_listen(void) {
+    for (int i = 0; i < 2; i++) {
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(LOOPBACK)};
+        socklen_t alen = sizeof a;
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) != 0 || listen(fd, 256) != 0 ||
+            getsockname(fd, (struct sockaddr *)&a, &alen) != 0)
+            abort();
+        host_fd[i] = fd;
+        host_port[i] = ntohs(a.sin_port);
+    }
+}
+
+static void spliced_add(fz_state *st, uint32_t conn_id) {
+    if (st->nspliced < MAX_SPLICED) st->spliced[st->nspliced++] = conn_id;
+}
+
+static void spliced_remove(fz_state *st, uint32_t conn_id) {
+    for (int i = 0; i < st->nspliced; i++)
+        if (st->spliced[i] == conn_id) {
+            st->spliced[i] = st->spliced[--st->nspliced];
+            return;
+        }
+}
+
+static void host_close_all(fz_state *st, bool reset) {
+    for (int i = 0; i < st->naccepted; i++) {
+        if (reset) {
+            struct linger lg = {1, 0};
+            setsockopt(st->accepted[i], SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+        }
+        close(st->accepted[i]);
+    }
+    st->naccepted = 0;
+}
+
+/* Accept what connected, read and discard what arrived, answer each connection once. */
+static void host_serve(fz_state *st) {
+    for (int i = 0; i < 2; i++) {
+        int fd;
+        while ((fd = accept4(host_fd[i], NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)) >= 0) {
+            if (st->naccepted == MAX_ACCEPTED) {
+                close(fd);
+                continue;
+            }
+            st->answered[st->naccepted] = false;
+            st->accepted[st->naccepted++] = fd;
+        }
+    }
+    static uint8_t buf[4096];
+    for (int i = 0; i < st->naccepted; i++) {
+        while (recv(st->accepted[i], buf, sizeof buf, 0) > 0) {
+        }
+        if (!st->answered[i]) {
+            st->answered[i] = true;
+            (void)send(st->accepted[i], "HTTP/1.1 200 OK\r\n\r\nhello", 25, MSG_NOSIGNAL);
+        }
+    }
+}
+
+static void drain_splices(fz_state *st) {
+    splice_table *t = wg_engine_splice(st->e);
+    if (!t || (!splice_active(t) && !wg_reports_waiting(st->e) && !st->naccepted))
+        return; /* nothing spliced: no system calls (most inputs; keeps the fuzzer fast) */
+    host_serve(st);
+    wg_splice_service(st->e, st->now);
+    wg_fast_open opened[16];
+    int n;
+    while ((n = wg_fast_relay_opened(st->e, opened, 16)) > 0)
+        for (int i = 0; i < n; i++) spliced_add(st, opened[i].conn_id);
+    splice_result results[16];
+    while ((n = splice_results(t, results, 16)) > 0)
+        for (int i = 0; i < n; i++) {
+            spliced_remove(st, results[i].conn_id);
+            st->spliced_up += results[i].bytes_up;
+            st->spliced_down += results[i].bytes_down;
+        }
+}
+
 /* ---- Draining ---------------------------------------------------------------------------- */
 static void drain(fz_state *st, bool outputs) {
     wg_event ev;
@@ -282,6 +389,7 @@ static void drain(fz_state *st, bool outputs) {
     for (int i = 0; i < n; i++)
         for (uint32_t j = 0; j < big[i].len; j++) sink += arena[big[i].offset + j];
     (void)sink;
+    drain_splices(st);
     if (!outputs) return;
     wg_endpoint dst;
     int len;
@@ -305,6 +413,7 @@ static void op_tcpseg(fz_state *st, reader *r) {
     uint16_t client_port = (uint16_t)(40000 + (flow & 3));
     uint32_t server_ip = server_ips[(flow >> 2) & 3];
     uint16_t server_port = server_ports[(flow >> 4) & 3];
+    if (flow & 0x40) server_ip = LOOPBACK, server_port = host_port[0];
     fz_flow *f = flow_find(st, peer_id, server_ip, server_port, client_port, false);
     uint32_t base_seq = 1000, base_ack = 0;
     if (f && f->known) base_seq = f->their_ack, base_ack = f->their_next;
@@ -356,7 +465,8 @@ static void op_tcpop(fz_state *st, reader *r) {
     tcp_stack *t = wg_engine_tcp(st->e);
     uint32_t h = handle_at(st, which);
     static uint8_t buf[65536];
-    switch (action % 9) {
+    splice_table *sp = wg_engine_splice(st->e);
+    switch (action % 12) {
     case 0: tcp_accept(t, h, st->now); break;
     case 1: tcp_reject(t, h, st->now); break;
     case 2: tcp_read(t, h, buf, arg, st->now); break;
@@ -378,6 +488,26 @@ static void op_tcpop(fz_state *st, reader *r) {
         break;
     }
     case 8: tcp_write(t, h, buf, arg % 64, st->now); break;
+    case 9: /* the owner splices a SYN it was raised (the table owns the handle from then on) */
+        if (sp && splice_connect(sp, h, LOOPBACK, host_port[1], st->now + (arg % 16), st->now) == 0 &&
+            st->nhandles) {
+            int i = which % st->nhandles;
+            st->handles[i] = st->handles[--st->nhandles];
+            spliced_add(st, h);
+        }
+        break;
+    case 10:
+        if (sp && st->nspliced) splice_abort(sp, st->spliced[which % st->nspliced], st->now);
+        break;
+    case 11:
+        if (sp) {
+            uint64_t up, down;
+            splice_progress progress[8];
+            if (st->nspliced) splice_bytes(sp, st->spliced[which % st->nspliced], &up, &down);
+            splice_list_active(sp, st->now - arg, progress, 8);
+            (void)splice_active(sp), (void)splice_results_waiting(sp), (void)wg_reports_waiting(st->e);
+        }
+        break;
     }
 }
 
@@ -481,6 +611,7 @@ static fz_state *state_new(void) {
     wg_peer_add_allowed_ip(st.e, 1, 4, (const uint8_t[]){10, 99, 0, 0}, 16); /* a prefix route */
     install_keypair(&st, 0, true);
     install_keypair(&st, 1, false); /* confirmed by its first packet */
+    if (wg_fast_relay_allow(st.e, LOOPBACK, host_port[0], 0, 5.0) != 0) __builtin_trap();
     return &st;
 }
 
@@ -490,6 +621,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     (void)argc, (void)argv;
     verbose = getenv("FUZZ_VERBOSE") != NULL;
     if (sodium_init() < 0) abort();
+    host_listen();
     return 0;
 }
 
@@ -528,10 +660,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             break;
         }
         case 4: op_tcpop(st, &r); break;
-        case 5:
-            if (rd_u8(&r) & 1) st->auto_drain_outputs = !st->auto_drain_outputs;
+        case 5: {
+            uint8_t mode = rd_u8(&r);
+            if (mode & 1) st->auto_drain_outputs = !st->auto_drain_outputs;
             drain(st, true);
+            if (mode & 2) host_close_all(st, mode & 4);
             break;
+        }
         case 6: op_send(st, &r); break;
         case 7: op_keys(st, &r); break;
         case 8: tcp_flush(wg_engine_tcp(st->e), st->now); break;
@@ -545,11 +680,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         wg_engine_stats es;
         wg_engine_get_stats(st->e, &es);
         fprintf(stderr, "syns %llu established %llu segs in/out %llu/%llu retransmits %llu "
-                "icmp %llu udp_rx %llu tx %llu handles %d\n",
+                "icmp %llu udp_rx %llu tx %llu handles %d fast_relayed %llu spliced %d (ended: %llu up %llu down) accepted %d\n",
                 (unsigned long long)ts.syns, (unsigned long long)ts.established,
                 (unsigned long long)ts.segs_in, (unsigned long long)ts.segs_out,
                 (unsigned long long)ts.retransmits, (unsigned long long)es.icmp_echo_replies,
-                (unsigned long long)es.udp_rx, (unsigned long long)es.tx_datagrams, st->nhandles);
+                (unsigned long long)es.udp_rx, (unsigned long long)es.tx_datagrams, st->nhandles,
+                (unsigned long long)es.fast_relayed, st->nspliced,
+                (unsigned long long)st->spliced_up, (unsigned long long)st->spliced_down,
+                st->naccepted);
     }
     /* The owner's duty at shutdown: release every handle it still holds. */
     for (int i = 0; i < st->nhandles; i++) tcp_release(wg_engine_tcp(st->e), st->handles[i], st->now);
@@ -557,6 +695,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     drain(st, true);
     wg_tick(st->e, st->now + 4000.0); /* every timer, TIME-WAIT and FIN-WAIT-2 runs out */
     drain(st, true);
-    wg_engine_free(st->e);
+    wg_engine_free(st->e); /* resets what is still spliced */
+    /* Nothing of this input stays for the next: the host's sockets and its unaccepted ones. */
+    host_serve(st);
+    host_close_all(st, true);
+    st->nspliced = 0;
+    st->spliced_up = st->spliced_down = 0;
     return 0;
 }
