@@ -10,7 +10,7 @@ import json
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -650,6 +650,38 @@ class PlainOrigin:
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port nobody listens on (bound, never listening: connects are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("passthrough", "mode", "error"),
+    [
+        (False, "intercepted", "upstream: connection refused"),
+        (True, "passthrough", "connection refused"),
+    ],
+)
+async def test_a_refused_destination_closes_the_client(
+    make_harness: Any, closed_port: int, passthrough: bool, mode: str, error: str
+) -> None:
+    h: Harness = await make_harness(passthrough=["*.test"] if passthrough else [])
+    h.dst = ("127.0.0.1", closed_port)
+    reader, writer = await h.open(None)
+    writer.write(client_hello("example.test"))
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing sent back
+    await close_writer(writer)
+    await h.settle()
+    (event,) = h.gateway.of(TlsHost)
+    assert (event.mode, event.ok, event.error) == (mode, False, error)
+    (closed,) = h.gateway.of(TcpClosed)
+    assert closed.error == error
+    h.check_flow_pairs()
 
 
 async def test_the_destination_is_connected_while_the_hello_arrives(

@@ -562,11 +562,26 @@ class TlsService:
             return
         hostname = sni or vip_host
         flow.open(hostname)
-        if self.is_passthrough(hostname):
-            offered = ",".join(hello.alpn) or None
-            await self._passthrough(flow, sni, offered, upstream, reader, writer, seen)
+        passthrough = self.is_passthrough(hostname)
+        offered = ",".join(hello.alpn) or None
+        try:
+            sock = await upstream.take()
+        except _Refused as exc:
+            flow.tls_event(sni, "rejected", error=str(exc))
+            conn.abort()
+            return
+        except ConnectFailed as exc:
+            if passthrough:
+                flow.tls_event(sni, "passthrough", alpn=offered, error=str(exc))
+                conn.abort()
+            else:
+                flow.tls_event(sni, "intercepted", error=f"upstream: {exc}")
+                await _close_client(writer, conn)
+            return
+        if passthrough:
+            await self._passthrough(flow, sni, offered, sock, reader, writer, seen)
         else:
-            await self._intercept(flow, hello, hostname, upstream, reader, writer, seen)
+            await self._intercept(flow, hello, hostname, sock, reader, writer, seen)
 
     async def _read_hello(
         self, reader: asyncio.StreamReader
@@ -630,26 +645,16 @@ class TlsService:
         flow: _Flow,
         sni: str | None,
         offered_alpn: str | None,
-        upstream: _EarlyUpstream,
+        sock: socket.socket,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         seen: bytes,
     ) -> None:
         conn = flow.conn
-        # Nothing more from the peer into Python while we connect: it waits in C's ring, for
-        # C to relay once the ClientHello (and anything read with it) has gone ahead.
+        # Nothing more from the peer into Python: it waits in C's ring, for C to relay once the
+        # ClientHello (and anything read with it, returned here) has gone ahead.
         hand_over = conn if isinstance(conn, HandOverConn) else None
         left = hand_over.detach_reading(reader) if hand_over is not None else None
-        try:
-            sock = await upstream.take()
-        except _Refused as exc:
-            flow.tls_event(sni, "rejected", error=str(exc))
-            conn.abort()
-            return
-        except ConnectFailed as exc:
-            flow.tls_event(sni, "passthrough", alpn=offered_alpn, error=str(exc))
-            conn.abort()
-            return
         flow.tls_event(sni, "passthrough", alpn=offered_alpn)
         first = seen + (left or b"")  # the ClientHello (and anything after it), untouched
         flow.stats.bytes_up += len(first)
@@ -726,7 +731,7 @@ class TlsService:
         flow: _Flow,
         hello: clienthello.ClientHello,
         hostname: str | None,
-        upstream: _EarlyUpstream,
+        sock: socket.socket,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         seen: bytes,
@@ -735,16 +740,6 @@ class TlsService:
         sni = hello.sni
         offer = tuple(p for p in hello.alpn if 0 < len(p.encode("latin-1")) < 256)
         server_name = hostname or conn.dst_ip
-        try:
-            sock = await upstream.take()
-        except _Refused as exc:
-            flow.tls_event(sni, "rejected", error=str(exc))
-            conn.abort()
-            return
-        except ConnectFailed as exc:
-            flow.tls_event(sni, "intercepted", error=f"upstream: {exc}")
-            await _close_client(writer, conn)
-            return
         try:
             ctx = self.upstream_context(offer)
             up_reader, up_writer = await self._upstream_tls(sock, ctx, server_name)
