@@ -146,10 +146,16 @@ def _start_ours(
 
 
 @contextlib.contextmanager
-def bench_env(*gateway_args: str, gateway_env: dict[str, str] | None = None) -> Iterator[BenchEnv]:
+def bench_env(
+    *gateway_args: str, gateway_env: dict[str, str] | None = None, keep_events: bool = False
+) -> Iterator[BenchEnv]:
     """Both gateways up in one topology; everything removed afterwards (processes by PID).
 
-    `gateway_env` adds environment variables for our gateway (e.g. SSL_CERT_FILE)."""
+    `gateway_env` adds environment variables for our gateway (e.g. SSL_CERT_FILE).  Our
+    gateway prints every event as JSON, as `--no-ui --json` does for a user; the bench reads
+    them all but parses and keeps them only with `keep_events`: at thousands of connections
+    a second, parsing two JSON events per connection in this process took CPU from the same
+    two cores the gateways and the load share, a cost the reference never pays."""
     missing = missing_requirements()
     if missing:
         raise SystemExit("bench needs: " + ", ".join(missing))
@@ -158,6 +164,7 @@ def bench_env(*gateway_args: str, gateway_env: dict[str, str] | None = None) -> 
         s = make_flows_setup(topo)
         reference = _start_reference(s)
         ours, gw = _start_ours(s, *gateway_args, env=gateway_env)
+        gw.keep_events = keep_events
         yield BenchEnv(s, ours, reference, gw)
 
 

@@ -256,7 +256,7 @@ def figures_from(peers: dict[str, Any], conns: dict[str, Any], n_peers: int) -> 
 
 
 def run(peers: int = 999, n_handshakes: int = 300, conns: int = 10_000) -> list[Figure]:
-    with bench_env("--address", "10.77.0.1/22") as env:
+    with bench_env("--address", "10.77.0.1/22", keep_events=True) as env:
         peer_rows = peers_scenario(env, peers, n_handshakes)
         conn_rows = conns_scenario(env, conns)
     figures = figures_from(peer_rows, conn_rows, peers)

@@ -654,7 +654,7 @@ def soak(seconds: float, interval: float, bulk_mbit: int) -> SoakResult:
         Path(tmp).chmod(0o755)
         with bench_env(
             "--upstream-dns", f"{HOST_ADDR}:{DNS_PORT}",
-            gateway_env={"SSL_CERT_FILE": str(upstream_ca)},
+            gateway_env={"SSL_CERT_FILE": str(upstream_ca)}, keep_events=True,
         ) as env:  # fmt: skip
             gw, pid = env.gateway, env.ours.gateway_pid
             inet = env.setup.internet

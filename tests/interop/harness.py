@@ -240,12 +240,18 @@ class GatewayProcess:
         self.events: list[dict[str, Any]] = []
         self._queue: queue.Queue[dict[str, Any]] = queue.Queue()
         self.stderr_lines: list[str] = []
+        # False: lines are still read (the gateway's output never backs up) but not parsed
+        # or kept, for benchmarks that use no events and must not charge their parsing to
+        # the machine they measure on.
+        self.keep_events = True
         threading.Thread(target=self._read, daemon=True).start()
         threading.Thread(target=self._read_err, daemon=True).start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            if not self.keep_events:
+                continue
             with contextlib.suppress(ValueError):
                 self._queue.put(json.loads(line))
 
