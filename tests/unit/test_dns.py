@@ -20,14 +20,13 @@ from hypothesis import strategies as st
 
 from tests.interop.dns_host import QuietLogger, ZoneResolver
 from unclaw_tui.config import Settings
+from unclaw_tui.decision import DecisionPoint
 from unclaw_tui.events import DnsQuery, Event, TcpClosed, TcpOpened, UdpFlowOpened
-from unclaw_tui.router import Route
+from unclaw_tui.flow import Flow, FlowRegistry
+from unclaw_tui.router import Route, Router
 from unclaw_tui.services import dns
 from unclaw_tui.services.dns import DnsAnswerer, DnsService, create
 from unclaw_tui.services.egress import EgressPolicy
-from unclaw_tui.decision import DecisionPoint
-from unclaw_tui.flow import Flow, FlowRegistry
-from unclaw_tui.router import Router
 from unclaw_tui.services.upstream import DnsCache, UpstreamAnswer, UpstreamClient
 from unclaw_tui.services.vip import VipService
 from unclaw_tui.services.vips import VipAllocator

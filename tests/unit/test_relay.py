@@ -578,6 +578,7 @@ async def test_open_flow_counts_per_peer() -> None:
     assert counts.count(phone) == 0 and counts.total == 0
     assert len(rec.of(TcpOpened)) == len(rec.of(TcpClosed)) == 4
 
+
 async def test_connect_host_sets_nodelay_and_buffer_limit() -> None:
     async with tcp_server(echo) as dst:
         _r, w = await connect_host(*dst, buffer_size=100_000)

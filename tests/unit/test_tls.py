@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from unclaw_tui.config import Settings
-from unclaw_tui.events import Event, HttpRequest, TcpClosed, TcpOpened, TlsHost
 from unclaw_tui.decision import DecisionPoint
+from unclaw_tui.events import Event, HttpRequest, TcpClosed, TcpOpened, TlsHost
 from unclaw_tui.flow import FlowRegistry
 from unclaw_tui.router import Route, Router
 from unclaw_tui.services import tls
