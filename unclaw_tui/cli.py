@@ -498,24 +498,32 @@ def _cmd_ca(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _prepare_run(args: argparse.Namespace) -> config.Settings:
-    """Create/validate the state dir and identity and save explicit settings before running."""
+def _prepare_run(args: argparse.Namespace) -> tuple[config.Settings, Callable[[], None]]:
+    """Create/validate the state dir and identity; the settings, and what saves the explicit
+    ones: called once the gateway has started, so a start that fails (the port is in use)
+    saves nothing."""
     path, existing, explicit, settings = _prepare(args)
     state = existing or StateDir(path)
     state.identity()
-    _persist(state, explicit)
-    return settings
+
+    def started() -> None:
+        try:
+            _persist(state, explicit)
+        except (StateError, ValueError) as exc:  # the gateway runs on; later runs lack them
+            sys.stderr.write(f"{PROG}: warning: settings not saved: {exc}\n")
+
+    return settings, started
 
 
-def _run_gateway(settings: config.Settings, no_ui: bool) -> int:
+def _run_gateway(settings: config.Settings, no_ui: bool, on_started: Callable[[], None]) -> int:
     # Imported lazily so that peer commands stay fast and need no engine build.
     if no_ui:
         from unclaw_tui.headless import run
 
-        return run(settings)
+        return run(settings, on_started)
     from unclaw_tui.app import run_app
 
-    return run_app(settings)
+    return run_app(settings, on_started)
 
 
 PEER_COMMANDS = {
@@ -543,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     try:
         if args.command is None:
-            settings = _prepare_run(args)
+            settings, on_started = _prepare_run(args)
         elif args.command == "ca":
             return _cmd_ca(args, sys.stdout)
         else:
@@ -558,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Errors inside the running gateway are bugs or runtime failures, not usage errors: they
     # keep their traceback.
     try:
-        return _run_gateway(settings, args.no_ui)
+        return _run_gateway(settings, args.no_ui, on_started)
     except KeyboardInterrupt:
         return 130
 

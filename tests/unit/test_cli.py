@@ -8,11 +8,13 @@ import json
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -305,8 +307,9 @@ def test_run_without_subcommand_builds_settings_and_runs_headless(
 ) -> None:
     seen: list[config.Settings] = []
 
-    def run(settings: config.Settings) -> int:
+    def run(settings: config.Settings, on_started: Callable[[], None]) -> int:
         seen.append(settings)
+        on_started()  # the gateway listens: only now are the flags saved
         return 7
 
     monkeypatch.setitem(sys.modules, "unclaw_tui.headless", types.SimpleNamespace(run=run))
@@ -345,7 +348,7 @@ def test_relay_flags_reach_settings_and_are_not_saved(
     monkeypatch.setitem(
         sys.modules,
         "unclaw_tui.headless",
-        types.SimpleNamespace(run=lambda settings: seen.append(settings) or 0),
+        types.SimpleNamespace(run=lambda settings, on_started: seen.append(settings) or 0),
     )
     rc = cli.main(
         ["--state-dir", str(state_dir), "--no-ui", "--allow", "127.0.0.0/8",
@@ -396,7 +399,7 @@ def test_bad_cidr_on_run_is_one_line_and_creates_nothing(
 def test_run_with_ui_calls_run_app(monkeypatch: pytest.MonkeyPatch, state_dir: Path) -> None:
     seen: list[config.Settings] = []
 
-    def run_app(settings: config.Settings) -> int:
+    def run_app(settings: config.Settings, on_started: Callable[[], None]) -> int:
         seen.append(settings)
         return 0
 
@@ -518,6 +521,26 @@ def test_a_flag_before_the_subcommand_is_not_reset_by_it() -> None:
     )  # fmt: skip
     # Typed twice, the later one wins, as for any repeated flag.
     assert parse(["--listen-port", "1", "peer", "list", "--listen-port", "2"]).listen_port == 2
+
+
+def test_a_failed_start_saves_nothing(capsys: pytest.CaptureFixture[str], state_dir: Path) -> None:
+    run(capsys, "--state-dir", str(state_dir), "--listen-port", "4000", "peer", "add", "phone")
+    before = json.loads((state_dir / "gateway.json").read_text())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("0.0.0.0", 0))
+        port = busy.getsockname()[1]
+        done = run_subprocess(
+            "--no-ui", "--state-dir", str(state_dir), "--listen-port", str(port),
+            "--endpoint", "gw.example", "--address", "10.77.0.1/16",
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.startswith(f"{ERROR_PREFIX}cannot listen on UDP port {port}: ")
+    assert done.stderr.count("\n") == 1
+    assert json.loads((state_dir / "gateway.json").read_text()) == before
+    assert str(port) not in "".join(p.read_text() for p in state_dir.glob("*.json"))
+    rc, shown, _ = run(capsys, "--state-dir", str(state_dir), "peer", "show", "phone")
+    assert rc == 0 and shown.count(":4000\n") == 1  # configs still name the port in use
 
 
 # --- errors: one line, exit 2, nothing written -------------------------------------------------
