@@ -11,6 +11,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from unclaw_tui.engine.outcomes import CloseReason, SpliceOutcome, splice_error
+from unclaw_tui.engine.tunnel_events import (
+    EndpointChanged,
+    HandshakeDone,
+    HandshakeFailed,
+    KeysExpired,
+    LoadChanged,
+    TunnelEvent,
+)
 
 if TYPE_CHECKING:
     from unclaw_tui.engine._ffi import EngineError, FastOpen, SpliceResult
@@ -30,14 +38,20 @@ _LAZY = {
 
 __all__ = [
     "CloseReason",
+    "EndpointChanged",
     "EngineError",
     "FastOpen",
+    "HandshakeDone",
+    "HandshakeFailed",
+    "KeysExpired",
+    "LoadChanged",
     "PeerInfo",
     "SpliceDone",
     "SpliceOutcome",
     "SpliceResult",
     "TcpConn",
     "Tunnel",
+    "TunnelEvent",
     "UdpDatagram",
     "splice_error",
 ]
