@@ -30,7 +30,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from unclaw_tui.config import DEFAULT_TCP_BUFFER
-from unclaw_tui.engine.outcomes import describe_os_error, splice_error
+from unclaw_tui.engine import describe_os_error, splice_error
 from unclaw_tui.events import Event, TcpClosed, TcpOpened, UdpFlowClosed, UdpFlowOpened
 from unclaw_tui.pump import (
     DEFAULT_CONNECT_TIMEOUT,

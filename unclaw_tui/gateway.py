@@ -22,8 +22,8 @@ from unclaw_tui.engine import (
     KeysExpired,
     LoadChanged,
     TunnelEvent,
+    unb64,
 )
-from unclaw_tui.engine.noise import unb64
 from unclaw_tui.events import (
     Event,
     EventBus,

@@ -10,7 +10,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from unclaw_tui.engine.outcomes import CloseReason, SpliceOutcome, splice_error
+from unclaw_tui.engine.noise import unb64
+from unclaw_tui.engine.outcomes import (
+    CloseReason,
+    SpliceOutcome,
+    connect_error,
+    describe_os_error,
+    splice_error,
+)
 from unclaw_tui.engine.tunnel_events import (
     EndpointChanged,
     HandshakeDone,
@@ -53,7 +60,10 @@ __all__ = [
     "Tunnel",
     "TunnelEvent",
     "UdpDatagram",
+    "connect_error",
+    "describe_os_error",
     "splice_error",
+    "unb64",
 ]
 
 
