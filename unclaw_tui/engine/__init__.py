@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from unclaw_tui.engine.noise import unb64
+from unclaw_tui.engine.noise import b64, unb64
 from unclaw_tui.engine.outcomes import (
     CloseReason,
     SpliceOutcome,
@@ -60,6 +60,7 @@ __all__ = [
     "Tunnel",
     "TunnelEvent",
     "UdpDatagram",
+    "b64",
     "connect_error",
     "describe_os_error",
     "splice_error",
