@@ -21,11 +21,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from unclaw_tui.pump import DEFAULT_CONNECT_TIMEOUT
 from unclaw_tui.router import Proto, Route, Router
 from unclaw_tui.services.egress import EgressPolicy
+
+if TYPE_CHECKING:
+    from unclaw_tui.flow import Flow
 
 Endpoint = tuple[str, int]
 
@@ -51,6 +54,12 @@ class Question:
     vip_hostname: str | None = None
     # FLOW: the real addresses a VIP resolved to, where the flow would go instead of dst_ip.
     addresses: tuple[str, ...] = ()
+
+    @classmethod
+    def about(cls, flow: Flow, moment: Moment, **known: Any) -> Question:
+        """The question about a flow that exists already, with what is newly known."""
+        proto: Proto = "udp" if flow.proto == "udp" else "tcp"
+        return cls(moment, flow.peer_key, proto, flow.dst_ip, flow.dst_port, **known)
 
 
 @dataclass(frozen=True, slots=True)

@@ -267,9 +267,7 @@ def carry(
     return ended
 
 
-def _splice_unanswered(
-    flow: Flow, conn: TcpConn, destination: Endpoint | socket.socket
-) -> bool:
+def _splice_unanswered(flow: Flow, conn: TcpConn, destination: Endpoint | socket.socket) -> bool:
     """Give an unanswered connection to C; False (nothing changed) if C cannot start it."""
     try:
         if isinstance(destination, socket.socket):

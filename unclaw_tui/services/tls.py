@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from unclaw_tui.config import DEFAULT_HELLO_TIMEOUT
 from unclaw_tui.decision import Moment, Question
+from unclaw_tui.engine import describe_os_error
 from unclaw_tui.events import HttpRequest, TlsHost
 from unclaw_tui.flow import Flow, PeerGone, carry
 from unclaw_tui.pump import (
@@ -121,13 +122,9 @@ def _describe(exc: BaseException) -> str:
         return str(exc.verify_message or exc.reason or "certificate verify failed")
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason).lower().replace("_", " ")
-    if isinstance(exc, ConnectionResetError):
-        return "connection reset"
     if isinstance(exc, TimeoutError):
         return "timed out"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc) or type(exc).__name__
+    return describe_os_error(exc)
 
 
 class _Refused(Exception):
@@ -491,16 +488,8 @@ class TlsService:
             return
         hostname = sni or vip_host
         flow.open(hostname)
-        verdict = gateway.decisions.decide(
-            Question(
-                Moment.HELLO,
-                flow.peer_key,
-                dst_ip=flow.dst_ip,
-                dst_port=flow.dst_port,
-                hostname=sni,
-                vip_hostname=vip_host,
-            )
-        )
+        hello_question = Question.about(flow, Moment.HELLO, hostname=sni, vip_hostname=vip_host)
+        verdict = gateway.decisions.decide(hello_question)
         if verdict.refusal is not None:
             _tls_event(gateway, flow, sni, "rejected", error=verdict.refusal)
             flow.abort()
@@ -573,16 +562,8 @@ class TlsService:
                 raise _Refused(f"{vip_host} does not resolve")
         else:
             candidates = (flow.dst_ip,)
-        verdict = self.gateway.decisions.decide(
-            Question(
-                Moment.FLOW,
-                flow.peer_key,
-                dst_ip=flow.dst_ip,
-                dst_port=flow.dst_port,
-                hostname=vip_host,
-                addresses=candidates,
-            )
-        )
+        question = Question.about(flow, Moment.FLOW, hostname=vip_host, addresses=candidates)
+        verdict = self.gateway.decisions.decide(question)
         if verdict.refusal is not None:
             raise _Refused(verdict.refusal)
         return verdict.addresses

@@ -81,16 +81,8 @@ class VipService:
         if not addresses:
             flow.refuse(f"{hostname} does not resolve upstream")
             return None
-        verdict = self.gateway.decisions.decide(
-            Question(
-                Moment.FLOW,
-                flow.peer_key,
-                dst_ip=flow.dst_ip,
-                dst_port=flow.dst_port,
-                hostname=hostname,
-                addresses=tuple(addresses),
-            )
-        )
+        question = Question.about(flow, Moment.FLOW, hostname=hostname, addresses=tuple(addresses))
+        verdict = self.gateway.decisions.decide(question)
         errors = [f"{ip}: {why}" for ip, why in verdict.refused]
         if verdict.addresses:
             timeout = max(MIN_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT / len(verdict.addresses))
