@@ -109,6 +109,17 @@ class UnderLoad(Event):
     active: bool
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventsDropped(Event):
+    """A reader of the events fell behind: `count` events meant for it were dropped, the
+    oldest first, since its previous events_dropped (at most one a second while it lasts).
+    Made by the reader from its subscription's count, never published: the gateway itself
+    never waits for a reader."""
+
+    type: ClassVar[str] = "events_dropped"
+    count: int
+
+
 # Flow, DNS, TLS and HTTP events: what the console's Connections, DNS and TLS panes show.
 # Routes: "tls" (443/8443), "dns" (53), "vip" (a 10.78/16 hostname address), "relay".
 
