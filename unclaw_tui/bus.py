@@ -10,7 +10,8 @@ or event loop it runs, in batches. So there is one buffer and one drop rule per 
   while events keep coming it takes them at its own pace and nobody wakes it.
 
 A subscription has one reader. Publishers may be on another thread than the reader: the queue
-and the count sit behind a lock held only for O(1) steps on the publishing side.
+and the count sit behind a lock that either side holds only for a few microseconds (the
+reader takes everything by swapping the queue, or a long backlog in short runs).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from unclaw_tui.events import Event
 
 DEFAULT_MAXSIZE = 10_000
+# take() pops at most this many events per hold of the lock that publish() needs too.
+TAKE_RUN = 128
 
 
 class EventBus:
@@ -122,11 +125,23 @@ class Subscription:
         with self._lock:
             queue = self._queue
             if len(queue) <= limit:
-                batch = list(queue)
-                queue.clear()
-            else:
-                batch = [queue.popleft() for _ in range(limit)]
-            self.ended = self._closed and not queue
+                # All of them: swap in an empty deque, O(1) under the lock publish() takes.
+                self._queue = deque(maxlen=self.maxsize)
+                self.ended = self._closed
+                return list(queue)
+        # More than a batch waits: pop in short runs, so a publisher never waits for more
+        # than one run (a few microseconds) to get the lock.
+        batch: list[Event] = []
+        while len(batch) < limit:
+            with self._lock:
+                queue = self._queue
+                run = min(TAKE_RUN, limit - len(batch), len(queue))
+                if not run:
+                    break
+                for _ in range(run):
+                    batch.append(queue.popleft())
+        with self._lock:
+            self.ended = self._closed and not self._queue
         return batch
 
     def get_nowait(self) -> Event | None:

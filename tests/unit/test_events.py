@@ -70,6 +70,19 @@ async def test_each_reader_counts_exactly_what_it_lost_and_others_lose_nothing()
     assert slow.dropped + len(kept) == 1_000  # what it lost is exactly the count
 
 
+async def test_a_long_backlog_is_taken_in_order_a_batch_at_a_time() -> None:
+    bus = EventBus()
+    sub = bus.subscribe(maxsize=1_000)
+    for i in range(700):
+        bus.publish(ev.UnderLoad(ts=float(i), active=True))
+    first = sub.take(300)  # longer than one run of pops under the lock
+    assert [e.ts for e in first] == [float(i) for i in range(300)] and len(sub) == 400
+    sub.close()
+    assert not sub.ended  # 400 still to read
+    assert [e.ts for e in sub.take(1_000)] == [float(i) for i in range(300, 700)]
+    assert sub.ended and sub.dropped == 0
+
+
 async def test_closing_does_not_cost_an_event() -> None:
     bus = EventBus()
     sub = bus.subscribe(maxsize=2)
