@@ -20,17 +20,16 @@ counters of the flows Python pumps, and the pumps to cancel when the gateway sto
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import itertools
 import logging
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from unclaw_tui.config import DEFAULT_TCP_BUFFER
-from unclaw_tui.engine.outcomes import describe_os_error, splice_error
+from unclaw_tui.engine import b64, describe_os_error, splice_error
 from unclaw_tui.events import Event, TcpClosed, TcpOpened, UdpFlowClosed, UdpFlowOpened
 from unclaw_tui.pump import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -43,8 +42,8 @@ from unclaw_tui.pump import (
     splice,
 )
 
-if TYPE_CHECKING:
-    from unclaw_tui.engine import FastOpen, SpliceResult
+if TYPE_CHECKING:  # tests pass stand-ins for TcpConn with the methods flows use
+    from unclaw_tui.engine import FastOpen, SpliceResult, TcpConn
 
 log = logging.getLogger(__name__)
 
@@ -53,36 +52,6 @@ Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 PeerName = Callable[[bytes], str]
 # UDP flows have no engine id: numbered far from the engine's TCP ids.
 UDP_FLOW_IDS_START = 1 << 32
-
-
-class TcpConnLike(Protocol):
-    """The engine's `TcpConn`, as far as flows use it (tests pass stand-ins)."""
-
-    conn_id: int
-    peer_public_key: bytes
-    peer_ip: str
-    src_port: int
-    dst_ip: str
-    dst_port: int
-    can_splice: bool
-
-    def accept(self) -> Streams: ...
-    def reject(self) -> None: ...
-    def abort(self) -> None: ...
-    def splice(
-        self, dst: Endpoint, timeout: float, on_done: Callable[[SpliceResult], None]
-    ) -> None: ...
-    def splice_socket(
-        self, sock: socket.socket, on_done: Callable[[SpliceResult], None]
-    ) -> None: ...
-    def detach_reading(self, reader: asyncio.StreamReader) -> bytes | None: ...
-    def splice_accepted(
-        self, sock: socket.socket, on_done: Callable[[SpliceResult], None]
-    ) -> None: ...
-
-
-def b64(key: bytes) -> str:
-    return base64.b64encode(key).decode("ascii")
 
 
 class Flow:
@@ -125,7 +94,7 @@ class Flow:
         dst_port: int,
         route: str,
         hostname: str | None = None,
-        conn: TcpConnLike | None = None,
+        conn: TcpConn | None = None,
     ) -> None:
         self._registry = registry
         self.conn = conn
@@ -299,7 +268,7 @@ def carry(
 
 
 def _splice_unanswered(
-    flow: Flow, conn: TcpConnLike, destination: Endpoint | socket.socket
+    flow: Flow, conn: TcpConn, destination: Endpoint | socket.socket
 ) -> bool:
     """Give an unanswered connection to C; False (nothing changed) if C cannot start it."""
     try:
@@ -319,7 +288,7 @@ def _splice_unanswered(
 
 
 def _hand_over(
-    flow: Flow, conn: TcpConnLike, sock: socket.socket, streams: Streams, first: bytes
+    flow: Flow, conn: TcpConn, sock: socket.socket, streams: Streams, first: bytes
 ) -> bytes | None:
     """Send `first` (and what the reader held) to the destination and let C relay the rest of
     an accepted connection; None once C has it. If the socket does not take it all at once (a
@@ -346,7 +315,7 @@ def _hand_over(
 
 async def _carry_in_python(
     flow: Flow,
-    conn: TcpConnLike,
+    conn: TcpConn,
     destination: Endpoint | socket.socket,
     streams: Streams | None,
     first: bytes,
@@ -431,7 +400,7 @@ class FlowRegistry:
 
     # -- making flows ------------------------------------------------------------------------
 
-    def tcp(self, conn: TcpConnLike, *, route: str, hostname: str | None = None) -> Flow:
+    def tcp(self, conn: TcpConn, *, route: str, hostname: str | None = None) -> Flow:
         return Flow(
             self,
             proto="tcp",

@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Protocol
 
 from unclaw_tui.config import Settings
 from unclaw_tui.decision import DecisionPoint, Moment, Question
-from unclaw_tui.engine.noise import unb64
+from unclaw_tui.engine import (
+    EndpointChanged,
+    HandshakeDone,
+    HandshakeFailed,
+    KeysExpired,
+    LoadChanged,
+    TunnelEvent,
+    unb64,
+)
 from unclaw_tui.events import (
     Event,
     EventBus,
@@ -41,7 +49,6 @@ from unclaw_tui.wgquick import client_config, resolve_endpoint
 
 if TYPE_CHECKING:  # the engine (a compiled module) is imported when the gateway starts
     from unclaw_tui.engine import FastOpen, PeerInfo, SpliceDone, TcpConn, Tunnel, UdpDatagram
-    from unclaw_tui.engine.tunnel import TunnelEvent
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +180,14 @@ class Gateway:
             max_half_open_per_peer=s.max_half_open_per_peer,
             engine_thread=s.engine_thread,
         )
-        self._tunnel.on_tcp = self._on_tcp
-        self._tunnel.on_udp = self._on_udp
-        self._tunnel.on_fast_relay = self._on_fast_relay
+        conns = self._tunnel.conns
+        conns.on_tcp = self._on_tcp
+        conns.on_udp = self._on_udp
+        conns.on_fast_relay = self._on_fast_relay
         await self._tunnel.start()
         # The engine's fast relay caches the decision point's verdicts for relayed connections.
         if s.fast_relay and self._tunnel.can_splice:
-            self.decisions.cache_in(self._tunnel)
+            self.decisions.cache_in(conns)
         self._baseline = self.state.read_stats()
         self._reconcile_peers(announce=False)
         self._tasks.append(asyncio.create_task(self._poll_state()))
@@ -258,7 +266,7 @@ class Gateway:
     def _flow_bytes(self) -> dict[int, tuple[int, int]]:
         live = self.flows.live_bytes()
         if self._tunnel is not None:
-            live.update(self._tunnel.spliced_flow_bytes(within=FLOW_BYTES_WINDOW))
+            live.update(self._tunnel.conns.spliced_flow_bytes(within=FLOW_BYTES_WINDOW))
         return live
 
     # -- internals -------------------------------------------------------------------------
@@ -443,22 +451,21 @@ class Gateway:
             self._udp_relay.handle(dgram)
 
     def _on_tunnel_event(self, ev: TunnelEvent) -> None:
-        if ev.kind == "under_load":
+        if isinstance(ev, LoadChanged):
             self.bus.publish(UnderLoad(active=ev.active))
             return
-        record = self._by_key.get(ev.public_key or b"")
+        record = self._by_key.get(ev.public_key)
         if record is None:
             return
         who = {"name": record.name, "public_key": record.public_key, "ip": record.ip}
-        if ev.kind == "handshake":
-            self.bus.publish(
-                PeerHandshake(
-                    endpoint=format_endpoint(ev.endpoint) or "", initiator=ev.initiator, **who
-                )
-            )
-        elif ev.kind == "endpoint":
-            self.bus.publish(
-                PeerEndpointChanged(endpoint=format_endpoint(ev.endpoint) or "", **who)
-            )
-        elif ev.kind == "handshake_failed":
-            self.bus.publish(PeerHandshakeFailed(**who))
+        match ev:
+            case HandshakeDone():
+                endpoint = format_endpoint(ev.endpoint) or ""
+                self.bus.publish(PeerHandshake(endpoint=endpoint, initiator=ev.initiator, **who))
+            case EndpointChanged():
+                endpoint = format_endpoint(ev.endpoint) or ""
+                self.bus.publish(PeerEndpointChanged(endpoint=endpoint, **who))
+            case HandshakeFailed():
+                self.bus.publish(PeerHandshakeFailed(**who))
+            case KeysExpired():
+                pass  # the next handshake says the peer is back; nothing to tell until then

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from unclaw_tui.config import DEFAULT_TCP_BUFFER
-from unclaw_tui.engine.outcomes import connect_error, describe_os_error
+from unclaw_tui.engine import connect_error, describe_os_error
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 MIN_READ_SIZE = 64 * 1024

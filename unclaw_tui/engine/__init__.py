@@ -10,7 +10,22 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from unclaw_tui.engine.outcomes import CloseReason, SpliceOutcome, splice_error
+from unclaw_tui.engine.noise import b64, unb64
+from unclaw_tui.engine.outcomes import (
+    CloseReason,
+    SpliceOutcome,
+    connect_error,
+    describe_os_error,
+    splice_error,
+)
+from unclaw_tui.engine.tunnel_events import (
+    EndpointChanged,
+    HandshakeDone,
+    HandshakeFailed,
+    KeysExpired,
+    LoadChanged,
+    TunnelEvent,
+)
 
 if TYPE_CHECKING:
     from unclaw_tui.engine._ffi import EngineError, FastOpen, SpliceResult
@@ -30,16 +45,26 @@ _LAZY = {
 
 __all__ = [
     "CloseReason",
+    "EndpointChanged",
     "EngineError",
     "FastOpen",
+    "HandshakeDone",
+    "HandshakeFailed",
+    "KeysExpired",
+    "LoadChanged",
     "PeerInfo",
     "SpliceDone",
     "SpliceOutcome",
     "SpliceResult",
     "TcpConn",
     "Tunnel",
+    "TunnelEvent",
     "UdpDatagram",
+    "b64",
+    "connect_error",
+    "describe_os_error",
     "splice_error",
+    "unb64",
 ]
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from unclaw_tui.config import DEFAULT_MAX_FLOWS_PER_PEER, DEFAULT_UDP_IDLE_TIMEOUT
 from unclaw_tui.decision import Moment, Question
-from unclaw_tui.engine.outcomes import describe_os_error
+from unclaw_tui.engine import describe_os_error
 from unclaw_tui.router import Route
 
 if TYPE_CHECKING:

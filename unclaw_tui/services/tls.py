@@ -6,15 +6,16 @@ Per connection (`TlsService.handle_tcp`):
    (garbage, a truncated hello, a silent client) is closed cleanly with an event; the service
    keeps serving the others.
 2. Meanwhile, the destination (`_EarlyUpstream`): a VIP's real addresses from the resolver,
-   else the original IP, each one checked against the egress policy; a TCP connection to the
+   else the original IP, judged by the decision point; a TCP connection to the
    first that answers is opened while the hello is still arriving, since where to connect does
    not depend on it. A connection that turns out not to be TLS closes it again unused; one the
    destination closed meanwhile (a slow hello) is opened anew. The hostname: the SNI, else the
-   VIP's hostname (`gateway.resolver`), else none.
+   VIP's hostname (`gateway.resolver`), else none. The decision point is asked again with the
+   SNI (and the VIP's hostname beside it, so another SNI cannot dodge a verdict).
 3. Passthrough (the hostname matches `settings.passthrough`, or a client rejected our
    certificate for it before and `settings.auto_passthrough` is on): replay the bytes read so
-   far to the destination, splice the encrypted bytes untouched: in C (`splice_accepted`)
-   where the engine can take the connection, else in Python.
+   far to the destination, then carry the encrypted bytes untouched (`flow.carry`: in C where
+   the engine can take the connection, else in Python).
 4. Intercept (the default): TLS to the destination first, offering the client's ALPN list,
    with SNI and full verification against the system store (`SSL_CERT_FILE` honoured). A
    failed verification closes the client's connection and says why. Then terminate the
@@ -25,8 +26,8 @@ Per connection (`TlsService.handle_tcp`):
    back-pressure; HTTP/1.x inside is watched by the sans-IO `Http1Observer` (one `http_request`
    event per request, byte counts only), HTTP/2 is relayed without HTTP events.
 
-Events per connection: exactly one `TcpOpened`/`TcpClosed` pair (route "tls", the hostname),
-published once the ClientHello is in (or has failed), and one `TlsHost` with the outcome:
+Events per connection: the flow's one `TcpOpened`/`TcpClosed` pair (route "tls", the
+hostname), opened once the ClientHello is in (or has failed), and one `TlsHost` with the outcome:
 mode "intercepted" or "passthrough" (ok or the error), or "rejected" when we refused the
 connection ourselves (not TLS, egress policy, nowhere to connect). A client that refused our
 certificate (TLS alert unknown_ca / bad_certificate / certificate_unknown, or a close right
