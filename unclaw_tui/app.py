@@ -2,8 +2,10 @@
 
 The gateway is injected (`UnclawApp(gateway)`), so tests pass a fake and integration tests a
 real `Gateway`. The app never blocks the loop: it reads `gateway.snapshot()` a few times a
-second and a worker moves subscribed events into an inbox, announced by a collapsing
-`EventsArrived` message; the panes then update only the rows that changed.
+second, and a worker takes subscribed events in batches straight from the subscription (the
+one buffer between the gateway and the console; what it drops is counted and shown in the
+status bar) into the model, then announces them with a collapsing `EventsArrived` message; the
+panes then update only the rows that changed.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -47,8 +48,10 @@ if TYPE_CHECKING:
 
 REFRESH_INTERVAL_S = 0.5
 UI_SWITCH_INTERVAL = 0.0005  # seconds; see run_app
+# Events are taken from the subscription at most this many at a time, every EVENT_INTERVAL s
+# (at once while more wait): one model update and one render per batch, not per event.
 EVENT_BATCH = 2_000
-INBOX_LIMIT = 50_000
+EVENT_INTERVAL = 0.05
 FILTER_DEBOUNCE_S = 0.15
 # Events that change the peer list or its counters: take a snapshot now rather than later.
 PEER_EVENTS = (ev.PeerAdded, ev.PeerRemoved, ev.PeerHandshake, ev.PeerEndpointChanged)
@@ -98,8 +101,6 @@ class UnclawApp(App[int]):
         self.snapshot: GatewaySnapshot | None = None
         self.gateway_started = False
         self._subscription: ev.Subscription | None = None
-        self._inbox: deque[ev.Event] = deque()
-        self._inbox_dropped = 0
         self._filter_target: LiveTable[Any] | None = None
         self._filter_timer: Timer | None = None
         self._scope_timer: Timer | None = None
@@ -140,8 +141,6 @@ class UnclawApp(App[int]):
     @on(DashboardScreen.Ready)
     def _dashboard_ready(self) -> None:
         self.take_snapshot()
-        if self._inbox:  # events queued before the app ran (tests, demos)
-            self.post_message(EventsArrived())
 
     async def on_unmount(self) -> None:
         if self._subscription is not None:
@@ -158,27 +157,26 @@ class UnclawApp(App[int]):
 
     @work(exclusive=True, group="events")
     async def _pump_events(self, subscription: ev.Subscription) -> None:
-        async for event in subscription:
-            self._push(event)
-            # Take what is queued already in one go: one message per batch, not per event.
-            for _ in range(EVENT_BATCH):
-                more = subscription.get_nowait()
-                if more is None:
-                    break
-                self._push(more)
+        # The model is updated here, on the app's loop, from a batch that left the
+        # subscription: events never wait anywhere else (a second queue would be a second
+        # place to drop them). Rendering follows through one collapsing message per batch.
+        async for batch in subscription.batches(EVENT_BATCH, EVENT_INTERVAL):
+            self._apply(batch)
             self.post_message(EventsArrived())
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # a full batch is taken again at once: let keys through
 
-    def _push(self, event: ev.Event) -> None:
-        if len(self._inbox) >= INBOX_LIMIT:
-            self._inbox.popleft()
-            self._inbox_dropped += 1
-        self._inbox.append(event)
+    def _apply(self, events: Iterable[ev.Event]) -> None:
+        peers_changed = False
+        model = self.model
+        for event in events:
+            model.apply(event)
+            peers_changed = peers_changed or isinstance(event, PEER_EVENTS)
+        if peers_changed and self.is_running:
+            self.take_snapshot()
 
     def inject_events(self, events: Iterable[ev.Event]) -> None:
         """Feed events as if they came from the subscription (used by tests and demos)."""
-        for event in events:
-            self._push(event)
+        self._apply(events)
         if self.is_running:
             self.post_message(EventsArrived())
 
@@ -194,30 +192,23 @@ class UnclawApp(App[int]):
         dashboard = self.dashboard
         dashboard.refresh_panes(now, live=not self.paused)
         dashboard.show_status(
-            dashboard.status_for(message.snapshot, now, paused=self.paused, lost=self.lost_events)
+            dashboard.status_for(
+                message.snapshot, now, paused=self.paused, dropped=self.events_dropped
+            )
         )
 
     @on(EventsArrived)
-    def _apply_events(self) -> None:
-        if self.closing:
+    def _show_events(self) -> None:
+        if self.closing or self.paused:
             return
-        peers_changed = False
-        model = self.model
-        while self._inbox:
-            event = self._inbox.popleft()
-            model.apply(event)
-            peers_changed = peers_changed or isinstance(event, PEER_EVENTS)
-        if peers_changed:
-            self.take_snapshot()
-        if not self.paused:
-            # Incremental: the cost follows the number of changed rows, and under a flood
-            # EventsArrived messages collapse, so this runs a bounded number of times.
-            self.dashboard.refresh_logs(self.clock(), clock_text=False)
+        # Incremental: the cost follows the number of changed rows, and under a flood
+        # EventsArrived messages collapse, so this runs a bounded number of times.
+        self.dashboard.refresh_logs(self.clock(), clock_text=False)
 
     @property
-    def lost_events(self) -> int:
-        dropped = self._subscription.dropped if self._subscription is not None else 0
-        return dropped + self._inbox_dropped
+    def events_dropped(self) -> int:
+        """Events the console lost because it fell behind (its subscription's count)."""
+        return self._subscription.dropped if self._subscription is not None else 0
 
     # -- actions -------------------------------------------------------------------------------
 
@@ -283,7 +274,9 @@ class UnclawApp(App[int]):
         if not message.paused:  # catch up with everything that came meanwhile
             dashboard.refresh_logs(now)
         dashboard.show_status(
-            dashboard.status_for(self.snapshot, now, paused=self.paused, lost=self.lost_events)
+            dashboard.status_for(
+                self.snapshot, now, paused=self.paused, dropped=self.events_dropped
+            )
         )
 
     def action_toggle_scope(self) -> None:

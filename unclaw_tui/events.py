@@ -1,4 +1,4 @@
-"""Typed gateway events and their fan-out to observers (the TUI, the headless printer).
+"""Typed gateway events; `bus.py` fans them out to observers (the TUI, the headless printer).
 
 Events are small frozen dataclasses with a wall-clock timestamp.  They never carry private
 keys or preshared keys: only public keys (base64), names and addresses.  `to_dict()` gives the
@@ -7,13 +7,15 @@ JSON-lines form documented in the README: {"ts": ..., "type": "...", ...fields}.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+# The bus lives in bus.py; these names stay importable from here for code written before the
+# move (other branches in flight), so it keeps working until it imports them from bus.py.
+from unclaw_tui.bus import EventBus, Subscription  # noqa: F401
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,108 +109,15 @@ class UnderLoad(Event):
     active: bool
 
 
-class EventBus:
-    """Fan-out of events to any number of subscribers, each with a bounded queue.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventsDropped(Event):
+    """A reader of the events fell behind: `count` events meant for it were dropped, the
+    oldest first, since its previous events_dropped (at most one a second while it lasts).
+    Made by the reader from its subscription's count, never published: the gateway itself
+    never waits for a reader."""
 
-    Publishing never blocks and never fails: a subscriber that falls behind loses its oldest
-    events and is told how many through its `dropped` count.
-    """
-
-    def __init__(self) -> None:
-        self._subscribers: list[Subscription] = []
-
-    def publish(self, event: Event) -> None:
-        for sub in self._subscribers:
-            sub._offer(event)
-
-    def subscribe(self, maxsize: int = 10_000) -> Subscription:
-        sub = Subscription(self, maxsize)
-        self._subscribers.append(sub)
-        return sub
-
-    def _unsubscribe(self, sub: Subscription) -> None:
-        if sub in self._subscribers:
-            self._subscribers.remove(sub)
-
-
-class Subscription:
-    """An async iterator of events; `close()` ends it."""
-
-    def __init__(self, bus: EventBus, maxsize: int) -> None:
-        self._bus = bus
-        self._queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize)
-        self.dropped = 0
-        self.ended = False
-
-    def _offer(self, event: Event | None) -> None:
-        while True:
-            try:
-                self._queue.put_nowait(event)
-                return
-            except asyncio.QueueFull:
-                self._queue.get_nowait()
-                self.dropped += 1
-
-    def take(self, limit: int) -> list[Event]:
-        """Up to `limit` queued events without waiting; `ended` tells when close() was
-        reached."""
-        batch: list[Event] = []
-        queue = self._queue
-        while len(batch) < limit and not queue.empty():
-            event = queue.get_nowait()
-            if event is None:
-                self.ended = True
-                queue.put_nowait(None)  # left for an iterator, which then ends too
-                break
-            batch.append(event)
-        return batch
-
-    async def batches(self, limit: int, interval: float) -> AsyncIterator[list[Event]]:
-        """Lists of up to `limit` events, taken every `interval` seconds (at once while more
-        wait) until close() is reached: for readers that hand events to another thread, one
-        wake-up per batch instead of one per event.  With nothing queued it waits for the next
-        event instead, so an idle gateway is not woken `1 / interval` times a second."""
-        first: list[Event] = []
-        while True:
-            batch = first + self.take(limit - len(first))
-            first = []
-            if batch:
-                yield batch
-            if self.ended:
-                return
-            if not batch:
-                event = await self._queue.get()
-                if event is None:
-                    self.ended = True
-                    self._queue.put_nowait(None)  # left for an iterator, as take() does
-                    return
-                first = [event]
-            elif len(batch) < limit:
-                await asyncio.sleep(interval)
-
-    def get_nowait(self) -> Event | None:
-        """The next queued event, or None; for observers that poll at a few Hz."""
-        try:
-            event = self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-        if event is None:  # the close marker: leave it for the iterator, which then ends
-            self._queue.put_nowait(None)
-        return event
-
-    def close(self) -> None:
-        self._bus._unsubscribe(self)
-        self._offer(None)
-
-    def __aiter__(self) -> AsyncIterator[Event]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Event]:
-        while True:
-            event = await self._queue.get()
-            if event is None:
-                return
-            yield event
+    type: ClassVar[str] = "events_dropped"
+    count: int
 
 
 # Flow, DNS, TLS and HTTP events: what the console's Connections, DNS and TLS panes show.

@@ -7,8 +7,9 @@ the GIL while it works.  The UI thread never calls into the engine:
 
 - `snapshot()` returns the latest snapshot the gateway thread published (2 per second, the
   console's refresh rate, and right after every command);
-- events are forwarded in batches every 50 ms, one cross-thread wake-up per batch, into a bus
-  on the UI's loop that `subscribe()` reads;
+- `subscribe()` gives a subscription on the gateway's own bus, which the console reads from
+  its thread in batches (see `bus`): the subscription is the one buffer between the gateway and
+  the console, and its `dropped` count is all the console lost;
 - commands (add/remove peer, client config) run on the gateway loop and the caller waits for
   their result, which they produce at once (a state-file write and an engine call).
 """
@@ -22,8 +23,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from unclaw_tui.bus import EventBus, Subscription
 from unclaw_tui.config import Settings
-from unclaw_tui.events import Event, EventBus, Subscription
 from unclaw_tui.gateway import GatewaySnapshot, PeerSnapshot
 
 if TYPE_CHECKING:
@@ -32,9 +33,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 SNAPSHOT_INTERVAL = 0.5
-EVENT_BATCH = 5000
-# Events reach the console at most this late; see _forward.
-EVENT_FORWARD_INTERVAL = 0.05
+# Events held for the console while it renders; past it the oldest are dropped and counted.
+CONSOLE_BACKLOG = 50_000
 START_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 10.0
 
@@ -60,13 +60,14 @@ class ThreadedGateway:
         self._error: BaseException | None = None
         self._stopping: asyncio.Event | None = None
         self._latest: GatewaySnapshot | None = None
-        self._ui_bus = EventBus()
-        self._ui_loop: asyncio.AbstractEventLoop | None = None
+        # Subscriptions made before the gateway (and its bus) exist wait here to be attached.
+        self._bus: EventBus | None = None
+        self._early: list[Subscription] = []
+        self._bus_lock = threading.Lock()
 
     # -- lifecycle (called from the UI loop) ---------------------------------------------------
 
     async def start(self) -> None:
-        self._ui_loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._start_thread)
 
     def _start_thread(self) -> None:
@@ -105,7 +106,7 @@ class ThreadedGateway:
         self._stopping = asyncio.Event()
         try:
             gateway = Gateway(self.settings)
-            events = gateway.subscribe()
+            self._attach(gateway.bus)
             await gateway.start()
         except BaseException as exc:  # reported to start()'s caller
             self._error = exc
@@ -114,32 +115,19 @@ class ThreadedGateway:
         self._gateway = gateway
         self._latest = gateway.snapshot()
         self._ready.set()
-        forwarding = asyncio.create_task(self._forward(events))
         snapshots = asyncio.create_task(self._publish_snapshots(gateway))
         await self._stopping.wait()
-        await gateway.stop()
-        events.close()  # the forwarder hands over what is left, GatewayStopped last, and ends
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(forwarding, COMMAND_TIMEOUT)
+        await gateway.stop()  # GatewayStopped is the last event subscribers get
         snapshots.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await snapshots
 
-    async def _forward(self, events: Subscription) -> None:
-        # A batch at a time: each hand-over wakes the UI thread, which then competes with this
-        # one for the interpreter lock.
-        async for batch in events.batches(EVENT_BATCH, EVENT_FORWARD_INTERVAL):
-            self._to_ui(batch)
-
-    def _to_ui(self, batch: list[Event]) -> None:
-        if self._ui_loop is None:
-            return
-        with contextlib.suppress(RuntimeError):  # the UI loop has closed
-            self._ui_loop.call_soon_threadsafe(self._publish_batch, batch)
-
-    def _publish_batch(self, batch: list[Event]) -> None:
-        for event in batch:
-            self._ui_bus.publish(event)
+    def _attach(self, bus: EventBus) -> None:
+        with self._bus_lock:
+            self._bus = bus
+            for sub in self._early:
+                bus.attach(sub)
+            self._early.clear()
 
     async def _publish_snapshots(self, gateway: Gateway) -> None:
         while True:
@@ -148,8 +136,16 @@ class ThreadedGateway:
 
     # -- GatewayProtocol (called from the UI thread) -----------------------------------------
 
-    def subscribe(self) -> Subscription:
-        return self._ui_bus.subscribe()
+    def subscribe(self, maxsize: int = CONSOLE_BACKLOG) -> Subscription:
+        """Events of the gateway thread's bus, read from the caller's thread; made before
+        start(), it sees GatewayStarted too."""
+        sub = Subscription(maxsize)
+        with self._bus_lock:
+            if self._bus is None:
+                self._early.append(sub)
+            else:
+                self._bus.attach(sub)
+        return sub
 
     def snapshot(self) -> GatewaySnapshot:
         if self._latest is not None:

@@ -7,7 +7,6 @@ Plain lines by default; `--json` prints each event's `to_dict()` as a JSON objec
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import signal
@@ -17,15 +16,17 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from unclaw_tui.bus import Subscription
 from unclaw_tui.config import Settings
-from unclaw_tui.events import Event, Subscription
+from unclaw_tui.events import Event, EventsDropped
 
 PRINT_BATCH = 1000
-FORWARD_BATCH = 5000
-# How often events are taken from the gateway and printed: output lags at most this much.
+# How often events are taken and printed while they come: output lags at most this much.
 PRINT_INTERVAL = 0.05
 # Events held for a slow reader of our output; past it the oldest are dropped and counted.
 PRINT_BACKLOG = 100_000
+# While events are being dropped, an events_dropped line at most this often (seconds).
+DROPS_REPORT_INTERVAL = 1.0
 # Fields shown first in a plain line, when the event has them.
 _LEAD_FIELDS = ("name", "ip", "endpoint")
 
@@ -37,6 +38,8 @@ def format_plain(event: Event) -> str:
     parts = [stamp, kind]
     parts += [str(data.pop(k)) for k in _LEAD_FIELDS if data.get(k) not in (None, "")]
     parts += [f"{k}={v}" for k, v in data.items() if v not in (None, "")]
+    if isinstance(event, EventsDropped):
+        parts.append("(output too slow)")
     return " ".join(parts)
 
 
@@ -48,64 +51,46 @@ def format_json(event: Event) -> str:
 
 
 class EventPrinter:
-    """Prints events from a thread of its own, so a slow reader of our output (a paused pager,
-    a full pipe) never stalls the gateway's loop: events wait in a bounded backlog, and if even
-    that fills, the oldest are dropped and a line says how many."""
+    """Prints a subscription's events from a thread of its own, so a slow reader of our output
+    (a paused pager, a full pipe) never stalls the gateway's loop. The subscription is the only
+    buffer: this thread takes events straight from it, a batch at a time, and when the reader
+    falls so far behind that it fills, the oldest are dropped there and an events_dropped line
+    (at most one a second) says how many since the previous one."""
 
     def __init__(
-        self, out: TextIO, fmt: Callable[[Event], str], backlog: int = PRINT_BACKLOG
+        self,
+        events: Subscription,
+        out: TextIO,
+        fmt: Callable[[Event], str],
+        *,
+        interval: float = PRINT_INTERVAL,
     ) -> None:
+        self._events = events
         self._out = out
         self._fmt = fmt
-        self._backlog: collections.deque[Event] = collections.deque()
-        self._limit = backlog
-        self._dropped = 0
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closing = False
+        self._interval = interval
+        self._reported = 0  # of events.dropped, already in an events_dropped line
+        self._reported_at = float("-inf")  # the first drops are reported at once
         self._thread = threading.Thread(target=self._run, name="event-printer", daemon=True)
         self._thread.start()
 
-    async def forward(self, events: Subscription) -> None:
-        """Move events into the backlog until the subscription ends, a batch at a time: at
-        thousands of connections a second, a wake-up of this thread per event cost the gateway
-        more than the printing."""
-        async for batch in events.batches(FORWARD_BATCH, PRINT_INTERVAL):
-            self.put(batch)
-
-    def put(self, events: list[Event]) -> None:
-        with self._lock:
-            backlog = self._backlog
-            backlog.extend(events)
-            excess = len(backlog) - self._limit
-            for _ in range(max(0, excess)):
-                backlog.popleft()
-            self._dropped += max(0, excess)
-        self._wake.set()
-
     def close(self, timeout: float = 5.0) -> None:
-        """Print what is left (waiting at most timeout s for the reader), then stop."""
-        self._closing = True
-        self._wake.set()
+        """Close the subscription, print what is left (waiting at most timeout s for the
+        reader), then stop."""
+        self._events.close()
         self._thread.join(timeout)
 
-    def _take(self) -> tuple[list[Event], int]:
-        with self._lock:
-            batch = [self._backlog.popleft() for _ in range(min(PRINT_BATCH, len(self._backlog)))]
-            dropped, self._dropped = self._dropped, 0
-        return batch, dropped
-
     def _run(self) -> None:
+        events = self._events
         while True:
-            self._wake.wait()
-            self._wake.clear()
-            while True:
-                batch, dropped = self._take()
-                if not batch and not dropped:
-                    break
-                lines = [self._fmt(event) for event in batch]
-                if dropped:
-                    lines.insert(0, self._dropped_line(dropped))
+            # Drops counted before this take were of events older than the ones taken.
+            dropped = events.dropped
+            batch = events.take(PRINT_BATCH)
+            lines = [self._fmt(event) for event in batch]
+            report = self._drops_report(dropped, final=events.ended)
+            if report is not None:
+                lines.insert(0, self._fmt(report))
+            if lines:
                 try:
                     # One write and one flush per batch: a flush per event cost ~15 % of the
                     # gateway's time when connections come and go fast.
@@ -113,14 +98,28 @@ class EventPrinter:
                     self._out.flush()
                 except (OSError, ValueError):  # the reader went away: nothing left to do
                     return
-            if self._closing:
+            if events.ended:
                 return
+            if not batch:
+                events.wait_sync(self._until_next_report())
+            elif len(batch) < PRINT_BATCH:
+                # Let a few more come: a wake-up of this thread per event cost the gateway
+                # more than the printing, at thousands of connections a second.
+                time.sleep(self._interval)
 
-    def _dropped_line(self, count: int) -> str:
-        if self._fmt is format_json:
-            line = {"ts": round(time.time(), 3), "type": "events_dropped", "count": count}
-            return json.dumps(line, separators=(",", ":"))
-        return f"{time.strftime('%H:%M:%S')} events_dropped count={count} (output too slow)"
+    def _drops_report(self, dropped: int, *, final: bool) -> EventsDropped | None:
+        unreported = dropped - self._reported
+        now = time.monotonic()
+        if not unreported or (not final and now - self._reported_at < DROPS_REPORT_INTERVAL):
+            return None
+        self._reported, self._reported_at = dropped, now
+        return EventsDropped(count=unreported)
+
+    def _until_next_report(self) -> float | None:
+        """How long an idle printer may wait: until a held-back drop report is due."""
+        if self._events.dropped == self._reported:
+            return None
+        return max(0.0, self._reported_at + DROPS_REPORT_INTERVAL - time.monotonic())
 
 
 async def run_headless(
@@ -137,7 +136,8 @@ async def run_headless(
     except StateError as exc:
         print(f"unclaw-tui: error: {exc}", file=sys.stderr)
         return 2
-    events = gateway.subscribe()
+    # Subscribed before start(), so the first events are printed too; sized for the printer.
+    events = gateway.bus.subscribe(PRINT_BACKLOG)
     try:
         await gateway.start()
     except OSError as exc:
@@ -156,16 +156,12 @@ async def run_headless(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
-    printer = EventPrinter(out, fmt)
-    printing = asyncio.create_task(printer.forward(events))
+    printer = EventPrinter(events, out, fmt)
     try:
         await stop.wait()
     finally:
         await gateway.stop()
-        events.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            await printing
-        printer.close()
+        printer.close()  # prints what is left, gateway_stopped last
     return 0
 
 

@@ -12,6 +12,7 @@ import re
 from dataclasses import replace
 
 from unclaw_tui import events as ev
+from unclaw_tui.bus import EventBus, Subscription
 from unclaw_tui.gateway import GatewaySnapshot, PeerSnapshot
 from unclaw_tui.widgets.model import PeersModel
 
@@ -39,9 +40,11 @@ class FakeClock:
 class FakeGateway:
     """Records every command in `calls`; publishes the events a real gateway would."""
 
-    def __init__(self, clock: FakeClock | None = None) -> None:
+    def __init__(self, clock: FakeClock | None = None, *, backlog: int = 10_000) -> None:
+        """`backlog`: the size of the console's subscription (small, to make it drop)."""
         self.clock = clock or FakeClock()
-        self.bus = ev.EventBus()
+        self.bus = EventBus()
+        self.backlog = backlog
         self.peers: dict[str, PeerSnapshot] = {}
         self.calls: list[tuple[str, ...]] = []
         self.started = False
@@ -74,8 +77,8 @@ class FakeGateway:
             open_flows=self.open_flows,
         )
 
-    def subscribe(self) -> ev.Subscription:
-        return self.bus.subscribe()
+    def subscribe(self) -> Subscription:
+        return self.bus.subscribe(self.backlog)
 
     def add_peer(self, name: str, ip: str | None = None) -> PeerSnapshot:
         self.calls.append(("add_peer", name))

@@ -6,11 +6,12 @@ from pathlib import Path
 
 from PIL import Image
 from pyzbar.pyzbar import decode
+from textual.command import CommandList, CommandPalette
 from textual.message import Message
 from textual.widgets import Input, Label
 
-from tests.tui.conftest import make_app
-from tests.tui.fake_gateway import FakeGateway, fake_key
+from tests.tui.conftest import make_app, until
+from tests.tui.fake_gateway import FakeClock, FakeGateway, demo_gateway, fake_key
 from tests.tui.qr_image import drawn_cells, qr_image
 from tests.tui.screen_text import screen_text
 from unclaw_tui import events as ev
@@ -104,9 +105,8 @@ async def test_events_from_the_subscription_reach_the_panes(gateway: FakeGateway
                 route="tls",
             )
         )
-        await pilot.pause()
-        await pilot.pause()
         dashboard = app.dashboard
+        await until(lambda: "t77" in dashboard.connections.shown_keys(), "the flow's row")
         assert dashboard.dns.cell_text("q1", "name") == "example.org"
         assert dashboard.dns.cell_text("q1", "answer") == "10.78.0.7"
         assert dashboard.connections.cell_text("t77", "host") == "example.org"
@@ -128,10 +128,36 @@ async def test_events_from_the_subscription_reach_the_panes(gateway: FakeGateway
                 error="reset",
             )
         )
-        await pilot.pause()
-        await pilot.pause()
-        assert dashboard.connections.cell_text("t77", "state") == "error: reset"
+        await until(
+            lambda: dashboard.connections.cell_text("t77", "state") == "error: reset",
+            "the flow's close",
+        )
         assert dashboard.connections.cell_text("t77", "down") == "4.0 KiB"
+
+
+async def test_a_console_that_falls_behind_shows_how_many_events_it_dropped(
+    clock: FakeClock,
+) -> None:
+    gateway = demo_gateway(clock)
+    gateway.backlog = 100  # the console's one buffer between the gateway and its panes
+    app = make_app(gateway, demo=False)
+    async with app.run_test(size=(80, 24)):  # the narrowest: the count must still show
+        await until(lambda: "listen :51820" in screen_text(app), "the first status")
+        assert "events dropped" not in screen_text(app)
+        # 150 queries at once, before the console's reader runs again: 50 must go.
+        for i in range(150):
+            gateway.publish(
+                ev.DnsQuery(
+                    ts=clock(), peer="phone", peer_ip="10.77.0.2", qname=f"n{i}.", qtype="A"
+                )
+            )
+        assert app.events_dropped == 50
+        dns = app.model.dns.store
+        await until(lambda: len(dns) == 100, "the hundred kept")
+        kept = [row.qname for _, row in dns.items()]
+        assert kept == [f"n{i}" for i in range(50, 150)]  # the oldest went
+        app.take_snapshot()  # the status bar follows snapshots, twice a second
+        await until(lambda: "events dropped 50" in screen_text(app), "the count on screen")
 
 
 async def test_add_peer_calls_gateway_and_opens_its_qr_screen(gateway: FakeGateway) -> None:
@@ -227,8 +253,9 @@ async def test_connections_scope_follows_selected_peer(gateway: FakeGateway) -> 
         assert connections.border_title == "Connections · laptop"
         assert connections.row_count == 4
         await pilot.press("up")
-        await pilot.pause(0.3)  # the rescope is debounced
-        assert connections.border_title == "Connections · phone"
+        await until(  # the rescope is debounced
+            lambda: connections.border_title == "Connections · phone", "the rescope"
+        )
         assert connections.row_count == 2
         await pilot.press("c")
         await pilot.pause()
@@ -249,7 +276,7 @@ async def test_pause_holds_log_panes_and_resume_catches_up(gateway: FakeGateway)
                 ts=gateway.clock(), peer="phone", peer_ip="10.77.0.2", qname="a.b.", qtype="A"
             )
         )
-        await pilot.pause()
+        await until(lambda: len(app.model.dns.store) == 5, "the query to reach the model")
         app.take_snapshot()  # timer ticks must not unpause the panes either
         await pilot.pause()
         assert dns.row_count == 4
@@ -269,9 +296,9 @@ async def test_selection_survives_updates(gateway: FakeGateway) -> None:
         gateway.set_peer("vm-build", rx_bytes=10**9)
         gateway.remove_peer("phone")  # a row above the cursor goes away
         app.take_snapshot()
-        await pilot.pause()
-        await pilot.pause()
-        assert names(app) == ["laptop", "vm-build", "tablet", "desk"]
+        await until(
+            lambda: names(app) == ["laptop", "vm-build", "tablet", "desk"], "the new peer list"
+        )
         assert peers.selected_key == fake_key("vm-build")
         assert peers.cell_text(fake_key("vm-build"), "rx") == "953.7 MiB"
 
@@ -373,7 +400,11 @@ async def test_command_palette_offers_the_console_actions(gateway: FakeGateway) 
         for title in ("Add peer", "Show peer config", "Remove peer", "Filter", "Help"):
             assert title in titles
         await pilot.press("ctrl+p", *"add peer")
-        await pilot.pause(0.3)
+        palette = app.screen
+        assert isinstance(palette, CommandPalette)
+        await until(  # the palette searches in a worker
+            lambda: palette.query_one(CommandList).highlighted is not None, "a command to match"
+        )
         await pilot.press("enter")
         await pilot.pause()
         assert isinstance(app.screen, AddPeerScreen)

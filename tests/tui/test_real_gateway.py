@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pyzbar.pyzbar import decode
 
+from tests.tui.conftest import until
 from tests.tui.qr_image import qr_image
 from unclaw_tui import config
 from unclaw_tui.app import UnclawApp
@@ -40,11 +41,9 @@ async def test_add_scan_remove_with_the_real_gateway(tmp_path: Path) -> None:
         [result] = decode(qr_image(screen.query_one(QrCode)))
         assert result.data == expected.encode()
         await pilot.press("escape")
-        await pilot.pause(0.6)  # a snapshot tick
         assert [p.name for p in gateway.snapshot().peers] == ["phone"]
-        assert app.dashboard.peers.row_count == 1
+        await until(lambda: app.dashboard.peers.row_count == 1, "the new peer's row")
         await pilot.press("d", "y")
-        await pilot.pause(0.6)
         assert gateway.snapshot().peers == ()
-        assert app.dashboard.peers.row_count == 0
+        await until(lambda: app.dashboard.peers.row_count == 0, "the peer's row to go")
     assert not app.gateway_started

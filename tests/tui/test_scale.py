@@ -6,6 +6,7 @@ No wall-clock assertions: a keypress must be handled within a bounded number of 
 
 from __future__ import annotations
 
+from tests.tui.conftest import until
 from tests.tui.fake_gateway import FakeGateway
 from unclaw_tui import events as ev
 from unclaw_tui.app import UnclawApp
@@ -105,8 +106,7 @@ async def test_closing_and_pruning_thousands_of_rows_keeps_selection() -> None:
                     duration=1.0,
                 )
             )  # fmt: skip
-        for _ in range(10):
-            await pilot.pause()
+        await until(lambda: connections.cell_text("t4999", "state") == "closed", "the closes")
         assert connections.cell_text("t0", "state") == "closed"
         gw.clock.advance(61)  # past the closed TTL: 5,000 rows go in one pass
         app.take_snapshot()

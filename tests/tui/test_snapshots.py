@@ -11,8 +11,10 @@ from collections.abc import Callable
 import pytest
 from textual.pilot import Pilot
 
-from tests.tui.conftest import make_app
+from tests.tui.conftest import make_app, until
 from tests.tui.fake_gateway import demo_gateway
+from tests.tui.screen_text import screen_text
+from unclaw_tui import events as ev
 
 SIZES = [pytest.param((120, 40), id="120x40"), pytest.param((80, 24), id="80x24")]
 SnapCompare = Callable[..., bool]
@@ -54,3 +56,19 @@ def test_help_screen(snap_compare: SnapCompare, size: tuple[int, int]) -> None:
     assert snap_compare(
         make_app(demo_gateway()), press=["question_mark"], terminal_size=size, run_before=settle
     )
+
+
+def test_status_bar_with_dropped_events(snap_compare: SnapCompare) -> None:
+    gateway = demo_gateway()
+    gateway.backlog = 10
+
+    async def overflow(pilot: Pilot[object]) -> None:
+        for _ in range(52):  # 42 more than the console's subscription holds, at once
+            gateway.publish(ev.GatewayStopped(ts=gateway.clock()))
+        await until(lambda: len(app.model.dns.store) == 4, "the demo rows")
+        app.take_snapshot()
+        await until(lambda: "events dropped 42" in screen_text(app), "the count")
+        await settle(pilot)
+
+    app = make_app(gateway)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=overflow)

@@ -124,7 +124,7 @@ class DashboardScreen(Screen[None]):
         self._status.show(status, self.model.peers.total_history)
 
     def status_for(
-        self, snapshot: GatewaySnapshot | None, now: float, *, paused: bool, lost: int
+        self, snapshot: GatewaySnapshot | None, now: float, *, paused: bool, dropped: int
     ) -> StatusLine:
         peers = self.model.peers
         return StatusLine(
@@ -135,5 +135,5 @@ class DashboardScreen(Screen[None]):
             tx_bytes=peers.tx_total,
             rate=peers.total_history[-1] if peers.total_history else 0.0,
             paused=paused,
-            dropped_events=lost,
+            dropped_events=dropped,
         )

@@ -23,7 +23,7 @@ class SnapshotTaken(Message):
 
 
 class EventsArrived(Message):
-    """Events are waiting in the app's inbox; the handler drains all of them."""
+    """New events are in the model; the handler brings the live panes up to date."""
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, EventsArrived)

@@ -1,4 +1,5 @@
-"""The status bar: listen port, key, endpoint, uptime and totals, with a throughput sparkline."""
+"""The status bar: listen port, key, endpoint, uptime and totals, with a throughput sparkline;
+alerts (under load, events dropped, paused) lead its second line."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class StatusLine:
     tx_bytes: int
     rate: float
     paused: bool
-    dropped_events: int = 0
+    dropped_events: int = 0  # events the console's subscription dropped, since it started
 
 
 def status_text(status: StatusLine) -> Text:
@@ -39,6 +40,16 @@ def status_text(status: StatusLine) -> Text:
     text.append("  endpoint ", style="dim").append(snap.endpoint, style="bold")
     text.append("  up ", style="dim").append(fmt_uptime(status.now - snap.started_at))
     text.append("\n")
+    # Alerts lead the second line: at 80 columns its end is cut off, and they must be seen.
+    if snap.under_load:
+        text.append("UNDER LOAD", style="bold red").append("  ")
+    if status.dropped_events:  # the console fell behind the gateway's events
+        text.append("events dropped ", style="dim").append(
+            str(status.dropped_events), style="bold yellow"
+        )
+        text.append("  ")
+    if status.paused:
+        text.append("⏸ PAUSED", style="bold reverse").append("  ")
     text.append(snap.address, style="dim")
     text.append("  peers ", style="dim")
     text.append(f"{status.peers_online}/{len(snap.peers)}", style="bold").append(" online")
@@ -49,12 +60,6 @@ def status_text(status: StatusLine) -> Text:
     drops = sum(snap.drops.values())
     if drops:
         text.append("  drops ", style="dim").append(str(drops), style="yellow")
-    if snap.under_load:
-        text.append("  UNDER LOAD", style="bold red")
-    if status.dropped_events:
-        text.append(f"  {status.dropped_events} events lost", style="yellow")
-    if status.paused:
-        text.append("  ⏸ PAUSED", style="bold reverse")
     return text
 
 
