@@ -13,10 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-# The bus lives in bus.py; these names stay importable from here for code written before the
-# move (other branches in flight), so it keeps working until it imports them from bus.py.
-from unclaw_tui.bus import EventBus, Subscription  # noqa: F401
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Event:

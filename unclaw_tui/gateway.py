@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from unclaw_tui.bus import EventBus, Subscription
 from unclaw_tui.config import Settings
 from unclaw_tui.decision import DecisionPoint, Moment, Question
 from unclaw_tui.engine import (
@@ -26,7 +27,6 @@ from unclaw_tui.engine import (
 )
 from unclaw_tui.events import (
     Event,
-    EventBus,
     GatewayStarted,
     GatewayStopped,
     LimitHit,
@@ -35,7 +35,6 @@ from unclaw_tui.events import (
     PeerHandshake,
     PeerHandshakeFailed,
     PeerRemoved,
-    Subscription,
     UnderLoad,
 )
 from unclaw_tui.flow import FlowRegistry, carry

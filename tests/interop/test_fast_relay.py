@@ -17,7 +17,8 @@ import pytest
 
 from tests.interop.harness import HOST_ADDR, FlowsSetup, thread_in_namespace
 from unclaw_tui import config
-from unclaw_tui.events import Event, Subscription, TcpClosed, TcpOpened
+from unclaw_tui.bus import Subscription
+from unclaw_tui.events import Event, TcpClosed, TcpOpened
 from unclaw_tui.gateway import Gateway
 
 pytestmark = pytest.mark.interop
