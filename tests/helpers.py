@@ -77,6 +77,7 @@ class FakeClock:
 
 HOSTNAME = "example.test"
 OTHER_HOSTNAME = "auto.test"  # also in the leaves, for a second host with its own rules
+TEST_CA_NAME = "unclaw test CA"  # the test CA's common name (the issuer of `trusted`)
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def make_pki(directory: Path) -> Pki:
     test CA) and `untrusted` (signed by a rogue CA whose certificate is written nowhere)."""
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
-    test_ca = _ca("unclaw test CA", now)
+    test_ca = _ca(TEST_CA_NAME, now)
     rogue_ca = _ca("untrusted rogue CA", now)
     ca_file = directory / "test-ca.pem"
     ca_file.write_bytes(test_ca[1].public_bytes(serialization.Encoding.PEM))

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import bring_up, wait_for
 from tests.interop.harness import (
     HOST_ADDR,
     REPO_ROOT,
@@ -35,11 +36,9 @@ from tests.interop.harness import (
     rss_kib,
     run_json,
     sockets_to,
-    wait_for,
     wait_ready,
 )
 from tests.interop.hosts import pattern_sha256
-from tests.interop.test_flows import bring_up
 
 pytestmark = pytest.mark.interop
 
@@ -417,8 +416,8 @@ def test_host_interface_down_and_up(flows_setup: FlowsSetup) -> None:
     # fast-relayed connections in batches, so a count can be reached before those two arrive.
     wait_for(
         lambda: clean_closes() >= 4 and ids("tcp_opened") == ids("tcp_closed"),
-        10,
         "every flow opened closed once",
+        10,
     )
     closed = tcp_events("tcp_closed")
     assert len({e["conn_id"] for e in closed}) == len(closed), closed

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import json
 import os
 import socket
@@ -17,10 +16,9 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.helpers import TEST_CA_NAME, Pki, make_pki
 from unclaw_tui.config import Settings
 from unclaw_tui.events import Event, HttpRequest, TcpClosed, TcpOpened, TlsHost
 from unclaw_tui.router import Route
@@ -34,84 +32,12 @@ from unclaw_tui.state import StateDir
 PEER_KEY = bytes(range(32))
 VIP = "10.78.0.5"
 
-# --- a test PKI: a CA, and leaves for the origins ----------------------------------------------
-
-
-@dataclass
-class Pki:
-    directory: Path
-    ca_file: Path
-    trusted: tuple[Path, Path]  # example.test cert chain, key: signed by the test CA
-    untrusted: tuple[Path, Path]  # example.test, signed by a CA nobody trusts
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _make_ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _make_leaf(
-    directory: Path, stem: str, ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
-) -> tuple[Path, Path]:
-    ca_key, ca_cert = ca
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("example.test"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("example.test")]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+# --- a test PKI (tests.helpers.make_pki): a CA, and leaves for the origins ---------------------
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory = tmp_path_factory.mktemp("pki")
-    test_ca = _make_ca("test CA")
-    rogue_ca = _make_ca("rogue CA")
-    ca_file = directory / "test-ca.pem"
-    ca_file.write_bytes(test_ca[1].public_bytes(serialization.Encoding.PEM))
-    return Pki(
-        directory,
-        ca_file,
-        _make_leaf(directory, "trusted", test_ca),
-        _make_leaf(directory, "untrusted", rogue_ca),
-    )
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 # --- origins -------------------------------------------------------------------------------------
@@ -441,7 +367,7 @@ async def test_passthrough_relays_the_origin_certificate(make_harness: Any, pki:
     origin = await start_origin(pki.trusted)
     h.dst = ("127.0.0.1", origin.port)
     reader, writer = await h.open(trusting_test_ca(pki))
-    assert peer_cert_issuer(writer) == "test CA"
+    assert peer_cert_issuer(writer) == TEST_CA_NAME
     assert await http_get(reader, writer, "/p") == b"hello from /p"
     await close_writer(writer)
     await h.settle()
@@ -488,7 +414,7 @@ async def test_client_rejecting_our_ca_then_auto_passthrough(make_harness: Any, 
 
     # From then on the host is passed through: the same client now succeeds.
     reader, writer = await h.open(trusting_test_ca(pki))
-    assert peer_cert_issuer(writer) == "test CA"
+    assert peer_cert_issuer(writer) == TEST_CA_NAME
     assert await http_get(reader, writer, "/again") == b"hello from /again"
     await close_writer(writer)
     await h.settle()
