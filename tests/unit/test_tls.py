@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import socket
@@ -18,7 +19,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from tests.helpers import TEST_CA_NAME, Pki, make_pki
+from tests.helpers import TEST_CA_NAME, Pki, make_pki, until
 from unclaw_tui.config import Settings
 from unclaw_tui.events import Event, HttpRequest, TcpClosed, TcpOpened, TlsHost
 from unclaw_tui.router import Route
@@ -426,10 +427,7 @@ async def test_client_rejecting_our_ca_then_auto_passthrough(make_harness: Any, 
     # Remembered across a restart: the list is in the state dir (0600), and a new service
     # with auto-passthrough on starts with it.
     saved = h.gateway.state.path / PASSTHROUGH_FILE
-    for _ in range(50):  # the write runs off the loop
-        if saved.exists():
-            break
-        await asyncio.sleep(0.02)
+    await until(saved.exists, "the passthrough list saved (the write runs off the loop)")
     assert json.loads(saved.read_text()) == {"hosts": ["example.test"]}
     assert saved.stat().st_mode & 0o777 == 0o600
     again = TlsService(h.gateway, h.service.ca)  # type: ignore[arg-type]
@@ -571,6 +569,8 @@ class PlainOrigin:
         finally:
             w.close()
             if number == 1:
+                with contextlib.suppress(ConnectionError):
+                    await w.wait_closed()  # the socket is closed: its FIN is sent
                 self.first_ended.set()
 
     def close(self) -> None:
@@ -645,8 +645,8 @@ async def test_an_early_connection_the_destination_closed_is_opened_again(
     await origin.start()
     h.dst = ("127.0.0.1", origin.port)
     reader, writer = await h.open(None)
+    # Closed, so its FIN is in the gateway's socket (loopback delivers it within the close).
     await asyncio.wait_for(origin.first_ended.wait(), 5)
-    await asyncio.sleep(0.05)  # its FIN reaches the gateway's socket (loopback: at once)
     hello = client_hello("pass.example.test")
     writer.write(hello)
     assert await asyncio.wait_for(reader.readexactly(len(hello)), 10) == hello  # echoed
@@ -722,11 +722,13 @@ async def test_slow_client_times_out(make_harness: Any, pki: Pki) -> None:
 async def test_cancel_still_closes_the_flow(make_harness: Any, pki: Pki) -> None:
     h: Harness = await make_harness()
     _reader, writer = await h.open(None)
-    for _ in range(100):
-        if h.tasks:
-            break
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.05)
+    await until(
+        lambda: (
+            bool(h.tasks)
+            and inspect.getcoroutinestate(h.tasks[0].get_coro()) == inspect.CORO_SUSPENDED
+        ),
+        "the connection's handler waiting for the hello",
+    )
     h.tasks[0].cancel()
     with pytest.raises(asyncio.CancelledError):
         await h.tasks[0]
