@@ -10,13 +10,29 @@ namespace; every loop bounded in count or time).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import socket
 import struct
+import termios
 import time
 from typing import Any
 
 IO_TIMEOUT = 20.0
+ACK_TIMEOUT = 2.0
+
+
+def wait_acked(conn: socket.socket) -> None:
+    """Until the peer has acknowledged every byte sent (the send queue is empty), or
+    ACK_TIMEOUT has passed: a reset must come after the data, not instead of it."""
+    deadline = time.monotonic() + ACK_TIMEOUT
+    while unacked(conn) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def unacked(conn: socket.socket) -> int:
+    """Bytes in the socket's send queue: not sent yet, or sent and not acknowledged."""
+    return struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
 
 
 def reset_server(port: int, after: int, max_seconds: float) -> None:
@@ -38,8 +54,8 @@ def reset_server(port: int, after: int, max_seconds: float) -> None:
             left = after
             while left > 0:
                 left -= conn.send(chunk[: min(left, len(chunk))])
-            # What is in flight may still be delivered; the RST then ends the connection.
-            time.sleep(0.05)
+            # What is in flight is delivered (acknowledged); the RST then ends the connection.
+            wait_acked(conn)
         except OSError:
             pass
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

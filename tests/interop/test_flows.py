@@ -198,7 +198,7 @@ def test_destination_that_stops_reading_keeps_gateway_memory_bounded(
     deadline = time.monotonic() + 30
     while client.poll() is None and time.monotonic() < deadline:
         peak = max(peak, rss_kib(gw.proc.pid))
-        time.sleep(0.1)
+        time.sleep(0.1)  # sampling the RSS while the client runs, not a wait
     out, _ = client.communicate(timeout=20)
     peak = max(peak, rss_kib(gw.proc.pid))
     result = json.loads(out.strip().splitlines()[-1])

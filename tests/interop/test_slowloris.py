@@ -102,7 +102,7 @@ async def slow_client(
                 await writer.drain()
                 sent += len(chunk)
                 if interval:
-                    await asyncio.sleep(interval)
+                    await asyncio.sleep(interval)  # the behaviour: a slow client's pace
 
     sender = asyncio.ensure_future(send())
     how = "open"
