@@ -18,7 +18,7 @@ from dnslib.server import DNSServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import until
+from tests.helpers import FakeClock, until
 from tests.interop.dns_host import QuietLogger, ZoneResolver
 from unclaw_tui.config import Settings
 from unclaw_tui.events import DnsQuery, Event, TcpClosed, TcpOpened, UdpFlowOpened
@@ -263,17 +263,9 @@ def zone_server() -> Iterator[tuple[ZoneResolver, int]]:
     tcp.server.server_close()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def test_upstream_udp_cache_by_ttl(zone_server: tuple[ZoneResolver, int]) -> None:
     zone, port = zone_server
-    clock = Clock()
+    clock = FakeClock(100.0)
     client = UpstreamClient([("127.0.0.1", port)], clock=clock)
     first = await client.lookup("example.test", QTYPE.A)
     assert first.rcode == RCODE.NOERROR and not first.cached
@@ -296,7 +288,7 @@ async def test_upstream_away_serves_stale_answers_for_a_day(
     zone_server: tuple[ZoneResolver, int],
 ) -> None:
     _zone, port = zone_server
-    clock = Clock()
+    clock = FakeClock(100.0)
     closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     closed.bind(("127.0.0.1", 0))
     dead = closed.getsockname()
