@@ -174,7 +174,7 @@ async def test_fast_relayed_connections_reach_python_in_batches(pair: Pair) -> N
         return ended.append
 
     pair.gw.on_fast_relay = on_fast_relay
-    pair.gw.fast_relay_allow(("127.0.0.1", port), None, 5.0)
+    pair.gw.fast_relay_allow(pair.cl.public_key, ("127.0.0.1", port), None, 5.0)
     before = worker(pair.gw).worker_stats()["notifications"]
     count = 40
     segment = functools.partial(Seg, seq=1000, ack=0, wnd=65535, dst_ip=0x7F000001, dport=port)

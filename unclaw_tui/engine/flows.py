@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from unclaw_tui.engine import _ffi
+from unclaw_tui.engine.outcomes import close_reason, splice_close_label
 
 if TYPE_CHECKING:
     from unclaw_tui.engine.tunnel import Tunnel
@@ -33,25 +34,6 @@ READ_CHUNK = 256 * 1024
 STREAM_LIMIT = 256 * 1024
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
-
-_CLOSE_NAMES: dict[int, str] = {
-    getattr(_ffi, "TCP_CLOSE_NORMAL", 1): "normal",
-    getattr(_ffi, "TCP_CLOSE_RESET", 2): "reset",
-    getattr(_ffi, "TCP_CLOSE_TIMEOUT", 3): "timeout",
-    getattr(_ffi, "TCP_CLOSE_ABORTED", 4): "aborted",
-    getattr(_ffi, "TCP_CLOSE_REJECTED", 5): "rejected",
-    getattr(_ffi, "TCP_CLOSE_SYN_TIMEOUT", 6): "syn_timeout",
-    getattr(_ffi, "TCP_CLOSE_PEER_REMOVED", 7): "peer_removed",
-    getattr(_ffi, "TCP_CLOSE_EVICTED", 8): "evicted",
-}
-
-
-def _splice_close_reason(result: _ffi.SpliceResult) -> str:
-    if result.outcome == _ffi.SPLICE_OK:
-        return "normal"
-    if result.outcome in (_ffi.SPLICE_FAIL_PEER, _ffi.SPLICE_FAIL_PEER_GONE):
-        return _CLOSE_NAMES.get(result.tcp_close, "reset")
-    return "rejected" if result.outcome == _ffi.SPLICE_FAIL_CONNECT else "aborted"
 
 
 class TcpConn:
@@ -108,6 +90,11 @@ class TcpConn:
             self._transport.abort()
         else:
             self.reject()
+
+    @property
+    def can_splice(self) -> bool:
+        """The engine can take this connection (splices exist, and it is not C's already)."""
+        return self._tunnel.can_splice and not self._released
 
     def splice(self, dst: Endpoint, timeout: float, on_done: SpliceDone) -> None:
         """Relay in C instead of answering here: connect to dst (giving up after timeout s),
@@ -167,7 +154,7 @@ class TcpConn:
 
     def _spliced_done(self, result: _ffi.SpliceResult) -> None:
         self._final_bytes = (result.bytes_up, result.bytes_down)
-        self.close_reason = self.close_reason or _splice_close_reason(result)
+        self.close_reason = self.close_reason or splice_close_label(result)
         self._spliced = False
         self._closed.set()
 
@@ -210,7 +197,8 @@ class TcpConn:
             self._transport._push()
 
     def _on_closed(self, reason: int) -> None:
-        name = _CLOSE_NAMES.get(reason, str(reason))
+        known = close_reason(reason)
+        name = known.label if known is not None else str(reason)
         transport = self._transport
         if transport is not None:
             transport._pull()  # whatever is still buffered, then EOF

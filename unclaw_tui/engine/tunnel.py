@@ -504,10 +504,14 @@ class Tunnel:
             self._splice_watched = True
         self._schedule_flush()  # the deadline joins the timer
 
-    def fast_relay_allow(self, dst: Endpoint, ttl: float | None, connect_timeout: float) -> None:
+    def fast_relay_allow(
+        self, peer_key: bytes, dst: Endpoint, ttl: float | None, connect_timeout: float
+    ) -> None:
         """From now on, SYNs to dst are spliced by the engine itself, without `on_tcp`, for
         ttl seconds (None: until `fast_relay_clear`); each is reported to `on_fast_relay`.
-        For destinations whose every connection `on_tcp` would relay anyway."""
+        For destinations whose every connection `on_tcp` would relay anyway.  The engine keys
+        its cache by destination alone: callers may approve only verdicts that do not depend
+        on the peer (`peer_key` names whose verdict it was)."""
         expires = None if ttl is None else self._now() + ttl
         self._engine.fast_relay_allow(dst, expires, connect_timeout)
 
