@@ -2,9 +2,11 @@
 namespace; every loop bounded in count or time).
 
     python -m tests.interop.faulty reset-server --port 9100 --after 200000
-        Accepts, sends `after` bytes, then closes with an RST (SO_LINGER 0).  Prints `ready`.
+        Accepts, sends `after` bytes, waits for the client's byte saying it got data, then
+        closes with an RST (SO_LINGER 0).  Prints `ready`.
     python -m tests.interop.faulty read-until-reset HOST PORT --count 20
-        `count` connections one after another, each read to its end; JSON: how each ended.
+        `count` connections one after another, each read to its end (one byte sent back on the
+        first data); JSON: how each ended.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from typing import Any
 
 IO_TIMEOUT = 20.0
+GOT_DATA = b"!"
 
 
 def reset_server(port: int, after: int, max_seconds: float) -> None:
@@ -38,8 +41,8 @@ def reset_server(port: int, after: int, max_seconds: float) -> None:
             left = after
             while left > 0:
                 left -= conn.send(chunk[: min(left, len(chunk))])
-            # What is in flight may still be delivered; the RST then ends the connection.
-            time.sleep(0.05)
+            # The RST comes once the client said it has data (mid-transfer, not at connect).
+            conn.recv(1)
         except OSError:
             pass
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -54,6 +57,8 @@ def read_until_reset(host: str, port: int, count: int) -> dict[str, Any]:
         got = 0
         try:
             while data := sock.recv(65536):
+                if not got:
+                    sock.sendall(GOT_DATA)  # the server resets once it reads this
                 got += len(data)
             outcome = "eof"
         except ConnectionResetError:

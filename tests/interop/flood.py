@@ -129,7 +129,7 @@ def hold_connections(host: str, port: int, count: int, hold: float) -> dict[str,
                 continue
             outcome["connected"] += 1
             held.append(sock)
-        time.sleep(hold)
+        time.sleep(hold)  # the behaviour: connections held open `hold` seconds
     finally:
         for sock in held:
             sock.close()

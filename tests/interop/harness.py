@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import wait_for
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUIRED_TOOLS = ("ip", "wireguard-go", "wg", "ping")
 
@@ -113,7 +115,7 @@ class Topology:
         )
         self.wg_interfaces.append(ifname)
         sock = Path("/var/run/wireguard") / f"{ifname}.sock"
-        wait_for(lambda: sock.exists(), 10, f"wireguard-go socket {sock}")
+        wait_for(lambda: sock.exists(), f"wireguard-go socket {sock}", 10)
         client = WgClient(self, ns, ifname, proc)
         client.setconf(config_text)
         ns.run("ip", "addr", "add", address, "dev", ifname)
@@ -300,14 +302,6 @@ class GatewayProcess:
     def terminate(self) -> int:
         self.proc.terminate()
         return self.proc.wait(timeout=10)
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def cli(state_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

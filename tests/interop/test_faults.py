@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import bring_up, wait_for
 from tests.interop.harness import (
     HOST_ADDR,
     REPO_ROOT,
@@ -35,11 +36,10 @@ from tests.interop.harness import (
     rss_kib,
     run_json,
     sockets_to,
-    wait_for,
     wait_ready,
 )
 from tests.interop.hosts import pattern_sha256
-from tests.interop.test_flows import bring_up
+from unclaw_tui.services.vips import VIPS_FILE
 
 pytestmark = pytest.mark.interop
 
@@ -71,7 +71,13 @@ def test_destination_reset_mid_transfer_resets_the_client_and_leaks_nothing(
     reader = ("tests.interop.faulty", "read-until-reset", HOST_ADDR, str(RESET_PORT))
     warm = run_json(s, s.client_ns, *reader, "--count", "3")  # lazily made things exist now
     assert warm["outcomes"] == {"reset": 3}, warm
-    time.sleep(1.0)
+
+    def resets() -> list[dict[str, Any]]:
+        return [
+            e for e in gw.drain() if e["type"] == "tcp_closed" and e.get("dst_port") == RESET_PORT
+        ]
+
+    wait_for(lambda: len(resets()) >= 3, "the warm-up's 3 connections closed", 10)
     pid = gw.proc.pid
     rss_before, fds_before = rss_kib(pid), fd_count(pid)
 
@@ -79,21 +85,13 @@ def test_destination_reset_mid_transfer_resets_the_client_and_leaks_nothing(
     assert result["outcomes"] == {"reset": 30}, result
     assert all(n > 0 for n in result["received"]), result  # reset mid-transfer, not at connect
 
-    def resets() -> list[dict[str, Any]]:
-        return [
-            e for e in gw.drain() if e["type"] == "tcp_closed" and e.get("dst_port") == RESET_PORT
-        ]
-
-    deadline = time.monotonic() + 10
-    while len(resets()) < 33 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: len(resets()) >= 33, "33 tcp_closed for the reset port", 10)
     closed = resets()
     assert len(closed) == 33, closed[-3:]
     assert all(e["error"] for e in closed), [e for e in closed if not e["error"]][:3]
-    time.sleep(1.0)
+    wait_for(lambda: fd_count(pid) <= fds_before, f"the gateway's fds back to {fds_before}", 3)
     fds_after, rss_growth = fd_count(pid), rss_kib(pid) - rss_before
     print(f"\nafter 30 resets: fds {fds_before} -> {fds_after}, RSS +{rss_growth} KiB")
-    assert fds_after <= fds_before
     assert rss_growth < 16 * 1024
 
 
@@ -114,7 +112,7 @@ def test_client_roams_to_a_new_address_mid_download(flows_setup: FlowsSetup) -> 
         f"http://{HOST_ADDR}:{HTTP_PORT}/bytes/{size}",
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(2.0)
+    wait_for(lambda: out.exists() and out.stat().st_size >= 4 * MiB, "the download under way", 20)
     assert curl.poll() is None, "the download must still be running when the client roams"
     # The old address goes, and wireguard-go moves to a new port (as after a NAT rebinding):
     # its next packets come from 192.168.77.3 and a port the gateway has not seen.
@@ -165,7 +163,7 @@ def test_kill9_while_peers_are_added_loses_nothing(wg_setup: GatewaySetup) -> No
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, cwd=str(REPO_ROOT),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        time.sleep(rng.uniform(0.0, 0.6))
+        time.sleep(rng.uniform(0.0, 0.6))  # not a wait: a random moment of the CLI's write
         cli.kill()
         cli.wait(timeout=10)
         killer.join()
@@ -219,6 +217,16 @@ def dns_event(gw: GatewayProcess, qname: str, timeout: float = 5) -> dict[str, A
     )
 
 
+def vips_saved(s: FlowsSetup, *names: str) -> None:
+    """Wait until the gateway's saved VIP map (written at most once a second) holds `names`."""
+
+    def saved() -> bool:
+        path = s.state_dir / VIPS_FILE
+        return path.exists() and all(f'"{name}"' in path.read_text() for name in names)
+
+    wait_for(saved, f"{', '.join(names)} in the saved VIP map", 5)
+
+
 def test_upstream_dns_dies_hangs_and_returns(flows_setup: FlowsSetup) -> None:
     """Dead upstream (port unreachable): SERVFAIL at once.  Hung upstream (stopped, silent):
     SERVFAIL after the 2 s upstream budget.  Either way names answered before keep their VIP
@@ -239,9 +247,9 @@ def test_upstream_dns_dies_hangs_and_returns(flows_setup: FlowsSetup) -> None:
     assert ipaddress.IPv4Address(vip) in VIP_NET
     assert dig_timed(s, "mail.example.test")[0] == "NOERROR"
     assert dig_timed(s, "gone-0.example.test")[0] == "NXDOMAIN"
-    time.sleep(1.0)  # the VIP map's first save and every upstream socket are done
+    vips_saved(s, "example.test", "mail.example.test")
+    wait_for(lambda: sockets_to(pid, HOST_ADDR, 53) == 0, "every upstream socket closed", 2)
     fds_before = fd_count(pid)
-    assert sockets_to(pid, HOST_ADDR, 53) == 0
 
     # 1. The upstream dies: the kernel answers port unreachable, the gateway SERVFAILs at once.
     dns_host.kill()
@@ -286,7 +294,7 @@ def test_upstream_dns_dies_hangs_and_returns(flows_setup: FlowsSetup) -> None:
         pending = 0
         while hung.poll() is None and time.monotonic() - t0 < 10:
             pending = max(pending, sockets_to(pid, HOST_ADDR, 53))
-            time.sleep(0.05)
+            time.sleep(0.05)  # sampling while the question is pending, not a wait
         out, err = hung.communicate(timeout=10)
         assert pending == 1, f"{pending} upstream sockets while one question was pending"
         status_m = re.search(r"status: (\w+)", out)
@@ -308,12 +316,11 @@ def test_upstream_dns_dies_hangs_and_returns(flows_setup: FlowsSetup) -> None:
     assert status == "NOERROR" and len(answers) == 1 and ms < 1000, (status, answers, ms)
 
     # Nothing left behind, and the gateway is still the same process, serving.
-    time.sleep(1.5)  # the VIP map's save (once a second) has run
+    vips_saved(s, "www.example.test", "ns.example.test")  # the save (once a second) has run
     assert gw.proc.poll() is None
     assert sockets_to(pid, HOST_ADDR, 53) == 0
-    fds_after = fd_count(pid)
-    print(f"\nfds {fds_before} -> {fds_after}")
-    assert fds_after <= fds_before
+    wait_for(lambda: fd_count(pid) <= fds_before, f"the gateway's fds back to {fds_before}", 3)
+    print(f"\nfds {fds_before} -> {fd_count(pid)}")
     assert client.ping(GATEWAY_DNS, count=1).returncode == 0
 
 
@@ -346,7 +353,11 @@ def test_host_interface_down_and_up(flows_setup: FlowsSetup) -> None:
     url = f"http://{HOST_ADDR}:{HTTP_PORT}"
     warm = s.run_client("connect", HOST_ADDR, str(HTTP_PORT), "--timeout", "5")
     assert warm["result"] == "connected", warm
-    time.sleep(1.0)
+    wait_for(
+        lambda: any(e["type"] == "tcp_closed" and e["dst_port"] == HTTP_PORT for e in gw.drain()),
+        "the warm-up connection closed",
+        10,
+    )
     fds_before = fd_count(pid)
 
     # Large enough that much of it must cross the link after the outage: more than what the
@@ -359,7 +370,7 @@ def test_host_interface_down_and_up(flows_setup: FlowsSetup) -> None:
         "--limit-rate", "4M", "-o", str(out), "-w", "%{http_code}", f"{url}/bytes/{size}",
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(1.5)
+    wait_for(lambda: out.exists() and out.stat().st_size >= 4 * MiB, "the download under way", 20)
     assert curl.poll() is None, "the download must still be running when the link goes down"
     s.internet.run("ip", "link", "set", iface, "down")
     t_down = time.monotonic()
@@ -417,8 +428,8 @@ def test_host_interface_down_and_up(flows_setup: FlowsSetup) -> None:
     # fast-relayed connections in batches, so a count can be reached before those two arrive.
     wait_for(
         lambda: clean_closes() >= 4 and ids("tcp_opened") == ids("tcp_closed"),
-        10,
         "every flow opened closed once",
+        10,
     )
     closed = tcp_events("tcp_closed")
     assert len({e["conn_id"] for e in closed}) == len(closed), closed
@@ -435,8 +446,6 @@ def test_host_interface_down_and_up(flows_setup: FlowsSetup) -> None:
     assert download["error"] is None and size < download["bytes_down"] < size + 4096, download
     assert download["duration"] > t_up - t_down
 
-    time.sleep(1.0)
     assert gw.proc.poll() is None
-    fds_after = fd_count(pid)
-    print(f"fds {fds_before} -> {fds_after}")
-    assert fds_after <= fds_before
+    wait_for(lambda: fd_count(pid) <= fds_before, f"the gateway's fds back to {fds_before}", 3)
+    print(f"fds {fds_before} -> {fd_count(pid)}")

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import wait_for
 from tests.interop.harness import (
     HOST_ADDR,
     INTERNET_NET,
@@ -162,7 +163,11 @@ def test_syn_flood_and_connection_limits_refuse_one_peer_not_another(
         5,
         "half-open limit_hit",
     )
-    time.sleep(0.6)  # the gateway reports refusals twice a second
+    wait_for(  # the gateway reports refusals twice a second
+        lambda: limit_refusals(gw, "tcp_half_open_per_peer", "phone") >= 32,
+        "32 half-open refusals reported",
+        5,
+    )
     assert limit_refusals(gw, "tcp_half_open_per_peer", "phone") == 32
     assert limit_refusals(gw, "tcp_half_open_per_peer", "laptop") == 0
     hit = next(e for e in gw.events if e["type"] == "limit_hit")
@@ -170,7 +175,13 @@ def test_syn_flood_and_connection_limits_refuse_one_peer_not_another(
 
     # Connection exhaustion: 16 connections held open from one peer with a limit of 10, while
     # the other peer holds 8 of its own.  The phone's excess 6 are refused, the laptop's all work.
-    time.sleep(4)  # the blackhole's upstream connects have given up: no half-open left
+    wait_for(  # no half-open left
+        lambda: (
+            sum(e["type"] == "tcp_closed" and e.get("dst_ip") == BLACKHOLE for e in gw.drain()) >= 8
+        ),
+        "the blackhole's 8 upstream connects given up",
+        15,
+    )
     hold = ("hold", HOST_ADDR, str(HTTP_PORT), "--hold", "3", "--count")
     many_a = spawn_json(s, s.client_ns, "tests.interop.flood", *hold, "16")
     many_b = spawn_json(s, ns_b, "tests.interop.flood", *hold, "8")
@@ -183,7 +194,11 @@ def test_syn_flood_and_connection_limits_refuse_one_peer_not_another(
         5,
         "connection limit_hit",
     )
-    time.sleep(0.6)
+    wait_for(
+        lambda: limit_refusals(gw, "tcp_conns_per_peer", "phone") >= 6,
+        "6 connection-limit refusals reported",
+        5,
+    )
     assert limit_refusals(gw, "tcp_conns_per_peer", "phone") == 6
     assert limit_refusals(gw, "tcp_conns_per_peer", "laptop") == 0
     rss_growth = rss_kib(gw.proc.pid) - rss_before

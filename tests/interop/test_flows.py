@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import bring_up
 from tests.interop.harness import (
     GATEWAY_INET_ADDR,
     HOST_ADDR,
@@ -38,16 +39,6 @@ SINK_PORT = 9001
 CLOSED_PORT = 9  # nothing listens there on the test host
 # UDP payload that fills the tunnel MTU (1420) exactly: 1420 - 20 (IPv4) - 8 (UDP).
 UDP_MAX_UNFRAGMENTED = 1392
-
-
-def bring_up(s: FlowsSetup, *gateway_args: str) -> tuple[GatewayProcess, WgClient]:
-    """A peer 'phone', the gateway, its wireguard-go client; the tunnel proven by a ping."""
-    config = s.add_peer("phone")
-    gw = s.start_gateway(*gateway_args)
-    client = s.client(config)
-    ping = client.ping("10.77.0.1", count=3, interval=0.2)
-    assert ping.returncode == 0, f"no tunnel: {ping.stdout}{ping.stderr}"
-    return gw, client
 
 
 def flow_event(
@@ -207,7 +198,7 @@ def test_destination_that_stops_reading_keeps_gateway_memory_bounded(
     deadline = time.monotonic() + 30
     while client.poll() is None and time.monotonic() < deadline:
         peak = max(peak, rss_kib(gw.proc.pid))
-        time.sleep(0.1)
+        time.sleep(0.1)  # sampling the RSS while the client runs, not a wait
     out, _ = client.communicate(timeout=20)
     peak = max(peak, rss_kib(gw.proc.pid))
     result = json.loads(out.strip().splitlines()[-1])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_for
 from tests.interop.harness import (
     HOST_ADDR,
     INTERNET_NET,
@@ -30,7 +31,6 @@ from tests.interop.harness import (
     WgClient,
     replace_endpoint,
     thread_in_namespace,
-    wait_for,
 )
 from unclaw_tui import config
 from unclaw_tui.gateway import Gateway
@@ -165,7 +165,7 @@ def test_keys_never_appear_in_logs_events_or_stats(flows_setup: FlowsSetup) -> N
     secrets = _secrets(s.state_dir)  # the tablet's keys included, before it goes
     s.cli("peer", "remove", "tablet")
     gw.wait_event(lambda e: e["type"] == "peer_removed", 5, "peer_removed")
-    wait_for(lambda: (s.state_dir / "stats.json").exists(), 15, "stats.json")
+    wait_for(lambda: (s.state_dir / "stats.json").exists(), "stats.json", 15)
     assert gw.terminate() == 0
     gw.drain()
     outputs = {
@@ -186,7 +186,7 @@ def test_state_files_are_private(flows_setup: FlowsSetup) -> None:
     s = flows_setup
     s.add_peer("phone")
     gw = s.start_gateway()
-    wait_for(lambda: (s.state_dir / "stats.json").exists(), 15, "stats.json")
+    wait_for(lambda: (s.state_dir / "stats.json").exists(), "stats.json", 15)
     s.cli("peer", "add", "tablet")
     gw.wait_event(lambda e: e["type"] == "peer_added", 5, "peer_added")
     assert gw.terminate() == 0

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import pytest
 from dnslib import DNSRecord
 
+from tests.helpers import HOSTNAME, make_pki
 from tests.interop.harness import (
     HOST_ADDR,
     FlowsSetup,
@@ -35,8 +36,14 @@ from tests.interop.harness import (
     thread_in_namespace,
 )
 from tests.interop.test_floods import second_client
-from tests.interop.test_tls import TRUSTED_PORT, bring_up, curl_https, https_args, start_tls_host
-from tests.interop.tls_host import HOSTNAME, _client_hello, make_pki
+from tests.interop.test_tls import (
+    TRUSTED_PORT,
+    bring_up_tls,
+    curl_https,
+    https_args,
+    start_tls_host,
+)
+from tests.interop.tls_host import _client_hello
 from unclaw_tui.services.dns import TCP_QUERY_TIMEOUT
 from unclaw_tui.services.tls import MAX_HELLO
 
@@ -95,7 +102,7 @@ async def slow_client(
                 await writer.drain()
                 sent += len(chunk)
                 if interval:
-                    await asyncio.sleep(interval)
+                    await asyncio.sleep(interval)  # the behaviour: a slow client's pace
 
     sender = asyncio.ensure_future(send())
     how = "open"
@@ -210,7 +217,7 @@ def chunked(data: bytes, size: int) -> list[bytes]:
 
 def tls_bring_up(s: FlowsSetup) -> tuple[GatewayProcess, Path]:
     pki = make_pki(s.topo.tmp / "pki")
-    return bring_up(s, pki, *HELLO_FLAGS)
+    return bring_up_tls(s, pki, *HELLO_FLAGS)
 
 
 def test_tls_hello_time_and_byte_bounds(flows_setup: FlowsSetup) -> None:

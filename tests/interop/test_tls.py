@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import HOSTNAME, OTHER_HOSTNAME, Pki, bring_up, make_pki
 from tests.interop.harness import (
     HOST_ADDR,
     FlowsSetup,
@@ -25,7 +26,6 @@ from tests.interop.harness import (
     module_cmd,
 )
 from tests.interop.hosts import pattern_sha256
-from tests.interop.tls_host import HOSTNAME, OTHER_HOSTNAME, Pki, make_pki
 
 pytestmark = pytest.mark.interop
 
@@ -43,19 +43,16 @@ def start_tls_host(s: FlowsSetup, port: int, pair: tuple[Path, Path]) -> subproc
     )  # fmt: skip
 
 
-def bring_up(
+def bring_up_tls(
     s: FlowsSetup, pki: Pki, *gateway_args: str, extra_routes: tuple[str, ...] = ()
 ) -> tuple[GatewayProcess, Path]:
     """Test hosts, the gateway trusting the test CA upstream, a client; our CA's path."""
     start_tls_host(s, TRUSTED_PORT, pki.trusted)
     start_tls_host(s, UNTRUSTED_PORT, pki.untrusted)
-    config = s.add_peer("phone")
     our_ca = Path(s.cli("ca", "--path").stdout.strip())
     assert our_ca.read_text().startswith("-----BEGIN CERTIFICATE-----")
-    gw = s.start_gateway(*gateway_args, env={"SSL_CERT_FILE": str(pki.ca_file)})
-    client = s.client(config, extra_routes=extra_routes)
-    ping = client.ping("10.77.0.1", count=3, interval=0.2)
-    assert ping.returncode == 0, f"no tunnel: {ping.stdout}{ping.stderr}"
+    env = {"SSL_CERT_FILE": str(pki.ca_file)}
+    gw, _ = bring_up(s, *gateway_args, env=env, extra_routes=extra_routes)
     return gw, our_ca
 
 
@@ -120,7 +117,7 @@ def check_flow_pairs(gw: GatewayProcess, timeout: float = 5.0) -> None:
 def test_intercept_refusals_and_garbage(flows_setup: FlowsSetup) -> None:
     s = flows_setup
     pki = make_pki(s.topo.tmp / "pki")
-    gw, our_ca = bring_up(s, pki)
+    gw, our_ca = bring_up_tls(s, pki)
 
     # With our CA installed: 200 through interception, and an http event with the path.
     res = curl_https(s, our_ca, "/hello?x=1")
@@ -196,7 +193,7 @@ def test_intercept_refusals_and_garbage(flows_setup: FlowsSetup) -> None:
 def test_passthrough_shows_the_origin_certificate(flows_setup: FlowsSetup) -> None:
     s = flows_setup
     pki = make_pki(s.topo.tmp / "pki")
-    gw, our_ca = bring_up(s, pki, "--passthrough", "example.*", "--auto-passthrough")
+    gw, our_ca = bring_up_tls(s, pki, "--passthrough", "example.*", "--auto-passthrough")
 
     # The origin's own certificate reaches the client: its CA works, ours does not.
     res = curl_https(s, pki.ca_file, "/through")
@@ -230,7 +227,7 @@ def test_passthrough_bulk_download_is_relayed_intact(flows_setup: FlowsSetup) ->
     intact, the half-closes on either side end it cleanly, and the byte counts add up."""
     s = flows_setup
     pki = make_pki(s.topo.tmp / "pki")
-    gw, _ = bring_up(s, pki, "--passthrough", "example.*")
+    gw, _ = bring_up_tls(s, pki, "--passthrough", "example.*")
     size = 32 << 20
     out = s.topo.tmp / "through.bin"
     res = s.curl(*https_args(pki.ca_file, f"/bytes/{size}"), "-o", str(out), timeout=60)
@@ -257,7 +254,7 @@ def test_tls_to_a_vip(flows_setup: FlowsSetup) -> None:
     s = flows_setup
     pki = make_pki(s.topo.tmp / "pki")
     s.start_dns_host()
-    gw, our_ca = bring_up(s, pki, "--upstream-dns", HOST_ADDR, extra_routes=(VIP_NET,))
+    gw, our_ca = bring_up_tls(s, pki, "--upstream-dns", HOST_ADDR, extra_routes=(VIP_NET,))
     res = s.client_ns.run(
         "dig", "@10.77.0.1", "+time=3", "+tries=2", "+short", HOSTNAME, "A",
         check=False, timeout=20,

@@ -6,7 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from tests.interop.harness import GatewaySetup, wait_for
+from tests.helpers import wait_for
+from tests.interop.harness import GatewaySetup
 
 pytestmark = __import__("pytest").mark.interop
 
@@ -38,7 +39,7 @@ def test_handshake_ping_and_peer_list_without_privileges(wg_setup: GatewaySetup)
         peers = json.loads(s.cli("peer", "list", "--json").stdout)
         return next(p for p in peers if p["name"] == "phone")
 
-    wait_for(lambda: listed().get("last_handshake") is not None, 6, "stats in peer list")
+    wait_for(lambda: listed().get("last_handshake") is not None, "stats in peer list", 6)
     entry = listed()
     assert entry["endpoint"].startswith("192.168.77.2:")
     assert entry["rx_bytes"] > 0 and entry["tx_bytes"] > 0

@@ -3,9 +3,9 @@
     python -m tests.interop.tls_host serve --port 443 --cert C --key K   # HTTPS, GET /any
     python -m tests.interop.tls_host garbage HOST PORT --kind random|truncated|http
 
-`make_pki(dir)` (called by the test itself) writes a test CA and two certificates for
-`example.test` and `auto.test`: one signed by that CA (`trusted`), one by a CA nobody trusts
-(`untrusted`).
+The test itself makes the certificates with tests.helpers.make_pki: a test CA and two leaves
+for `example.test` and `auto.test`, one signed by that CA (`trusted`), one by a CA nobody
+trusts (`untrusted`).
 Servers print `ready` once bound; clients print one JSON object. Every wait is bounded.
 """
 
@@ -14,108 +14,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import json
 import os
 import socket
 import ssl
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
+from tests.helpers import HOSTNAME
 from tests.interop.hosts import pattern_chunks
 
-HOSTNAME = "example.test"
-OTHER_HOSTNAME = "auto.test"  # also in the certificates, for a second host with its own rules
 IO_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca_file: Path  # the test CA: give it to the gateway as SSL_CERT_FILE
-    trusted: tuple[Path, Path]  # cert chain, key for HOSTNAME signed by the test CA
-    untrusted: tuple[Path, Path]  # the same name, signed by a CA nobody trusts
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _ca(cn: str, now: datetime.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _leaf(
-    directory: Path,
-    stem: str,
-    issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate],
-    now: datetime.datetime,
-) -> tuple[Path, Path]:
-    issuer_key, issuer_cert = issuer
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(HOSTNAME))
-        .issuer_name(issuer_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(HOSTNAME), x509.DNSName(OTHER_HOSTNAME)]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(issuer_key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(_key_pem(key))
-    os.chmod(key_path, 0o600)
-    return cert_path, key_path
-
-
-def make_pki(directory: Path) -> Pki:
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    test_ca = _ca("unclaw test CA", now)
-    rogue_ca = _ca("untrusted rogue CA", now)
-    ca_file = directory / "test-ca.pem"
-    ca_file.write_bytes(test_ca[1].public_bytes(serialization.Encoding.PEM))
-    return Pki(
-        ca_file,
-        _leaf(directory, "trusted", test_ca, now),
-        _leaf(directory, "untrusted", rogue_ca, now),
-    )
 
 
 # --- HTTPS server ---------------------------------------------------------------------------

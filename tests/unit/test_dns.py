@@ -18,6 +18,7 @@ from dnslib.server import DNSServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import FakeClock, until
 from tests.interop.dns_host import QuietLogger, ZoneResolver
 from unclaw_tui.config import Settings
 from unclaw_tui.decision import DecisionPoint
@@ -263,17 +264,9 @@ def zone_server() -> Iterator[tuple[ZoneResolver, int]]:
     tcp.server.server_close()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def test_upstream_udp_cache_by_ttl(zone_server: tuple[ZoneResolver, int]) -> None:
     zone, port = zone_server
-    clock = Clock()
+    clock = FakeClock(100.0)
     client = UpstreamClient([("127.0.0.1", port)], clock=clock)
     first = await client.lookup("example.test", QTYPE.A)
     assert first.rcode == RCODE.NOERROR and not first.cached
@@ -296,7 +289,7 @@ async def test_upstream_away_serves_stale_answers_for_a_day(
     zone_server: tuple[ZoneResolver, int],
 ) -> None:
     _zone, port = zone_server
-    clock = Clock()
+    clock = FakeClock(100.0)
     closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     closed.bind(("127.0.0.1", 0))
     dead = closed.getsockname()
@@ -469,10 +462,7 @@ def gateway(tmp_path: Path, zone_server: tuple[ZoneResolver, int]) -> FakeGatewa
 
 
 async def settle(tasks: set[asyncio.Task[None]]) -> None:
-    for _ in range(200):
-        if not tasks:
-            return
-        await asyncio.sleep(0.01)
+    await until(lambda: not tasks, "every DNS task done")
 
 
 async def test_service_udp_answers_publishes_and_persists(gateway: FakeGateway) -> None:
@@ -611,16 +601,13 @@ async def test_vip_udp_relayed_quic_dropped_unknown_unreachable(gateway: FakeGat
     service = VipService(gateway, resolver)  # type: ignore[arg-type]
     dgram = FakeDatagram(b"hello", dst=("10.78.0.5", port))
     service.handle_udp(dgram)
-    for _ in range(100):
-        if dgram.replies:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: bool(dgram.replies), "the echo through the VIP")
     assert dgram.replies == [b"hello"]
     opened = [e for e in gateway.events if isinstance(e, UdpFlowOpened)]
     assert [(e.dst_ip, e.hostname, e.route) for e in opened] == [("10.78.0.5", "svc.test", "vip")]
     quic = FakeDatagram(b"\xc0quic", dst=("10.78.0.5", 443))
     service.handle_udp(quic)
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # not a wait: a while for a wrong reply to show, then none
     assert quic.replies == [] and quic.unreachables == 0 and service.counts["quic_dropped"] == 1
     stray = FakeDatagram(b"x", dst=("10.78.7.7", 5000))
     service.handle_udp(stray)

@@ -20,6 +20,38 @@ def feed_all(
     return out
 
 
+def test_transcript_each_exchange_comes_out_when_its_response_ends() -> None:
+    """One connection step by step: what each call returns, at the step it returns it. The
+    time is from the request head's end to the response's; a cut body is told at close."""
+    obs = Http1Observer(default_host="example.test")
+    calls = {
+        ">": obs.request_data,
+        "<": obs.response_data,
+        "eof": lambda _data, now: obs.response_eof(now),
+        "close": lambda _data, now: obs.close(now),
+    }
+    transcript: list[tuple[str, bytes, float, list[Exchange]]] = [
+        (">", b"GET /a HTTP/1.1\r\nHost: example.test\r\n", 1.0, []),  # head not ended
+        (">", b"\r\nGET /b HTTP/1.1\r\n\r\n", 1.1, []),  # /a ends, /b pipelined
+        ("<", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel", 1.2, []),
+        ("<", b"lo", 1.3, [Exchange("GET", "example.test", "/a", 200, 5, 200.0)]),
+        (
+            "<",
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+            1.5,
+            [Exchange("GET", "example.test", "/b", 404, 0, 400.0)],  # no Host: the default
+        ),
+        (">", b"POST /c HTTP/1.1\r\nHost: c.test\r\nContent-Length: 3\r\n\r\nab", 2.0, []),
+        ("<", b"HTTP/1.1 500 Oops\r\nContent-Length: 4\r\n\r\nxy", 2.1, []),
+        ("eof", b"", 2.2, []),  # a Content-Length body is not ended by the server's close
+        (">", b"c", 2.3, []),
+        ("close", b"", 2.4, [Exchange("POST", "c.test", "/c", 500, 2, 400.0)]),
+    ]
+    for step, (call, data, now, expected) in enumerate(transcript):
+        assert calls[call](data, now) == expected, (step, call, data)
+    assert obs.close(3.0) == []
+
+
 def test_content_length_response() -> None:
     obs = Http1Observer(default_host="example.test")
     done = feed_all(

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import FakeClock
 from unclaw_tui.engine.constants import (
     CONSTRUCTION,
     IDENTIFIER,
@@ -38,6 +39,8 @@ from unclaw_tui.engine.noise import (
 
 # shared/ sits beside the repository root, in a checkout as in CI.
 VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors"
+
+WALL_START = 1_700_000_000.0  # the cores' wall clocks (TAI64N timestamps) start here
 
 # A point of order 8 on Curve25519 (RFC 7748 section 5 / libsodium's blocklist).
 LOW_ORDER_POINT = bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157")
@@ -160,19 +163,11 @@ def test_tai64n_format_and_whitening() -> None:
 # --- WireGuard handshake between two cores ----------------------------------------------
 
 
-class Clock:
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Pair:
     """An initiator core and a responder core that know each other."""
 
     def __init__(self, psk_i: bytes | None = None, psk_r: bytes | None = None) -> None:
-        self.clock_i, self.clock_r = Clock(), Clock()
+        self.clock_i, self.clock_r = FakeClock(WALL_START), FakeClock(WALL_START)
         self.initiator = HandshakeCore(generate_private_key(), wall_clock=self.clock_i)
         self.responder = HandshakeCore(generate_private_key(), wall_clock=self.clock_r)
         self.initiator.add_peer(self.responder.public_key, psk_i)

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import until
 from unclaw_tui.config import DEFAULT_TCP_BUFFER
 from unclaw_tui.decision import DecisionPoint, Moment, Question
 from unclaw_tui.engine import _ffi, splice_error
@@ -120,8 +121,10 @@ _peer_writers: list[asyncio.StreamWriter] = []
 async def close_peer_ends() -> AsyncIterator[None]:
     yield
     while _peer_writers:
-        _peer_writers.pop().close()
-    await asyncio.sleep(0)  # let the transports finish closing
+        writer = _peer_writers.pop()
+        writer.close()
+        with contextlib.suppress(Exception):  # closing is all that matters here
+            await asyncio.wait_for(writer.wait_closed(), 5)
 
 
 async def make_tunnel(dst: tuple[str, int], conn_id: int = 7) -> Tunnel:
@@ -290,7 +293,7 @@ async def test_egress_policy_refusal_never_connects() -> None:
         tunnel = await make_tunnel(dst)
         rec = Recorder()
         closed = await asyncio.wait_for(start_relay(tunnel, rec, EgressPolicy()), 5)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # not a wait: a while for a wrong connect to show, then none
     assert tunnel.conn.rejected
     assert closed.error == "refused by egress policy: loopback"
     assert accepted == []
@@ -434,7 +437,7 @@ async def test_backpressure_destination_stops_reading() -> None:
 
     async def never_read(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         stalled.set()
-        await asyncio.sleep(3600)
+        await asyncio.sleep(3600)  # the behaviour: a destination that never reads
 
     # A small receive buffer at the destination so the stall is reached quickly.
     async with tcp_server(never_read, limit=65536) as dst:
@@ -453,7 +456,7 @@ async def test_backpressure_destination_stops_reading() -> None:
 
         sender = asyncio.create_task(keep_sending())
         await asyncio.wait_for(stalled.wait(), 5)
-        # Wait until the relay's reads stop advancing.
+        # Wait until the relay's reads stop advancing (unchanged over 0.1 s; bounded: 10 s).
         last = -1
         for _ in range(100):
             await asyncio.sleep(0.1)
@@ -462,7 +465,7 @@ async def test_backpressure_destination_stops_reading() -> None:
             last = tunnel.conn.reader.bytes_read
         else:
             pytest.fail("the relay kept reading from a peer whose destination stalled")
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # not a wait: idle a while, and the reads must not resume
         read_from_peer = tunnel.conn.reader.bytes_read
         assert read_from_peer == last  # still stopped
         # Bounded by kernel socket buffers plus our own, not by what the peer offers.
@@ -502,9 +505,12 @@ async def test_peer_abort_aborts_the_destination() -> None:
         asyncio.get_running_loop().create_future()
     )
 
+    got_hello = asyncio.Event()
+
     async def wait_for_end(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
             await r.readexactly(5)
+            got_hello.set()
             destination_saw.set_result(await r.read())
         except OSError as exc:
             destination_saw.set_result(exc)
@@ -515,7 +521,7 @@ async def test_peer_abort_aborts_the_destination() -> None:
         task = start_relay(tunnel, rec)
         tunnel.peer_writer.write(b"hello")
         await tunnel.peer_writer.drain()
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(got_hello.wait(), 5)  # relayed: the destination is reading on
         send_rst(tunnel.peer_writer)
         closed = await asyncio.wait_for(task, 5)
         outcome = await asyncio.wait_for(destination_saw, 5)
@@ -755,14 +761,17 @@ async def test_udp_idle_timeout_closes_and_activity_keeps_open() -> None:
         relay.handle(FakeDatagram(inbox, b"busy", dst, src_port=1))
         relay.handle(FakeDatagram(inbox, b"quiet", dst, src_port=2))
         for _ in range(6):  # flow 1 stays active for 0.6 s, past the timeout
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # pacing the activity, not a wait
             relay.handle(FakeDatagram(inbox, b"busy", dst, src_port=1))
         closed = rec.of(UdpFlowClosed)
         assert [e.conn_id for e in closed] == [rec.of(UdpFlowOpened)[1].conn_id]
         assert closed[0].error is None and 0.25 < closed[0].duration < 0.6
         assert relay.open_flows(PEER_KEY) == 1
-        await asyncio.sleep(0.5)
-        assert len(rec.of(UdpFlowClosed)) == 2 and relay.open_flows(PEER_KEY) == 0
+        await until(
+            lambda: len(rec.of(UdpFlowClosed)) == 2 and relay.open_flows(PEER_KEY) == 0,
+            "the busy flow closed once idle",
+            timeout=0.5,  # idle timeout 0.3 s
+        )
         # The same 5-tuple later is a new flow.
         relay.handle(FakeDatagram(inbox, b"again", dst, src_port=2))
         assert len(rec.of(UdpFlowOpened)) == 3
@@ -797,7 +806,7 @@ async def test_udp_policy_refusal_is_unreachable_with_one_event_pair() -> None:
         dgrams = [FakeDatagram(inbox, b"x", dst) for _ in range(3)]
         for d in dgrams:
             relay.handle(d)
-        await asyncio.sleep(0.1)
+        await until(lambda: all(d.unreachables for d in dgrams), "every datagram refused")
         assert [d.unreachables for d in dgrams] == [[True]] * 3
         assert server.sources == set() and inbox.empty()
         assert relay.open_flows(PEER_KEY) == 0
@@ -812,10 +821,7 @@ async def test_udp_closed_port_passes_unreachable_on() -> None:
     relay = make_udp_relay(rec)
     dgram = FakeDatagram(inbox, b"anyone?", ("127.0.0.1", closed_port()))
     relay.handle(dgram)
-    for _ in range(50):
-        await asyncio.sleep(0.02)
-        if dgram.unreachables:
-            break
+    await until(lambda: bool(dgram.unreachables), "the unreachable passed on")
     assert dgram.unreachables == [False]  # port unreachable, not "administratively prohibited"
     relay.close()
 
@@ -828,8 +834,10 @@ async def test_udp_close_ends_everything() -> None:
         relay.handle(FakeDatagram(inbox, b"a", dst, src_port=1))
         relay.handle(FakeDatagram(inbox, b"b", dst, src_port=2))  # closed before it is sent
         relay.close()
-        await asyncio.sleep(0.1)
-        assert len(rec.of(UdpFlowClosed)) == 2 and relay.open_flows(PEER_KEY) == 0
+        await until(
+            lambda: len(rec.of(UdpFlowClosed)) == 2 and relay.open_flows(PEER_KEY) == 0,
+            "both flows closed",
+        )
         late = FakeDatagram(inbox, b"late", dst)
         relay.handle(late)
         assert late.unreachables == [False]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
+import inspect
 import json
 import os
 import socket
@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.helpers import TEST_CA_NAME, Pki, make_pki, until
 from unclaw_tui.config import Settings
 from unclaw_tui.decision import DecisionPoint
 from unclaw_tui.events import Event, HttpRequest, TcpClosed, TcpOpened, TlsHost
@@ -35,84 +34,12 @@ from unclaw_tui.state import StateDir
 PEER_KEY = bytes(range(32))
 VIP = "10.78.0.5"
 
-# --- a test PKI: a CA, and leaves for the origins ----------------------------------------------
-
-
-@dataclass
-class Pki:
-    directory: Path
-    ca_file: Path
-    trusted: tuple[Path, Path]  # example.test cert chain, key: signed by the test CA
-    untrusted: tuple[Path, Path]  # example.test, signed by a CA nobody trusts
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _make_ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _make_leaf(
-    directory: Path, stem: str, ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
-) -> tuple[Path, Path]:
-    ca_key, ca_cert = ca
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("example.test"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("example.test")]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+# --- a test PKI (tests.helpers.make_pki): a CA, and leaves for the origins ---------------------
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory = tmp_path_factory.mktemp("pki")
-    test_ca = _make_ca("test CA")
-    rogue_ca = _make_ca("rogue CA")
-    ca_file = directory / "test-ca.pem"
-    ca_file.write_bytes(test_ca[1].public_bytes(serialization.Encoding.PEM))
-    return Pki(
-        directory,
-        ca_file,
-        _make_leaf(directory, "trusted", test_ca),
-        _make_leaf(directory, "untrusted", rogue_ca),
-    )
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 # --- origins -------------------------------------------------------------------------------------
@@ -445,7 +372,7 @@ async def test_passthrough_relays_the_origin_certificate(make_harness: Any, pki:
     origin = await start_origin(pki.trusted)
     h.dst = ("127.0.0.1", origin.port)
     reader, writer = await h.open(trusting_test_ca(pki))
-    assert peer_cert_issuer(writer) == "test CA"
+    assert peer_cert_issuer(writer) == TEST_CA_NAME
     assert await http_get(reader, writer, "/p") == b"hello from /p"
     await close_writer(writer)
     await h.settle()
@@ -492,7 +419,7 @@ async def test_client_rejecting_our_ca_then_auto_passthrough(make_harness: Any, 
 
     # From then on the host is passed through: the same client now succeeds.
     reader, writer = await h.open(trusting_test_ca(pki))
-    assert peer_cert_issuer(writer) == "test CA"
+    assert peer_cert_issuer(writer) == TEST_CA_NAME
     assert await http_get(reader, writer, "/again") == b"hello from /again"
     await close_writer(writer)
     await h.settle()
@@ -504,10 +431,7 @@ async def test_client_rejecting_our_ca_then_auto_passthrough(make_harness: Any, 
     # Remembered across a restart: the list is in the state dir (0600), and a new service
     # with auto-passthrough on starts with it.
     saved = h.gateway.state.path / PASSTHROUGH_FILE
-    for _ in range(50):  # the write runs off the loop
-        if saved.exists():
-            break
-        await asyncio.sleep(0.02)
+    await until(saved.exists, "the passthrough list saved (the write runs off the loop)")
     assert json.loads(saved.read_text()) == {"hosts": ["example.test"]}
     assert saved.stat().st_mode & 0o777 == 0o600
     again = TlsService(h.gateway, h.service.ca)  # type: ignore[arg-type]
@@ -649,6 +573,8 @@ class PlainOrigin:
         finally:
             w.close()
             if number == 1:
+                with contextlib.suppress(ConnectionError):
+                    await w.wait_closed()  # the socket is closed: its FIN is sent
                 self.first_ended.set()
 
     def close(self) -> None:
@@ -723,8 +649,8 @@ async def test_an_early_connection_the_destination_closed_is_opened_again(
     await origin.start()
     h.dst = ("127.0.0.1", origin.port)
     reader, writer = await h.open(None)
+    # Closed, so its FIN is in the gateway's socket (loopback delivers it within the close).
     await asyncio.wait_for(origin.first_ended.wait(), 5)
-    await asyncio.sleep(0.05)  # its FIN reaches the gateway's socket (loopback: at once)
     hello = client_hello("pass.example.test")
     writer.write(hello)
     assert await asyncio.wait_for(reader.readexactly(len(hello)), 10) == hello  # echoed
@@ -800,11 +726,13 @@ async def test_slow_client_times_out(make_harness: Any, pki: Pki) -> None:
 async def test_cancel_still_closes_the_flow(make_harness: Any, pki: Pki) -> None:
     h: Harness = await make_harness()
     _reader, writer = await h.open(None)
-    for _ in range(100):
-        if h.tasks:
-            break
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.05)
+    await until(
+        lambda: (
+            bool(h.tasks)
+            and inspect.getcoroutinestate(h.tasks[0].get_coro()) == inspect.CORO_SUSPENDED
+        ),
+        "the connection's handler waiting for the hello",
+    )
     h.tasks[0].cancel()
     with pytest.raises(asyncio.CancelledError):
         await h.tasks[0]

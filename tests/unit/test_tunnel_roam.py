@@ -4,44 +4,23 @@ the handshake before any transport packet, so it raises nothing itself."""
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
-from collections.abc import Callable
-
+from tests.helpers import FakeClock, loopback_tunnel, until
 from tests.packets import ping_packet
 from unclaw_tui.engine.noise import generate_private_key
 from unclaw_tui.engine.tunnel import EndpointChanged, HandshakeDone, Tunnel, TunnelEvent
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def until(pred: Callable[[], bool], what: str, steps: int = 300) -> None:
-    for _ in range(steps):
-        if pred():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
-
-
-def client(key: bytes, clock: FakeClock) -> Tunnel:
-    address = ipaddress.IPv4Interface("10.77.0.2/24")
-    return Tunnel(key, 0, address, listen_host="127.0.0.1", clock=clock, engine_thread=False)
+def client(key: bytes, clock: FakeClock, wall: FakeClock) -> Tunnel:
+    return loopback_tunnel("10.77.0.2/24", key, clock=clock, wall_clock=wall)
 
 
 async def test_roam_through_a_handshake_is_an_endpoint_event() -> None:
     clock = FakeClock()
     events: list[TunnelEvent] = []
-    gw = Tunnel(generate_private_key(), 0, ipaddress.IPv4Interface("10.77.0.1/24"),
-                listen_host="127.0.0.1", on_event=events.append,
-                clock=clock, engine_thread=False)  # fmt: skip
+    wall = FakeClock(1_767_268_800.0)  # the TAI64N timestamps in the initiations
+    gw = loopback_tunnel("10.77.0.1/24", on_event=events.append, clock=clock)
     key = generate_private_key()
-    first, second = client(key, clock), client(key, clock)  # one peer, two source ports
+    first, second = client(key, clock, wall), client(key, clock, wall)  # two source ports
     await gw.start()
     try:
         for cl in (first, second):
@@ -54,8 +33,8 @@ async def test_roam_through_a_handshake_is_an_endpoint_event() -> None:
         assert [type(e) for e in events] == [HandshakeDone]  # a first endpoint is no roam
 
         clock.now += 1.0  # initiations of one peer closer than 20 ms apart are a flood
-        # The TAI64N timestamp is coarsened (about 17 ms): a later one needs real time too.
-        await asyncio.sleep(0.05)
+        # The TAI64N timestamp is coarsened (about 17 ms): a replay unless it is later.
+        wall.advance(1.0)
         second.send_inner(ping_packet("10.77.0.2", "10.77.0.1"))
         await until(lambda: gw.engine_stats()["icmp_echo_replies"] == 2, "echo after the roam")
         roams = [e for e in events if isinstance(e, EndpointChanged)]

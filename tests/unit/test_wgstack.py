@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -20,6 +19,7 @@ from nacl.bindings import (
     crypto_aead_chacha20poly1305_ietf_encrypt,
 )
 
+from tests.helpers import wait_for
 from tests.packets import icmp_echo, inet_checksum, ipv4
 from unclaw_tui.engine import _ffi
 from unclaw_tui.engine._ffi import Engine, EngineError, EngineEvent
@@ -743,12 +743,13 @@ def test_io_helper_over_loopback_udp(family: int) -> None:
             sock.sendto(b"\x01\0\0\0" + bytes(144), gateway_address)
 
         received = 0
-        for _ in range(200):  # loopback delivery is fast but not synchronous
+
+        def all_in() -> bool:  # loopback delivery is fast but not synchronous
+            nonlocal received
             received += engine.io_recv(T0 + 1)
-            if received == 4 * len(peers):
-                break
-            time.sleep(0.005)
-        assert received == 4 * len(peers)
+            return received == 4 * len(peers)
+
+        wait_for(all_in, "every peer's datagrams", timeout=2, interval=0.005)
         events = engine.events()
         handshake_sources = [e.src for e in events if e.type == _ffi.EV_HANDSHAKE_PACKET]
         assert handshake_sources[0] == client_endpoint  # dual-stack: IPv4 shows as family 4

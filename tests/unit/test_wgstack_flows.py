@@ -12,13 +12,13 @@ import ipaddress
 import random
 import socket
 import struct
-import time
 from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import wait_for
 from tests.packets import inet_checksum, ipv4
 from tests.unit.test_tcp import ACK, FIN, MSS, PSH, RST, SYN, Peer, Seg, parse
 from tests.unit.test_wgstack import (
@@ -661,12 +661,13 @@ def test_io_recv_acks_each_batch_over_loopback_udp() -> None:
             datagram = transport(LOCAL_INDEX, next(counter), seg.build())
             wg_peer.sendto(datagram, gateway.getsockname())
         received = 0
-        for _ in range(200):  # loopback delivery is fast but not synchronous
+
+        def all_in() -> bool:  # loopback delivery is fast but not synchronous
+            nonlocal received
             received += engine.io_recv(T0 + 1)
-            if received == len(segments):
-                return
-            time.sleep(0.005)
-        raise AssertionError("datagrams did not arrive")
+            return received == len(segments)
+
+        wait_for(all_in, "the datagrams to arrive", timeout=2, interval=0.005)
 
     def receive() -> Seg:
         return parse(trim(open_transport(wg_peer.recvfrom(2048)[0])[2]))

@@ -7,28 +7,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import os
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.helpers import loopback_tunnel, peer_tunnels, until
 from tests.packets import ping_packet
 from tests.unit.test_tcp import RST, SYN, Seg
 from unclaw_tui.engine import _ffi
 from unclaw_tui.engine.flows import SpliceDone
-from unclaw_tui.engine.noise import generate_private_key
 from unclaw_tui.engine.tunnel import HandshakeDone, Tunnel, TunnelEvent
-
-
-async def until(pred: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.01)):
-        if pred():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
 
 
 class Pair:
@@ -37,19 +28,15 @@ class Pair:
     def __init__(self) -> None:
         self.gw_events: list[TunnelEvent] = []
         self.cl_events: list[TunnelEvent] = []
-        self.gw = Tunnel(generate_private_key(), 0, ipaddress.IPv4Interface("10.77.0.1/24"),
-                         listen_host="127.0.0.1", on_event=self.gw_events.append)  # fmt: skip
-        self.cl = Tunnel(generate_private_key(), 0, ipaddress.IPv4Interface("10.77.0.2/24"),
-                         listen_host="127.0.0.1", on_event=self.cl_events.append,
-                         engine_thread=False)  # fmt: skip
+        self.gw = loopback_tunnel("10.77.0.1/24", on_event=self.gw_events.append)
+        self.cl = loopback_tunnel(
+            "10.77.0.2/24", on_event=self.cl_events.append, engine_thread=False
+        )
 
     async def start(self, *, keepalive: int = 0, client_routes: str = "10.77.0.1/32") -> None:
         await self.gw.start()
         await self.cl.start()
-        self.gw.add_peer(self.cl.public_key, allowed_ips=["10.77.0.2/32"],
-                         persistent_keepalive=keepalive)  # fmt: skip
-        self.cl.add_peer(self.gw.public_key, allowed_ips=[client_routes],
-                         endpoint=("127.0.0.1", self.gw.listen_port))  # fmt: skip
+        peer_tunnels(self.gw, self.cl, client_routes=client_routes, persistent_keepalive=keepalive)
 
     def echo_replies(self) -> int:
         return self.gw.engine_stats()["icmp_echo_replies"]
@@ -102,7 +89,7 @@ async def test_engine_timers_run_on_the_worker(pair: Pair) -> None:
     await until(
         lambda: pair.cl.peer_info(pair.gw.public_key).rx_packets >= received + 2,
         "keepalives",
-        seconds=6,
+        timeout=6,
     )
 
 
@@ -119,13 +106,13 @@ async def test_python_calls_interleave_with_the_worker_batches(pair: Pair) -> No
                 assert pair.gw.peers
                 pair.gw.drop_counts()
                 calls += 2
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # a yield, not a wait: the pings go on meanwhile
         return calls
 
     task = loop.create_task(hammer())
     for seq in range(2, 202):
         pair.cl.send_inner(ping_packet("10.77.0.2", "10.77.0.1", seq=seq))
-        if seq % 20 == 0:
+        if seq % 20 == 0:  # pacing, not a wait: the sockets' buffers keep up
             await asyncio.sleep(0.005)
     await until(lambda: pair.echo_replies() >= 201, "every echo reply")
     stop.set()
@@ -193,11 +180,11 @@ async def test_fast_relayed_connections_reach_python_in_batches(pair: Pair) -> N
     segment = functools.partial(Seg, seq=1000, ack=0, wnd=65535, dst_ip=0x7F000001, dport=port)
     for i in range(count):  # spread out: each could wake Python on its own
         pair.cl.send_inner(segment(flags=SYN, sport=41000 + i).build())
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0.001)  # pacing, not a wait
     await until(lambda: len(opened) == count, "every fast-relayed connection's report")
     for i in range(count):  # the peer gives up: each ends with a reset
         pair.cl.send_inner(segment(flags=RST, seq=1001, sport=41000 + i).build())
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0.001)  # spread out too (pacing, not a wait)
     await until(lambda: len(ended) == count, "every fast-relayed connection's end")
     notifications = worker(pair.gw).worker_stats()["notifications"] - before
     assert len(opened) == count and {m.src[1] for m in opened} == set(range(41000, 41040))
