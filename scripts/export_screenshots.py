@@ -109,7 +109,8 @@ async def main_async(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.demo:
-        from tests.tui.fake_gateway import FakeClock, demo_gateway
+        from tests.helpers import FakeClock
+        from tests.tui.fake_gateway import demo_gateway
 
         class WallClock(FakeClock):
             def __call__(self) -> float:

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
-from tests.tui.fake_gateway import FakeClock, FakeGateway, demo_events, demo_gateway, seed_rates
+from tests.helpers import FakeClock, until  # noqa: F401  (until: the TUI tests import it from here)
+from tests.tui.fake_gateway import (
+    FIXED_NOW,
+    FakeGateway,
+    demo_events,
+    demo_gateway,
+    seed_rates,
+)
 from unclaw_tui.app import UnclawApp
-
-
-# Stands in for tests/helpers.py `until` (being written on another branch): swap when merged.
-async def until(pred: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Wait until `pred()` holds, looking every 5 ms (the app runs meanwhile, on this loop);
-    fail naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -40,7 +35,7 @@ def _utc() -> Iterator[None]:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(FIXED_NOW)
 
 
 @pytest.fixture

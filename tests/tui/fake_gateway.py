@@ -11,6 +11,7 @@ import ipaddress
 import re
 from dataclasses import replace
 
+from tests.helpers import FakeClock
 from unclaw_tui import events as ev
 from unclaw_tui.bus import EventBus, Subscription
 from unclaw_tui.gateway import GatewaySnapshot, PeerSnapshot
@@ -26,23 +27,12 @@ def fake_key(label: str) -> str:
     return base64.b64encode(hashlib.sha256(label.encode()).digest()).decode()
 
 
-class FakeClock:
-    def __init__(self, now: float = FIXED_NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 class FakeGateway:
     """Records every command in `calls`; publishes the events a real gateway would."""
 
     def __init__(self, clock: FakeClock | None = None, *, backlog: int = 10_000) -> None:
         """`backlog`: the size of the console's subscription (small, to make it drop)."""
-        self.clock = clock or FakeClock()
+        self.clock = clock or FakeClock(FIXED_NOW)
         self.bus = EventBus()
         self.backlog = backlog
         self.peers: dict[str, PeerSnapshot] = {}

@@ -10,8 +10,9 @@ from textual.command import CommandList, CommandPalette
 from textual.message import Message
 from textual.widgets import Input, Label
 
+from tests.helpers import FakeClock
 from tests.tui.conftest import make_app, until
-from tests.tui.fake_gateway import FakeClock, FakeGateway, demo_gateway, fake_key
+from tests.tui.fake_gateway import FakeGateway, demo_gateway, fake_key
 from tests.tui.qr_image import drawn_cells, qr_image
 from tests.tui.screen_text import screen_text
 from unclaw_tui import events as ev

@@ -5,21 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable
 
+from tests.helpers import until
 from unclaw_tui import events as ev
 from unclaw_tui.bus import EventBus, Subscription
-
-
-# Stands in for tests/helpers.py `until` (being written on another branch): swap when merged.
-async def until(pred: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Wait until `pred()` holds, looking every 5 ms; fail naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def flags(events: list[ev.Event]) -> list[bool]:

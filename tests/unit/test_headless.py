@@ -3,30 +3,19 @@ what the printer's subscription drops is reported, counted exactly."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import itertools
 import json
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
+from tests.helpers import until
 from unclaw_tui import headless
 from unclaw_tui.bus import EventBus
 from unclaw_tui.events import GatewayStopped
 from unclaw_tui.headless import EventPrinter, format_json, format_plain
-
-
-# Stands in for tests/helpers.py `until` (being written on another branch): swap when merged.
-async def until(pred: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Wait until `pred()` holds, looking every 5 ms; fail naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 class StalledOutput(io.StringIO):
