@@ -28,6 +28,7 @@ HEADERS = (
 # setuptools rejects absolute source paths, and distutils would mirror them under its tmpdir.
 SOURCES_REL = [
     "unclaw_tui/engine/_wgstack.c",
+    "unclaw_tui/engine/_wire.c",
     "unclaw_tui/engine/_tcp.c",
     "unclaw_tui/engine/_splice.c",
     "unclaw_tui/engine/_worker.c",
@@ -36,11 +37,17 @@ ENGINE_DIR_REL = "unclaw_tui/engine"
 
 
 def cdef_from_header(text: str) -> str:
-    """The header minus what cffi's parser does not take: the include guard and #includes."""
+    """The header minus what cffi's parser does not take: the include guard, #includes, and the
+    C-only declarations between `#ifndef UNCLAW_CDEF` and its `#endif`."""
     kept = []
+    c_only = False
     for line in text.splitlines():
         stripped = line.strip()
-        if stripped.startswith(("#ifndef", "#endif", "#include")):
+        if stripped == "#ifndef UNCLAW_CDEF":
+            c_only = True
+            continue
+        if c_only or stripped.startswith(("#ifndef", "#endif", "#include")):
+            c_only = c_only and not stripped.startswith("#endif")
             continue
         if stripped.startswith("#define") and len(stripped.split()) == 2:
             continue  # the include guard's bare #define
