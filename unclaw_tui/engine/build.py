@@ -1,6 +1,7 @@
-"""cffi builder for the C data plane (`_wgstack.c` + the userspace TCP `_tcp.c` + the relay's
-splices `_splice.c` + the data plane's thread `_worker.c`), declared by `_tcp.h`, `_splice.h`,
-`_wgstack.h` (which includes both) and `_worker.h`.
+"""cffi builder for the C engine (the WireGuard data plane `_wg.c` + the engine hub `_hub.c` + the
+wire formats `_wire.c` + the userspace TCP `_tcp.c` + the relay's splices `_splice.c` + the
+engine's thread `_worker.c`), declared by `_tcp.h`, `_splice.h`, `_wgstack.h` (which includes
+both) and `_worker.h`; `_wire.h` and `_engine.h` are private to the C files.
 
 Used by setup.py (`cffi_modules`) and, for development, in place:
 `python -m unclaw_tui.engine.build` puts `_wgstack_cffi*.so` beside this file.
@@ -27,7 +28,8 @@ HEADERS = (
 # Relative to the repo root, the working directory of setuptools builds (and of __main__ below):
 # setuptools rejects absolute source paths, and distutils would mirror them under its tmpdir.
 SOURCES_REL = [
-    "unclaw_tui/engine/_wgstack.c",
+    "unclaw_tui/engine/_wg.c",
+    "unclaw_tui/engine/_hub.c",
     "unclaw_tui/engine/_wire.c",
     "unclaw_tui/engine/_tcp.c",
     "unclaw_tui/engine/_splice.c",
