@@ -176,7 +176,7 @@ int tcp_process(tcp_stack *s, uint32_t peer_id, const struct wire_ip_repr *ip, d
 /* tcp_process of a whole IPv4 packet (for callers holding bytes: tests); an IP header
  * wire_ip_parse refuses counts as TCP_DROP_MALFORMED.  TCP_EINVAL on NULL. */
 int tcp_input(tcp_stack *s, uint32_t peer_id, const uint8_t *ip_packet, size_t len, double now);
-/* Send every pending ACK at once; call after each batch of tcp_input. */
+/* Send every pending ACK at once; call after each batch of tcp_process / tcp_input. */
 void tcp_flush(tcp_stack *s, double now);
 
 int tcp_accept(tcp_stack *s, uint32_t conn_id, double now); /* SYN-ACK */
