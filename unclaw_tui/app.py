@@ -80,16 +80,18 @@ class UnclawApp(App[int]):
         manage_gateway: bool = True,
         refresh_interval: float = REFRESH_INTERVAL_S,
         max_connections: int = 10_000,
+        on_started: Callable[[], None] | None = None,
     ) -> None:
         """`clock` gives the wall time shown in the panes (tests freeze it); `state_dir` is
-        where QR PNGs go; with `manage_gateway` the app calls `gateway.start()` on mount and
-        `gateway.stop()` on exit when the gateway has them."""
+        where QR PNGs go; with `manage_gateway` the app calls `gateway.start()` on mount (then
+        `on_started`) and `gateway.stop()` on exit when the gateway has them."""
         super().__init__()
         self.gateway = gateway
         self.clock = clock
         self.state_dir = state_dir
         self.manage_gateway = manage_gateway
         self.refresh_interval = refresh_interval
+        self.on_started = on_started
         self.title = f"unclaw-tui{title_suffix}"
         self.model = ConsoleModel(max_connections=max_connections)
         self.paused = False
@@ -131,6 +133,8 @@ class UnclawApp(App[int]):
                 self.exit(1, return_code=1, message=f"unclaw-tui: the gateway did not start: {exc}")
                 return
             self.gateway_started = True
+            if self.on_started is not None:
+                self.on_started()
         self.set_interval(self.refresh_interval, self.take_snapshot)
 
     @on(DashboardScreen.Ready)
@@ -388,7 +392,7 @@ class UnclawApp(App[int]):
         )
 
 
-def run_app(settings: config.Settings) -> int:
+def run_app(settings: config.Settings, on_started: Callable[[], None] | None = None) -> int:
     """Run the console; the gateway runs on its own thread and loop (see gateway_thread)."""
     from unclaw_tui.gateway_thread import ThreadedGateway  # tests import this module with fakes
 
@@ -396,5 +400,5 @@ def run_app(settings: config.Settings) -> int:
     # back for a moment after each batch; if the console thread holds it, the default 5 ms
     # switch interval stalls the data path (python -m bench.tui: download 0.81x -> 0.88x).
     sys.setswitchinterval(UI_SWITCH_INTERVAL)
-    app = UnclawApp(ThreadedGateway(settings), state_dir=settings.state_dir)
+    app = UnclawApp(ThreadedGateway(settings), state_dir=settings.state_dir, on_started=on_started)
     return app.run() or 0

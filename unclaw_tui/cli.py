@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -24,7 +24,6 @@ from unclaw_tui.state import (
     StateDir,
     StateError,
     validate_address,
-    validate_listen_port,
     validate_peer_ip,
     validate_peer_name,
 )
@@ -55,34 +54,16 @@ def _version() -> str:
 # --- argument types: raise ArgumentTypeError so argparse reports them as usage errors ---------
 
 
-def _listen_port(text: str) -> int:
-    try:
-        return validate_listen_port(int(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid listen port {text!r}: expected 1..65535"
-        ) from None
+def _checked(validate: Callable[[str], Any]) -> Callable[[str], Any]:
+    """The argparse type of a validator whose ValueError says, in one line, what is wrong."""
 
+    def parse(text: str) -> Any:
+        try:
+            return validate(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-def _address(text: str) -> ipaddress.IPv4Interface:
-    try:
-        return validate_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _endpoint(text: str) -> str:
-    try:
-        return wgquick.validate_endpoint(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _peer_name(text: str) -> str:
-    try:
-        return validate_peer_name(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
 
 
 def _ipv4(text: str) -> str:
@@ -94,14 +75,7 @@ def _ipv4(text: str) -> str:
         ) from None
 
 
-def _cidr(text: str) -> config.IPNetwork:
-    try:
-        return parse_cidr(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _int_range(name: str, low: int, high: int) -> Any:
+def _int_range(name: str, low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -160,158 +134,136 @@ def _host_glob(text: str) -> str:
     return pattern
 
 
+# --- the options: one table, from which every parser is built ---------------------------------
+
+COMMANDS = {
+    "peer": "manage peers",
+    "peer add": "add a peer and print its client config",
+    "peer list": "list peers with live stats",
+    "peer show": "print a peer's client config",
+    "peer remove": "remove a peer",
+    "ca": "print the local CA certificate (PEM) to install on devices, and its path",
+}
+RUN = ("",)  # `unclaw-tui` itself, which runs the gateway
+EVERYWHERE = ("", *COMMANDS)
+
+
+def _opt(flag: str, where: tuple[str, ...], help: str, **kwargs: Any) -> tuple[Any, ...]:
+    return flag, where, {"help": help, **kwargs}
+
+
+# Each option once: its flag, the commands that take it ("" is the gateway run) and argparse's
+# keywords.  An option taken by a command and by one of its subcommands means the same typed
+# before or after the subcommand.  Defaults come from `config`; the saved ones default to None
+# here, so that only values typed on the command line are saved in the state dir.
+OPTIONS = (
+    _opt("--version", RUN, "show the version and exit", action="version",
+         version=f"{PROG} {_version()}"),
+    _opt("--state-dir", EVERYWHERE,
+         f"state directory: keys, peers, stats (default {config.default_state_dir()})",
+         type=Path, metavar="DIR"),
+    _opt("--listen-port", EVERYWHERE,
+         f"UDP port the gateway listens on (saved; default {config.DEFAULT_LISTEN_PORT})",
+         type=_int_range("listen port", 1, 65535), metavar="N"),
+    _opt("--endpoint", EVERYWHERE, "address written into client configs (saved; default: "
+         "this host's primary IPv4 address and the listen port)",
+         type=_checked(wgquick.validate_endpoint), metavar="HOST[:PORT]"),
+    _opt("--address", EVERYWHERE,
+         f"the gateway's tunnel address (saved; default {config.DEFAULT_ADDRESS})",
+         type=_checked(validate_address), metavar="A.B.C.D/N"),
+    _opt("--json", ("", "peer list"), "machine-readable output (events, peer list)",
+         action="store_true"),
+    _opt("--no-ui", RUN, "run headless, no console UI", action="store_true"),
+    # The gateway run's own flags: this run only, never saved.
+    _opt("--allow", RUN,
+         "let the relay reach a range it refuses by default, e.g. a LAN (repeatable)",
+         type=_checked(parse_cidr), action="append", default=[], metavar="CIDR"),
+    _opt("--deny", RUN, "refuse a range to the relay (repeatable; the most specific rule wins)",
+         type=_checked(parse_cidr), action="append", default=[], metavar="CIDR"),
+    _opt("--tcp-buffer", RUN, "buffer per relayed TCP connection, each way (default %(default)s)",
+         type=_int_range("TCP buffer size", 4096, 64 * 1024 * 1024),
+         default=config.DEFAULT_TCP_BUFFER, metavar="BYTES"),
+    _opt("--max-flows-per-peer", RUN,
+         "UDP flows per peer; past it the least recently active one closes (default %(default)s)",
+         type=_int_range("flow limit", 1, 65536),
+         default=config.DEFAULT_MAX_FLOWS_PER_PEER, metavar="N"),
+    _opt("--max-conns-per-peer", RUN,
+         "open TCP connections per peer; past it new ones are refused (default %(default)s)",
+         type=_int_range("connection limit", 1, 65536),
+         default=config.DEFAULT_MAX_CONNS_PER_PEER, metavar="N"),
+    _opt("--max-half-open-per-peer", RUN,
+         "TCP connections per peer still in their handshake (SYN flood bound; "
+         "default %(default)s)",
+         type=_int_range("half-open limit", 1, 65536),
+         default=config.DEFAULT_MAX_HALF_OPEN_PER_PEER, metavar="N"),
+    _opt("--hello-timeout", RUN,
+         "time a TLS client may take to send its whole ClientHello (default %(default)g)",
+         type=_seconds, default=config.DEFAULT_HELLO_TIMEOUT, metavar="SECONDS"),
+    _opt("--dns-tcp-idle-timeout", RUN,
+         "time a DNS-over-TCP client may take to start each query (default %(default)g)",
+         type=_seconds, default=config.DEFAULT_DNS_TCP_IDLE_TIMEOUT, metavar="SECONDS"),
+    _opt("--udp-idle-timeout", RUN,
+         "close a UDP flow after this long without traffic (default %(default)g)",
+         type=_seconds, default=config.DEFAULT_UDP_IDLE_TIMEOUT, metavar="SECONDS"),
+    _opt("--no-engine-thread", RUN, "move packets on the event loop's thread instead of a C "
+         "thread of its own (slower; for comparison and debugging)",
+         dest="engine_thread", action="store_false"),
+    _opt("--no-fast-relay", RUN, "decide every new relayed connection in Python, even to a "
+         "destination already allowed (slower; for comparison and debugging)",
+         dest="fast_relay", action="store_false"),
+    _opt("--upstream-dns", RUN,
+         "upstream DNS server (repeatable; default: the nameservers of /etc/resolv.conf)",
+         type=_dns_server, action="append", default=[], metavar="IP[:PORT]"),
+    _opt("--passthrough", RUN,
+         "relay TLS to hosts matching this glob untouched, e.g. '*.bank.example' (repeatable)",
+         type=_host_glob, action="append", default=[], metavar="PATTERN"),
+    _opt("--auto-passthrough", RUN,
+         "pass a host through from then on once a client rejected our certificate for it",
+         action="store_true"),
+    # The subcommands' own arguments.
+    _opt("name", ("peer add",), "the peer's name", type=_checked(validate_peer_name),
+         metavar="NAME"),
+    _opt("name", ("peer show", "peer remove"), "the peer's name", metavar="NAME"),
+    _opt("--ip", ("peer add",), "tunnel IP (default: next free)", type=_ipv4,
+         metavar="A.B.C.D"),
+    _opt("--qr", ("peer add", "peer show"), "also print the config as a QR code",
+         action="store_true"),
+    _opt("--png", ("peer show",), "write the QR code as a PNG", type=Path, metavar="FILE"),
+    _opt("--path", ("ca",), "print only the certificate's path", action="store_true"),
+)  # fmt: skip
+
+
+def _parents(command: str) -> list[str]:
+    """The commands above one: "peer add" -> ["", "peer"]."""
+    words = command.split()
+    return [" ".join(words[:i]) for i in range(len(words))]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
-        prog=PROG,
-        description="Userspace WireGuard gateway with a live operator console.",
-    )
-    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
-    parser.add_argument(
-        "--state-dir", type=Path, metavar="DIR", help="state directory (keys, peers, stats)"
-    )
-    parser.add_argument(
-        "--listen-port", type=_listen_port, metavar="N", help="UDP port (saved; default 51820)"
-    )
-    parser.add_argument(
-        "--endpoint",
-        type=_endpoint,
-        metavar="HOST[:PORT]",
-        help="address clients connect to (saved; default: this host's primary IPv4)",
-    )
-    parser.add_argument(
-        "--address",
-        type=_address,
-        metavar="A.B.C.D/N",
-        help="gateway tunnel address (saved; default 10.77.0.1/24)",
-    )
-    parser.add_argument(
-        "--allow",
-        type=_cidr,
-        action="append",
-        default=[],
-        metavar="CIDR",
-        help="let the relay reach a range it refuses by default, e.g. a LAN (repeatable)",
-    )
-    parser.add_argument(
-        "--deny",
-        type=_cidr,
-        action="append",
-        default=[],
-        metavar="CIDR",
-        help="refuse a range to the relay (repeatable; the most specific rule wins)",
-    )
-    parser.add_argument(
-        "--tcp-buffer",
-        type=_int_range("TCP buffer size", 4096, 64 * 1024 * 1024),
-        default=config.DEFAULT_TCP_BUFFER,
-        metavar="BYTES",
-        help="buffer per relayed TCP connection, each way (default 262144)",
-    )
-    parser.add_argument(
-        "--max-flows-per-peer",
-        type=_int_range("flow limit", 1, 65536),
-        default=config.DEFAULT_MAX_FLOWS_PER_PEER,
-        metavar="N",
-        help="UDP flows per peer; past it the least recently active one closes (default 256)",
-    )
-    parser.add_argument(
-        "--max-conns-per-peer",
-        type=_int_range("connection limit", 1, 65536),
-        default=config.DEFAULT_MAX_CONNS_PER_PEER,
-        metavar="N",
-        help="open TCP connections per peer; past it new ones are refused (default 4096)",
-    )
-    parser.add_argument(
-        "--max-half-open-per-peer",
-        type=_int_range("half-open limit", 1, 65536),
-        default=config.DEFAULT_MAX_HALF_OPEN_PER_PEER,
-        metavar="N",
-        help="TCP connections per peer still in their handshake (SYN flood bound; default 256)",
-    )
-    parser.add_argument(
-        "--hello-timeout",
-        type=_seconds,
-        default=config.DEFAULT_HELLO_TIMEOUT,
-        metavar="SECONDS",
-        help="time a TLS client may take to send its whole ClientHello (default 10)",
-    )
-    parser.add_argument(
-        "--dns-tcp-idle-timeout",
-        type=_seconds,
-        default=config.DEFAULT_DNS_TCP_IDLE_TIMEOUT,
-        metavar="SECONDS",
-        help="time a DNS-over-TCP client may take to start each query (default 10)",
-    )
-    parser.add_argument(
-        "--no-engine-thread",
-        dest="engine_thread",
-        action="store_false",
-        help="move packets on the event loop's thread instead of a C thread of its own "
-        "(slower; for comparison and debugging)",
-    )
-    parser.add_argument(
-        "--no-fast-relay",
-        dest="fast_relay",
-        action="store_false",
-        help="decide every new relayed connection in Python, even to a destination already "
-        "allowed (slower; for comparison and debugging)",
-    )
-    parser.add_argument(
-        "--udp-idle-timeout",
-        type=_seconds,
-        default=config.DEFAULT_UDP_IDLE_TIMEOUT,
-        metavar="SECONDS",
-        help="close a UDP flow after this long without traffic (default 60)",
-    )
-    parser.add_argument(
-        "--upstream-dns",
-        type=_dns_server,
-        action="append",
-        default=[],
-        metavar="IP[:PORT]",
-        help="upstream DNS server (repeatable; default: the nameservers of /etc/resolv.conf)",
-    )
-    parser.add_argument(
-        "--passthrough",
-        type=_host_glob,
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="relay TLS to hosts matching this glob untouched, e.g. '*.bank.example' (repeatable)",
-    )
-    parser.add_argument(
-        "--auto-passthrough",
-        action="store_true",
-        help="pass a host through from then on once a client rejected our certificate for it",
-    )
-    parser.add_argument("--no-ui", action="store_true", help="run headless, no console UI")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    peer = commands.add_parser("peer", help="manage peers")
-    peer_commands = peer.add_subparsers(dest="peer_command", metavar="ACTION", required=True)
-
-    add = peer_commands.add_parser("add", help="add a peer and print its client config")
-    add.add_argument("name", type=_peer_name, metavar="NAME")
-    add.add_argument("--ip", type=_ipv4, metavar="A.B.C.D", help="tunnel IP (default: next free)")
-    add.add_argument("--qr", action="store_true", help="also print the config as a QR code")
-
-    listing = peer_commands.add_parser("list", help="list peers with live stats")
-    listing.add_argument("--json", dest="list_json", action="store_true", help="JSON output")
-
-    show = peer_commands.add_parser("show", help="print a peer's client config")
-    show.add_argument("name", metavar="NAME")
-    show.add_argument("--qr", action="store_true", help="also print the config as a QR code")
-    show.add_argument("--png", type=Path, metavar="FILE", help="write the QR code as a PNG")
-
-    remove = peer_commands.add_parser("remove", help="remove a peer")
-    remove.add_argument("name", metavar="NAME")
-
-    ca = commands.add_parser(
-        "ca", help="print the local CA certificate (PEM) to install on devices, and its path"
-    )
-    ca.add_argument("--path", action="store_true", help="print only the certificate's path")
-    return parser
+    parsers = {
+        "": _ArgumentParser(
+            prog=PROG, description="Userspace WireGuard gateway with a live operator console."
+        )
+    }
+    subparsers: dict[str, Any] = {}
+    for command, help_text in COMMANDS.items():
+        parent, _, word = command.rpartition(" ")
+        if parent not in subparsers:
+            subparsers[parent] = parsers[parent].add_subparsers(
+                dest="_".join([*parent.split(), "command"]),
+                metavar="ACTION" if parent else "COMMAND",
+                required=bool(parent),
+            )
+        parsers[command] = subparsers[parent].add_parser(word, help=help_text)
+    for flag, where, kwargs in OPTIONS:
+        for command in where:
+            if any(parent in where for parent in _parents(command)):
+                # Also taken before this subcommand: without a default here, a value typed
+                # there is kept (argparse would overwrite it with this parser's default).
+                parsers[command].add_argument(flag, **{**kwargs, "default": argparse.SUPPRESS})
+            else:
+                parsers[command].add_argument(flag, **kwargs)
+    return parsers[""]
 
 
 # --- settings ----------------------------------------------------------------------------------
@@ -492,7 +444,7 @@ def _cmd_peer_list(args: argparse.Namespace, out: TextIO) -> int:
     if existing is not None:
         _persist(existing, explicit)
     rows = [_peer_row(p, stats.get(p.public_key)) for p in peers]
-    if args.list_json or args.json:
+    if args.json:
         out.write(json.dumps(rows, indent=2) + "\n")
     else:
         _print_table(rows, out)
@@ -546,24 +498,32 @@ def _cmd_ca(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _prepare_run(args: argparse.Namespace) -> config.Settings:
-    """Create/validate the state dir and identity and save explicit settings before running."""
+def _prepare_run(args: argparse.Namespace) -> tuple[config.Settings, Callable[[], None]]:
+    """Create/validate the state dir and identity; the settings, and what saves the explicit
+    ones: called once the gateway has started, so a start that fails (the port is in use)
+    saves nothing."""
     path, existing, explicit, settings = _prepare(args)
     state = existing or StateDir(path)
     state.identity()
-    _persist(state, explicit)
-    return settings
+
+    def started() -> None:
+        try:
+            _persist(state, explicit)
+        except (StateError, ValueError) as exc:  # the gateway runs on; later runs lack them
+            sys.stderr.write(f"{PROG}: warning: settings not saved: {exc}\n")
+
+    return settings, started
 
 
-def _run_gateway(settings: config.Settings, no_ui: bool) -> int:
+def _run_gateway(settings: config.Settings, no_ui: bool, on_started: Callable[[], None]) -> int:
     # Imported lazily so that peer commands stay fast and need no engine build.
     if no_ui:
         from unclaw_tui.headless import run
 
-        return run(settings)
+        return run(settings, on_started)
     from unclaw_tui.app import run_app
 
-    return run_app(settings)
+    return run_app(settings, on_started)
 
 
 PEER_COMMANDS = {
@@ -591,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     try:
         if args.command is None:
-            settings = _prepare_run(args)
+            settings, on_started = _prepare_run(args)
         elif args.command == "ca":
             return _cmd_ca(args, sys.stdout)
         else:
@@ -606,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Errors inside the running gateway are bugs or runtime failures, not usage errors: they
     # keep their traceback.
     try:
-        return _run_gateway(settings, args.no_ui)
+        return _run_gateway(settings, args.no_ui, on_started)
     except KeyboardInterrupt:
         return 130
 

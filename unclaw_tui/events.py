@@ -216,12 +216,16 @@ class Subscription:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TcpOpened(Event):
-    type: ClassVar[str] = "tcp_opened"
+class FlowEvent(Event):
+    """What every event of one TCP connection or UDP flow says of it: who, from where, to
+    where, and how it was routed.  Only `flow.Flow` builds these (exactly one opened and one
+    closed per flow)."""
+
     conn_id: int
     peer: str
     peer_public_key: str
     peer_ip: str
+    src_port: int = 0
     dst_ip: str
     dst_port: int
     hostname: str | None = None  # from the VIP map or the TLS SNI
@@ -229,16 +233,9 @@ class TcpOpened(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TcpClosed(Event):
-    type: ClassVar[str] = "tcp_closed"
-    conn_id: int
-    peer: str
-    peer_public_key: str
-    peer_ip: str
-    dst_ip: str
-    dst_port: int
-    hostname: str | None = None
-    route: str = "relay"
+class FlowEnded(FlowEvent):
+    """The end of a flow: its counters, and `error` when it ended abnormally or was refused."""
+
     bytes_up: int = 0  # peer -> destination
     bytes_down: int = 0  # destination -> peer
     duration: float = 0.0
@@ -246,35 +243,25 @@ class TcpClosed(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class UdpFlowOpened(Event):
-    type: ClassVar[str] = "udp_flow_opened"
-    conn_id: int
-    peer: str
-    peer_public_key: str
-    peer_ip: str
-    dst_ip: str
-    dst_port: int
-    hostname: str | None = None
-    route: str = "relay"
+class TcpOpened(FlowEvent):
+    type: ClassVar[str] = "tcp_opened"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class UdpFlowClosed(Event):
-    """A UDP flow ended (idle timeout or error)."""
+class TcpClosed(FlowEnded):
+    type: ClassVar[str] = "tcp_closed"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UdpFlowOpened(FlowEvent):
+    type: ClassVar[str] = "udp_flow_opened"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UdpFlowClosed(FlowEnded):
+    """A UDP flow ended (idle timeout, eviction or error)."""
 
     type: ClassVar[str] = "udp_flow_closed"
-    conn_id: int
-    peer: str
-    peer_public_key: str
-    peer_ip: str
-    dst_ip: str
-    dst_port: int
-    hostname: str | None = None
-    route: str = "relay"
-    bytes_up: int = 0
-    bytes_down: int = 0
-    duration: float = 0.0
-    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

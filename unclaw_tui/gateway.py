@@ -11,10 +11,19 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from unclaw_tui.config import Settings
-from unclaw_tui.engine.noise import unb64
+from unclaw_tui.decision import DecisionPoint, Moment, Question
+from unclaw_tui.engine import (
+    EndpointChanged,
+    HandshakeDone,
+    HandshakeFailed,
+    KeysExpired,
+    LoadChanged,
+    TunnelEvent,
+    unb64,
+)
 from unclaw_tui.events import (
     Event,
     EventBus,
@@ -29,25 +38,17 @@ from unclaw_tui.events import (
     Subscription,
     UnderLoad,
 )
+from unclaw_tui.flow import FlowRegistry, carry
 from unclaw_tui.router import Route, Router
 from unclaw_tui.services import registry
 from unclaw_tui.services.base import Resolver
 from unclaw_tui.services.egress import EgressPolicy
-from unclaw_tui.services.relay import (
-    DEFAULT_CONNECT_TIMEOUT,
-    OpenFlows,
-    UdpRelay,
-    fast_relayed,
-    relay_tcp,
-    relay_tcp_spliced,
-)
+from unclaw_tui.services.relay import UdpRelay
 from unclaw_tui.state import PeerRecord, PeerRuntime, StateDir
 from unclaw_tui.wgquick import client_config, resolve_endpoint
 
 if TYPE_CHECKING:  # the engine (a compiled module) is imported when the gateway starts
-    from unclaw_tui.engine._ffi import FastOpen
-    from unclaw_tui.engine.flows import SpliceDone, TcpConn, UdpDatagram
-    from unclaw_tui.engine.tunnel import PeerInfo, Tunnel, TunnelEvent
+    from unclaw_tui.engine import FastOpen, PeerInfo, SpliceDone, TcpConn, Tunnel, UdpDatagram
 
 log = logging.getLogger(__name__)
 
@@ -143,20 +144,18 @@ class Gateway:
         self._baseline: dict[str, PeerRuntime] = {}  # stats from earlier runs, by public key
         self._peers_signature: tuple[int, int, int] = (0, 0, 0)
         self._tasks: list[asyncio.Task[None]] = []
-        self._flow_tasks: set[asyncio.Task[Any]] = set()
         self.router = Router()  # DNS and TLS routes are enabled as those services land
         self.policy = EgressPolicy(
             allow=[str(n) for n in settings.allow],
             deny=[str(n) for n in settings.deny],
             tunnel_net=settings.tunnel_network,
         )
-        self.open_flows = OpenFlows()
+        self.decisions = DecisionPoint(self.router, self.policy)
+        self.flows = FlowRegistry(self.publish, self.peer_name, buffer_size=settings.tcp_buffer)
         self.resolver: Resolver | None = None
         self._udp_relay = UdpRelay(
-            self.policy,
-            peer_name=self.peer_name,
-            on_open=self.publish,
-            on_close=self.publish,
+            self.flows,
+            self.decisions,
             idle_timeout=settings.udp_idle_timeout,
             max_flows_per_peer=settings.max_flows_per_peer,
         )
@@ -166,7 +165,7 @@ class Gateway:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        from unclaw_tui.engine.tunnel import Tunnel
+        from unclaw_tui.engine import Tunnel
 
         s = self.settings
         self._tunnel = Tunnel(
@@ -181,12 +180,14 @@ class Gateway:
             max_half_open_per_peer=s.max_half_open_per_peer,
             engine_thread=s.engine_thread,
         )
-        self._tunnel.on_tcp = self._on_tcp
-        self._tunnel.on_udp = self._on_udp
-        self._tunnel.on_fast_relay = self._on_fast_relay
-        # The engine's fast-relay approvals are the policy's verdicts: they go when it changes.
-        self.policy.on_change = self._tunnel.fast_relay_clear
+        conns = self._tunnel.conns
+        conns.on_tcp = self._on_tcp
+        conns.on_udp = self._on_udp
+        conns.on_fast_relay = self._on_fast_relay
         await self._tunnel.start()
+        # The engine's fast relay caches the decision point's verdicts for relayed connections.
+        if s.fast_relay and self._tunnel.can_splice:
+            self.decisions.cache_in(conns)
         self._baseline = self.state.read_stats()
         self._reconcile_peers(announce=False)
         self._tasks.append(asyncio.create_task(self._poll_state()))
@@ -204,8 +205,7 @@ class Gateway:
         self._udp_relay.close()
         for service in self.services.values():
             await service.close()
-        for task in list(self._flow_tasks):
-            task.cancel()
+        await self.flows.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -214,7 +214,7 @@ class Gateway:
         self._tasks.clear()
         if self._tunnel is not None:
             self._write_stats()
-            self.policy.on_change = None
+            self.decisions.cache_in(None)
             self._tunnel.close()
             self._tunnel = None
             self.bus.publish(GatewayStopped())
@@ -258,15 +258,15 @@ class Gateway:
             started_at=self.started_at,
             peers=tuple(self._peer_snapshot(r, live) for r in self._records.values()),
             drops=tunnel.drop_counts() if tunnel else {},
-            open_flows=self.open_flows.total,
+            open_flows=self.flows.total,
             under_load=tunnel.under_load if tunnel else False,
             flow_bytes=self._flow_bytes(),
         )
 
     def _flow_bytes(self) -> dict[int, tuple[int, int]]:
-        live = self.open_flows.live_bytes()
+        live = self.flows.live_bytes()
         if self._tunnel is not None:
-            live.update(self._tunnel.spliced_flow_bytes(within=FLOW_BYTES_WINDOW))
+            live.update(self._tunnel.conns.spliced_flow_bytes(within=FLOW_BYTES_WINDOW))
         return live
 
     # -- internals -------------------------------------------------------------------------
@@ -309,7 +309,7 @@ class Gateway:
             tx_bytes=rt.tx_bytes,
             rx_packets=rt.rx_packets,
             tx_packets=rt.tx_packets,
-            open_connections=self.open_flows.count(record.public_key),
+            open_connections=self.flows.count(record.public_key),
         )
 
     def _reconcile_peers(self, *, announce: bool) -> None:
@@ -421,67 +421,27 @@ class Gateway:
         return record.name if record else "?"
 
     def publish(self, event: Event) -> None:
-        self.open_flows.observe(event)
         self.bus.publish(event)
 
     def _on_tcp(self, conn: TcpConn) -> None:
-        route = self.router.decide("tcp", conn.dst_ip, conn.dst_port)
-        service = self.services.get(route)
-        if service is not None:
-            job = service.handle_tcp(conn)
-        elif self._tunnel is not None and self._tunnel.can_splice:
-            # Plain relaying needs no Python per byte: the engine splices it in C.
-            spliced = relay_tcp_spliced(
-                conn,
-                self.policy,
-                peer_name=self.peer_name,
-                on_open=self.publish,
-                on_close=self.publish,
-                route=str(route),
-                connect_timeout=DEFAULT_CONNECT_TIMEOUT,
-            )
-            if spliced and route is Route.RELAY and self.settings.fast_relay:
-                self._approve_fast_relay(self._tunnel, (conn.dst_ip, conn.dst_port))
+        """A SYN: decided, then refused, or handed to its route's service (the relay's C
+        splices need no task of ours)."""
+        verdict = self.decisions.decide(
+            Question(Moment.FLOW, conn.peer_public_key, "tcp", conn.dst_ip, conn.dst_port)
+        )
+        flow = self.flows.tcp(conn, route=verdict.route)
+        if verdict.refusal is not None:
+            flow.refuse(verdict.refusal)
             return
+        service = self.services.get(verdict.route)
+        if service is None:
+            flow.open()
+            carry(flow, (conn.dst_ip, conn.dst_port))
         else:
-            job = relay_tcp(
-                conn,
-                self.policy,
-                peer_name=self.peer_name,
-                on_open=self.publish,
-                on_close=self.publish,
-                buffer_size=self.settings.tcp_buffer,
-                route=str(route),
-            )
-        task = asyncio.create_task(job)
-        self._flow_tasks.add(task)
-        task.add_done_callback(self._flow_done)
-
-    def _approve_fast_relay(self, tunnel: Tunnel, dst: tuple[str, int]) -> None:
-        """The router and the egress policy just sent a connection to dst to the relay: let the
-        engine relay the next ones to dst on its own, for as long as that verdict holds.
-
-        Only the policy's verdict can change while the gateway runs (it reads this host's
-        addresses again every so often); the router's table is fixed once the services are up.
-        So an approval lapses when the policy would look again, and all of them go at once
-        when its rules change (`policy.on_change`)."""
-        tunnel.fast_relay_allow(dst, self.policy.verdicts_valid_for(), DEFAULT_CONNECT_TIMEOUT)
+            self.flows.serve(flow, service.handle_tcp(flow))
 
     def _on_fast_relay(self, opened: FastOpen, peer_public_key: bytes) -> SpliceDone:
-        return fast_relayed(
-            opened,
-            peer_public_key,
-            peer_name=self.peer_name,
-            on_open=self.publish,
-            on_close=self.publish,
-            connect_timeout=DEFAULT_CONNECT_TIMEOUT,
-            route=str(Route.RELAY),
-        )
-
-    def _flow_done(self, task: asyncio.Task[Any]) -> None:
-        self._flow_tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("relay failed", exc_info=task.exception())
+        return self.flows.fast_relayed(opened, peer_public_key, route=Route.RELAY)
 
     def _on_udp(self, dgram: UdpDatagram) -> None:
         service = self.services.get(self.router.decide("udp", dgram.dst_ip, dgram.dst_port))
@@ -491,22 +451,21 @@ class Gateway:
             self._udp_relay.handle(dgram)
 
     def _on_tunnel_event(self, ev: TunnelEvent) -> None:
-        if ev.kind == "under_load":
+        if isinstance(ev, LoadChanged):
             self.bus.publish(UnderLoad(active=ev.active))
             return
-        record = self._by_key.get(ev.public_key or b"")
+        record = self._by_key.get(ev.public_key)
         if record is None:
             return
         who = {"name": record.name, "public_key": record.public_key, "ip": record.ip}
-        if ev.kind == "handshake":
-            self.bus.publish(
-                PeerHandshake(
-                    endpoint=format_endpoint(ev.endpoint) or "", initiator=ev.initiator, **who
-                )
-            )
-        elif ev.kind == "endpoint":
-            self.bus.publish(
-                PeerEndpointChanged(endpoint=format_endpoint(ev.endpoint) or "", **who)
-            )
-        elif ev.kind == "handshake_failed":
-            self.bus.publish(PeerHandshakeFailed(**who))
+        match ev:
+            case HandshakeDone():
+                endpoint = format_endpoint(ev.endpoint) or ""
+                self.bus.publish(PeerHandshake(endpoint=endpoint, initiator=ev.initiator, **who))
+            case EndpointChanged():
+                endpoint = format_endpoint(ev.endpoint) or ""
+                self.bus.publish(PeerEndpointChanged(endpoint=endpoint, **who))
+            case HandshakeFailed():
+                self.bus.publish(PeerHandshakeFailed(**who))
+            case KeysExpired():
+                pass  # the next handshake says the peer is back; nothing to tell until then

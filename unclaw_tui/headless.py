@@ -123,7 +123,10 @@ class EventPrinter:
         return f"{time.strftime('%H:%M:%S')} events_dropped count={count} (output too slow)"
 
 
-async def run_headless(settings: Settings, out: TextIO | None = None) -> int:
+async def run_headless(
+    settings: Settings, out: TextIO | None = None, on_started: Callable[[], None] | None = None
+) -> int:
+    """Run until SIGINT/SIGTERM; on_started is called once the gateway listens."""
     from unclaw_tui.gateway import Gateway
     from unclaw_tui.state import StateError
 
@@ -144,6 +147,8 @@ async def run_headless(settings: Settings, out: TextIO | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    if on_started is not None:
+        on_started()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -164,10 +169,10 @@ async def run_headless(settings: Settings, out: TextIO | None = None) -> int:
     return 0
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, on_started: Callable[[], None] | None = None) -> int:
     """Run headless on uvloop when it is installed."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(run_headless(settings))
-    return uvloop.run(run_headless(settings))
+        return asyncio.run(run_headless(settings, on_started=on_started))
+    return uvloop.run(run_headless(settings, on_started=on_started))

@@ -43,7 +43,7 @@ async def flow_events(
 def without_volatile(ev: TcpOpened | TcpClosed) -> dict[str, Any]:
     """The event's fields but those that differ between any two connections."""
     fields = ev.to_dict()
-    for name in ("conn_id", "duration", "ts"):
+    for name in ("conn_id", "src_port", "duration", "ts"):
         fields.pop(name, None)
     return fields
 

@@ -349,10 +349,20 @@ async def test_gateway_start_failure_exits_nonzero() -> None:
         async def start(self) -> None:
             raise OSError("address in use")
 
-    app = UnclawApp(Broken())  # type: ignore[arg-type]
+    started: list[bool] = []
+    app = UnclawApp(Broken(), on_started=lambda: started.append(True))  # type: ignore[arg-type]
     async with app.run_test(size=BIG) as pilot:
         await pilot.pause()
     assert app.return_code == 1
+    assert started == []  # so the CLI saves none of its flags
+
+
+async def test_on_started_is_called_once_the_gateway_started(gateway: FakeGateway) -> None:
+    started: list[bool] = []
+    app = make_app(gateway, on_started=lambda: started.append(app.gateway_started))
+    async with app.run_test(size=BIG) as pilot:
+        await pilot.pause()
+        assert started == [True]
 
 
 async def test_command_palette_offers_the_console_actions(gateway: FakeGateway) -> None:

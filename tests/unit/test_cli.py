@@ -8,11 +8,13 @@ import json
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -305,8 +307,9 @@ def test_run_without_subcommand_builds_settings_and_runs_headless(
 ) -> None:
     seen: list[config.Settings] = []
 
-    def run(settings: config.Settings) -> int:
+    def run(settings: config.Settings, on_started: Callable[[], None]) -> int:
         seen.append(settings)
+        on_started()  # the gateway listens: only now are the flags saved
         return 7
 
     monkeypatch.setitem(sys.modules, "unclaw_tui.headless", types.SimpleNamespace(run=run))
@@ -345,7 +348,7 @@ def test_relay_flags_reach_settings_and_are_not_saved(
     monkeypatch.setitem(
         sys.modules,
         "unclaw_tui.headless",
-        types.SimpleNamespace(run=lambda settings: seen.append(settings) or 0),
+        types.SimpleNamespace(run=lambda settings, on_started: seen.append(settings) or 0),
     )
     rc = cli.main(
         ["--state-dir", str(state_dir), "--no-ui", "--allow", "127.0.0.0/8",
@@ -396,7 +399,7 @@ def test_bad_cidr_on_run_is_one_line_and_creates_nothing(
 def test_run_with_ui_calls_run_app(monkeypatch: pytest.MonkeyPatch, state_dir: Path) -> None:
     seen: list[config.Settings] = []
 
-    def run_app(settings: config.Settings) -> int:
+    def run_app(settings: config.Settings, on_started: Callable[[], None]) -> int:
         seen.append(settings)
         return 0
 
@@ -414,6 +417,130 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run(capsys, "--help")
     assert rc == 0
     assert "--state-dir" in out and "peer" in out
+
+
+HELP_DEFAULTS = """
+import sys
+from unclaw_tui import config
+config.DEFAULT_LISTEN_PORT = 40001
+config.DEFAULT_ADDRESS = "10.66.0.1/20"
+config.DEFAULT_TCP_BUFFER = 123457
+config.DEFAULT_MAX_FLOWS_PER_PEER = 77
+config.DEFAULT_MAX_CONNS_PER_PEER = 1234
+config.DEFAULT_MAX_HALF_OPEN_PER_PEER = 55
+config.DEFAULT_HELLO_TIMEOUT = 7.5
+config.DEFAULT_DNS_TCP_IDLE_TIMEOUT = 8.25
+config.DEFAULT_UDP_IDLE_TIMEOUT = 45.0
+from unclaw_tui import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_help_takes_its_defaults_from_config(tmp_path: Path) -> None:
+    # With every default changed in `config`, the help shows the changed values: none is retyped.
+    env = {**_child_env(), "XDG_STATE_HOME": str(tmp_path / "xdg")}
+    texts = []
+    for argv in (["--help"], ["peer", "add", "--help"]):
+        done = subprocess.run(
+            [sys.executable, "-c", HELP_DEFAULTS, *argv],
+            capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=env,
+        )  # fmt: skip
+        assert (done.returncode, done.stderr) == (0, "")
+        texts.append(" ".join(done.stdout.split()))
+    top, add = texts
+    for shown in ("40001", "10.66.0.1/20", "123457", "77", "1234", "55", "7.5", "8.25", "45"):
+        assert f"default {shown})" in top, shown
+    state = tmp_path / "xdg" / "unclaw-tui"
+    for shown in ("40001", "10.66.0.1/20"):  # the global flags, after `peer add`
+        assert f"default {shown})" in add, shown
+    assert f"(default{state})" in add.replace(" ", "")  # argparse may wrap the path
+    assert "--allow" not in add  # run flags belong to the run only
+
+
+# --- global flags before or after the subcommand ------------------------------------------------
+
+GLOBALS = ("--listen-port", "4000", "--endpoint", "gw.example", "--address", "10.9.0.1/24")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["peer", "add", "phone", "--qr"],
+        ["peer", "add", "phone", "--ip", "10.9.0.7"],
+        ["peer", "list", "--json"],
+        ["peer", "show", "first"],
+        ["peer", "remove", "first"],
+        ["ca", "--path"],
+    ],
+)
+def test_global_flags_before_or_after_the_subcommand(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: list[str]
+) -> None:
+    results = []
+    for order in ("before", "after", "between"):
+        state_dir = tmp_path / order
+        assert run(capsys, "--state-dir", str(state_dir), *GLOBALS, "peer", "add", "first")[0] == 0
+        StateDir(state_dir, create=False).save_settings(listen_port=1, endpoint=None)
+        flags = ("--state-dir", str(state_dir), *GLOBALS)
+        argv = {
+            "before": [*flags, *command],
+            "after": [*command, *flags],
+            "between": [command[0], *flags, *command[1:]],  # `peer --state-dir X list`
+        }[order]
+        if order == "between" and command[0] == "ca":
+            argv = [*command, *flags]
+        rc, out, err = run(capsys, *argv)
+        assert (rc, err) == (0, ""), argv
+        saved = StateDir(state_dir, create=False).saved_settings()
+        assert saved == {"listen_port": 4000, "endpoint": "gw.example", "address": "10.9.0.1/24"}
+        results.append(out.replace(str(state_dir), "STATE"))
+    if command[:2] == ["peer", "add"] or command[:2] == ["peer", "show"]:
+        for out in results:
+            assert "\nDNS = 10.9.0.1\n" in out and "\nEndpoint = gw.example:4000\n" in out
+    if command[:2] == ["peer", "list"]:
+        assert [[r["name"] for r in json.loads(out)] for out in results] == [["first"]] * 3
+    if command[0] == "ca":
+        assert results == ["STATE/ca.pem\n"] * 3
+    if command[:2] == ["peer", "remove"]:
+        assert len({out for out in results}) == 1
+
+
+def test_a_flag_before_the_subcommand_is_not_reset_by_it() -> None:
+    # argparse's trap: a subparser's default for the same dest overwrites the value typed before.
+    parse = cli.build_parser().parse_args
+    given = parse(["--state-dir", "X", "--json", "--listen-port", "9", "peer", "list"])
+    assert (given.state_dir, given.json, given.listen_port) == (Path("X"), True, 9)
+    after = parse(["peer", "list", "--state-dir", "X", "--json", "--listen-port", "9"])
+    assert vars(after) == vars(given)
+    assert vars(parse(["peer", "--state-dir", "X", "list", "--json", "--listen-port", "9"])) == (
+        vars(given)
+    )
+    plain = parse(["peer", "list"])
+    assert (plain.state_dir, plain.json, plain.listen_port, plain.endpoint) == (
+        None, False, None, None,
+    )  # fmt: skip
+    # Typed twice, the later one wins, as for any repeated flag.
+    assert parse(["--listen-port", "1", "peer", "list", "--listen-port", "2"]).listen_port == 2
+
+
+def test_a_failed_start_saves_nothing(capsys: pytest.CaptureFixture[str], state_dir: Path) -> None:
+    run(capsys, "--state-dir", str(state_dir), "--listen-port", "4000", "peer", "add", "phone")
+    before = json.loads((state_dir / "gateway.json").read_text())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("0.0.0.0", 0))
+        port = busy.getsockname()[1]
+        done = run_subprocess(
+            "--no-ui", "--state-dir", str(state_dir), "--listen-port", str(port),
+            "--endpoint", "gw.example", "--address", "10.77.0.1/16",
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.startswith(f"{ERROR_PREFIX}cannot listen on UDP port {port}: ")
+    assert done.stderr.count("\n") == 1
+    assert json.loads((state_dir / "gateway.json").read_text()) == before
+    assert str(port) not in "".join(p.read_text() for p in state_dir.glob("*.json"))
+    rc, shown, _ = run(capsys, "--state-dir", str(state_dir), "peer", "show", "phone")
+    assert rc == 0 and shown.count(":4000\n") == 1  # configs still name the port in use
 
 
 # --- errors: one line, exit 2, nothing written -------------------------------------------------
@@ -462,6 +589,19 @@ ERROR_CASES = [
     (["--udp-idle-timeout", "-5", "peer", "list"], "invalid timeout"),
     (["--hello-timeout", "0", "peer", "list"], "invalid timeout"),
     (["--dns-tcp-idle-timeout", "inf", "peer", "list"], "invalid timeout"),
+    # Global flags after the subcommand are checked the same; run flags are not taken there.
+    (["peer", "add", "new", "--listen-port", "0"], "listen port"),
+    (["peer", "list", "--address", "banana"], "invalid address"),
+    (["peer", "show", "phone", "--address", "10.99.0.1/24"], "does not suit peer 'phone'"),
+    (["peer", "remove", "phone", "--endpoint", "host:0"], "invalid endpoint"),
+    (["ca", "--listen-port", "x"], "listen port"),
+    (["peer", "--state-dir"], "expected one argument"),
+    (["peer", "add", "new", "--allow", "10.0.0.0/8"], "unrecognized arguments"),
+    (["peer", "list", "--no-ui"], "unrecognized arguments"),
+    # A failing add writes nothing, not even the flags given with it.
+    (["peer", "add", "phone", "--endpoint", "gw.example", "--listen-port", "4000"], "exists"),
+    (["--endpoint", "gw.example", "peer", "add", "bad name"], "invalid peer name"),
+    (["peer", "add", "new", "--ip", "10.77.0.2", "--listen-port", "4000"], "already used"),
 ]
 
 

@@ -20,12 +20,13 @@ from hypothesis import strategies as st
 
 from tests.interop.dns_host import QuietLogger, ZoneResolver
 from unclaw_tui.config import Settings
+from unclaw_tui.decision import DecisionPoint
 from unclaw_tui.events import DnsQuery, Event, TcpClosed, TcpOpened, UdpFlowOpened
-from unclaw_tui.router import Route
+from unclaw_tui.flow import Flow, FlowRegistry
+from unclaw_tui.router import Route, Router
 from unclaw_tui.services import dns
 from unclaw_tui.services.dns import DnsAnswerer, DnsService, create
 from unclaw_tui.services.egress import EgressPolicy
-from unclaw_tui.services.relay import OpenFlows
 from unclaw_tui.services.upstream import DnsCache, UpstreamAnswer, UpstreamClient
 from unclaw_tui.services.vip import VipService
 from unclaw_tui.services.vips import VipAllocator
@@ -377,13 +378,19 @@ class FakeGateway:
     def __init__(self, state_dir: Path, upstream_port: int) -> None:
         self.settings = Settings(state_dir=state_dir, upstream_dns=[("127.0.0.1", upstream_port)])
         self.state = StateDir(state_dir)
-        self.policy = EgressPolicy(allow=["127.0.0.0/8"], host_addresses=[])
-        self.open_flows = OpenFlows()
         self.resolver: Any = None
         self.events: list[Event] = []
+        self.flows = FlowRegistry(self.publish, self.peer_name)
+        self.set_policy(EgressPolicy(allow=["127.0.0.0/8"], host_addresses=[]))
+
+    def set_policy(self, policy: EgressPolicy) -> None:
+        self.policy = policy
+        self.decisions = DecisionPoint(Router(), policy)
+
+    def flow(self, conn: Any, route: str) -> Flow:
+        return self.flows.tcp(conn, route=route)
 
     def publish(self, event: Event) -> None:
-        self.open_flows.observe(event)
         self.events.append(event)
 
     def peer_name(self, public_key: bytes) -> str:
@@ -410,6 +417,8 @@ class FakeDatagram:
 
 class FakeTcpConn:
     """The contract's TcpConn over the server end of a loopback connection."""
+
+    can_splice = False  # Python\'s pump carries it
 
     def __init__(self, streams: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                  dst: tuple[str, int] = ("10.77.0.1", 53), conn_id: int = 11) -> None:  # fmt: skip
@@ -501,7 +510,7 @@ async def test_service_tcp_several_queries_then_garbage_closes(
     service = DnsService(gateway)
     (c_reader, c_writer), theirs = await loopback()
     conn = FakeTcpConn(theirs)
-    job = asyncio.create_task(service.handle_tcp(conn))  # type: ignore[arg-type]
+    job = asyncio.create_task(service.handle_tcp(gateway.flow(conn, "dns")))
     for name in ("example.test", "nope.example.test"):
         data = query(name)
         c_writer.write(struct.pack("!H", len(data)) + data)
@@ -518,7 +527,7 @@ async def test_service_tcp_several_queries_then_garbage_closes(
     closed = [e for e in gateway.events if isinstance(e, TcpClosed)]
     assert len(opened) == len(closed) == 1 and closed[0].route == "dns"
     assert closed[0].error and "malformed" in closed[0].error
-    assert gateway.open_flows.total == 0
+    assert gateway.flows.total == 0
 
 
 async def test_service_tcp_slow_loris_is_cut(gateway: FakeGateway, loopback: Any,
@@ -527,7 +536,7 @@ async def test_service_tcp_slow_loris_is_cut(gateway: FakeGateway, loopback: Any
     service = DnsService(gateway)
     (_c_reader, c_writer), theirs = await loopback()
     conn = FakeTcpConn(theirs)
-    job = asyncio.create_task(service.handle_tcp(conn))  # type: ignore[arg-type]
+    job = asyncio.create_task(service.handle_tcp(gateway.flow(conn, "dns")))
     c_writer.write(b"\x00\x40abc")  # promises 64 bytes, sends 3
     t0 = time.monotonic()
     await asyncio.wait_for(job, 3)
@@ -561,16 +570,18 @@ async def test_vip_tcp_reaches_the_real_address_next_on_failure(
     server = await asyncio.start_server(echo, "127.0.0.2", 0)
     port = server.sockets[0].getsockname()[1]
     # First address refused by the policy, second closed, third serves.
-    gateway.policy = EgressPolicy(allow=["127.0.0.0/8"], deny=["127.0.0.9/32"], host_addresses=[])
+    gateway.set_policy(
+        EgressPolicy(allow=["127.0.0.0/8"], deny=["127.0.0.9/32"], host_addresses=[])
+    )
     resolver = FakeResolver({"10.78.0.5": ("svc.test", ["127.0.0.9", "127.0.0.3", "127.0.0.2"])})
     service = VipService(gateway, resolver)  # type: ignore[arg-type]
     (c_reader, c_writer), theirs = await loopback()
-    conn = FakeTcpConn(theirs, dst=("10.78.0.5", port))
-    job = asyncio.create_task(service.handle_tcp(conn))  # type: ignore[arg-type]
+    flow = gateway.flow(FakeTcpConn(theirs, dst=("10.78.0.5", port)), "vip")
+    await asyncio.wait_for(service.handle_tcp(flow), 5)  # connected: carried from now on
     c_writer.write(b"ping")
     assert await asyncio.wait_for(c_reader.read(100), 5) == b"ping"
     c_writer.write_eof()  # both ways ended: the splice closes
-    await asyncio.wait_for(job, 5)
+    await asyncio.wait_for(flow.ended(), 5)
     closed = [e for e in gateway.events if isinstance(e, TcpClosed)]
     assert len(closed) == 1 and closed[0].route == "vip" and closed[0].hostname == "svc.test"
     assert closed[0].dst_ip == "10.78.0.5" and closed[0].error is None
@@ -579,7 +590,7 @@ async def test_vip_tcp_reaches_the_real_address_next_on_failure(
 
     (_r, _w), theirs = await loopback()
     unknown = FakeTcpConn(theirs, dst=("10.78.9.9", 80), conn_id=12)
-    await service.handle_tcp(unknown)  # type: ignore[arg-type]
+    await service.handle_tcp(gateway.flow(unknown, "vip"))
     assert unknown.state == "rejected"
     assert [e.error for e in gateway.events if isinstance(e, TcpClosed)][-1] == "unknown VIP"
     await service.close()

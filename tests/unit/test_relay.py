@@ -20,19 +20,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unclaw_tui.engine import _ffi
+from unclaw_tui.config import DEFAULT_TCP_BUFFER
+from unclaw_tui.decision import DecisionPoint, Moment, Question
+from unclaw_tui.engine import _ffi, splice_error
 from unclaw_tui.events import Event, TcpClosed, TcpOpened, UdpFlowClosed, UdpFlowOpened
+from unclaw_tui.flow import FlowRegistry, carry
+from unclaw_tui.pump import connect_host
+from unclaw_tui.router import Router
 from unclaw_tui.services.egress import EgressPolicy
-from unclaw_tui.services.relay import (
-    OpenFlows,
-    SpliceStats,
-    UdpFlowTable,
-    UdpRelay,
-    connect_host,
-    relay_tcp,
-    relay_tcp_spliced,
-    splice_error,
-)
+from unclaw_tui.services.relay import UdpFlowTable, UdpRelay
 
 PEER_KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -75,6 +71,8 @@ def send_rst(writer: asyncio.StreamWriter) -> None:
 
 class FakeTcpConn:
     """TcpConn per the contract, over one end of a loopback connection."""
+
+    can_splice = False  # Python\'s pump carries it
 
     def __init__(
         self,
@@ -186,19 +184,55 @@ async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
     w.close()
 
 
-def start_relay(
-    tunnel: Tunnel, rec: Recorder, policy: EgressPolicy = LOOPBACK_OK, **kwargs: object
-) -> asyncio.Task[TcpClosed]:
-    return asyncio.create_task(
-        relay_tcp(
-            tunnel.conn,
-            policy,
-            peer_name=peer_name,
-            on_open=rec,
-            on_close=rec,
-            **kwargs,  # type: ignore[arg-type]
-        )
+def decide_and_carry(
+    conn: Any, decisions: DecisionPoint, flows: FlowRegistry
+) -> asyncio.Future[None]:
+    """What the gateway does with a SYN the router sends to the relay."""
+    question = Question(Moment.FLOW, conn.peer_public_key, "tcp", conn.dst_ip, conn.dst_port)
+    verdict = decisions.decide(question)
+    flow = flows.tcp(conn, route=verdict.route)
+    if verdict.refusal is not None:
+        flow.refuse(verdict.refusal)
+    else:
+        flow.open()
+        carry(flow, (conn.dst_ip, conn.dst_port))
+    return flow.ended()
+
+
+async def relay_tcp(
+    conn: Any,
+    policy: EgressPolicy,
+    rec: Callable[[Event], None],
+    *,
+    flows: FlowRegistry | None = None,
+    connect_timeout: float = 10.0,
+    buffer_size: int = DEFAULT_TCP_BUFFER,
+) -> TcpClosed:
+    """Relay one connection as the gateway does; its TcpClosed once it ended."""
+    closed: list[TcpClosed] = []
+
+    def publish(event: Event) -> None:
+        rec(event)
+        if isinstance(event, TcpClosed) and event.conn_id == conn.conn_id:
+            closed.append(event)
+
+    registry = FlowRegistry(
+        publish, peer_name, buffer_size=buffer_size, connect_timeout=connect_timeout
     )
+    if flows is not None:  # count in a shared registry too
+        registry._opened, registry._closed = flows._opened, flows._closed  # type: ignore[method-assign]
+    try:
+        await decide_and_carry(conn, DecisionPoint(Router(), policy), registry)
+    except asyncio.CancelledError:
+        await registry.close()
+        raise
+    return closed[-1]
+
+
+def start_relay(
+    tunnel: Tunnel, rec: Recorder, policy: EgressPolicy = LOOPBACK_OK, **kwargs: Any
+) -> asyncio.Task[TcpClosed]:
+    return asyncio.create_task(relay_tcp(tunnel.conn, policy, rec, **kwargs))
 
 
 def closed_port() -> int:
@@ -515,44 +549,32 @@ async def test_engine_giving_up_before_accept_resets_the_destination() -> None:
     assert [type(e) for e in rec.events] == [TcpOpened, TcpClosed]
 
 
-async def test_open_flow_counts_per_peer_from_the_events() -> None:
-    counts = OpenFlows()
+async def test_open_flow_counts_per_peer() -> None:
     rec = Recorder()
-
-    def observe(event: Event) -> None:
-        rec(event)
-        counts.observe(event)
-
+    counts = FlowRegistry(rec, peer_name)
+    decisions = DecisionPoint(Router(), LOOPBACK_OK)
     phone = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
     async with tcp_server(echo) as dst:
         tunnels = [await make_tunnel(dst, conn_id=n) for n in range(3)]
-        tasks = [
-            asyncio.create_task(
-                relay_tcp(t.conn, LOOPBACK_OK, peer_name=peer_name, on_open=observe,
-                          on_close=observe)
-            )
-            for t in tunnels
-        ]  # fmt: skip
+        ended = [decide_and_carry(t.conn, decisions, counts) for t in tunnels]
         for t in tunnels:  # a round trip each: all three are open now
             t.peer_writer.write(b"ping")
             await t.peer_reader.readexactly(4)
         refused = await make_tunnel(("127.0.0.1", closed_port()), conn_id=3)
-        await relay_tcp(
-            refused.conn, LOOPBACK_OK, peer_name=peer_name, on_open=observe, on_close=observe
-        )
+        await asyncio.wait_for(decide_and_carry(refused.conn, decisions, counts), 5)
         assert counts.count(phone) == 3 and counts.total == 3
         inbox: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
-        relay = UdpRelay(LOOPBACK_OK, peer_name=peer_name, on_open=observe, on_close=observe)
+        relay = UdpRelay(counts, decisions)
         relay.handle(FakeDatagram(inbox, b"x", dst, peer_public_key=OTHER_KEY))
         assert counts.count(phone) == 3 and counts.total == 4
         for t in tunnels[:2]:
             t.peer_writer.write_eof()
-        await asyncio.wait_for(asyncio.gather(*tasks[:2]), 5)
+        await asyncio.wait_for(asyncio.gather(*ended[:2]), 5)
         assert counts.count(phone) == 1
         relay.close()
         assert counts.total == 1
         tunnels[2].peer_writer.write_eof()
-        await asyncio.wait_for(tasks[2], 5)
+        await asyncio.wait_for(ended[2], 5)
     assert counts.count(phone) == 0 and counts.total == 0
     assert len(rec.of(TcpOpened)) == len(rec.of(TcpClosed)) == 4
 
@@ -697,8 +719,8 @@ async def udp_echo() -> AsyncIterator[tuple[tuple[str, int], UdpEcho]]:
         transport.close()
 
 
-def make_udp_relay(rec: Recorder, policy: EgressPolicy = LOOPBACK_OK, **kw: object) -> UdpRelay:
-    return UdpRelay(policy, peer_name=peer_name, on_open=rec, on_close=rec, **kw)  # type: ignore[arg-type]
+def make_udp_relay(rec: Recorder, policy: EgressPolicy = LOOPBACK_OK, **kw: Any) -> UdpRelay:
+    return UdpRelay(FlowRegistry(rec, peer_name), DecisionPoint(Router(), policy), **kw)
 
 
 async def test_udp_round_trip_one_flow_per_source_port() -> None:
@@ -851,6 +873,7 @@ class SpliceConn:
     """A peer connection as the engine hands it over, whose splice is recorded, not run."""
 
     _ids = iter(range(100, 10_000))
+    can_splice = True
 
     def __init__(self, dst_ip: str, dst_port: int, fail: OSError | None = None) -> None:
         self.conn_id = next(self._ids)
@@ -879,40 +902,28 @@ class SpliceConn:
         raise AssertionError("not expected here")
 
 
-def test_spliced_relay_checks_the_policy_then_hands_over_and_reports_once() -> None:
-    opened: list[TcpOpened] = []
-    closed: list[TcpClosed] = []
-    kw: dict[str, Any] = {"peer_name": peer_name, "on_open": opened.append,
-                          "on_close": closed.append, "connect_timeout": 3.0}  # fmt: skip
+async def test_spliced_relay_checks_the_policy_then_hands_over_and_reports_once() -> None:
+    rec = Recorder()
+    flows = FlowRegistry(rec, peer_name, connect_timeout=3.0)
+    decisions = DecisionPoint(Router(), EgressPolicy())
     refused = SpliceConn("127.0.0.1", 22)
-    relay_tcp_spliced(refused, EgressPolicy(), **kw)
+    decide_and_carry(refused, decisions, flows)
     assert refused.rejected and refused.spliced is None
-    assert closed[-1].error == "refused by egress policy: loopback"
+    closed = rec.of(TcpClosed)
+    assert closed[-1].error == "refused by egress policy: loopback"  # type: ignore[attr-defined]
 
     conn = SpliceConn("198.18.0.2", 80)
-    relay_tcp_spliced(conn, EgressPolicy(), **kw)
+    decide_and_carry(conn, decisions, flows)
     assert conn.spliced == (("198.18.0.2", 80), 3.0) and not conn.rejected
-    assert len(closed) == 1  # nothing more until the splice ends
+    assert len(rec.of(TcpClosed)) == 1  # nothing more until the splice ends
     assert conn.on_done is not None
+    assert flows.total == 1
     conn.on_done(_ffi.SpliceResult(conn.conn_id, _ffi.SPLICE_OK, 0, 0, 100, 2000, 0.0))
-    assert (closed[-1].bytes_up, closed[-1].bytes_down, closed[-1].error) == (100, 2000, None)
-    assert [e.conn_id for e in opened] == [refused.conn_id, conn.conn_id]
+    last: Any = rec.of(TcpClosed)[-1]
+    assert (last.bytes_up, last.bytes_down, last.error) == (100, 2000, None)
+    assert [e.conn_id for e in rec.of(TcpOpened)] == [refused.conn_id, conn.conn_id]  # type: ignore[attr-defined]
+    assert flows.total == 0
 
     unreachable = SpliceConn("198.18.0.2", 80, fail=OSError(errno.ENETUNREACH, "x"))
-    relay_tcp_spliced(unreachable, EgressPolicy(), **kw)
-    assert unreachable.rejected and closed[-1].error == "x"
-
-
-def test_open_flows_publish_tracked_live_counters_until_the_close() -> None:
-    flows = OpenFlows()
-    opened = TcpOpened(conn_id=9, peer="phone", peer_public_key="k", peer_ip="10.77.0.2",
-                       dst_ip="198.18.0.2", dst_port=443, hostname=None, route="tls")  # fmt: skip
-    flows.observe(opened)
-    stats = SpliceStats()
-    flows.track(9, stats)
-    assert flows.live_bytes() == {}  # nothing moved yet
-    stats.bytes_up, stats.bytes_down = 10, 20
-    assert flows.live_bytes() == {9: (10, 20)}
-    fields = {k: v for k, v in opened.to_dict().items() if k not in ("ts", "type")}
-    flows.observe(TcpClosed(**fields, bytes_up=10, bytes_down=20, duration=1.0, error=None))
-    assert flows.live_bytes() == {} and flows.total == 0
+    decide_and_carry(unreachable, decisions, flows)
+    assert unreachable.rejected and rec.of(TcpClosed)[-1].error == "x"  # type: ignore[attr-defined]

@@ -22,12 +22,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from unclaw_tui.config import Settings
+from unclaw_tui.decision import DecisionPoint
 from unclaw_tui.events import Event, HttpRequest, TcpClosed, TcpOpened, TlsHost
-from unclaw_tui.router import Route
+from unclaw_tui.flow import FlowRegistry
+from unclaw_tui.router import Route, Router
 from unclaw_tui.services import tls
 from unclaw_tui.services.ca import CA_CERT_FILE, CertificateAuthority
 from unclaw_tui.services.egress import EgressPolicy
-from unclaw_tui.services.relay import OpenFlows
 from unclaw_tui.services.tls import PASSTHROUGH_FILE, ClientTls, TlsService, valid_hostname
 from unclaw_tui.state import StateDir
 
@@ -187,12 +188,12 @@ class FakeGateway:
         self.settings = Settings(state_dir=state_dir, **settings)
         self.state = StateDir(state_dir)
         self.policy = EgressPolicy(allow=["127.0.0.0/8"], host_addresses=[])
-        self.open_flows = OpenFlows()
+        self.decisions = DecisionPoint(Router(), self.policy)
+        self.flows = FlowRegistry(self.publish, self.peer_name)
         self.resolver: FakeResolver | None = None
         self.events: list[Event] = []
 
     def publish(self, event: Event) -> None:
-        self.open_flows.observe(event)
         self.events.append(event)
 
     def peer_name(self, public_key: bytes) -> str:
@@ -204,6 +205,8 @@ class FakeGateway:
 
 class FakeTcpConn:
     """TcpConn per the flow contract, over one end of a loopback connection."""
+
+    can_splice = False  # Python\'s pump carries it
 
     def __init__(
         self,
@@ -248,7 +251,8 @@ class Harness:
     async def start(self) -> None:
         async def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             conn = FakeTcpConn(self.dst, (r, w), next(self._ids))
-            self.tasks.append(asyncio.create_task(self.service.handle_tcp(conn)))
+            flow = self.gateway.flows.tcp(conn, route="tls")
+            self.tasks.append(asyncio.create_task(self.service.handle_tcp(flow)))
 
         self._server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -276,7 +280,7 @@ class Harness:
         assert sorted(e.conn_id for e in opened) == sorted(e.conn_id for e in closed)
         assert len({e.conn_id for e in opened}) == len(opened) == len(self.tasks)
         assert all(e.route == "tls" for e in opened + closed)
-        assert self.gateway.open_flows.total == 0
+        assert self.gateway.flows.total == 0
 
     async def close(self) -> None:
         if self._server is not None:
@@ -587,7 +591,7 @@ async def test_vip_without_sni_uses_the_vip_hostname(make_harness: Any, pki: Pki
 
 async def test_policy_refusal_is_rejected(make_harness: Any, pki: Pki) -> None:
     h: Harness = await make_harness()
-    h.gateway.policy = EgressPolicy(host_addresses=[])  # loopback refused, as by default
+    h.gateway.decisions = DecisionPoint(Router(), EgressPolicy(host_addresses=[]))  # as default
     origin = await start_origin(pki.trusted)
     h.dst = ("127.0.0.1", origin.port)
     with pytest.raises((ssl.SSLError, ConnectionError)):

@@ -14,7 +14,13 @@ from collections.abc import Callable
 from tests.packets import ping_packet
 from unclaw_tui.engine import constants
 from unclaw_tui.engine.noise import HandshakeCore, generate_private_key, public_key_of
-from unclaw_tui.engine.tunnel import Tunnel, TunnelEvent
+from unclaw_tui.engine.tunnel import (
+    HandshakeDone,
+    HandshakeFailed,
+    LoadChanged,
+    Tunnel,
+    TunnelEvent,
+)
 
 
 class FakeClock:
@@ -37,9 +43,11 @@ def make_pair(clock: FakeClock) -> tuple[Tunnel, Tunnel, list[TunnelEvent], list
     gw_events: list[TunnelEvent] = []
     cl_events: list[TunnelEvent] = []
     gw = Tunnel(generate_private_key(), 0, ipaddress.IPv4Interface("10.77.0.1/24"),
-                listen_host="127.0.0.1", on_event=gw_events.append, clock=clock)  # fmt: skip
+                listen_host="127.0.0.1", on_event=gw_events.append,
+                clock=clock, engine_thread=False)  # fmt: skip
     cl = Tunnel(generate_private_key(), 0, ipaddress.IPv4Interface("10.77.0.2/24"),
-                listen_host="127.0.0.1", on_event=cl_events.append, clock=clock)  # fmt: skip
+                listen_host="127.0.0.1", on_event=cl_events.append,
+                clock=clock, engine_thread=False)  # fmt: skip
     return gw, cl, gw_events, cl_events
 
 
@@ -55,9 +63,9 @@ async def test_client_initiates_on_data_and_gateway_answers_ping() -> None:
         cl.send_inner(ping_packet("10.77.0.2", "10.77.0.1"))
         await until(lambda: gw.engine_stats()["icmp_echo_replies"] == 1, "echo reply")
         await until(lambda: cl.peer_info(gw.public_key).rx_packets >= 1, "reply received")
-        assert [e.kind for e in cl_events if e.kind == "handshake"] == ["handshake"]
+        assert len([e for e in cl_events if isinstance(e, HandshakeDone)]) == 1
         assert cl_events[0].initiator is True
-        gw_handshakes = [e for e in gw_events if e.kind == "handshake"]
+        gw_handshakes = [e for e in gw_events if isinstance(e, HandshakeDone)]
         assert len(gw_handshakes) == 1 and gw_handshakes[0].initiator is False
         assert gw_handshakes[0].endpoint == ("127.0.0.1", cl.listen_port)
         assert gw.peer_info(cl.public_key).last_handshake is not None
@@ -73,7 +81,8 @@ async def test_initiation_retransmits_with_jitter_then_gives_up() -> None:
     sink.bind(("127.0.0.1", 0))
     sink.setblocking(False)
     cl = Tunnel(generate_private_key(), 0, ipaddress.IPv4Interface("10.77.0.2/24"),
-                listen_host="127.0.0.1", on_event=events.append, clock=clock)  # fmt: skip
+                listen_host="127.0.0.1", on_event=events.append,
+                clock=clock, engine_thread=False)  # fmt: skip
     await cl.start()
     silent_peer = public_key_of(generate_private_key())
     try:
@@ -96,7 +105,7 @@ async def test_initiation_retransmits_with_jitter_then_gives_up() -> None:
             gap = peer.next_retransmit - clock.now
             gaps.append(gap)
             clock.now = peer.next_retransmit
-            cl._on_timer()
+            cl.driver.fire_timer()
             assert len(gaps) < 40, "retransmission never gives up"
         drain()
         assert all(len(m) == constants.MESSAGE_INITIATION_SIZE for m in received)
@@ -106,7 +115,7 @@ async def test_initiation_retransmits_with_jitter_then_gives_up() -> None:
         assert len({round(g, 4) for g in gaps}) > 1
         # Given up once REKEY_ATTEMPT_TIME (90 s) has passed: ~17 initiations in all.
         assert 15 <= len(received) <= 19
-        assert [e.kind for e in events if e.kind == "handshake_failed"] == ["handshake_failed"]
+        assert len([e for e in events if isinstance(e, HandshakeFailed)]) == 1
         assert cl._engine.peer_stats(peer.peer_id).staged == 0
     finally:
         cl.close()
@@ -137,7 +146,7 @@ async def test_under_load_a_cookie_reply_then_mac2_lets_a_real_peer_in() -> None
                     endpoint=("127.0.0.1", gw.listen_port))  # fmt: skip
         await flood()
         await until(lambda: gw.under_load, "under load")
-        assert any(e.kind == "under_load" and e.active for e in gw_events)
+        assert any(isinstance(e, LoadChanged) and e.active for e in gw_events)
         # Unauthenticated-by-cookie initiations got cookie replies, not DH work.
         await until(lambda: gw.cookies_sent >= 60, "cookie replies to the flood")
         await asyncio.sleep(0.05)
@@ -145,14 +154,14 @@ async def test_under_load_a_cookie_reply_then_mac2_lets_a_real_peer_in() -> None
         cl.send_inner(ping_packet("10.77.0.2", "10.77.0.1"))
         await until(lambda: gw.cookies_sent == before + 1, "cookie reply to the real peer")
         await asyncio.sleep(0.05)
-        assert not any(e.kind == "handshake" for e in cl_events)
+        assert not any(isinstance(e, HandshakeDone) for e in cl_events)
         # Still flooded when the client retransmits, now with a valid MAC2.
         peer = cl._peers[gw.public_key]
         assert peer.next_retransmit is not None
         clock.now = peer.next_retransmit
         await flood()
-        cl._on_timer()
-        await until(lambda: any(e.kind == "handshake" for e in cl_events), "handshake")
+        cl.driver.fire_timer()
+        await until(lambda: any(isinstance(e, HandshakeDone) for e in cl_events), "handshake")
         await until(lambda: gw.engine_stats()["icmp_echo_replies"] == 1, "echo reply")
         assert gw.under_load
     finally:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from tests.packets import ping_packet
 from unclaw_tui.engine.noise import generate_private_key
-from unclaw_tui.engine.tunnel import Tunnel, TunnelEvent
+from unclaw_tui.engine.tunnel import EndpointChanged, HandshakeDone, Tunnel, TunnelEvent
 
 
 class FakeClock:
@@ -31,14 +31,15 @@ async def until(pred: Callable[[], bool], what: str, steps: int = 300) -> None:
 
 def client(key: bytes, clock: FakeClock) -> Tunnel:
     address = ipaddress.IPv4Interface("10.77.0.2/24")
-    return Tunnel(key, 0, address, listen_host="127.0.0.1", clock=clock)
+    return Tunnel(key, 0, address, listen_host="127.0.0.1", clock=clock, engine_thread=False)
 
 
 async def test_roam_through_a_handshake_is_an_endpoint_event() -> None:
     clock = FakeClock()
     events: list[TunnelEvent] = []
     gw = Tunnel(generate_private_key(), 0, ipaddress.IPv4Interface("10.77.0.1/24"),
-                listen_host="127.0.0.1", on_event=events.append, clock=clock)  # fmt: skip
+                listen_host="127.0.0.1", on_event=events.append,
+                clock=clock, engine_thread=False)  # fmt: skip
     key = generate_private_key()
     first, second = client(key, clock), client(key, clock)  # one peer, two source ports
     await gw.start()
@@ -50,14 +51,14 @@ async def test_roam_through_a_handshake_is_an_endpoint_event() -> None:
         gw.add_peer(first.public_key, allowed_ips=["10.77.0.2/32"])
         first.send_inner(ping_packet("10.77.0.2", "10.77.0.1"))
         await until(lambda: gw.engine_stats()["icmp_echo_replies"] == 1, "first echo reply")
-        assert [e.kind for e in events] == ["handshake"]  # a first endpoint is no roam
+        assert [type(e) for e in events] == [HandshakeDone]  # a first endpoint is no roam
 
         clock.now += 1.0  # initiations of one peer closer than 20 ms apart are a flood
         # The TAI64N timestamp is coarsened (about 17 ms): a later one needs real time too.
         await asyncio.sleep(0.05)
         second.send_inner(ping_packet("10.77.0.2", "10.77.0.1"))
         await until(lambda: gw.engine_stats()["icmp_echo_replies"] == 2, "echo after the roam")
-        roams = [e for e in events if e.kind == "endpoint"]
+        roams = [e for e in events if isinstance(e, EndpointChanged)]
         assert len(roams) == 1, events
         assert roams[0].public_key == first.public_key
         assert roams[0].endpoint == ("127.0.0.1", second.listen_port)

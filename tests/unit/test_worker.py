@@ -20,7 +20,7 @@ from tests.unit.test_tcp import RST, SYN, Seg
 from unclaw_tui.engine import _ffi
 from unclaw_tui.engine.flows import SpliceDone
 from unclaw_tui.engine.noise import generate_private_key
-from unclaw_tui.engine.tunnel import Tunnel, TunnelEvent
+from unclaw_tui.engine.tunnel import HandshakeDone, Tunnel, TunnelEvent
 
 
 async def until(pred: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
@@ -74,14 +74,14 @@ async def pair() -> AsyncIterator[Pair]:
 
 
 def worker(tunnel: Tunnel) -> _ffi.Engine:
-    return tunnel._engine
+    return tunnel.driver.engine
 
 
 async def test_worker_answers_pings_and_wakes_python_only_for_its_work(pair: Pair) -> None:
     await pair.start()
     assert worker(pair.gw).threaded and not worker(pair.cl).threaded
     await pair.ping(1)  # the handshake goes through Python: the worker must have said so
-    assert any(e.kind == "handshake" for e in pair.gw_events)
+    assert any(isinstance(e, HandshakeDone) for e in pair.gw_events)
     stats = worker(pair.gw).worker_stats()
     assert stats["notifications"] >= 1
     for seq in range(2, 52):  # answered in C, nothing for Python
@@ -95,9 +95,9 @@ async def test_engine_timers_run_on_the_worker(pair: Pair) -> None:
     await pair.start(keepalive=1)
     await pair.ping(1)
     received = pair.cl.peer_info(pair.gw.public_key).rx_packets
-    pair.gw._rearm = lambda _deadline: None  # type: ignore[method-assign]  # no Python timer
-    if pair.gw._timer is not None:
-        pair.gw._timer.cancel()
+    driver = pair.gw.driver
+    driver.rearm = lambda _deadline=None: None  # type: ignore[method-assign]  # no Python timer
+    driver.cancel_timer()
     # Persistent keepalives every second come from C's timers alone.
     await until(
         lambda: pair.cl.peer_info(pair.gw.public_key).rx_packets >= received + 2,
@@ -137,7 +137,7 @@ async def test_close_stops_the_thread_and_the_engine_is_ours_again(pair: Pair) -
     await pair.start()
     await pair.ping(1)
     engine = worker(pair.gw)
-    fd = pair.gw._notify_fd
+    fd = pair.gw.driver._notify_fd  # type: ignore[attr-defined]
     assert fd is not None
     threads = threading.active_count()  # the worker is a C thread: not counted here
     pair.gw.close()
@@ -186,8 +186,8 @@ async def test_fast_relayed_connections_reach_python_in_batches(pair: Pair) -> N
         opened.append(meta)
         return ended.append
 
-    pair.gw.on_fast_relay = on_fast_relay
-    pair.gw.fast_relay_allow(("127.0.0.1", port), None, 5.0)
+    pair.gw.conns.on_fast_relay = on_fast_relay
+    pair.gw.conns.fast_relay_allow(pair.cl.public_key, ("127.0.0.1", port), None, 5.0)
     before = worker(pair.gw).worker_stats()["notifications"]
     count = 40
     segment = functools.partial(Seg, seq=1000, ack=0, wnd=65535, dst_ip=0x7F000001, dport=port)

@@ -22,6 +22,7 @@ import nacl.bindings
 from nacl import _sodium
 
 from unclaw_tui.engine._wgstack_cffi import ffi, lib
+from unclaw_tui.engine.outcomes import CloseReason, SpliceOutcome
 
 Endpoint = tuple[str, int]  # (host, port); IPv6 host without brackets
 
@@ -53,24 +54,21 @@ TCP_EV_WRITABLE: int = lib.TCP_EV_WRITABLE
 TCP_EV_PEER_FIN: int = lib.TCP_EV_PEER_FIN
 TCP_EV_CLOSED: int = lib.TCP_EV_CLOSED
 
-TCP_CLOSE_NORMAL: int = lib.TCP_CLOSE_NORMAL
-TCP_CLOSE_RESET: int = lib.TCP_CLOSE_RESET
-TCP_CLOSE_TIMEOUT: int = lib.TCP_CLOSE_TIMEOUT
-TCP_CLOSE_ABORTED: int = lib.TCP_CLOSE_ABORTED
-TCP_CLOSE_REJECTED: int = lib.TCP_CLOSE_REJECTED
-TCP_CLOSE_SYN_TIMEOUT: int = lib.TCP_CLOSE_SYN_TIMEOUT
-TCP_CLOSE_PEER_REMOVED: int = lib.TCP_CLOSE_PEER_REMOVED
-TCP_CLOSE_EVICTED: int = lib.TCP_CLOSE_EVICTED
-TCP_CLOSE_NAMES: dict[int, str] = {
-    TCP_CLOSE_NORMAL: "normal",
-    TCP_CLOSE_RESET: "reset",
-    TCP_CLOSE_TIMEOUT: "timeout",
-    TCP_CLOSE_ABORTED: "aborted",
-    TCP_CLOSE_REJECTED: "rejected",
-    TCP_CLOSE_SYN_TIMEOUT: "syn_timeout",
-    TCP_CLOSE_PEER_REMOVED: "peer_removed",
-    TCP_CLOSE_EVICTED: "evicted",
-}
+# The close and splice codes come from the one table in outcomes.py; the headers must agree.
+_MISMATCHED = [r.name for r in CloseReason if getattr(lib, f"TCP_CLOSE_{r.name}") != r] + [
+    o.name for o in SpliceOutcome if getattr(lib, f"SPLICE_{o.name}") != o
+]
+if _MISMATCHED:
+    raise ImportError(f"engine build disagrees with outcomes.py on {_MISMATCHED}")
+TCP_CLOSE_NORMAL: int = CloseReason.NORMAL
+TCP_CLOSE_RESET: int = CloseReason.RESET
+TCP_CLOSE_TIMEOUT: int = CloseReason.TIMEOUT
+TCP_CLOSE_ABORTED: int = CloseReason.ABORTED
+TCP_CLOSE_REJECTED: int = CloseReason.REJECTED
+TCP_CLOSE_SYN_TIMEOUT: int = CloseReason.SYN_TIMEOUT
+TCP_CLOSE_PEER_REMOVED: int = CloseReason.PEER_REMOVED
+TCP_CLOSE_EVICTED: int = CloseReason.EVICTED
+TCP_CLOSE_NAMES: dict[int, str] = {r: r.label for r in CloseReason}
 
 TCP_ST_SYN_PENDING: int = lib.TCP_ST_SYN_PENDING
 TCP_ST_SYN_RECEIVED: int = lib.TCP_ST_SYN_RECEIVED
@@ -86,12 +84,12 @@ TCP_ENOMEM: int = lib.TCP_ENOMEM
 TCP_ERESET: int = lib.TCP_ERESET
 TCP_EAGAIN: int = lib.TCP_EAGAIN
 
-SPLICE_OK: int = lib.SPLICE_OK
-SPLICE_FAIL_CONNECT: int = lib.SPLICE_FAIL_CONNECT
-SPLICE_FAIL_PEER: int = lib.SPLICE_FAIL_PEER
-SPLICE_FAIL_HOST: int = lib.SPLICE_FAIL_HOST
-SPLICE_FAIL_PEER_GONE: int = lib.SPLICE_FAIL_PEER_GONE
-SPLICE_FAIL_ABORTED: int = lib.SPLICE_FAIL_ABORTED
+SPLICE_OK: int = SpliceOutcome.OK
+SPLICE_FAIL_CONNECT: int = SpliceOutcome.FAIL_CONNECT
+SPLICE_FAIL_PEER: int = SpliceOutcome.FAIL_PEER
+SPLICE_FAIL_HOST: int = SpliceOutcome.FAIL_HOST
+SPLICE_FAIL_PEER_GONE: int = SpliceOutcome.FAIL_PEER_GONE
+SPLICE_FAIL_ABORTED: int = SpliceOutcome.FAIL_ABORTED
 
 ICMP_HOST_UNREACHABLE = 1
 ICMP_PORT_UNREACHABLE = 3

@@ -20,9 +20,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from unclaw_tui.engine import _ffi
+from unclaw_tui.engine.outcomes import close_reason, splice_close_label
 
 if TYPE_CHECKING:
-    from unclaw_tui.engine.tunnel import Tunnel
+    from unclaw_tui.engine.conns import ConnTable
 
 log = logging.getLogger(__name__)
 
@@ -34,31 +35,14 @@ STREAM_LIMIT = 256 * 1024
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 
-_CLOSE_NAMES: dict[int, str] = {
-    getattr(_ffi, "TCP_CLOSE_NORMAL", 1): "normal",
-    getattr(_ffi, "TCP_CLOSE_RESET", 2): "reset",
-    getattr(_ffi, "TCP_CLOSE_TIMEOUT", 3): "timeout",
-    getattr(_ffi, "TCP_CLOSE_ABORTED", 4): "aborted",
-    getattr(_ffi, "TCP_CLOSE_REJECTED", 5): "rejected",
-    getattr(_ffi, "TCP_CLOSE_SYN_TIMEOUT", 6): "syn_timeout",
-    getattr(_ffi, "TCP_CLOSE_PEER_REMOVED", 7): "peer_removed",
-    getattr(_ffi, "TCP_CLOSE_EVICTED", 8): "evicted",
-}
-
-
-def _splice_close_reason(result: _ffi.SpliceResult) -> str:
-    if result.outcome == _ffi.SPLICE_OK:
-        return "normal"
-    if result.outcome in (_ffi.SPLICE_FAIL_PEER, _ffi.SPLICE_FAIL_PEER_GONE):
-        return _CLOSE_NAMES.get(result.tcp_close, "reset")
-    return "rejected" if result.outcome == _ffi.SPLICE_FAIL_CONNECT else "aborted"
-
 
 class TcpConn:
     """A TCP connection a WireGuard peer opened (see the module docstring)."""
 
-    def __init__(self, tunnel: Tunnel, conn_id: int, info: _ffi.TcpInfo, peer_public_key: bytes):
-        self._tunnel = tunnel
+    def __init__(
+        self, conns: ConnTable, conn_id: int, info: _ffi.TcpInfo, peer_public_key: bytes
+    ) -> None:
+        self._conns = conns
         self.conn_id = conn_id
         self.peer_public_key = peer_public_key
         self.peer_ip, self.src_port = info.src
@@ -83,7 +67,7 @@ class TcpConn:
         if self._transport is not None or self._released:
             raise RuntimeError("connection already answered")
         loop = asyncio.get_running_loop()
-        self._tunnel._tcp_call(lambda e, now: e.tcp_accept(self.conn_id, now))
+        self._conns.call(lambda e, now: e.tcp_accept(self.conn_id, now))
         reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         transport = TcpTransport(self, protocol)
@@ -97,17 +81,21 @@ class TcpConn:
         """RST: the client sees "connection refused" at once."""
         if self._released:
             return
-        self._tunnel._tcp_call(lambda e, now: e.tcp_reject(self.conn_id, now))
+        self._conns.call(lambda e, now: e.tcp_reject(self.conn_id, now))
         self._finish("rejected")
 
     def abort(self) -> None:
         if self._spliced:
-            self._tunnel._engine.splice_abort(self.conn_id, self._tunnel._now())
-            self._tunnel._schedule_flush()
+            self._conns.splice_abort(self.conn_id)
         elif self._transport is not None:
             self._transport.abort()
         else:
             self.reject()
+
+    @property
+    def can_splice(self) -> bool:
+        """The engine can take this connection (splices exist, and it is not C's already)."""
+        return self._conns.can_splice and not self._released
 
     def splice(self, dst: Endpoint, timeout: float, on_done: SpliceDone) -> None:
         """Relay in C instead of answering here: connect to dst (giving up after timeout s),
@@ -116,7 +104,7 @@ class TcpConn:
         be started (the connection is still ours to reject)."""
         if self._transport is not None or self._released:
             raise RuntimeError("connection already answered")
-        self._tunnel._splice(self, dst, timeout, on_done)
+        self._conns.splice(self, dst, timeout, on_done)
         self._spliced = True
         self._released = True  # the handle belongs to C's splice table now
 
@@ -125,7 +113,7 @@ class TcpConn:
         (the socket object is detached) and the SYN is answered at once."""
         if self._transport is not None or self._released:
             raise RuntimeError("connection already answered")
-        self._tunnel._splice(self, sock, 0.0, on_done)
+        self._conns.splice(self, sock, 0.0, on_done)
         self._spliced = True
         self._released = True
 
@@ -138,7 +126,7 @@ class TcpConn:
         if (
             t is None
             or self._released
-            or not self._tunnel.can_splice
+            or not self._conns.can_splice
             or t._eof_from_peer
             or t._buffer
             or t.is_closing()
@@ -161,13 +149,13 @@ class TcpConn:
         t = self._transport
         if t is None or self._released:
             raise RuntimeError("connection not accepted here, or already released")
-        self._tunnel._splice(self, sock, 0.0, on_done, accepted=True)
+        self._conns.splice(self, sock, 0.0, on_done, accepted=True)
         self._spliced = True
         self._released = True  # the transport's close/abort no longer touch the handle
 
     def _spliced_done(self, result: _ffi.SpliceResult) -> None:
         self._final_bytes = (result.bytes_up, result.bytes_down)
-        self.close_reason = self.close_reason or _splice_close_reason(result)
+        self.close_reason = self.close_reason or splice_close_label(result)
         self._spliced = False
         self._closed.set()
 
@@ -189,9 +177,9 @@ class TcpConn:
         if self._final_bytes is not None:
             return self._final_bytes
         if self._spliced:
-            return self._tunnel.splice_bytes(self.conn_id) or (0, 0)
+            return self._conns.splice_bytes(self.conn_id) or (0, 0)
         try:
-            info = self._tunnel._engine.tcp_info(self.conn_id)
+            info = self._conns.tcp_info(self.conn_id)
         except _ffi.EngineError:
             return (0, 0)
         return (info.bytes_in, info.bytes_out)
@@ -210,7 +198,8 @@ class TcpConn:
             self._transport._push()
 
     def _on_closed(self, reason: int) -> None:
-        name = _CLOSE_NAMES.get(reason, str(reason))
+        known = close_reason(reason)
+        name = known.label if known is not None else str(reason)
         transport = self._transport
         if transport is not None:
             transport._pull()  # whatever is still buffered, then EOF
@@ -230,8 +219,8 @@ class TcpConn:
         self._final_bytes = self._bytes()
         self._released = True
         self.close_reason = self.close_reason or reason
-        self._tunnel._tcp_call(lambda e, now: e.tcp_release(self.conn_id, now))
-        self._tunnel._forget_conn(self)
+        self._conns.call(lambda e, now: e.tcp_release(self.conn_id, now))
+        self._conns.forget(self)
         self._closed.set()
 
 
@@ -270,9 +259,7 @@ class TcpTransport(asyncio.Transport):
         conn = self._conn
         while not self._reading_paused and not self._eof_from_peer and not conn._released:
             try:
-                data = conn._tunnel._tcp_call(
-                    lambda e, now: e.tcp_read(conn.conn_id, READ_CHUNK, now)
-                )
+                data = conn._conns.call(lambda e, now: e.tcp_read(conn.conn_id, READ_CHUNK, now))
             except ConnectionResetError as exc:
                 self._lost(exc)
                 return
@@ -307,7 +294,7 @@ class TcpTransport(asyncio.Transport):
     def _write_now(self, data: bytes | bytearray | memoryview) -> int:
         conn = self._conn
         try:
-            return int(conn._tunnel._tcp_call(lambda e, now: e.tcp_write(conn.conn_id, data, now)))
+            return int(conn._conns.call(lambda e, now: e.tcp_write(conn.conn_id, data, now)))
         except ConnectionResetError as exc:
             self._lost(exc)
             return len(data)
@@ -360,7 +347,7 @@ class TcpTransport(asyncio.Transport):
         self._eof_sent = True
         conn = self._conn
         with contextlib.suppress(_ffi.EngineError, ConnectionResetError):
-            conn._tunnel._tcp_call(lambda e, now: e.tcp_shutdown_write(conn.conn_id, now))
+            conn._conns.call(lambda e, now: e.tcp_shutdown_write(conn.conn_id, now))
 
     # -- closing ---------------------------------------------------------------------------
 
@@ -380,7 +367,7 @@ class TcpTransport(asyncio.Transport):
         conn = self._conn
         if not conn._released:
             with contextlib.suppress(_ffi.EngineError, ConnectionResetError):
-                conn._tunnel._tcp_call(lambda e, now: e.tcp_abort(conn.conn_id, now))
+                conn._conns.call(lambda e, now: e.tcp_abort(conn.conn_id, now))
         self._buffer.clear()
         conn.close_reason = conn.close_reason or "aborted"
         self._lost(None)
@@ -411,10 +398,10 @@ class TcpTransport(asyncio.Transport):
 class UdpDatagram:
     """One UDP datagram a peer sent; `reply()` answers it from where it was sent to."""
 
-    __slots__ = ("_tunnel", "data", "dst_ip", "dst_port", "peer_ip", "peer_public_key", "src_port")
+    __slots__ = ("_conns", "data", "dst_ip", "dst_port", "peer_ip", "peer_public_key", "src_port")
 
-    def __init__(self, tunnel: Tunnel, meta: _ffi.UdpMeta, peer_public_key: bytes) -> None:
-        self._tunnel = tunnel
+    def __init__(self, conns: ConnTable, meta: _ffi.UdpMeta, peer_public_key: bytes) -> None:
+        self._conns = conns
         self.data = meta.data
         self.peer_public_key = peer_public_key
         self.peer_ip, self.src_port = meta.src
@@ -431,13 +418,13 @@ class UdpDatagram:
 
     def reply_from(self, src: Endpoint, data: bytes) -> None:
         dst = (self.peer_ip, self.src_port)
-        self._tunnel._tcp_call(lambda e, now: e.udp_send(src, dst, data, now))
+        self._conns.call(lambda e, now: e.udp_send(src, dst, data, now))
 
     def unreachable(self, *, admin: bool = False) -> None:
         code = 13 if admin else 3
         peer = (self.peer_ip, self.src_port)
         dst = (self.dst_ip, self.dst_port)
-        self._tunnel._tcp_call(lambda e, now: e.icmp_unreachable(peer, dst, 17, code, now))
+        self._conns.call(lambda e, now: e.icmp_unreachable(peer, dst, 17, code, now))
 
 
 TcpHandler = Callable[[TcpConn], None]

@@ -10,19 +10,21 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from unclaw_tui.config import Settings
-    from unclaw_tui.engine.flows import TcpConn, UdpDatagram
+    from unclaw_tui.decision import DecisionPoint
     from unclaw_tui.events import Event
+    from unclaw_tui.flow import Flow, FlowRegistry
     from unclaw_tui.services.egress import EgressPolicy
-    from unclaw_tui.services.relay import OpenFlows
+    from unclaw_tui.services.relay import UdpDatagramLike
     from unclaw_tui.state import StateDir
 
 
 class Service(Protocol):
-    async def handle_tcp(self, conn: TcpConn) -> None:
-        """Own the connection until it ends: accept or reject it, serve, close."""
+    async def handle_tcp(self, flow: Flow) -> None:
+        """Serve a decided connection: open its flow, answer the SYN (`flow.accept`, `carry`)
+        or refuse it, and see that it ends; the flow publishes its own events."""
         ...
 
-    def handle_udp(self, dgram: UdpDatagram) -> None:
+    def handle_udp(self, dgram: UdpDatagramLike) -> None:
         """Answer or forward one datagram; must not block (start a task if needed)."""
         ...
 
@@ -45,11 +47,12 @@ class GatewayServices(Protocol):
     settings: Settings
     state: StateDir
     policy: EgressPolicy
-    open_flows: OpenFlows
+    decisions: DecisionPoint
+    flows: FlowRegistry
     resolver: Resolver | None
 
     def publish(self, event: Event) -> None:
-        """Send an event to the bus (flow events also update the open-flow counts)."""
+        """Send an event to the bus."""
         ...
 
     def peer_name(self, public_key: bytes) -> str: ...

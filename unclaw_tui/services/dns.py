@@ -30,8 +30,8 @@ and carries at most 1000 queries.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
+import functools
 import ipaddress
 import logging
 import struct
@@ -52,7 +52,9 @@ from dnslib import (
 )
 
 from unclaw_tui.config import VIP_NETWORK
-from unclaw_tui.events import DnsQuery, TcpClosed, TcpOpened
+from unclaw_tui.decision import Moment, Question
+from unclaw_tui.events import DnsQuery
+from unclaw_tui.flow import Flow, PeerGone
 from unclaw_tui.router import Route
 from unclaw_tui.services import vips as vip_store
 from unclaw_tui.services.upstream import (
@@ -65,8 +67,8 @@ from unclaw_tui.services.vips import VIP_TTL, VipAllocator, normalize_hostname
 from unclaw_tui.state import StateError
 
 if TYPE_CHECKING:
-    from unclaw_tui.engine.flows import TcpConn, UdpDatagram
     from unclaw_tui.services.base import GatewayServices, Service
+    from unclaw_tui.services.relay import UdpDatagramLike as UdpDatagram
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +200,11 @@ class DnsAnswerer:
         self.in_use = in_use
         self.clock = clock
 
-    async def answer(self, data: bytes, *, udp: bool) -> Outcome:
+    async def answer(
+        self, data: bytes, *, udp: bool, refusal: Callable[[str], str | None] = lambda name: None
+    ) -> Outcome:
+        """`refusal(name)`: the decision point's word on the name asked for (None: allowed);
+        a refused name is answered REFUSED, without asking the upstream."""
         request = parse_query(data)
         if isinstance(request, str):
             return Outcome(None, malformed=request, rcode="MALFORMED")
@@ -208,6 +214,10 @@ class DnsAnswerer:
         if len(request.questions) != 1:
             return self._local(request, limit, RCODE.FORMERR)
         q = request.q
+        refused = refusal(normalize_hostname(str(q.qname)))
+        if refused is not None:
+            reply = local_reply(request, RCODE.REFUSED)
+            return self._outcome(request, fit(reply, limit), RCODE.REFUSED, [], error=refused)
         qtype = q.qtype
         if qtype == QTYPE.A and q.qclass == 1:
             return await self._answer_a(request, limit)
@@ -307,10 +317,6 @@ class DnsAnswerer:
 # --- the service: UDP and TCP glue, events, the VIP map's persistence -------------------------
 
 
-def _b64(key: bytes) -> str:
-    return base64.b64encode(key).decode("ascii")
-
-
 class DnsService:
     """Route.DNS's service, and the gateway's `resolver` (VIP <-> hostname, real addresses)."""
 
@@ -350,7 +356,7 @@ class DnsService:
         return await self.upstream.resolve_a(normalize_hostname(hostname))
 
     def _vip_in_use(self, ip: str) -> bool:
-        return self.gateway.open_flows.count_to(ip) > 0
+        return self.gateway.flows.count_to(ip) > 0
 
     # -- UDP ---------------------------------------------------------------------------------
 
@@ -369,31 +375,22 @@ class DnsService:
 
     # -- TCP ---------------------------------------------------------------------------------
 
-    async def handle_tcp(self, conn: TcpConn) -> None:
-        started = time.monotonic()
-        ident = {
-            "conn_id": conn.conn_id,
-            "peer": self.gateway.peer_name(conn.peer_public_key),
-            "peer_public_key": _b64(conn.peer_public_key),
-            "peer_ip": conn.peer_ip,
-            "dst_ip": conn.dst_ip,
-            "dst_port": conn.dst_port,
-            "route": str(Route.DNS),
-        }
-        self.gateway.publish(TcpOpened(**ident))
-        up = down = 0
+    async def handle_tcp(self, flow: Flow) -> None:
+        flow.open()
+        try:
+            reader, writer = flow.accept()
+        except PeerGone:
+            return
         error: str | None = None
-        writer: asyncio.StreamWriter | None = None
         idle_timeout = self.gateway.settings.dns_tcp_idle_timeout
         try:
-            reader, writer = conn.accept()
             for _ in range(TCP_MAX_QUERIES):
                 try:
                     head = await asyncio.wait_for(reader.readexactly(2), idle_timeout)
                 except asyncio.IncompleteReadError as exc:
                     if exc.partial:
                         error = "connection closed inside a length prefix"
-                        self._report_malformed(conn.peer_public_key, conn.peer_ip, error)
+                        self._report_malformed(flow.peer_key, flow.peer_ip, error)
                     break  # else a clean end between queries
                 except TimeoutError:
                     error = f"idle for {idle_timeout:g} s"
@@ -403,15 +400,15 @@ class DnsService:
                     query = await asyncio.wait_for(reader.readexactly(length), TCP_QUERY_TIMEOUT)
                 except (asyncio.IncompleteReadError, TimeoutError):
                     error = "query cut short"
-                    self._report_malformed(conn.peer_public_key, conn.peer_ip, error)
+                    self._report_malformed(flow.peer_key, flow.peer_ip, error)
                     break
-                up += 2 + length
-                outcome = await self._answer(query, conn.peer_public_key, conn.peer_ip, udp=False)
+                flow.bytes_up += 2 + length
+                outcome = await self._answer(query, flow.peer_key, flow.peer_ip, udp=False)
                 if outcome.reply is None:
                     error = f"malformed query: {outcome.malformed}"
                     break
                 writer.write(struct.pack("!H", len(outcome.reply)) + outcome.reply)
-                down += 2 + len(outcome.reply)
+                flow.bytes_down += 2 + len(outcome.reply)
                 await asyncio.wait_for(writer.drain(), TCP_WRITE_TIMEOUT)
         except (OSError, RuntimeError, TimeoutError) as exc:
             error = error or (str(exc) or type(exc).__name__)
@@ -419,31 +416,20 @@ class DnsService:
             error = "cancelled"
             raise
         finally:
-            if writer is not None:
-                if error is None:
-                    writer.close()
-                else:
-                    with contextlib.suppress(Exception):
-                        conn.abort()
+            if error is None:
+                writer.close()
             else:
-                with contextlib.suppress(Exception):
-                    conn.reject()
-            self.gateway.publish(
-                TcpClosed(
-                    **ident,
-                    bytes_up=up,
-                    bytes_down=down,
-                    duration=time.monotonic() - started,
-                    error=error,
-                )
-            )
+                flow.abort()
+            flow.close(error)
 
     # -- common ------------------------------------------------------------------------------
 
     async def _answer(self, data: bytes, peer_key: bytes, peer_ip: str, *, udp: bool) -> Outcome:
         self.counts["queries"] += 1
         try:
-            outcome = await self.answerer.answer(data, udp=udp)
+            outcome = await self.answerer.answer(
+                data, udp=udp, refusal=functools.partial(self._refusal, peer_key)
+            )
         except Exception:  # a bug must cost one answer, not the service
             log.exception("DNS query failed")
             self.counts["errors"] += 1
@@ -467,6 +453,10 @@ class DnsService:
             )
         )
         return outcome
+
+    def _refusal(self, peer_key: bytes, name: str) -> str | None:
+        question = Question(Moment.QUERY, peer_key, "udp", hostname=name)
+        return self.gateway.decisions.decide(question).refusal
 
     def _report_malformed(self, peer_key: bytes, peer_ip: str, why: str) -> None:
         self.counts["malformed"] += 1

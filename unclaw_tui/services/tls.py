@@ -6,15 +6,16 @@ Per connection (`TlsService.handle_tcp`):
    (garbage, a truncated hello, a silent client) is closed cleanly with an event; the service
    keeps serving the others.
 2. Meanwhile, the destination (`_EarlyUpstream`): a VIP's real addresses from the resolver,
-   else the original IP, each one checked against the egress policy; a TCP connection to the
+   else the original IP, judged by the decision point; a TCP connection to the
    first that answers is opened while the hello is still arriving, since where to connect does
    not depend on it. A connection that turns out not to be TLS closes it again unused; one the
    destination closed meanwhile (a slow hello) is opened anew. The hostname: the SNI, else the
-   VIP's hostname (`gateway.resolver`), else none.
+   VIP's hostname (`gateway.resolver`), else none. The decision point is asked again with the
+   SNI (and the VIP's hostname beside it, so another SNI cannot dodge a verdict).
 3. Passthrough (the hostname matches `settings.passthrough`, or a client rejected our
    certificate for it before and `settings.auto_passthrough` is on): replay the bytes read so
-   far to the destination, splice the encrypted bytes untouched: in C (`splice_accepted`)
-   where the engine can take the connection, else in Python.
+   far to the destination, then carry the encrypted bytes untouched (`flow.carry`: in C where
+   the engine can take the connection, else in Python).
 4. Intercept (the default): TLS to the destination first, offering the client's ALPN list,
    with SNI and full verification against the system store (`SSL_CERT_FILE` honoured). A
    failed verification closes the client's connection and says why. Then terminate the
@@ -25,8 +26,8 @@ Per connection (`TlsService.handle_tcp`):
    back-pressure; HTTP/1.x inside is watched by the sans-IO `Http1Observer` (one `http_request`
    event per request, byte counts only), HTTP/2 is relayed without HTTP events.
 
-Events per connection: exactly one `TcpOpened`/`TcpClosed` pair (route "tls", the hostname),
-published once the ClientHello is in (or has failed), and one `TlsHost` with the outcome:
+Events per connection: the flow's one `TcpOpened`/`TcpClosed` pair (route "tls", the
+hostname), opened once the ClientHello is in (or has failed), and one `TlsHost` with the outcome:
 mode "intercepted" or "passthrough" (ok or the error), or "rejected" when we refused the
 connection ourselves (not TLS, egress policy, nowhere to connect). A client that refused our
 certificate (TLS alert unknown_ca / bad_certificate / certificate_unknown, or a close right
@@ -39,7 +40,6 @@ decrypted bytes when intercepting, the encrypted ones when passing through.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import fnmatch
 import functools
@@ -51,32 +51,28 @@ import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, cast
 
 from unclaw_tui.config import DEFAULT_HELLO_TIMEOUT
-from unclaw_tui.events import HttpRequest, TcpClosed, TcpOpened, TlsHost
+from unclaw_tui.decision import Moment, Question
+from unclaw_tui.events import HttpRequest, TlsHost
+from unclaw_tui.flow import Flow, PeerGone, carry
+from unclaw_tui.pump import (
+    MIN_READ_SIZE,
+    ConnectFailed,
+    Side,
+    connect_socket,
+    reset_host_connection,
+)
 from unclaw_tui.router import Route
 from unclaw_tui.services import clienthello
 from unclaw_tui.services.ca import CertificateAuthority
 from unclaw_tui.services.http1 import Exchange, Http1Observer
-from unclaw_tui.services.relay import (
-    MIN_READ_SIZE,
-    ConnectFailed,
-    Side,
-    SpliceStats,
-    TcpConnLike,
-    connect_socket,
-    host_streams,
-    reset_host_connection,
-    splice,
-    spliced_stats,
-)
 from unclaw_tui.state import StateError
 
 if TYPE_CHECKING:
-    from unclaw_tui.engine._ffi import SpliceResult
-    from unclaw_tui.engine.flows import UdpDatagram
     from unclaw_tui.services.base import GatewayServices, Service
+    from unclaw_tui.services.relay import UdpDatagramLike
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +106,6 @@ _HOSTNAME_RE = re.compile(
 
 def valid_hostname(name: str) -> bool:
     return bool(_HOSTNAME_RE.fullmatch(name))
-
-
-def _b64(key: bytes) -> str:
-    return base64.b64encode(key).decode("ascii")
 
 
 def _is_ip(text: str) -> bool:
@@ -293,89 +285,32 @@ class _Tap:
         return data
 
 
-@runtime_checkable
-class HandOverConn(TcpConnLike, Protocol):
-    """A connection the engine can take over after Python read from it (engine/flows.py)."""
-
-    def detach_reading(self, reader: asyncio.StreamReader) -> bytes | None: ...
-
-    def splice_accepted(
-        self, sock: socket.socket, on_done: Callable[[SpliceResult], None]
-    ) -> None: ...
-
-
-# --- one connection's bookkeeping -------------------------------------------------------------
-
-
-class _Flow:
-    """The identity and the exactly-once TcpOpened/TcpClosed of one connection."""
-
-    def __init__(self, service: TlsService, conn: TcpConnLike) -> None:
-        self.service = service
-        self.conn = conn
-        self.peer = service.gateway.peer_name(conn.peer_public_key)
-        self.started = time.monotonic()
-        self.hostname: str | None = None
-        self.opened = False
-        self.stats = SpliceStats()
-        self.error: str | None = None
-
-    def ident(self) -> dict[str, Any]:
-        conn = self.conn
-        return {
-            "conn_id": conn.conn_id,
-            "peer": self.peer,
-            "peer_public_key": _b64(conn.peer_public_key),
-            "peer_ip": conn.peer_ip,
-            "dst_ip": conn.dst_ip,
-            "dst_port": conn.dst_port,
-            "hostname": self.hostname,
-            "route": str(Route.TLS),
-        }
-
-    def open(self, hostname: str | None) -> None:
-        if not self.opened:
-            self.hostname = hostname
-            self.opened = True
-            self.service.gateway.publish(TcpOpened(**self.ident()))
-            self.service.gateway.open_flows.track(self.conn.conn_id, self.stats)
-
-    def close(self) -> None:
-        self.open(self.hostname)
-        self.service.gateway.publish(
-            TcpClosed(
-                **self.ident(),
-                bytes_up=self.stats.bytes_up,
-                bytes_down=self.stats.bytes_down,
-                duration=time.monotonic() - self.started,
-                error=self.error or self.stats.error,
-            )
+def _tls_event(
+    gateway: GatewayServices,
+    flow: Flow,
+    sni: str | None,
+    mode: str,
+    *,
+    alpn: str | None = None,
+    error: str | None = None,
+) -> None:
+    """Publish the connection's `TlsHost`; an error is also the flow's closing error."""
+    gateway.publish(
+        TlsHost(
+            peer=flow.peer,
+            sni=sni or "",
+            alpn=alpn,
+            mode=mode,
+            ok=error is None,
+            error=error,
+            conn_id=flow.conn_id,
+            peer_public_key=flow.peer_public_key,
+            dst_ip=flow.dst_ip,
+            dst_port=flow.dst_port,
         )
-
-    def tls_event(
-        self,
-        sni: str | None,
-        mode: str,
-        *,
-        alpn: str | None = None,
-        error: str | None = None,
-    ) -> None:
-        self.service.gateway.publish(
-            TlsHost(
-                peer=self.peer,
-                sni=sni or "",
-                alpn=alpn,
-                mode=mode,
-                ok=error is None,
-                error=error,
-                conn_id=self.conn.conn_id,
-                peer_public_key=_b64(self.conn.peer_public_key),
-                dst_ip=self.conn.dst_ip,
-                dst_port=self.conn.dst_port,
-            )
-        )
-        if error is not None:
-            self.error = error
+    )
+    if error is not None:
+        flow.error = flow.error or error
 
 
 class _EarlyUpstream:
@@ -450,26 +385,23 @@ class TlsService:
 
     # -- Service -------------------------------------------------------------------------------
 
-    def handle_udp(self, dgram: UdpDatagram) -> None:
+    def handle_udp(self, dgram: UdpDatagramLike) -> None:
         dgram.unreachable()  # the router sends only TCP here
 
     async def close(self) -> None:
         self._upstream_contexts.clear()
 
-    async def handle_tcp(self, conn: TcpConnLike) -> None:
-        flow = _Flow(self, conn)
+    async def handle_tcp(self, flow: Flow) -> None:
         try:
             await self._serve(flow)
         except asyncio.CancelledError:
-            flow.error = flow.error or "cancelled"
-            with contextlib.suppress(Exception):
-                conn.abort()
+            flow.abort()
+            flow.close("cancelled")
             raise
         except Exception as exc:
-            log.exception("TLS service failed on %r", conn)
-            flow.error = f"internal error: {_describe(exc)}"
-            with contextlib.suppress(Exception):
-                conn.abort()
+            log.exception("TLS service failed on %r", flow)
+            flow.abort()
+            flow.close(f"internal error: {_describe(exc)}")
         finally:
             flow.close()
 
@@ -520,20 +452,16 @@ class TlsService:
 
     # -- one connection ------------------------------------------------------------------------
 
-    async def _serve(self, flow: _Flow) -> None:
-        conn = flow.conn
+    async def _serve(self, flow: Flow) -> None:
         try:
-            reader, writer = conn.accept()
-        except Exception as exc:
-            flow.error = f"peer gone before accept: {_describe(exc)}"
+            reader, writer = flow.accept()
+        except PeerGone:
             return
         resolver = self.gateway.resolver
-        vip_host = resolver.hostname_for_vip(conn.dst_ip) if resolver is not None else None
+        vip_host = resolver.hostname_for_vip(flow.dst_ip) if resolver is not None else None
         # Where to connect is known from the SYN (or the VIP), not from the hello: connect
         # while the ClientHello arrives, so neither mode waits a round trip to the host after it.
-        upstream = _EarlyUpstream(
-            functools.partial(self._open_upstream, conn.dst_ip, conn.dst_port, vip_host)
-        )
+        upstream = _EarlyUpstream(functools.partial(self._open_upstream, flow, vip_host))
         try:
             await self._serve_hello(flow, reader, writer, vip_host, upstream)
         finally:
@@ -541,45 +469,62 @@ class TlsService:
 
     async def _serve_hello(
         self,
-        flow: _Flow,
+        flow: Flow,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         vip_host: str | None,
         upstream: _EarlyUpstream,
     ) -> None:
-        conn = flow.conn
+        gateway = self.gateway
         hello, seen = await self._read_hello(reader)
         if isinstance(hello, clienthello.NotTls):
             flow.open(vip_host)
-            flow.tls_event(None, "rejected", error=f"not a TLS ClientHello: {hello.reason}")
-            await _close_client(writer, conn)
+            error = f"not a TLS ClientHello: {hello.reason}"
+            _tls_event(gateway, flow, None, "rejected", error=error)
+            await _close_client(writer, flow)
             return
         sni = hello.sni
         if sni is not None and not (valid_hostname(sni) or _is_ip(sni)):
             flow.open(vip_host)
-            flow.tls_event(None, "rejected", error="invalid SNI")
-            await _close_client(writer, conn)
+            _tls_event(gateway, flow, None, "rejected", error="invalid SNI")
+            await _close_client(writer, flow)
             return
         hostname = sni or vip_host
         flow.open(hostname)
+        verdict = gateway.decisions.decide(
+            Question(
+                Moment.HELLO,
+                flow.peer_key,
+                dst_ip=flow.dst_ip,
+                dst_port=flow.dst_port,
+                hostname=sni,
+                vip_hostname=vip_host,
+            )
+        )
+        if verdict.refusal is not None:
+            _tls_event(gateway, flow, sni, "rejected", error=verdict.refusal)
+            flow.abort()
+            return
         passthrough = self.is_passthrough(hostname)
         offered = ",".join(hello.alpn) or None
         try:
             sock = await upstream.take()
         except _Refused as exc:
-            flow.tls_event(sni, "rejected", error=str(exc))
-            conn.abort()
+            _tls_event(gateway, flow, sni, "rejected", error=str(exc))
+            flow.abort()
             return
         except ConnectFailed as exc:
             if passthrough:
-                flow.tls_event(sni, "passthrough", alpn=offered, error=str(exc))
-                conn.abort()
+                _tls_event(gateway, flow, sni, "passthrough", alpn=offered, error=str(exc))
+                flow.abort()
             else:
-                flow.tls_event(sni, "intercepted", error=f"upstream: {exc}")
-                await _close_client(writer, conn)
+                _tls_event(gateway, flow, sni, "intercepted", error=f"upstream: {exc}")
+                await _close_client(writer, flow)
             return
         if passthrough:
-            await self._passthrough(flow, sni, offered, sock, reader, writer, seen)
+            _tls_event(gateway, flow, sni, "passthrough", alpn=offered)
+            # The ClientHello (and anything read with it) goes ahead untouched, then the rest.
+            await carry(flow, sock, streams=(reader, writer), first=seen)
         else:
             await self._intercept(flow, hello, hostname, sock, reader, writer, seen)
 
@@ -609,103 +554,38 @@ class TlsService:
                 return clienthello.NotTls(what), bytes(buf)
             result = parser.feed(data)  # each record walked once, however the bytes arrive
 
-    async def _open_upstream(self, dst_ip: str, port: int, vip_host: str | None) -> socket.socket:
+    async def _open_upstream(self, flow: Flow, vip_host: str | None) -> socket.socket:
         """A TCP connection to the first allowed destination that answers; `_Refused` if the
-        policy allows none, `ConnectFailed` (the last reason) if none answers."""
+        decision point allows none, `ConnectFailed` (the last reason) if none answers."""
         failure = "no address"
-        for ip in await self._destinations(dst_ip, vip_host):
+        for ip in await self._destinations(flow, vip_host):
             try:
-                return await connect_socket(ip, port, timeout=self.connect_timeout)
+                return await connect_socket(ip, flow.dst_port, timeout=self.connect_timeout)
             except ConnectFailed as exc:
                 failure = str(exc)
         raise ConnectFailed(failure)
 
-    async def _destinations(self, dst_ip: str, vip_host: str | None) -> list[str]:
-        """The real addresses to connect to, in order, each allowed by the egress policy."""
+    async def _destinations(self, flow: Flow, vip_host: str | None) -> tuple[str, ...]:
+        """The real addresses to connect to, in order, each allowed by the decision point."""
         if vip_host is not None and self.gateway.resolver is not None:
-            candidates = await self.gateway.resolver.resolve(vip_host)
+            candidates = tuple(await self.gateway.resolver.resolve(vip_host))
             if not candidates:
                 raise _Refused(f"{vip_host} does not resolve")
         else:
-            candidates = [dst_ip]
-        allowed: list[str] = []
-        reason: str | None = None
-        for ip in candidates:
-            refusal = self.gateway.policy.check(ip)
-            if refusal is None:
-                allowed.append(ip)
-            else:
-                reason = reason or refusal
-        if not allowed:
-            raise _Refused(f"refused by egress policy: {reason}")
-        return allowed
-
-    async def _passthrough(
-        self,
-        flow: _Flow,
-        sni: str | None,
-        offered_alpn: str | None,
-        sock: socket.socket,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        seen: bytes,
-    ) -> None:
-        conn = flow.conn
-        # Nothing more from the peer into Python: it waits in C's ring, for C to relay once the
-        # ClientHello (and anything read with it, returned here) has gone ahead.
-        hand_over = conn if isinstance(conn, HandOverConn) else None
-        left = hand_over.detach_reading(reader) if hand_over is not None else None
-        flow.tls_event(sni, "passthrough", alpn=offered_alpn)
-        first = seen + (left or b"")  # the ClientHello (and anything after it), untouched
-        flow.stats.bytes_up += len(first)
-        if hand_over is not None and left is not None:
-            first = await self._hand_over(flow, hand_over, sock, first)
-            if first is None:
-                return  # relayed in C to the end
-            writer.transport.resume_reading()
-        host_reader, host_writer = await host_streams(sock, self.gateway.settings.tcp_buffer)
-        host_writer.write(first)
-        await splice(
-            Side("peer", reader, writer, conn.abort),
-            Side(
-                "destination", host_reader, host_writer, lambda: reset_host_connection(host_writer)
-            ),
-            read_size=READ_SIZE,
-            stats=flow.stats,
+            candidates = (flow.dst_ip,)
+        verdict = self.gateway.decisions.decide(
+            Question(
+                Moment.FLOW,
+                flow.peer_key,
+                dst_ip=flow.dst_ip,
+                dst_port=flow.dst_port,
+                hostname=vip_host,
+                addresses=candidates,
+            )
         )
-
-    async def _hand_over(
-        self, flow: _Flow, conn: HandOverConn, sock: socket.socket, first: bytes
-    ) -> bytes | None:
-        """Send `first` to the destination and let C relay the rest of the connection; None
-        once it ended there.  If the socket does not take `first` at once (a hello larger than
-        its buffer) or C cannot take the connection, what is left to send, for Python's relay."""
-        try:
-            sent = sock.send(first)
-        except OSError:  # full (BlockingIOError) or failed: Python's relay reports the latter
-            sent = 0
-        if sent < len(first):
-            return first[sent:]
-        loop = asyncio.get_running_loop()
-        ended: asyncio.Future[SpliceResult] = loop.create_future()
-
-        def done(result: SpliceResult) -> None:
-            if not ended.done():
-                ended.set_result(result)
-
-        # The compiled engine: imported here, as everywhere in the services, once it runs.
-        from unclaw_tui.engine._ffi import EngineError
-
-        try:
-            conn.splice_accepted(sock, done)
-        except (OSError, EngineError) as exc:
-            log.debug("passthrough stays in Python: %s", exc)
-            return b""
-        stats = spliced_stats(await ended, self.connect_timeout)
-        flow.stats.bytes_up += stats.bytes_up
-        flow.stats.bytes_down += stats.bytes_down
-        flow.stats.error = stats.error
-        return None
+        if verdict.refusal is not None:
+            raise _Refused(verdict.refusal)
+        return verdict.addresses
 
     async def _upstream_tls(
         self, sock: socket.socket, ctx: ssl.SSLContext, server_name: str
@@ -728,7 +608,7 @@ class TlsService:
 
     async def _intercept(
         self,
-        flow: _Flow,
+        flow: Flow,
         hello: clienthello.ClientHello,
         hostname: str | None,
         sock: socket.socket,
@@ -736,22 +616,25 @@ class TlsService:
         writer: asyncio.StreamWriter,
         seen: bytes,
     ) -> None:
-        conn = flow.conn
         sni = hello.sni
         offer = tuple(p for p in hello.alpn if 0 < len(p.encode("latin-1")) < 256)
-        server_name = hostname or conn.dst_ip
+        server_name = hostname or flow.dst_ip
         try:
             ctx = self.upstream_context(offer)
             up_reader, up_writer = await self._upstream_tls(sock, ctx, server_name)
         except ssl.SSLCertVerificationError as exc:
-            flow.tls_event(
-                sni, "intercepted", error=f"upstream certificate rejected: {_describe(exc)}"
+            _tls_event(
+                self.gateway,
+                flow,
+                sni,
+                "intercepted",
+                error=f"upstream certificate rejected: {_describe(exc)}",
             )
-            await _close_client(writer, conn)
+            await _close_client(writer, flow)
             return
         except (OSError, ssl.SSLError) as exc:
-            flow.tls_event(sni, "intercepted", error=f"upstream: {_describe(exc)}")
-            await _close_client(writer, conn)
+            _tls_event(self.gateway, flow, sni, "intercepted", error=f"upstream: {_describe(exc)}")
+            await _close_client(writer, flow)
             return
         upstream_ssl = up_writer.get_extra_info("ssl_object")
         alpn = upstream_ssl.selected_alpn_protocol() if upstream_ssl is not None else None
@@ -766,20 +649,20 @@ class TlsService:
                     self._remember_rejection(hostname)
             else:
                 error = f"client handshake failed: {_describe(exc)}"
-            flow.tls_event(sni, "intercepted", alpn=alpn, error=error)
+            _tls_event(self.gateway, flow, sni, "intercepted", alpn=alpn, error=error)
             reset_host_connection(up_writer)
-            await _close_client(writer, conn)
+            await _close_client(writer, flow)
             return
-        flow.tls_event(sni, "intercepted", alpn=alpn)
+        _tls_event(self.gateway, flow, sni, "intercepted", alpn=alpn)
         peer_reader: Any = client
         host_reader: Any = up_reader
         observer: Http1Observer | None = None
         if alpn in HTTP1_ALPN:
-            observer = Http1Observer(default_host=hostname or conn.dst_ip)
+            observer = Http1Observer(default_host=hostname or flow.dst_ip)
             peer_reader, host_reader = self._observe(flow, observer, client, up_reader)
         try:
-            await splice(
-                Side("peer", peer_reader, cast(asyncio.StreamWriter, client), conn.abort),
+            await flow.pump(
+                Side("peer", peer_reader, cast(asyncio.StreamWriter, client), flow.abort),
                 Side(
                     "destination",
                     host_reader,
@@ -787,14 +670,13 @@ class TlsService:
                     lambda: reset_host_connection(up_writer),
                 ),
                 read_size=READ_SIZE,
-                stats=flow.stats,
             )
         finally:
             if observer is not None:
                 self._publish_http(flow, observer.close(time.monotonic()))
 
     def _observe(
-        self, flow: _Flow, observer: Http1Observer, client: ClientTls, upstream: Any
+        self, flow: Flow, observer: Http1Observer, client: ClientTls, upstream: Any
     ) -> tuple[_Tap, _Tap]:
         def from_client(data: bytes) -> None:
             observer.request_data(data, time.monotonic())
@@ -806,7 +688,7 @@ class TlsService:
 
         return _Tap(client, from_client), _Tap(upstream, from_upstream)
 
-    def _publish_http(self, flow: _Flow, exchanges: list[Exchange]) -> None:
+    def _publish_http(self, flow: Flow, exchanges: list[Exchange]) -> None:
         for x in exchanges:
             self.gateway.publish(
                 HttpRequest(
@@ -817,8 +699,8 @@ class TlsService:
                     status=x.status,
                     bytes=x.bytes,
                     ms=x.ms,
-                    conn_id=flow.conn.conn_id,
-                    peer_public_key=_b64(flow.conn.peer_public_key),
+                    conn_id=flow.conn_id,
+                    peer_public_key=flow.peer_public_key,
                 )
             )
 
@@ -836,13 +718,13 @@ def _client_rejection(exc: BaseException, sent_certificate: bool) -> str | None:
     return None
 
 
-async def _close_client(writer: asyncio.StreamWriter, conn: TcpConnLike) -> None:
+async def _close_client(writer: asyncio.StreamWriter, flow: Flow) -> None:
     """A clean close (FIN); an abort (RST) if it does not finish in time."""
     writer.close()
     try:
         await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
     except (OSError, TimeoutError):
-        conn.abort()
+        flow.abort()
 
 
 def default_upstream_context(alpn: tuple[str, ...]) -> ssl.SSLContext:

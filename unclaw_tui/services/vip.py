@@ -1,12 +1,10 @@
 """Connections and datagrams to a VIP: carried on to the real address of the VIP's hostname.
 
 TCP (any port but 443/8443, which the router sends to TLS): the VIP's hostname from the map
-(an unknown VIP: RST), its real IPv4 addresses from the upstream (cached by TTL), the egress
-policy on each, then a connection to the first that accepts (the next one on failure, within
+(an unknown VIP: RST), its real IPv4 addresses from the upstream (cached by TTL), the decision
+point on them, then a connection to the first that accepts (the next one on failure, within
 one overall connect budget); only then is the peer's SYN answered, and both ways are spliced
-as the relay does: by the engine in C when the connection offers `splice_socket`, else by
-asyncio streams. Every connection yields one `TcpOpened` and one `TcpClosed` with route
-"vip" and the hostname.
+as the relay does (`flow.carry`). Its flow's events carry route "vip" and the hostname.
 
 UDP: a datagram to an unknown VIP gets ICMP port unreachable. UDP to port 443 of a VIP is
 dropped without a word: that is QUIC to a host we intercept, and dropping it makes clients fall
@@ -17,43 +15,27 @@ flows go to the resolved address (replies still come from the VIP).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
-import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
 
-from unclaw_tui.events import TcpClosed, TcpOpened
+from unclaw_tui.decision import Moment, Question
+from unclaw_tui.flow import carry
+from unclaw_tui.pump import DEFAULT_CONNECT_TIMEOUT, ConnectFailed, connect_socket
 from unclaw_tui.router import Route
-from unclaw_tui.services.relay import (
-    DEFAULT_CONNECT_TIMEOUT,
-    MIN_READ_SIZE,
-    ConnectFailed,
-    Side,
-    SpliceStats,
-    UdpRelay,
-    connect_host,
-    connect_socket,
-    flow_ident,
-    reset_host_connection,
-    splice,
-    spliced_stats,
-)
+from unclaw_tui.services.relay import UdpRelay
 
 if TYPE_CHECKING:
-    from unclaw_tui.engine._ffi import SpliceResult
-    from unclaw_tui.services.base import GatewayServices
-    from unclaw_tui.services.relay import TcpConnLike, UdpDatagramLike
+    import socket
 
-HostT = TypeVar("HostT")
+    from unclaw_tui.flow import Flow
+    from unclaw_tui.services.base import GatewayServices
+    from unclaw_tui.services.relay import UdpDatagramLike
+
 QUIC_PORT = 443
 MAX_ADDRESSES_TRIED = 4
 MIN_CONNECT_TIMEOUT = 3.0  # per address, when several share DEFAULT_CONNECT_TIMEOUT
 MAX_UDP_RESOLVING = 256  # datagrams waiting for their hostname's addresses; past it, dropped
-# UDP flow ids of this relay: far from the engine's TCP ids and the main relay's UDP ids (which
-# start at 1 << 32), since OpenFlows keys flows by id.
-UDP_FLOW_IDS_START = 5 << 32
 
 
 class VipResolver(Protocol):
@@ -69,14 +51,11 @@ class VipService:
         self.resolver = resolver
         s = gateway.settings
         self.udp = UdpRelay(
-            gateway.policy,
-            peer_name=gateway.peer_name,
-            on_open=gateway.publish,
-            on_close=gateway.publish,
+            gateway.flows,
+            gateway.decisions,
             idle_timeout=s.udp_idle_timeout,
             max_flows_per_peer=s.max_flows_per_peer,
-            flow_ids=itertools.count(UDP_FLOW_IDS_START),
-            route=str(Route.VIP),
+            route=Route.VIP,
         )
         self.counts: Counter[str] = Counter()  # "quic_dropped", "unknown_vip", ...
         self._resolving: set[asyncio.Task[None]] = set()
@@ -84,134 +63,43 @@ class VipService:
 
     # -- TCP ---------------------------------------------------------------------------------
 
-    async def handle_tcp(self, conn: TcpConnLike) -> None:
-        started = time.monotonic()
-        hostname = self.resolver.hostname_for_vip(conn.dst_ip)
-        ident = flow_ident(conn, self.gateway.peer_name, str(Route.VIP), hostname)
-        self.gateway.publish(TcpOpened(**ident))
-        stats = SpliceStats()
-        answered = reported = False
-        try:
-            if hostname is None:
-                self.counts["unknown_vip"] += 1
-                stats.error = "unknown VIP"
-                return
-            splice_socket = getattr(conn, "splice_socket", None)
-            if splice_socket is not None:
-                # The engine can splice in C: connect a plain socket and hand it over.
-                sock = await self._connect(hostname, conn.dst_port, stats, connect_socket)
-                if sock is None:
-                    return
-                try:
-                    splice_socket(sock, lambda result: self._spliced(ident, started, result))
-                except Exception as exc:
-                    sock.close()
-                    answered = True  # the engine gave up on the SYN: nothing left to reject
-                    stats.error = f"peer gone before accept: {exc}"
-                    return
-                answered = reported = True  # TcpClosed comes when the splice ends
-                return
-            self.gateway.open_flows.track(conn.conn_id, stats)
-            host = await self._connect(hostname, conn.dst_port, stats, self._connect_streams)
-            if host is None:
-                return
-            host_reader, host_writer = host
-            try:
-                peer_reader, peer_writer = conn.accept()
-            except Exception as exc:
-                reset_host_connection(host_writer)
-                answered = True  # the engine gave up on the SYN: nothing left to reject
-                stats.error = f"peer gone before accept: {exc}"
-                return
-            answered = True
-            buffer = self.gateway.settings.tcp_buffer
-            with contextlib.suppress(NotImplementedError, AttributeError):
-                peer_writer.transport.set_write_buffer_limits(high=buffer)
-            await splice(
-                Side("peer", peer_reader, peer_writer, conn.abort),
-                Side(
-                    "destination",
-                    host_reader,
-                    host_writer,
-                    lambda: reset_host_connection(host_writer),
-                ),
-                read_size=max(MIN_READ_SIZE, buffer),
-                stats=stats,
-            )
-        except asyncio.CancelledError:
-            stats.error = stats.error or "cancelled"
-            raise
-        except Exception as exc:
-            stats.error = f"internal error: {exc}"
-            with contextlib.suppress(Exception):
-                if answered:
-                    conn.abort()
-                else:
-                    conn.reject()
-            answered = True
-            raise
-        finally:
-            if not answered:
-                with contextlib.suppress(Exception):
-                    conn.reject()  # RST: the client sees "connection refused" at once
-            if not reported:
-                self.gateway.publish(
-                    TcpClosed(
-                        **ident,
-                        bytes_up=stats.bytes_up,
-                        bytes_down=stats.bytes_down,
-                        duration=time.monotonic() - started,
-                        error=stats.error,
-                    )
-                )
+    async def handle_tcp(self, flow: Flow) -> None:
+        hostname = self.resolver.hostname_for_vip(flow.dst_ip)
+        flow.open(hostname)
+        if hostname is None:
+            self.counts["unknown_vip"] += 1
+            flow.refuse("unknown VIP")
+            return
+        sock = await self._connect(flow, hostname)
+        if sock is not None:
+            carry(flow, sock)  # not awaited: a spliced connection needs no task of ours
 
-    def _spliced(self, ident: dict[str, Any], started: float, result: SpliceResult) -> None:
-        stats = spliced_stats(result, DEFAULT_CONNECT_TIMEOUT)
-        self.gateway.publish(
-            TcpClosed(
-                **ident,
-                bytes_up=stats.bytes_up,
-                bytes_down=stats.bytes_down,
-                duration=time.monotonic() - started,
-                error=stats.error,
-            )
-        )
-
-    async def _connect_streams(
-        self, ip: str, port: int, timeout: float
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        buffer = self.gateway.settings.tcp_buffer
-        return await connect_host(ip, port, timeout=timeout, buffer_size=buffer)
-
-    async def _connect(
-        self,
-        hostname: str,
-        port: int,
-        stats: SpliceStats,
-        connect: Callable[..., Awaitable[HostT]],
-    ) -> HostT | None:
-        """`connect(ip, port, timeout)` to the first real address that the policy allows and
-        that accepts; None (with stats.error saying why) if there is none."""
+    async def _connect(self, flow: Flow, hostname: str) -> socket.socket | None:
+        """A socket connected to the first real address of `hostname` that the decision point
+        allows and that accepts; None, with the flow refused and saying why, if there is none."""
         addresses = (await self.resolver.resolve(hostname))[:MAX_ADDRESSES_TRIED]
         if not addresses:
-            stats.error = f"{hostname} does not resolve upstream"
+            flow.refuse(f"{hostname} does not resolve upstream")
             return None
-        allowed: list[str] = []
-        errors: list[str] = []
-        for ip in addresses:
-            reason = self.gateway.policy.check(ip)
-            if reason is None:
-                allowed.append(ip)
-            else:
-                errors.append(f"{ip}: refused by egress policy: {reason}")
-        if allowed:
-            timeout = max(MIN_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT / len(allowed))
-            for ip in allowed:
+        verdict = self.gateway.decisions.decide(
+            Question(
+                Moment.FLOW,
+                flow.peer_key,
+                dst_ip=flow.dst_ip,
+                dst_port=flow.dst_port,
+                hostname=hostname,
+                addresses=tuple(addresses),
+            )
+        )
+        errors = [f"{ip}: {why}" for ip, why in verdict.refused]
+        if verdict.addresses:
+            timeout = max(MIN_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT / len(verdict.addresses))
+            for ip in verdict.addresses:
                 try:
-                    return await connect(ip, port, timeout=timeout)
+                    return await connect_socket(ip, flow.dst_port, timeout=timeout)
                 except ConnectFailed as exc:
                     errors.append(f"{ip}: {exc}")
-        stats.error = "; ".join(errors)
+        flow.refuse("; ".join(errors))
         return None
 
     # -- UDP ---------------------------------------------------------------------------------
@@ -243,7 +131,8 @@ class VipService:
         if not addresses:
             dgram.unreachable()
             return
-        # The first address the policy allows; else the first, so the refusal is reported.
+        # The first address the policy allows; else the first, so the refusal is reported
+        # (the relay asks the decision point with the one it is given).
         target = next((ip for ip in addresses if self.gateway.policy.check(ip) is None), None)
         self.udp.handle(dgram, target_ip=target or addresses[0], hostname=hostname)
 
