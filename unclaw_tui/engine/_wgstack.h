@@ -199,10 +199,10 @@ int wg_next_output(wg_engine *e, uint8_t *buf, size_t cap, wg_endpoint *dst);
 int wg_next_event(wg_engine *e, wg_event *out);
 
 /* TCP.  The engine owns one stack: tcp_process gets every IPv4 TCP segment from a peer, its IP
- * header parsed once by the data plane (after the allowed-IPs and fragment checks), its packets go to peers like wg_send_inner's (staged
- * while a peer has no keypair), wg_io_recv calls tcp_flush at the end of each batch (sans-IO
- * callers call tcp_flush themselves after a batch of wg_input), wg_tick runs tcp_tick and
- * wg_next_deadline includes tcp_next_deadline.  Python calls tcp_accept / tcp_read / tcp_write
+ * header parsed once by the data plane (after the allowed-IPs and fragment checks), its packets
+ * go to peers like wg_send_inner's (staged while a peer has no keypair), wg_io_recv calls
+ * tcp_flush at the end of each batch (sans-IO callers call tcp_flush themselves after a batch
+ * of wg_input), wg_tick runs tcp_tick and wg_next_deadline includes tcp_next_deadline.  Python calls tcp_accept / tcp_read / tcp_write
  * ... on wg_engine_tcp(e) directly, then wg_io_flush.
  * wg_peer_remove closes the peer's connections without sending anything: each connection
  * Python still holds gets TCP_EV_CLOSED with TCP_CLOSE_PEER_REMOVED and must still be released. */

@@ -33,7 +33,10 @@ static inline uint64_t rd64le(const uint8_t *p) {
     return (uint64_t)rd32le(p) | ((uint64_t)rd32le(p + 4) << 32);
 }
 static inline void wr16be(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
-static inline void wr32be(uint8_t *p, uint32_t v) { wr16be(p, (uint16_t)(v >> 16)); wr16be(p + 2, (uint16_t)v); }
+static inline void wr32be(uint8_t *p, uint32_t v) {
+    wr16be(p, (uint16_t)(v >> 16));
+    wr16be(p + 2, (uint16_t)v);
+}
 static inline void wr32le(uint8_t *p, uint32_t v) {
     p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24);
 }
