@@ -1,5 +1,5 @@
 /*
- * wgstack_fuzz.c: libFuzzer target for the C data plane (_wgstack.c + _tcp.c + _splice.c).
+ * wgstack_fuzz.c: libFuzzer target for the C engine (_wg.c + _hub.c + _wire.c + _tcp.c + _splice.c).
  *
  * Each input builds a fresh engine with three peers and runs a program of operations over it:
  * raw datagrams into wg_input (the untrusted UDP side), inner packets that the harness encrypts

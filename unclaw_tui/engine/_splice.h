@@ -18,6 +18,11 @@
  * by splice_claim_event (the engine's event callback calls it first) and handled at the next
  * splice_run; the engine runs it after each input batch and each tick.
  *
+ * Not sans-IO: splice_connect, splice_poll, splice_gather, splice_run and splice_abort make
+ * system calls on non-blocking sockets (never blocking), with the time passed in.  Not
+ * thread-safe: it runs on the thread that holds the engine (the worker of _worker.c, or the
+ * owner's thread under wg_worker_lock).
+ *
  * Conventions as _tcp.h.  Read as a cffi cdef: no preprocessor lines beyond the include guard,
  * #includes and plain integer #defines.
  */

@@ -2,7 +2,8 @@
  * _tcp.c: userspace TCP for the tunnel side of the gateway (see _tcp.h for the contract).
  *
  * The way of a segment:
- *   tcp_input -> parse once into seg_repr (lengths, checksum, options checked here only)
+ *   tcp_process (the IP header already parsed by the caller into a wire_ip_repr, _wire.h)
+ *     -> parse the TCP header once into seg_repr (lengths, checksum, options checked here only)
  *     -> no connection: SYN -> limits -> new entry in SYN-PENDING + TCP_EV_SYN; else RST
  *     -> connection: RFC 9293 3.10.7.4 order: sequence check, RST (RFC 5961 exact match),
  *        SYN (challenge ACK), ACK (window, RTT, NewReno), data (in place into the receive ring,
@@ -13,8 +14,12 @@
  *
  * Memory: a connection is one struct (< 512 bytes); each ring buffer is allocated when data
  * first needs it and freed again when it drains, so idle connections stay small.
+ *
+ * Sans-IO throughout (no system call, no clock, never blocks), on the engine's thread of the
+ * moment: see _tcp.h.
  */
 #include "_tcp.h"
+#include "_wire.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -129,34 +134,6 @@ struct tcp_stack {
     uint8_t *pkt;
     double now; /* of the public call in progress, for the emit callback */
 };
-
-/* ---- Byte order and checksums -------------------------------------------------------------- */
-static uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
-static uint32_t rd32(const uint8_t *p) {
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-static void wr16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
-static void wr32(uint8_t *p, uint32_t v) {
-    p[0] = (uint8_t)(v >> 24); p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v;
-}
-
-/* Plain one's-complement sum (RFC 1071), folded at the end. */
-static uint64_t csum_add(uint64_t sum, const uint8_t *p, size_t len) {
-    while (len > 1) {
-        sum += (uint32_t)p[0] << 8 | p[1];
-        p += 2;
-        len -= 2;
-    }
-    if (len) sum += (uint32_t)p[0] << 8;
-    return sum;
-}
-static uint16_t csum_fold(uint64_t sum) {
-    while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
-    return (uint16_t)~sum;
-}
-static uint64_t pseudo_sum(uint32_t src, uint32_t dst, uint32_t tcp_len) {
-    return (src >> 16) + (src & 0xffff) + (dst >> 16) + (dst & 0xffff) + 6 + tcp_len;
-}
 
 /* ---- Counters ------------------------------------------------------------------------------ */
 static const char *const drop_names[TCP_DROP__COUNT] = {
@@ -436,27 +413,19 @@ static void emit_packet(tcp_stack *s, uint32_t peer_id, uint32_t src_ip, uint16_
                         uint32_t data_off, uint32_t dlen) {
     uint8_t *p = s->pkt;
     uint32_t thl = 20 + optlen, tot = 20 + thl + dlen;
-    p[0] = 0x45;
-    p[1] = 0;
-    wr16(p + 2, (uint16_t)tot);
-    wr16(p + 4, s->ip_id++);
-    wr16(p + 6, 0x4000); /* DF: the tunnel MTU is known, MSS fits it */
-    p[8] = 64;
-    p[9] = 6;
-    wr16(p + 10, 0);
-    wr32(p + 12, src_ip);
-    wr32(p + 16, dst_ip);
-    wr16(p + 10, csum_fold(csum_add(0, p, 20)));
-    uint8_t *t = p + 20;
-    wr16(t, sport);
-    wr16(t + 2, dport);
-    wr32(t + 4, seq);
-    wr32(t + 8, ack);
+    wire_ip_repr ip = wire_ipv4_repr(src_ip, dst_ip, WIRE_PROTO_TCP, thl + dlen);
+    ip.id = s->ip_id++;
+    ip.dont_fragment = true; /* the tunnel MTU is known, MSS fits it */
+    uint8_t *t = p + wire_ip_emit(&ip, p);
+    wr16be(t, sport);
+    wr16be(t + 2, dport);
+    wr32be(t + 4, seq);
+    wr32be(t + 8, ack);
     t[12] = (uint8_t)((thl / 4) << 4);
     t[13] = flags;
-    wr16(t + 14, wnd);
-    wr16(t + 16, 0);
-    wr16(t + 18, 0);
+    wr16be(t + 14, wnd);
+    wr16be(t + 16, 0);
+    wr16be(t + 18, 0);
     if (optlen) memcpy(t + 20, opt, optlen);
     if (dlen) {
         uint32_t pos = (c->shead + data_off) % c->scap;
@@ -464,7 +433,8 @@ static void emit_packet(tcp_stack *s, uint32_t peer_id, uint32_t src_ip, uint16_
         memcpy(t + thl, c->sbuf + pos, first);
         memcpy(t + thl + first, c->sbuf, dlen - first);
     }
-    wr16(t + 16, csum_fold(csum_add(pseudo_sum(src_ip, dst_ip, thl + dlen), t, thl + dlen)));
+    uint32_t sum = wire_pseudo_sum(4, ip.src, ip.dst, WIRE_PROTO_TCP, thl + dlen);
+    wr16be(t + 16, csum_finish(csum_add(sum, t, thl + dlen)));
     s->st.segs_out++;
     if (flags & F_RST) s->st.rsts_out++;
     if (s->cb.emit) s->cb.emit(s->cb.ctx, peer_id, p, tot, s->now);
@@ -501,8 +471,8 @@ static void conn_emit(tcp_stack *s, tcp_conn *c, uint32_t seq, uint8_t flags, ui
         opt[2] = 5;
         for (uint32_t k = 0; k < c->nooo && nb < SACK_BLOCKS_OUT; k++) {
             uint32_t i = k == 0 ? first : (k <= first ? k - 1 : k);
-            wr32(opt + 4 + 8 * nb, c->ooo[i].start);
-            wr32(opt + 8 + 8 * nb, c->ooo[i].end);
+            wr32be(opt + 4 + 8 * nb, c->ooo[i].start);
+            wr32be(opt + 8 + 8 * nb, c->ooo[i].end);
             nb++;
         }
         opt[3] = (uint8_t)(2 + 8 * nb);
@@ -540,7 +510,7 @@ static void send_synack(tcp_stack *s, tcp_conn *c) {
     uint32_t optlen = 4;
     opt[0] = 2; /* MSS */
     opt[1] = 4;
-    wr16(opt + 2, s->mss);
+    wr16be(opt + 2, s->mss);
     if (c->wscale_ok) {
         opt[optlen++] = 1; /* NOP */
         opt[optlen++] = 3; /* window scale */
@@ -762,29 +732,27 @@ typedef struct {
     uint32_t dlen;
 } seg_repr;
 
-static int parse_segment(tcp_stack *s, const uint8_t *pkt, size_t len, seg_repr *g) {
-    if (len < 20) return drop(s, TCP_DROP_MALFORMED);
-    uint32_t ihl = (uint32_t)(pkt[0] & 15) * 4;
-    uint32_t tot = rd16(pkt + 2);
-    if ((pkt[0] >> 4) != 4 || ihl < 20 || tot > len || tot < ihl + 20)
-        return drop(s, TCP_DROP_MALFORMED);
-    const uint8_t *t = pkt + ihl;
-    uint32_t tlen = tot - ihl;
+/* The TCP header of a segment whose IP header the caller parsed (ip_repr); the TCP checksum,
+ * lengths and options are checked here only. */
+static int parse_segment(tcp_stack *s, const wire_ip_repr *ip, seg_repr *g) {
+    const uint8_t *t = ip->payload;
+    uint32_t tlen = (uint32_t)ip->payload_len;
+    if (ip->family != 4 || tlen < 20) return drop(s, TCP_DROP_MALFORMED);
     uint32_t doff = (uint32_t)(t[12] >> 4) * 4;
     if (doff < 20 || doff > tlen) return drop(s, TCP_DROP_MALFORMED);
-    g->src_ip = rd32(pkt + 12);
-    g->dst_ip = rd32(pkt + 16);
-    if (csum_fold(csum_add(pseudo_sum(g->src_ip, g->dst_ip, tlen), t, tlen)) != 0)
+    g->src_ip = rd32be(ip->src);
+    g->dst_ip = rd32be(ip->dst);
+    if (csum_finish(csum_add(wire_pseudo_sum(4, ip->src, ip->dst, WIRE_PROTO_TCP, tlen), t, tlen)) != 0)
         return drop(s, TCP_DROP_BAD_CHECKSUM);
-    g->sport = rd16(t);
-    g->dport = rd16(t + 2);
+    g->sport = rd16be(t);
+    g->dport = rd16be(t + 2);
     if (g->sport == 0 || g->dport == 0 || g->dst_ip >= 0xe0000000u || g->src_ip >= 0xe0000000u ||
         g->src_ip == 0 || g->dst_ip == 0)
         return drop(s, TCP_DROP_BAD_ADDRESS);
-    g->seq = rd32(t + 4);
-    g->ack = rd32(t + 8);
+    g->seq = rd32be(t + 4);
+    g->ack = rd32be(t + 8);
     g->flags = t[13] & 0x3f;
-    g->wnd = rd16(t + 14);
+    g->wnd = rd16be(t + 14);
     g->mss = 0;
     g->wscale = -1;
     g->sack_permitted = 0;
@@ -799,13 +767,13 @@ static int parse_segment(tcp_stack *s, const uint8_t *pkt, size_t len, seg_repr 
         if (i + 1 >= doff) break;
         uint32_t olen = t[i + 1];
         if (olen < 2 || i + olen > doff) break;
-        if (kind == 2 && olen == 4) g->mss = rd16(t + i + 2);
+        if (kind == 2 && olen == 4) g->mss = rd16be(t + i + 2);
         if (kind == 3 && olen == 3) g->wscale = t[i + 2] > MAX_WSCALE ? MAX_WSCALE : t[i + 2];
         if (kind == 4 && olen == 2) g->sack_permitted = 1;
         if (kind == 5 && olen >= 10 && (olen - 2) % 8 == 0) {
             for (uint32_t b = 0; b < (olen - 2) / 8 && b < 4; b++) {
-                g->sack[b].start = rd32(t + i + 2 + 8 * b);
-                g->sack[b].end = rd32(t + i + 6 + 8 * b);
+                g->sack[b].start = rd32be(t + i + 2 + 8 * b);
+                g->sack[b].end = rd32be(t + i + 6 + 8 * b);
                 g->nsack = (uint8_t)(b + 1);
             }
         }
@@ -1350,10 +1318,17 @@ void tcp_stack_free(tcp_stack *s) {
 
 int tcp_input(tcp_stack *s, uint32_t peer_id, const uint8_t *ip_packet, size_t len, double now) {
     if (!s || !ip_packet) return TCP_EINVAL;
+    wire_ip_repr ip;
+    if (wire_ip_parse(ip_packet, len, &ip)) return tcp_process(s, peer_id, &ip, now);
+    s->st.segs_in++;
+    return drop(s, TCP_DROP_MALFORMED);
+}
+
+int tcp_process(tcp_stack *s, uint32_t peer_id, const struct wire_ip_repr *ip, double now) {
     s->now = now;
     s->st.segs_in++;
     seg_repr g;
-    if (parse_segment(s, ip_packet, len, &g)) return 1;
+    if (parse_segment(s, ip, &g)) return 1;
     tcp_conn *c = conn_lookup(s, peer_id, g.src_ip, g.sport, g.dst_ip, g.dport);
     int r;
     if (c) {

@@ -2,9 +2,11 @@
  * _tcp.h: the userspace TCP of the gateway, terminating every TCP connection a WireGuard peer
  * opens, to any destination ip:port.
  *
- * Sans-IO: inner IPv4 packets and the time go in (tcp_input, tcp_tick, the tcp_* calls of the
- * owner), IPv4 packets for the peers and events for the owner come out through two C callbacks.
- * It never reads a clock, never blocks, never calls Python.
+ * Sans-IO: inner IPv4 segments and the time go in (tcp_process, tcp_tick, the tcp_* calls of
+ * the owner), IPv4 packets for the peers and events for the owner come out through two C
+ * callbacks.  It never reads a clock, never blocks, makes no system call, never calls Python.
+ * Not thread-safe: in the gateway it runs on whichever thread holds the engine (the worker of
+ * _worker.c, or the owner's thread under wg_worker_lock).
  *
  * A peer's SYN is peeked, never matched against listeners: it becomes a connection in state
  * TCP_ST_SYN_PENDING and a TCP_EV_SYN event; the owner then calls tcp_accept (SYN-ACK) or
@@ -27,8 +29,8 @@
  *
  * Conventions as _wgstack.h: IPv4 addresses and ports in host byte order, times in seconds
  * (double, the caller's monotonic clock), negative TCP_E* codes on error.  This header is also
- * read as a cffi cdef: no preprocessor lines other than the include guard, #includes and plain
- * integer #defines.
+ * read as a cffi cdef: no preprocessor lines other than the include guard, #includes, plain
+ * integer #defines and the C-only block of `#ifndef UNCLAW_CDEF` (build.py leaves it out).
  */
 #ifndef UNCLAW_TCP_H
 #define UNCLAW_TCP_H
@@ -163,11 +165,18 @@ typedef struct tcp_stack tcp_stack;
 tcp_stack *tcp_stack_new(const tcp_config *cfg, const tcp_callbacks *cb);
 void tcp_stack_free(tcp_stack *s);
 
-/* A complete IPv4 packet from peer_id.  The caller validated version, IHL, total length, header
- * checksum, protocol 6 and that it is not a fragment; this checks the TCP checksum and header.
- * Returns 0 if the segment was used, 1 if it was dropped (and counted), TCP_EINVAL on NULL. */
+/* A segment from peer_id whose IP header the caller parsed (wire_ip_parse, _wire.h) and
+ * checked: protocol 6, not a fragment.  As smoltcp's process_tcp(ip_repr, payload): the IP
+ * header is not read again; this checks the TCP checksum and header (IPv4 only so far).
+ * Returns 0 if the segment was used, 1 if it was dropped (and counted). */
+#ifndef UNCLAW_CDEF
+struct wire_ip_repr;
+int tcp_process(tcp_stack *s, uint32_t peer_id, const struct wire_ip_repr *ip, double now);
+#endif
+/* tcp_process of a whole IPv4 packet (for callers holding bytes: tests); an IP header
+ * wire_ip_parse refuses counts as TCP_DROP_MALFORMED.  TCP_EINVAL on NULL. */
 int tcp_input(tcp_stack *s, uint32_t peer_id, const uint8_t *ip_packet, size_t len, double now);
-/* Send every pending ACK at once; call after each batch of tcp_input. */
+/* Send every pending ACK at once; call after each batch of tcp_process / tcp_input. */
 void tcp_flush(tcp_stack *s, double now);
 
 int tcp_accept(tcp_stack *s, uint32_t conn_id, double now); /* SYN-ACK */

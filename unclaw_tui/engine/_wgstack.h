@@ -1,10 +1,19 @@
 /*
- * _wgstack.h: the C data plane of unclaw-tui, the contract between C and Python.
+ * _wgstack.h: the C engine of unclaw-tui, the contract between C and Python.
  *
- * The core is sans-IO: datagrams and the time go in (wg_input, wg_tick), datagrams to send
- * (wg_next_output) and events for Python (wg_next_event) come out.  It never reads a clock and
- * never blocks.  A thin IO helper (wg_io_recv / wg_io_flush) runs the same core over a UDP
- * socket that Python owns, with recvmmsg/sendmmsg on Linux.
+ * Implemented by the WireGuard data plane (_wg.c: keys, replay, cryptokey routing, timers,
+ * encrypt/decrypt, the inner packet's dispatch) and the engine hub (_hub.c: lifecycle, the TCP
+ * and UDP queues to Python, splices and the fast relay, wg_tick / wg_collect, the IO helper),
+ * over the userspace TCP (_tcp.h), the splices (_splice.h) and the shared wire format (_wire.h).
+ *
+ * The data plane and the TCP are sans-IO: datagrams and the time go in (wg_input, wg_tick),
+ * datagrams to send (wg_next_output) and events for Python (wg_next_event) come out; they never
+ * read a clock and never block.  IO is the hub's: the IO helper (wg_io_recv / wg_io_flush) runs
+ * the core over a UDP socket that Python owns, with recvmmsg/sendmmsg, and splices (including
+ * the fast relay's, opened from within wg_input) move bytes over non-blocking host sockets.
+ * Nothing is thread-safe: the engine is used by one thread at a time, the worker of _worker.h
+ * (wg_io_recv, wg_splice_service, wg_timers_due, wg_collect) or the owner's thread, which holds
+ * wg_worker_lock around every call while a worker runs (or owns the engine alone without one).
  *
  * Python does per-handshake work (Noise IKpsk2, cookies, retransmission policy) and installs the
  * resulting keypairs here; C does per-packet work (transport encrypt/decrypt, replay window,
@@ -189,11 +198,11 @@ int wg_next_output(wg_engine *e, uint8_t *buf, size_t cap, wg_endpoint *dst);
 /* Pop the next event: returns 1 and fills out, or 0 if none. */
 int wg_next_event(wg_engine *e, wg_event *out);
 
-/* TCP.  The engine owns one stack: tcp_input gets every IPv4 TCP segment from a peer (after
- * the allowed-IPs and fragment checks), its packets go to peers like wg_send_inner's (staged
- * while a peer has no keypair), wg_io_recv calls tcp_flush at the end of each batch (sans-IO
- * callers call tcp_flush themselves after a batch of wg_input), wg_tick runs tcp_tick and
- * wg_next_deadline includes tcp_next_deadline.  Python calls tcp_accept / tcp_read / tcp_write
+/* TCP.  The engine owns one stack: tcp_process gets every IPv4 TCP segment from a peer, its IP
+ * header parsed once by the data plane (after the allowed-IPs and fragment checks), its packets
+ * go to peers like wg_send_inner's (staged while a peer has no keypair), wg_io_recv calls
+ * tcp_flush at the end of each batch (sans-IO callers call tcp_flush themselves after a batch
+ * of wg_input), wg_tick runs tcp_tick and wg_next_deadline includes tcp_next_deadline.  Python calls tcp_accept / tcp_read / tcp_write
  * ... on wg_engine_tcp(e) directly, then wg_io_flush.
  * wg_peer_remove closes the peer's connections without sending anything: each connection
  * Python still holds gets TCP_EV_CLOSED with TCP_CLOSE_PEER_REMOVED and must still be released. */
@@ -306,7 +315,7 @@ void wg_timers_due(wg_engine *e, double now);
 void wg_trim_memory(void);
 
 /* Process-wide: keep large TCP rings on the heap and stop free() from shrinking it, so that
- * short connections do not cost system calls and page faults (see _wgstack.c). */
+ * short connections do not cost system calls and page faults (see _hub.c). */
 void wg_tune_allocator(void);
 
 /* The IO helper over a non-blocking UDP socket owned by Python. family is 4 (AF_INET socket)

@@ -1,5 +1,7 @@
 /*
- * _worker.c: the data plane on a thread of its own (see _worker.h for the contract).
+ * _worker.c: the engine on a thread of its own (see _worker.h for the contract).  The worker
+ * thread blocks in epoll_wait on the UDP socket, the splices' epoll fd and a wake eventfd, and
+ * runs the engine under its mutex; wg_worker_lock / unlock run on the owner's thread.
  */
 #define _GNU_SOURCE
 #include "_worker.h"

@@ -1,6 +1,7 @@
-"""cffi builder for the C data plane (`_wgstack.c` + the userspace TCP `_tcp.c` + the relay's
-splices `_splice.c` + the data plane's thread `_worker.c`), declared by `_tcp.h`, `_splice.h`,
-`_wgstack.h` (which includes both) and `_worker.h`.
+"""cffi builder for the C engine (the WireGuard data plane `_wg.c` + the engine hub `_hub.c` + the
+wire formats `_wire.c` + the userspace TCP `_tcp.c` + the relay's splices `_splice.c` + the
+engine's thread `_worker.c`), declared by `_tcp.h`, `_splice.h`, `_wgstack.h` (which includes
+both) and `_worker.h`; `_wire.h` and `_engine.h` are private to the C files.
 
 Used by setup.py (`cffi_modules`) and, for development, in place:
 `python -m unclaw_tui.engine.build` puts `_wgstack_cffi*.so` beside this file.
@@ -27,7 +28,9 @@ HEADERS = (
 # Relative to the repo root, the working directory of setuptools builds (and of __main__ below):
 # setuptools rejects absolute source paths, and distutils would mirror them under its tmpdir.
 SOURCES_REL = [
-    "unclaw_tui/engine/_wgstack.c",
+    "unclaw_tui/engine/_wg.c",
+    "unclaw_tui/engine/_hub.c",
+    "unclaw_tui/engine/_wire.c",
     "unclaw_tui/engine/_tcp.c",
     "unclaw_tui/engine/_splice.c",
     "unclaw_tui/engine/_worker.c",
@@ -36,11 +39,17 @@ ENGINE_DIR_REL = "unclaw_tui/engine"
 
 
 def cdef_from_header(text: str) -> str:
-    """The header minus what cffi's parser does not take: the include guard and #includes."""
+    """The header minus what cffi's parser does not take: the include guard, #includes, and the
+    C-only declarations between `#ifndef UNCLAW_CDEF` and its `#endif`."""
     kept = []
+    c_only = False
     for line in text.splitlines():
         stripped = line.strip()
-        if stripped.startswith(("#ifndef", "#endif", "#include")):
+        if stripped == "#ifndef UNCLAW_CDEF":
+            c_only = True
+            continue
+        if c_only or stripped.startswith(("#ifndef", "#endif", "#include")):
+            c_only = c_only and not stripped.startswith("#endif")
             continue
         if stripped.startswith("#define") and len(stripped.split()) == 2:
             continue  # the include guard's bare #define
@@ -48,7 +57,9 @@ def cdef_from_header(text: str) -> str:
     return "\n".join(kept)
 
 
-compile_args = ["-O2", "-std=c11", "-Wall", "-Wextra", "-pthread"]
+# Hidden visibility: the module exports only PyInit; the engine's C functions are reached
+# through it, so they need no dynamic symbols (smaller, and calls between files stay direct).
+compile_args = ["-O2", "-std=c11", "-Wall", "-Wextra", "-pthread", "-fvisibility=hidden"]
 link_args: list[str] = ["-pthread"]
 if os.environ.get("UNCLAW_SANITIZE") == "1":
     sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
