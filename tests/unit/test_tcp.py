@@ -693,6 +693,27 @@ def test_zero_window_probe_with_backoff(stack: Stack) -> None:
     assert stack.info(conn).state == lib.TCP_ST_ESTABLISHED
 
 
+def test_zero_window_probes_answered_keep_the_connection_unanswered_end_it(stack: Stack) -> None:
+    # RFC 1122 4.2.2.17: open for as long as the peer answers the probes, however long that is;
+    # a peer that stopped answering (gone, or never there) must not hold the connection forever.
+    peer, conn, synack = connect(stack)
+    una = synack.seq + 1
+    stack.input(peer.seg(ack=una, wnd=0))
+    stack.write(conn, b"waiting")
+    stack.take_events()
+    end = stack.now + 1000
+    while stack.now < end:
+        stack.now = lib.tcp_next_deadline(stack.ptr)
+        lib.tcp_tick(stack.ptr, stack.now)
+        assert [p.seq for p in stack.take()] == [una - 1]
+        stack.input(peer.seg(ack=una, wnd=0))  # answered, window still shut
+    assert stack.info(conn).state == lib.TCP_ST_ESTABLISHED
+    stack.run_until(stack.now + 1000)  # from here on the probes go unanswered
+    assert stack.take_events() == [(lib.TCP_EV_CLOSED, conn, lib.TCP_CLOSE_TIMEOUT)]
+    lib.tcp_release(stack.ptr, conn, stack.now)
+    assert stack.stats().conns == 0 and lib.tcp_next_deadline(stack.ptr) == 0
+
+
 def test_we_answer_peer_zero_window_probe() -> None:
     stack = Stack(rcvbuf=4 * MSS)
     peer = Peer(wscale=None)

@@ -31,6 +31,7 @@
 #define RTO_GRANULARITY 0.001
 #define DATA_RETRIES 10     /* RTO back-offs before giving up (~2 min with the 60 s cap) */
 #define SYNACK_RETRIES 5    /* 1+2+4+8+16 s */
+#define PROBE_RETRIES 10    /* unanswered zero-window probes before giving up (~3 min) */
 #define PERSIST_MAX 30.0    /* longest zero-window probe interval */
 #define INITIAL_WINDOW_SEGS 10 /* RFC 6928 */
 #define DUPACK_THRESHOLD 3  /* RFC 5681 3.2 */
@@ -77,6 +78,7 @@ typedef struct tcp_conn {
     uint8_t fin_queued, fin_sent, fin_rcvd, ooo_fin;
     uint8_t readable_armed, want_writable, in_recovery, persist, timing;
     uint8_t wscale_ok, snd_wscale, rcv_wscale, backoff, ack_listed, nooo;
+    uint8_t probes_unanswered; /* zero-window probes since the peer last ACKed anything */
     uint8_t sack_ok, nsacked;
     uint16_t snd_mss;
     int32_t heap_idx;
@@ -1190,6 +1192,7 @@ static int conn_input(tcp_stack *s, tcp_conn *c, uint32_t peer_id, seg_repr *g, 
         return drop(s, TCP_DROP_BAD_ACK);
     }
     if (SEQ_GEQ(g->ack, c->snd_una)) {
+        c->probes_unanswered = 0; /* an acceptable ACK: the peer is there */
         if (c->sack_ok) {
             for (uint32_t b = 0; b < g->nsack; b++) {
                 uint32_t bs = g->sack[b].start, be = g->sack[b].end;
@@ -1655,6 +1658,13 @@ static void on_rto(tcp_stack *s, tcp_conn *c, double now) {
         return;
     }
     if (c->persist) {
+        /* RFC 1122 4.2.2.17 keeps the connection while the peer answers; one that stopped
+         * answering would hold it (and its buffers) forever. */
+        if (c->probes_unanswered >= PROBE_RETRIES) {
+            abort_conn(s, c, TCP_CLOSE_TIMEOUT);
+            return;
+        }
+        c->probes_unanswered++;
         /* zero-window probe: an old sequence number makes the peer answer with its window */
         s->st.zero_window_probes++;
         conn_emit(s, c, c->snd_una - 1, F_ACK, 0, 0);
