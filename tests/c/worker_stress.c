@@ -231,7 +231,7 @@ int main(void) {
         wg_peer_install_keypair(e, 0, LOCAL_INDEX, REMOTE_INDEX, key_to_peer, key_to_gateway,
                                 false, t0) != 0 ||
         wg_io_attach(e, gateway_fd, 4) != 0 ||
-        wg_fast_relay_allow(e, LOOPBACK, listen_port, 0, 5.0) != 0)
+        wg_fast_relay_allow(e, 0, LOOPBACK, listen_port, 0, 5.0) != 0)
         fail("engine setup");
 
     int notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -292,7 +292,7 @@ int main(void) {
         while ((n = splice_results(wg_engine_splice(e), results, 64)) > 0) fast_ended += (uint64_t)n;
         if (turns % 16 == 0) { /* the owner's rules changed: approvals go, and come back */
             wg_fast_relay_clear(e);
-            wg_fast_relay_allow(e, LOOPBACK, listen_port, 0, 5.0);
+            wg_fast_relay_allow(e, 0, LOOPBACK, listen_port, 0, 5.0);
         }
         wg_peer_get_stats(e, 0, &pst);
         wg_engine_get_stats(e, &est);

@@ -23,6 +23,7 @@ from tests.unit.test_wgstack import PEER_ID
 from tests.unit.test_wgstack_flows import (
     GW_WSCALE,
     Client,
+    add_test_peer,
     establish,
     syn_event,
     window_batch,
@@ -273,7 +274,7 @@ def test_fast_relay_splices_an_approved_destination_without_asking_and_reports_i
     engine: Engine, client: Client, listener: socket.socket
 ) -> None:
     dst = listener.getsockname()
-    engine.fast_relay_allow(dst, None, 10.0)
+    engine.fast_relay_allow(PEER_ID, dst, None, 10.0)
     peer = fast_peer(listener)
     client.send(peer.syn())
     assert engine.tcp_events() == []  # no decision asked for
@@ -306,7 +307,7 @@ def test_fast_relay_refused_destination_still_gets_an_honest_rst(
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()
-    engine.fast_relay_allow(("127.0.0.1", port), None, 10.0)
+    engine.fast_relay_allow(PEER_ID, ("127.0.0.1", port), None, 10.0)
     peer = Peer(dport=port, dst_ip=LOOPBACK)
     client.send(peer.syn())
     [opened] = engine.fast_relay_opened()
@@ -317,13 +318,21 @@ def test_fast_relay_refused_destination_still_gets_an_honest_rst(
     assert rst.flags == RST | ACK and rst.ack == peer.iss + 1
 
 
-@pytest.mark.parametrize("case", ["other_port", "other_address", "expired", "cleared"])
+@pytest.mark.parametrize(
+    "case", ["other_port", "other_address", "other_peer", "expired", "cleared", "peer_removed"]
+)
 def test_fast_relay_leaves_every_other_syn_to_the_owner(
     engine: Engine, client: Client, listener: socket.socket, case: str
 ) -> None:
     ip, port = listener.getsockname()
-    engine.fast_relay_allow((ip, port), client.now + 5, 10.0)
+    approved_for = PEER_ID + 1 if case == "other_peer" else PEER_ID
+    if case == "other_peer":
+        engine.peer_add(approved_for)
+    engine.fast_relay_allow(approved_for, (ip, port), client.now + 5, 10.0)
     peer = fast_peer(listener)
+    if case == "peer_removed":  # the id given to a new peer has none of the old one's approvals
+        engine.peer_remove(PEER_ID)
+        add_test_peer(engine, client.now)
     if case == "other_port":
         peer.dport = port + 1 if port < 65535 else port - 1
     elif case == "other_address":
@@ -340,9 +349,11 @@ def test_fast_relay_approvals_are_checked(engine: Engine) -> None:
     for dst, timeout in [(("127.0.0.1", 0), 10.0), (("0.0.0.0", 80), 10.0),
                          (("127.0.0.1", 80), -1.0)]:  # fmt: skip
         with pytest.raises(EngineError):
-            engine.fast_relay_allow(dst, None, timeout)
+            engine.fast_relay_allow(PEER_ID, dst, None, timeout)
     with pytest.raises(EngineError):
-        engine.fast_relay_allow(("::1", 80), None, 10.0)  # IPv4 only, as the stack
+        engine.fast_relay_allow(PEER_ID, ("::1", 80), None, 10.0)  # IPv4 only, as the stack
+    with pytest.raises(EngineError):
+        engine.fast_relay_allow(1 << 20, ("127.0.0.1", 80), None, 10.0)  # no such peer id
 
 
 # ---- Adopting a connection the owner accepted and read from (TLS passthrough) ---------------

@@ -83,16 +83,21 @@ class Client:
 
 def new_engine(**tcp: int) -> Engine:
     engine = Engine(GATEWAY_IP, 24, **tcp)
+    add_test_peer(engine, T0)
+    return engine
+
+
+def add_test_peer(engine: Engine, now: float) -> None:
+    """The test peer with its addresses, endpoint and a confirmed session."""
     engine.peer_add(PEER_ID)
     engine.peer_add_allowed_ip(PEER_ID, f"{PEER_IP}/32")
     engine.peer_add_allowed_ip(PEER_ID, f"{PEER_IP6}/128")
     engine.peer_set_endpoint(PEER_ID, PEER_ENDPOINT)
     engine.install_keypair(
-        PEER_ID, LOCAL_INDEX, REMOTE_INDEX, KEY_GW_TO_PEER, KEY_PEER_TO_GW, False, T0
+        PEER_ID, LOCAL_INDEX, REMOTE_INDEX, KEY_GW_TO_PEER, KEY_PEER_TO_GW, False, now
     )
-    engine.input(transport(LOCAL_INDEX, 0, b""), PEER_ENDPOINT, T0)
+    engine.input(transport(LOCAL_INDEX, 0, b""), PEER_ENDPOINT, now)
     assert [e.type for e in engine.events()] == [_ffi.EV_KEYPAIR_CONFIRMED]
-    return engine
 
 
 def drops(engine: Engine) -> dict[str, int]:

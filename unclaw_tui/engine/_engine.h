@@ -101,8 +101,9 @@ typedef struct {
 } output_meta; /* the output ring's: drained by wg_next_output (_wg.c) or wg_io_flush (_hub.c) */
 
 /* ---- The hub's state (_hub.c) ----------------------------------------------------------------- */
-/* A destination approved for the fast relay (see wg_fast_relay_allow). */
+/* A destination approved for the fast relay, for one peer (see wg_fast_relay_allow). */
 typedef struct {
+    uint32_t peer_id;
     uint32_t ip;
     uint16_t port;
     bool used;
@@ -197,5 +198,7 @@ void dp_run_timers(wg_engine *e, double now);
 /* An IPv4 UDP datagram from peer_id: validated, then queued for wg_udp_drain.  Returns WG_PASS
  * or the reason to count. */
 int hub_udp_input(wg_engine *e, uint32_t peer_id, const wire_ip_repr *ip);
+/* A peer left: its fast-relay approvals go with it (its id may be given to another). */
+void hub_forget_peer(wg_engine *e, uint32_t peer_id);
 
 #endif

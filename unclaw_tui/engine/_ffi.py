@@ -776,14 +776,20 @@ class Engine:
             raise OSError(-code, os.strerror(-code))
 
     def fast_relay_allow(
-        self, dst: Endpoint, expires: float | None, connect_timeout: float
+        self, peer_id: int, dst: Endpoint, expires: float | None, connect_timeout: float
     ) -> None:
-        """Let the engine splice SYNs to dst itself until expires (the engine's clock; None =
-        until cleared), connecting with connect_timeout; reported by `fast_relay_opened`."""
+        """Let the engine splice peer_id's SYNs to dst itself until expires (the engine's clock;
+        None = until cleared), connecting with connect_timeout; reported by
+        `fast_relay_opened`."""
         ip, port = _ipv4_endpoint_to_c(dst, "dst")
         _check(
             lib.wg_fast_relay_allow(
-                self._e, ip, port, float(expires or 0.0), float(connect_timeout)
+                self._e,
+                _u32(peer_id, "peer_id"),
+                ip,
+                port,
+                float(expires or 0.0),
+                float(connect_timeout),
             ),
             "fast_relay_allow",
         )

@@ -59,20 +59,21 @@ static const char *const drop_reason_names[WG_DROP__COUNT] = {
 };
 
 /* ---- Fast relay: SYNs to approved destinations spliced without the owner ------------------ */
-static uint32_t fast_relay_slot(uint32_t ip, uint16_t port) {
-    uint32_t h = (ip ^ ((uint32_t)port * 0x9e3779b1u)) * 0x85ebca6bu;
+static uint32_t fast_relay_slot(uint32_t peer_id, uint32_t ip, uint16_t port) {
+    uint32_t h = (ip ^ ((uint32_t)port * 0x9e3779b1u) ^ (peer_id * 0xc2b2ae35u)) * 0x85ebca6bu;
     return (h ^ (h >> 15)) & (WG_FAST_RELAY_SLOTS - 1);
 }
 
-int wg_fast_relay_allow(wg_engine *e, uint32_t ip, uint16_t port, double expires,
-                        double connect_timeout) {
+int wg_fast_relay_allow(wg_engine *e, uint32_t peer_id, uint32_t ip, uint16_t port,
+                        double expires, double connect_timeout) {
     if (ip == 0 || port == 0 || !(connect_timeout >= 0)) return WG_EINVAL;
+    if (peer_id >= e->cfg.max_peers) return WG_ENOPEER;
     if (!e->fast_relay) {
         e->fast_relay = calloc(WG_FAST_RELAY_SLOTS, sizeof *e->fast_relay);
         if (!e->fast_relay) return WG_ENOMEM;
     }
-    e->fast_relay[fast_relay_slot(ip, port)] =
-        (fast_relay_entry){.ip = ip, .port = port, .used = true, .expires = expires};
+    e->fast_relay[fast_relay_slot(peer_id, ip, port)] = (fast_relay_entry){
+        .peer_id = peer_id, .ip = ip, .port = port, .used = true, .expires = expires};
     e->fast_connect_timeout = connect_timeout;
     return 0;
 }
@@ -81,9 +82,16 @@ void wg_fast_relay_clear(wg_engine *e) {
     if (e->fast_relay) memset(e->fast_relay, 0, WG_FAST_RELAY_SLOTS * sizeof *e->fast_relay);
 }
 
-static bool fast_relay_approved(wg_engine *e, uint32_t ip, uint16_t port) {
-    const fast_relay_entry *f = &e->fast_relay[fast_relay_slot(ip, port)];
-    return f->used && f->ip == ip && f->port == port && (f->expires == 0 || e->now < f->expires);
+void hub_forget_peer(wg_engine *e, uint32_t peer_id) {
+    for (uint32_t i = 0; e->fast_relay && i < WG_FAST_RELAY_SLOTS; i++)
+        if (e->fast_relay[i].used && e->fast_relay[i].peer_id == peer_id)
+            e->fast_relay[i] = (fast_relay_entry){0};
+}
+
+static bool fast_relay_approved(wg_engine *e, uint32_t peer_id, uint32_t ip, uint16_t port) {
+    const fast_relay_entry *f = &e->fast_relay[fast_relay_slot(peer_id, ip, port)];
+    return f->used && f->peer_id == peer_id && f->ip == ip && f->port == port &&
+           (f->expires == 0 || e->now < f->expires);
 }
 
 static bool fast_report_room(wg_engine *e) {
@@ -107,7 +115,8 @@ static bool fast_report_room(wg_engine *e) {
 static bool fast_relay_take(wg_engine *e, uint32_t conn_id) {
     tcp_conn_info info;
     if (tcp_get_info(e->tcp, conn_id, &info) != 0) return false;
-    if (!fast_relay_approved(e, info.dst_ip, info.dst_port) || !fast_report_room(e)) return false;
+    if (!fast_relay_approved(e, info.peer_id, info.dst_ip, info.dst_port) || !fast_report_room(e))
+        return false;
     if (splice_connect(e->splice, conn_id, info.dst_ip, info.dst_port,
                        e->now + e->fast_connect_timeout, e->now) != 0)
         return false; /* the owner decides, and answers, as for any SYN */

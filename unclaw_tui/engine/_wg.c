@@ -544,6 +544,7 @@ int wg_peer_remove(wg_engine *e, uint32_t peer_id) {
     p->staged = NULL;
     route_remove_peer(&e->routes, peer_id);
     tcp_remove_peer(e->tcp, peer_id, e->now); /* CLOSED (PEER_REMOVED) events, nothing sent */
+    hub_forget_peer(e, peer_id);
     bool in_list = p->in_timer_list;
     memset(p, 0, sizeof *p);
     p->in_timer_list = in_list; /* wg_tick drops it from the list */

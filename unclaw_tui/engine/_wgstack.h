@@ -224,8 +224,8 @@ splice_table *wg_engine_splice(wg_engine *e);
  * Returns the number of results waiting in splice_results. */
 int wg_splice_service(wg_engine *e, double now);
 
-/* Fast relay: SYNs to destinations (ip:port) the owner already approved are spliced by the
- * engine itself (splice_connect, connect_timeout as given with the approval) instead of being
+/* Fast relay: SYNs from a peer to destinations (ip:port) the owner already approved for that
+ * peer are spliced by the engine itself (splice_connect, connect_timeout as given with the approval) instead of being
  * raised as TCP_EV_SYN, so a new connection to a known-good destination needs no owner turn.
  * Each is reported afterwards through wg_fast_relay_opened and ends like any splice, in
  * splice_results.  Approvals are a bounded cache (WG_FAST_RELAY_SLOTS, direct-mapped: a
@@ -241,9 +241,10 @@ typedef struct {
     uint16_t src_port, dst_port;
     double opened_at;            /* when the SYN was taken (the caller's clock) */
 } wg_fast_open;
-/* WG_EINVAL for a zero ip or port or a negative timeout; WG_ENOMEM; 0 when approved. */
-int wg_fast_relay_allow(wg_engine *e, uint32_t ip, uint16_t port, double expires,
-                        double connect_timeout);
+/* WG_EINVAL for a zero ip or port or a negative timeout; WG_ENOPEER for a peer id out of
+ * range; WG_ENOMEM; 0 when approved.  A removed peer's approvals are forgotten. */
+int wg_fast_relay_allow(wg_engine *e, uint32_t peer_id, uint32_t ip, uint16_t port,
+                        double expires, double connect_timeout);
 void wg_fast_relay_clear(wg_engine *e);
 /* Pop up to max reports of connections the engine spliced itself, oldest first. */
 int wg_fast_relay_opened(wg_engine *e, wg_fast_open *out, int max);

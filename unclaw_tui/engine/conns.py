@@ -36,10 +36,16 @@ Endpoint = tuple[str, int]
 class ConnTable:
     """See the module docstring. `peer_key(peer_id)` names the peer the engine numbers."""
 
-    def __init__(self, driver: Driver, peer_key: Callable[[int], bytes | None]) -> None:
+    def __init__(
+        self,
+        driver: Driver,
+        peer_key: Callable[[int], bytes | None],
+        peer_id: Callable[[bytes], int | None],
+    ) -> None:
         self._driver = driver
         self._engine = driver.engine
         self._peer_key = peer_key
+        self._peer_id = peer_id
         self._conns: dict[int, TcpConn] = {}
         # Connections relayed in C (`splice`, or the fast relay's with no TcpConn): their
         # owner's callback for when they end.
@@ -110,13 +116,15 @@ class ConnTable:
     def fast_relay_allow(
         self, peer_key: bytes, dst: Endpoint, ttl: float | None, connect_timeout: float
     ) -> None:
-        """From now on, SYNs to dst are spliced by the engine itself, without `on_tcp`, for
-        ttl seconds (None: until `fast_relay_clear`); each is reported to `on_fast_relay`.
-        For destinations whose every connection `on_tcp` would relay anyway.  The engine keys
-        its cache by destination alone: callers may approve only verdicts that do not depend
-        on the peer (`peer_key` names whose verdict it was)."""
+        """From now on, that peer's SYNs to dst are spliced by the engine itself, without
+        `on_tcp`, for ttl seconds (None: until `fast_relay_clear`, or the peer's removal);
+        each is reported to `on_fast_relay`.  For destinations whose every connection from
+        that peer `on_tcp` would relay anyway."""
+        peer_id = self._peer_id(peer_key)
+        if peer_id is None:
+            return  # gone meanwhile: nothing to approve
         expires = None if ttl is None else self._driver.now() + ttl
-        self._engine.fast_relay_allow(dst, expires, connect_timeout)
+        self._engine.fast_relay_allow(peer_id, dst, expires, connect_timeout)
 
     def fast_relay_clear(self) -> None:
         """Every SYN goes to `on_tcp` again, until the next `fast_relay_allow`."""

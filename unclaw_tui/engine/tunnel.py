@@ -137,7 +137,7 @@ class Tunnel:
             if engine_thread and ThreadDriver.available()
             else LoopDriver(self._engine, *hooks, clock=clock)
         )
-        self.conns = ConnTable(self._driver, self._peer_key)
+        self.conns = ConnTable(self._driver, self._peer_key, self._peer_id)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -331,6 +331,10 @@ class Tunnel:
     def _peer_key(self, peer_id: int) -> bytes | None:
         peer = self._by_id.get(peer_id)
         return None if peer is None else peer.public_key
+
+    def _peer_id(self, public_key: bytes) -> int | None:
+        peer = self._peers.get(public_key)
+        return None if peer is None else peer.peer_id
 
     def _own_deadlines(self) -> list[float]:
         """Python's own deadlines: handshake retransmissions (only the peers with one in
