@@ -241,30 +241,29 @@ def carry(
     *,
     streams: Streams | None = None,
     first: bytes = b"",
-) -> asyncio.Future[None]:
+) -> None:
     """Relay the flow's connection to `destination` until it ends, then close the flow.
 
     `destination` is an address to connect to (the SYN is answered once connected, RST if that
     fails), or a socket the caller already connected. `streams`: the peer's side was accepted
     already and read from (TLS passthrough); `first` (what was read, e.g. the ClientHello) is
     sent to the destination ahead of the rest. In C when the engine can take the connection,
-    else with Python's pump. Returns a future done once the flow has closed."""
-    ended = flow.ended()
+    else with Python's pump. Returns at once (`await flow.ended()` to wait for the end: a
+    spliced connection needs no task or future of ours)."""
     conn = flow.conn
     assert conn is not None, "carry is for TCP flows"
     flow.bytes_up += len(first)
     if conn.can_splice:
         if streams is None:
             if _splice_unanswered(flow, conn, destination):
-                return ended
+                return
         else:
             assert isinstance(destination, socket.socket)
             left = _hand_over(flow, conn, destination, streams, first)
             if left is None:
-                return ended
+                return
             first = left
     flow._registry.spawn(_carry_in_python(flow, conn, destination, streams, first))
-    return ended
 
 
 def _splice_unanswered(flow: Flow, conn: TcpConn, destination: Endpoint | socket.socket) -> bool:
@@ -355,9 +354,11 @@ async def _carry_in_python(
         )
         flow.close()
     except asyncio.CancelledError:
-        if not answered:
+        if answered:
+            flow.abort()
+            flow.close("cancelled")
+        else:
             flow.refuse("cancelled")
-        flow.close("cancelled")
         raise
     except Exception as exc:
         # A bug or an engine failure: still tell the peer (RST) and the observers.

@@ -513,7 +513,8 @@ class TlsService:
         if passthrough:
             _tls_event(gateway, flow, sni, "passthrough", alpn=offered)
             # The ClientHello (and anything read with it) goes ahead untouched, then the rest.
-            await carry(flow, sock, streams=(reader, writer), first=seen)
+            carry(flow, sock, streams=(reader, writer), first=seen)
+            await flow.ended()
         else:
             await self._intercept(flow, hello, hostname, sock, reader, writer, seen)
 

@@ -72,7 +72,7 @@ class VipService:
             return
         sock = await self._connect(flow, hostname)
         if sock is not None:
-            carry(flow, sock)  # not awaited: a spliced connection needs no task of ours
+            carry(flow, sock)  # a spliced connection needs no task of ours: not waited for
 
     async def _connect(self, flow: Flow, hostname: str) -> socket.socket | None:
         """A socket connected to the first real address of `hostname` that the decision point
