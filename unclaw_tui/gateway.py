@@ -443,6 +443,8 @@ class Gateway:
         return self.flows.fast_relayed(opened, peer_public_key, route=Route.RELAY)
 
     def _on_udp(self, dgram: UdpDatagram) -> None:
+        # Each datagram goes to its route's handler by the routing table alone; the decision
+        # point is asked per flow, on its first datagram (the UDP relays), or per DNS query.
         service = self.services.get(self.router.decide("udp", dgram.dst_ip, dgram.dst_port))
         if service is not None:
             service.handle_udp(dgram)
