@@ -457,10 +457,10 @@ class FlowRegistry:
         flow.open()
         return flow.spliced
 
-    def serve(self, flow: Flow, job: Coroutine[Any, Any, None]) -> None:
+    def serve(self, flow: Flow, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a service's work on a flow as a task; whatever escapes it still ends the flow
         (RST to the peer, the error in the closing event), and the loop keeps going."""
-        self.spawn(self._serve(flow, job))
+        return self.spawn(self._serve(flow, job))
 
     async def _serve(self, flow: Flow, job: Coroutine[Any, Any, None]) -> None:
         try:
@@ -474,11 +474,12 @@ class FlowRegistry:
             flow.abort()
             flow.close(f"internal error: {describe_os_error(exc)}")
 
-    def spawn(self, job: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a flow's Python work as a task, cancelled by `close()`."""
         task = asyncio.ensure_future(job)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

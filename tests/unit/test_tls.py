@@ -179,7 +179,7 @@ class Harness:
         async def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             conn = FakeTcpConn(self.dst, (r, w), next(self._ids))
             flow = self.gateway.flows.tcp(conn, route="tls")
-            self.tasks.append(asyncio.create_task(self.service.handle_tcp(flow)))
+            self.tasks.append(self.gateway.flows.serve(flow, self.service.handle_tcp(flow)))
 
         self._server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]

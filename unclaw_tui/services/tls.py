@@ -389,18 +389,9 @@ class TlsService:
         self._upstream_contexts.clear()
 
     async def handle_tcp(self, flow: Flow) -> None:
-        try:
-            await self._serve(flow)
-        except asyncio.CancelledError:
-            flow.abort()
-            flow.close("cancelled")
-            raise
-        except Exception as exc:
-            log.exception("TLS service failed on %r", flow)
-            flow.abort()
-            flow.close(f"internal error: {_describe(exc)}")
-        finally:
-            flow.close()
+        # What escapes ends the flow in FlowRegistry.serve (RST, the error in its closing event).
+        await self._serve(flow)
+        flow.close()
 
     # -- policy --------------------------------------------------------------------------------
 
