@@ -12,7 +12,7 @@ function:
 - `QUERY`: each DNS query (the DNS service): the name. Allowed today.
 
 Only the first is cached in C: an allowed relayed TCP destination is given to the engine's
-fast relay (`FastRelayCache`), which then splices the peer's next SYNs to it without asking
+fast relay (`ConnTable`), which then splices the peer's next SYNs to it without asking
 Python, for as long as the verdict holds; the cache is keyed per peer and destination, and it
 is cleared only from here (`changed()`), whenever the rules behind a verdict change.
 """
@@ -21,13 +21,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from unclaw_tui.pump import DEFAULT_CONNECT_TIMEOUT
 from unclaw_tui.router import Proto, Route, Router
 from unclaw_tui.services.egress import EgressPolicy
 
 if TYPE_CHECKING:
+    from unclaw_tui.engine import ConnTable  # the engine's cache of FLOW verdicts
     from unclaw_tui.flow import Flow
 
 Endpoint = tuple[str, int]
@@ -74,26 +75,16 @@ class Verdict:
         return self.refusal is None
 
 
-class FastRelayCache(Protocol):
-    """The engine's cache of FLOW verdicts (`Tunnel.fast_relay_*`)."""
-
-    def fast_relay_allow(
-        self, peer_key: bytes, dst: Endpoint, ttl: float | None, connect_timeout: float
-    ) -> None: ...
-
-    def fast_relay_clear(self) -> None: ...
-
-
 class DecisionPoint:
     """See the module docstring."""
 
     def __init__(self, router: Router, policy: EgressPolicy) -> None:
         self.router = router
         self.policy = policy
-        self._cache: FastRelayCache | None = None
+        self._cache: ConnTable | None = None
         policy.on_change = self.changed
 
-    def cache_in(self, cache: FastRelayCache | None) -> None:
+    def cache_in(self, cache: ConnTable | None) -> None:
         """Let the engine reuse allowed relay verdicts (None: every SYN comes here)."""
         if self._cache is not None:
             self._cache.fast_relay_clear()

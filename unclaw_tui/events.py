@@ -49,52 +49,46 @@ class GatewayStopped(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PeerAdded(Event):
+class PeerEvent(Event):
+    """Who every peer event is about."""
+
+    name: str
+    public_key: str
+    ip: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerAdded(PeerEvent):
     type: ClassVar[str] = "peer_added"
-    name: str
-    public_key: str
-    ip: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PeerRemoved(Event):
+class PeerRemoved(PeerEvent):
     type: ClassVar[str] = "peer_removed"
-    name: str
-    public_key: str
-    ip: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PeerHandshake(Event):
+class PeerHandshake(PeerEvent):
     """A handshake with the peer completed (as responder or initiator)."""
 
     type: ClassVar[str] = "peer_handshake"
-    name: str
-    public_key: str
-    ip: str
     endpoint: str
     initiator: bool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PeerEndpointChanged(Event):
+class PeerEndpointChanged(PeerEvent):
     """The peer roamed: an authenticated packet came from a new address."""
 
     type: ClassVar[str] = "peer_endpoint"
-    name: str
-    public_key: str
-    ip: str
     endpoint: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PeerHandshakeFailed(Event):
+class PeerHandshakeFailed(PeerEvent):
     """We initiated and got no answer within REKEY_ATTEMPT_TIME."""
 
     type: ClassVar[str] = "peer_handshake_failed"
-    name: str
-    public_key: str
-    ip: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

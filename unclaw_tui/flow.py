@@ -26,6 +26,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from unclaw_tui.config import DEFAULT_TCP_BUFFER
@@ -54,69 +55,36 @@ PeerName = Callable[[bytes], str]
 UDP_FLOW_IDS_START = 1 << 32
 
 
+@dataclass(slots=True, eq=False, repr=False)
 class Flow:
     """See the module docstring. Counters (`bytes_up`, `bytes_down`) and `error` are live."""
 
-    __slots__ = (
-        "_closed",
-        "_ended",
-        "_engine_started",
-        "_opened",
-        "_registry",
-        "bytes_down",
-        "bytes_up",
-        "conn",
-        "conn_id",
-        "dst_ip",
-        "dst_port",
-        "error",
-        "hostname",
-        "peer",
-        "peer_ip",
-        "peer_key",
-        "peer_public_key",
-        "proto",
-        "route",
-        "src_port",
-        "started",
-    )
+    _registry: FlowRegistry
+    proto: str
+    conn_id: int
+    peer_key: bytes
+    peer_ip: str
+    src_port: int
+    dst_ip: str
+    dst_port: int
+    route: str
+    hostname: str | None = None
+    conn: TcpConn | None = None
+    peer: str = field(init=False)
+    peer_public_key: str = field(init=False)
+    started: float = field(init=False)
+    bytes_up: int = field(default=0, init=False)  # peer -> destination
+    bytes_down: int = field(default=0, init=False)  # destination -> peer
+    error: str | None = field(default=None, init=False)
+    _engine_started: float | None = field(default=None, init=False)  # fast-relayed: C's clock
+    _opened: bool = field(default=False, init=False)
+    _closed: bool = field(default=False, init=False)
+    _ended: asyncio.Future[None] | None = field(default=None, init=False)
 
-    def __init__(
-        self,
-        registry: FlowRegistry,
-        *,
-        proto: str,
-        conn_id: int,
-        peer_key: bytes,
-        peer_ip: str,
-        src_port: int,
-        dst_ip: str,
-        dst_port: int,
-        route: str,
-        hostname: str | None = None,
-        conn: TcpConn | None = None,
-    ) -> None:
-        self._registry = registry
-        self.conn = conn
-        self.proto = proto
-        self.conn_id = conn_id
-        self.peer_key = peer_key
-        self.peer = registry.peer_name(peer_key)
-        self.peer_public_key = b64(peer_key)
-        self.peer_ip = peer_ip
-        self.src_port = src_port
-        self.dst_ip = dst_ip
-        self.dst_port = dst_port
-        self.route = route
-        self.hostname = hostname
-        self.started = registry.clock()
-        self._engine_started: float | None = None  # the engine's clock, for fast-relayed ones
-        self.bytes_up = 0  # peer -> destination
-        self.bytes_down = 0  # destination -> peer
-        self.error: str | None = None
-        self._opened = False
-        self._closed = False
-        self._ended: asyncio.Future[None] | None = None
+    def __post_init__(self) -> None:
+        self.peer = self._registry.peer_name(self.peer_key)
+        self.peer_public_key = b64(self.peer_key)
+        self.started = self._registry.clock()
 
     def __repr__(self) -> str:
         return (

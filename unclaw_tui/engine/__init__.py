@@ -29,10 +29,12 @@ from unclaw_tui.engine.tunnel_events import (
 
 if TYPE_CHECKING:
     from unclaw_tui.engine._ffi import EngineError, FastOpen, SpliceResult
+    from unclaw_tui.engine.conns import ConnTable
     from unclaw_tui.engine.flows import SpliceDone, TcpConn, UdpDatagram
     from unclaw_tui.engine.tunnel import PeerInfo, Tunnel
 
 _LAZY = {
+    "ConnTable": "unclaw_tui.engine.conns",
     "EngineError": "unclaw_tui.engine._ffi",
     "FastOpen": "unclaw_tui.engine._ffi",
     "SpliceResult": "unclaw_tui.engine._ffi",
@@ -45,6 +47,7 @@ _LAZY = {
 
 __all__ = [
     "CloseReason",
+    "ConnTable",
     "EndpointChanged",
     "EngineError",
     "FastOpen",

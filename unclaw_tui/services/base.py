@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from unclaw_tui.config import Settings
     from unclaw_tui.decision import DecisionPoint
+    from unclaw_tui.engine import UdpDatagram
     from unclaw_tui.events import Event
     from unclaw_tui.flow import Flow, FlowRegistry
     from unclaw_tui.services.egress import EgressPolicy
-    from unclaw_tui.services.relay import UdpDatagramLike
     from unclaw_tui.state import StateDir
 
 
@@ -24,7 +24,7 @@ class Service(Protocol):
         or refuse it, and see that it ends; the flow publishes its own events."""
         ...
 
-    def handle_udp(self, dgram: UdpDatagramLike) -> None:
+    def handle_udp(self, dgram: UdpDatagram) -> None:
         """Answer or forward one datagram; must not block (start a task if needed)."""
         ...
 

@@ -67,8 +67,8 @@ from unclaw_tui.services.vips import VIP_TTL, VipAllocator, normalize_hostname
 from unclaw_tui.state import StateError
 
 if TYPE_CHECKING:
+    from unclaw_tui.engine import UdpDatagram
     from unclaw_tui.services.base import GatewayServices, Service
-    from unclaw_tui.services.relay import UdpDatagramLike as UdpDatagram
 
 log = logging.getLogger(__name__)
 

@@ -18,15 +18,16 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from unclaw_tui.config import DEFAULT_MAX_FLOWS_PER_PEER, DEFAULT_UDP_IDLE_TIMEOUT
 from unclaw_tui.decision import Moment, Question
 from unclaw_tui.engine import describe_os_error
 from unclaw_tui.router import Route
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # tests pass stand-ins for UdpDatagram with the methods used here
     from unclaw_tui.decision import DecisionPoint
+    from unclaw_tui.engine import UdpDatagram
     from unclaw_tui.flow import Flow, FlowRegistry
 
 # Datagrams held while a flow's host socket is being created, and bytes queued in a host socket
@@ -35,20 +36,6 @@ UDP_PENDING_DATAGRAMS = 32
 UDP_WRITE_BUFFER_LIMIT = 256 * 1024
 # Refused UDP destinations remembered so a chatty client yields one event, not one per datagram.
 UDP_REFUSALS_REMEMBERED = 1024
-
-
-class UdpDatagramLike(Protocol):
-    """The engine's `UdpDatagram`, as far as the relays use it (tests pass stand-ins)."""
-
-    data: bytes
-    peer_public_key: bytes
-    peer_ip: str
-    src_port: int
-    dst_ip: str
-    dst_port: int
-
-    def reply(self, data: bytes) -> None: ...
-    def unreachable(self, *, admin: bool = False) -> None: ...
 
 
 # --- UDP: the flow table (sans-IO) -----------------------------------------------------------
@@ -156,7 +143,7 @@ class _UdpFlow:
     key: FlowKey
     flow: Flow  # identity, counters and events
     # The latest datagram of the flow, only to answer through (`reply`, `unreachable`).
-    reply_to: UdpDatagramLike | None
+    reply_to: UdpDatagram | None
     target_ip: str = ""  # where the host socket goes; the key's dst ip unless overridden
     pending: list[bytes] = field(default_factory=list)
     transport: asyncio.DatagramTransport | None = None
@@ -213,7 +200,7 @@ class UdpRelay:
 
     def handle(
         self,
-        dgram: UdpDatagramLike,
+        dgram: UdpDatagram,
         *,
         target_ip: str | None = None,
         hostname: str | None = None,
@@ -274,7 +261,7 @@ class UdpRelay:
 
     # -- flows --------------------------------------------------------------------------------
 
-    def _new_flow(self, dgram: UdpDatagramLike, hostname: str | None) -> Flow:
+    def _new_flow(self, dgram: UdpDatagram, hostname: str | None) -> Flow:
         return self._registry.udp(
             dgram.peer_public_key,
             dgram.peer_ip,
@@ -341,7 +328,7 @@ class UdpRelay:
     def _report_refusal(
         self,
         key: FlowKey,
-        dgram: UdpDatagramLike,
+        dgram: UdpDatagram,
         reason: str,
         now: float,
         hostname: str | None = None,

@@ -72,8 +72,8 @@ from unclaw_tui.services.http1 import Exchange, Http1Observer
 from unclaw_tui.state import StateError
 
 if TYPE_CHECKING:
+    from unclaw_tui.engine import UdpDatagram
     from unclaw_tui.services.base import GatewayServices, Service
-    from unclaw_tui.services.relay import UdpDatagramLike
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +382,7 @@ class TlsService:
 
     # -- Service -------------------------------------------------------------------------------
 
-    def handle_udp(self, dgram: UdpDatagramLike) -> None:
+    def handle_udp(self, dgram: UdpDatagram) -> None:
         dgram.unreachable()  # the router sends only TCP here
 
     async def close(self) -> None:

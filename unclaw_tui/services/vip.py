@@ -28,9 +28,9 @@ from unclaw_tui.services.relay import UdpRelay
 if TYPE_CHECKING:
     import socket
 
+    from unclaw_tui.engine import UdpDatagram
     from unclaw_tui.flow import Flow
     from unclaw_tui.services.base import GatewayServices
-    from unclaw_tui.services.relay import UdpDatagramLike
 
 QUIC_PORT = 443
 MAX_ADDRESSES_TRIED = 4
@@ -96,7 +96,7 @@ class VipService:
 
     # -- UDP ---------------------------------------------------------------------------------
 
-    def handle_udp(self, dgram: UdpDatagramLike) -> None:
+    def handle_udp(self, dgram: UdpDatagram) -> None:
         if self._closed:
             return
         hostname = self.resolver.hostname_for_vip(dgram.dst_ip)
@@ -116,7 +116,7 @@ class VipService:
             return
         self._spawn(self._udp_first(dgram, hostname))
 
-    async def _udp_first(self, dgram: UdpDatagramLike, hostname: str) -> None:
+    async def _udp_first(self, dgram: UdpDatagram, hostname: str) -> None:
         addresses = await self.resolver.resolve(hostname)
         if self._closed:
             return
