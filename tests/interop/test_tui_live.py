@@ -12,6 +12,7 @@ import asyncio
 
 import pytest
 
+from tests.helpers import until
 from tests.interop.harness import (
     HOST_ADDR,
     FlowsSetup,
@@ -39,10 +40,19 @@ async def ping(ns: Namespace, dst: str, count: int = 3) -> int:
 
 
 def peer_key(table: PeersTable, name: str) -> str:
-    for key in table.shown_keys():
-        if table.cell_text(key, "name") == name:
-            return key
-    raise AssertionError(f"{name} not in the peers pane: {table.shown_keys()}")
+    key = find_peer(table, name)
+    if key is None:
+        raise AssertionError(f"{name} not in the peers pane: {table.shown_keys()}")
+    return key
+
+
+def find_peer(table: PeersTable, name: str) -> str | None:
+    return next((k for k in table.shown_keys() if table.cell_text(k, "name") == name), None)
+
+
+def handshake_shown(table: PeersTable, name: str) -> bool:
+    key = find_peer(table, name)
+    return key is not None and table.cell_text(key, "handshake").endswith("ago")
 
 
 async def test_console_shows_live_peers_adds_and_removes(wg_setup: GatewaySetup) -> None:
@@ -60,43 +70,38 @@ async def test_console_shows_live_peers_adds_and_removes(wg_setup: GatewaySetup)
         gateway = ThreadedGateway(settings)
         app = UnclawApp(gateway, state_dir=s.state_dir, refresh_interval=0.25)
         async with app.run_test(size=(120, 40)) as pilot:
-            await pilot.pause(0.3)
-            assert app.gateway_started
+            await until(lambda: app.gateway_started, "the gateway started")
             table = app.dashboard.peers
+            await until(lambda: find_peer(table, "phone") is not None, "the phone's row")
             phone = peer_key(table, "phone")
             assert table.cell_text(phone, "handshake") == "never"
 
             # A real client handshakes: the pane shows it, and the age keeps moving.
             s.topo.wg_client(s.client_ns, phone_config, "10.77.0.2/32")
             assert await ping(s.client_ns, "10.77.0.1") == 0
-            await pilot.pause(0.6)
+            await until(lambda: handshake_shown(table, "phone"), "the phone's handshake shown")
             first = table.cell_text(phone, "handshake")
-            assert first.endswith("ago"), first
             assert table.cell_text(phone, "endpoint").startswith("192.168.77.2:")
-            await pilot.pause(2.2)
-            assert table.cell_text(phone, "handshake") != first
+            await until(lambda: table.cell_text(phone, "handshake") != first, "the age moving")
 
             # `a` + a name + enter: a new peer, live at once, its QR screen open.
             await pilot.press("a", *"laptop", "enter")
-            await pilot.pause(0.3)
+            await until(lambda: isinstance(app.screen, PeerQrScreen), "the laptop's QR screen")
             assert isinstance(app.screen, PeerQrScreen)
             laptop_config = app.screen.config_text
             assert laptop_config == gateway.client_config("laptop")
             await pilot.press("escape")
             s.topo.wg_client(other_ns, laptop_config, "10.77.0.3/32")
             assert await ping(other_ns, "10.77.0.1") == 0
-            await pilot.pause(0.6)
-            laptop = peer_key(table, "laptop")
-            assert table.cell_text(laptop, "handshake").endswith("ago")
+            await until(lambda: handshake_shown(table, "laptop"), "the laptop's handshake shown")
 
             # `d` on the phone's row + confirm: removed from the engine at once.
             table.focus()
             table.move_cursor(row=table.shown_keys().index(phone))
             await pilot.pause()
             await pilot.press("d", "y")
-            await pilot.pause(0.6)
+            await until(lambda: phone not in table.shown_keys(), "the phone's row gone")
             assert [p.name for p in gateway.snapshot().peers] == ["laptop"]
-            assert phone not in table.shown_keys()
             assert await ping(s.client_ns, "10.77.0.1", count=2) != 0
             assert await ping(other_ns, "10.77.0.1", count=2) == 0
         assert not app.gateway_started
@@ -116,8 +121,8 @@ async def test_console_shows_a_flow_and_a_dns_query(flows_setup: FlowsSetup) -> 
         )
         gateway = Gateway(settings)
         app = UnclawApp(gateway, state_dir=s.state_dir, refresh_interval=0.25)
-        async with app.run_test(size=(120, 40)) as pilot:
-            await pilot.pause(0.3)
+        async with app.run_test(size=(120, 40)):
+            await until(lambda: app.gateway_started, "the gateway started")
             s.client(config_text)
             curl = await asyncio.create_subprocess_exec(
                 *s.client_ns.cmd("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
@@ -126,16 +131,17 @@ async def test_console_shows_a_flow_and_a_dns_query(flows_setup: FlowsSetup) -> 
             )  # fmt: skip
             out, _ = await asyncio.wait_for(curl.communicate(), 30)
             assert out == b"200"
-            await pilot.pause(0.6)
             conns = app.dashboard.connections
-            rows = [
-                {col: conns.cell_text(key, col) for col in ("peer", "dst", "route", "state")}
-                for key in conns.shown_keys()
-            ]
-            assert any(
-                r["peer"] == "phone" and r["dst"] == "198.18.0.2:8080" and r["route"] == "relay"
-                for r in rows
-            ), rows
+
+            def relayed_row_shown() -> bool:
+                return any(
+                    conns.cell_text(key, "peer") == "phone"
+                    and conns.cell_text(key, "dst") == "198.18.0.2:8080"
+                    and conns.cell_text(key, "route") == "relay"
+                    for key in conns.shown_keys()
+                )
+
+            await until(relayed_row_shown, "the relayed connection's row")
             assert app.dashboard.peers.cell_text(
                 peer_key(app.dashboard.peers, "phone"), "handshake"
             ).endswith("ago")
@@ -146,18 +152,17 @@ async def test_console_shows_a_flow_and_a_dns_query(flows_setup: FlowsSetup) -> 
                                  "http://198.18.0.2:8080/bytes/4000000"),
             )  # fmt: skip
             try:
-                live: list[str] = []
-                for _ in range(40):  # bounded: up to 4 s
-                    await pilot.pause(0.1)
+
+                def bytes_counted() -> bool:
                     live = [
                         conns.cell_text(key, "down")
                         for key in conns.shown_keys()
                         if conns.cell_text(key, "state") == "open"
                         and conns.cell_text(key, "dst") == "198.18.0.2:8080"
                     ]
-                    if live and live[0] not in ("0 B", "0"):
-                        break
-                assert live and live[0] not in ("0 B", "0"), live
+                    return bool(live) and live[0] not in ("0 B", "0")
+
+                await until(bytes_counted, "the open row's bytes going up", timeout=4)
                 assert slow.returncode is None, "the download must still be running"
             finally:
                 if slow.returncode is None:
@@ -173,16 +178,15 @@ async def test_console_shows_a_flow_and_a_dns_query(flows_setup: FlowsSetup) -> 
             answer, _ = await asyncio.wait_for(dig.communicate(), 20)
             vip = answer.decode().strip()
             assert vip.startswith("10.78."), answer
-            await pilot.pause(0.6)
             log = app.dashboard.dns
-            rows = [
-                {col: log.cell_text(key, col) for col in ("peer", "name", "type", "answer")}
-                for key in log.shown_keys()
-            ]
-            assert any(
-                r["peer"] == "phone"
-                and r["name"].rstrip(".") == "example.test"
-                and r["type"] == "A"
-                and vip in r["answer"]
-                for r in rows
-            ), rows
+
+            def query_shown() -> bool:
+                return any(
+                    log.cell_text(key, "peer") == "phone"
+                    and log.cell_text(key, "name").rstrip(".") == "example.test"
+                    and log.cell_text(key, "type") == "A"
+                    and vip in log.cell_text(key, "answer")
+                    for key in log.shown_keys()
+                )
+
+            await until(query_shown, "the DNS query's row")
