@@ -32,6 +32,8 @@ def policy(**kwargs: object) -> EgressPolicy:
         ("::ffff:127.0.0.1", "loopback"),  # IPv4-mapped: judged as the IPv4 address
         ("169.254.169.254", "link-local"),  # cloud metadata
         ("fe80::1234", "link-local"),
+        ("100.100.100.200", "cloud metadata"),  # in shared address space, not link-local
+        ("fd00:ec2::254", "cloud metadata"),  # the IPv6 one, in the ULA range
         ("224.0.0.251", "multicast"),
         ("239.255.255.250", "multicast"),
         ("ff02::1", "multicast"),

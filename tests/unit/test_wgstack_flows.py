@@ -35,6 +35,7 @@ from tests.unit.test_wgstack import (
     transport,
 )
 from unclaw_tui.engine import _ffi
+from unclaw_tui.engine.flows import UdpDatagram
 from unclaw_tui.engine._ffi import Engine, EngineError, TcpInfo, UdpMeta
 
 DST = ("93.184.216.34", 80)  # test_tcp's DST_IP and default port
@@ -470,14 +471,32 @@ def test_udp_send_reaches_the_peer_with_valid_checksums(engine: Engine, client: 
     assert engine.stats()["udp_tx"] == 1
 
 
+def test_a_reply_too_large_for_the_tunnel_is_dropped_and_counted_not_raised(
+    engine: Engine, client: Client
+) -> None:
+    # A host may answer a peer's datagram with anything up to 64 KiB; a handler's reply()
+    # must not raise from the datagram callback for it (a traceback per datagram).
+    class Conns:
+        def call(self, fn: Any) -> Any:
+            return fn(engine, client.now)
+
+    meta = _ffi.UdpMeta(PEER_ID, (PEER_IP, 5353), ("203.0.113.8", 53), b"query")
+    dgram = UdpDatagram(Conns(), meta, b"k" * 32)  # type: ignore[arg-type]
+    dgram.reply(bytes(2000))
+    assert drops(engine) == {"udp_too_large": 1} and client.receive() == []
+    dgram.reply(b"answer")
+    assert len(client.receive()) == 1
+
+
 def test_udp_send_limits(engine: Engine, client: Client) -> None:
     engine.udp_send(("203.0.113.8", 53), (PEER_IP, 1), bytes(1392), client.now)  # exactly the MTU
     assert len(client.receive()[0]) == 1420
     with pytest.raises(EngineError) as err:
         engine.udp_send(("203.0.113.8", 53), (PEER_IP, 1), bytes(1393), client.now)
     assert err.value.code == _ffi.EMSGSIZE
+    assert drops(engine) == {"udp_too_large": 1}  # counted where it is dropped
     engine.udp_send(("203.0.113.8", 53), ("10.77.0.99", 1), b"nobody", client.now)
-    assert drops(engine) == {"no_route": 1}
+    assert drops(engine) == {"udp_too_large": 1, "no_route": 1}
     with pytest.raises(EngineError):
         engine.udp_send(("2001:db8::1", 53), (PEER_IP, 1), b"v6", client.now)
 

@@ -56,6 +56,7 @@ static const char *const drop_reason_names[WG_DROP__COUNT] = {
     [WG_DROP_FRAGMENT] = "fragment",
     [WG_DROP_SEND_ERROR] = "send_error",
     [WG_DROP_UDP_OVERFLOW] = "udp_overflow",
+    [WG_DROP_UDP_TOO_LARGE] = "udp_too_large",
 };
 
 /* ---- Fast relay: SYNs to approved destinations spliced without the owner ------------------ */
@@ -262,7 +263,10 @@ int wg_udp_drain(wg_engine *e, wg_udp_meta *out, int max, const uint8_t **arena)
 int wg_udp_send(wg_engine *e, uint32_t src_ip, uint16_t src_port, uint32_t dst_ip,
                 uint16_t dst_port, const uint8_t *data, size_t len, double now) {
     if (!data && len) return WG_EINVAL;
-    if (len > (size_t)e->cfg.mtu - 28) return WG_EMSGSIZE;
+    if (len > (size_t)e->cfg.mtu - 28) {
+        count_drop(e, WG_DROP_UDP_TOO_LARGE);
+        return WG_EMSGSIZE;
+    }
     e->now = now;
     wire_ip_repr ip = wire_ipv4_repr(src_ip, dst_ip, WIRE_PROTO_UDP, 8 + len);
     uint8_t *udp = e->tx_scratch + 20;

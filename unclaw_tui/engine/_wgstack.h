@@ -124,7 +124,8 @@ typedef struct {
 #define WG_DROP_FRAGMENT 14        /* inner IPv4 fragment */
 #define WG_DROP_SEND_ERROR 15      /* the socket refused a datagram (error other than EAGAIN) */
 #define WG_DROP_UDP_OVERFLOW 16    /* UDP datagram queue (count or payload arena) full */
-#define WG_DROP__COUNT 17
+#define WG_DROP_UDP_TOO_LARGE 17   /* a datagram for a peer larger than the tunnel MTU allows */
+#define WG_DROP__COUNT 18
 
 typedef struct {
     wg_endpoint endpoint;

@@ -417,8 +417,14 @@ class UdpDatagram:
         self.reply_from((self.dst_ip, self.dst_port), data)
 
     def reply_from(self, src: Endpoint, data: bytes) -> None:
+        """Send `data` to the peer as if from src; one too large for the tunnel is dropped
+        (the engine counts it as udp_too_large)."""
         dst = (self.peer_ip, self.src_port)
-        self._conns.call(lambda e, now: e.udp_send(src, dst, data, now))
+        try:
+            self._conns.call(lambda e, now: e.udp_send(src, dst, data, now))
+        except _ffi.EngineError as exc:
+            if exc.code != _ffi.EMSGSIZE:
+                raise
 
     def unreachable(self, *, admin: bool = False) -> None:
         code = 13 if admin else 3

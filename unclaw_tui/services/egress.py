@@ -4,7 +4,8 @@ Refused by default (a peer must not reach the gateway host itself, its cloud met
 other peers through us):
 
   loopback       127.0.0.0/8, ::1
-  link-local     169.254.0.0/16 (cloud metadata lives at 169.254.169.254), fe80::/10
+  link-local     169.254.0.0/16 (most clouds' metadata: 169.254.169.254), fe80::/10
+  cloud metadata the ones outside link-local: 100.100.100.200, fd00:ec2::254
   multicast      224.0.0.0/4, ff00::/8
   broadcast      255.255.255.255 (limited broadcast); reserved 240.0.0.0/4 around it
   unspecified    0.0.0.0/8, ::
@@ -69,6 +70,8 @@ DEFAULT_REFUSALS: tuple[tuple[str, str], ...] = (
     ("::1/128", "loopback"),
     ("169.254.0.0/16", "link-local"),
     ("fe80::/10", "link-local"),
+    ("100.100.100.200/32", "cloud metadata"),
+    ("fd00:ec2::254/128", "cloud metadata"),
     ("224.0.0.0/4", "multicast"),
     ("ff00::/8", "multicast"),
     ("240.0.0.0/4", "reserved"),
