@@ -35,8 +35,8 @@ from tests.unit.test_wgstack import (
     transport,
 )
 from unclaw_tui.engine import _ffi
-from unclaw_tui.engine.flows import UdpDatagram
 from unclaw_tui.engine._ffi import Engine, EngineError, TcpInfo, UdpMeta
+from unclaw_tui.engine.flows import UdpDatagram
 
 DST = ("93.184.216.34", 80)  # test_tcp's DST_IP and default port
 PEER_IP6 = "fd00::2"
