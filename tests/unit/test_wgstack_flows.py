@@ -13,6 +13,7 @@ import random
 import socket
 import struct
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
