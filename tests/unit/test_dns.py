@@ -597,7 +597,11 @@ async def test_vip_udp_relayed_quic_dropped_unknown_unreachable(gateway: FakeGat
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.2", 0))
     port = transport.get_extra_info("sockname")[1]
-    resolver = FakeResolver({"10.78.0.5": ("svc.test", ["127.0.0.2"])})
+    # The first address is refused by the decision point: the flow goes to the second.
+    gateway.set_policy(
+        EgressPolicy(allow=["127.0.0.0/8"], deny=["127.0.0.9/32"], host_addresses=[])
+    )
+    resolver = FakeResolver({"10.78.0.5": ("svc.test", ["127.0.0.9", "127.0.0.2"])})
     service = VipService(gateway, resolver)  # type: ignore[arg-type]
     dgram = FakeDatagram(b"hello", dst=("10.78.0.5", port))
     service.handle_udp(dgram)

@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from unclaw_tui.engine import UdpDatagram
     from unclaw_tui.events import Event
     from unclaw_tui.flow import Flow, FlowRegistry
-    from unclaw_tui.services.egress import EgressPolicy
     from unclaw_tui.state import StateDir
 
 
@@ -46,7 +45,6 @@ class GatewayServices(Protocol):
 
     settings: Settings
     state: StateDir
-    policy: EgressPolicy
     decisions: DecisionPoint
     flows: FlowRegistry
     resolver: Resolver | None

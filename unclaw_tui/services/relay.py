@@ -202,14 +202,15 @@ class UdpRelay:
         self,
         dgram: UdpDatagram,
         *,
-        target_ip: str | None = None,
+        addresses: tuple[str, ...] = (),
         hostname: str | None = None,
     ) -> None:
         """Relay one datagram from a peer (creating its flow on first use).
 
-        `target_ip` sends a new flow to another address than the datagram's destination (a
-        VIP's real address; replies still come from the destination the peer used, and the
-        events name that destination with `hostname`). An existing flow keeps its target."""
+        `addresses`: where a new flow may go instead of the datagram's destination (a VIP's
+        real addresses): the first the decision point allows. Replies still come from the
+        destination the peer used, and the events name it with `hostname`. An existing flow
+        keeps its target."""
         if self._closed:
             dgram.unreachable()
             return
@@ -230,7 +231,7 @@ class UdpRelay:
                 dgram.dst_ip,
                 dgram.dst_port,
                 hostname=hostname,
-                addresses=(target_ip,) if target_ip is not None else (),
+                addresses=addresses,
             )
         )
         if verdict.refusal is not None:
@@ -241,7 +242,7 @@ class UdpRelay:
             key=key,
             flow=self._new_flow(dgram, hostname),
             reply_to=dgram,
-            target_ip=target_ip if target_ip is not None else dgram.dst_ip,
+            target_ip=verdict.addresses[0] if addresses else dgram.dst_ip,
         )
         for _key, old in self.flows.add(dgram.peer_public_key, key, entry, now):
             self._finish(old, "closed: flow limit per peer reached", remove=False)

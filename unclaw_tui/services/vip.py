@@ -123,10 +123,7 @@ class VipService:
         if not addresses:
             dgram.unreachable()
             return
-        # The first address the policy allows; else the first, so the refusal is reported
-        # (the relay asks the decision point with the one it is given).
-        target = next((ip for ip in addresses if self.gateway.policy.check(ip) is None), None)
-        self.udp.handle(dgram, target_ip=target or addresses[0], hostname=hostname)
+        self.udp.handle(dgram, addresses=tuple(addresses), hostname=hostname)
 
     def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(job)
