@@ -214,3 +214,11 @@ def bring_up(
     ping = client.ping("10.77.0.1", count=3, interval=0.2)
     assert ping.returncode == 0, f"no tunnel: {ping.stdout}{ping.stderr}"
     return gw, client
+
+
+def decode_qr(image: Any) -> list[bytes]:
+    """What the QR codes in `image` (a PIL image) say. Only QR codes are looked for: zbar's
+    other symbologies can read a stray 1D barcode in a QR code's modules now and then."""
+    from pyzbar.pyzbar import ZBarSymbol, decode
+
+    return [result.data for result in decode(image, symbols=[ZBarSymbol.QRCODE])]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from pyzbar.pyzbar import decode
 
+from tests.helpers import decode_qr
 from unclaw_tui import cli, config, qr, wgquick
 from unclaw_tui.state import PeerRuntime, StateDir
 
@@ -234,8 +234,8 @@ def _decode_half_blocks(text: str) -> bytes:
             if dark:
                 image.putpixel((x + border, y + border), 0)
     image = image.resize((size[0] * scale, size[1] * scale), Image.Resampling.NEAREST)
-    (result,) = decode(image)
-    return result.data
+    (result,) = decode_qr(image)
+    return result
 
 
 def test_add_with_qr_prints_config_then_scannable_qr(
@@ -274,8 +274,8 @@ def test_show_png(capsys: pytest.CaptureFixture[str], state_dir: Path, tmp_path:
     )
     assert rc == 0
     with Image.open(png) as image:
-        (result,) = decode(image)
-    assert result.data == out.encode()
+        (result,) = decode_qr(image)
+    assert result == out.encode()
 
 
 # --- settings ----------------------------------------------------------------------------------

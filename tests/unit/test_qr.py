@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from pyzbar.pyzbar import decode
 
+from tests.helpers import decode_qr
 from unclaw_tui import keys, qr, wgquick
 from unclaw_tui.state import PeerRecord
 
@@ -47,9 +47,8 @@ def matrix_from_half_blocks(text: str) -> list[list[bool]]:
 
 
 def decoded_bytes(image: Image.Image) -> bytes:
-    results = decode(image)
-    assert len(results) == 1
-    return results[0].data
+    (data,) = decode_qr(image)
+    return data
 
 
 def test_png_decodes_to_exact_config(tmp_path: Path) -> None:
