@@ -30,11 +30,21 @@ from unclaw_tui.engine.tunnel_events import (
 if TYPE_CHECKING:
     from unclaw_tui.engine._ffi import EngineError, FastOpen, SpliceResult
     from unclaw_tui.engine.conns import ConnTable
+    from unclaw_tui.engine.dnscheck import (
+        MAX_DNS_QUERY_LEN,
+        DnsQueryShape,
+        DnsVerdict,
+        check_dns_query,
+    )
     from unclaw_tui.engine.flows import SpliceDone, TcpConn, UdpDatagram
     from unclaw_tui.engine.tunnel import PeerInfo, Tunnel
 
 _LAZY = {
     "ConnTable": "unclaw_tui.engine.conns",
+    "DnsQueryShape": "unclaw_tui.engine.dnscheck",
+    "MAX_DNS_QUERY_LEN": "unclaw_tui.engine.dnscheck",
+    "DnsVerdict": "unclaw_tui.engine.dnscheck",
+    "check_dns_query": "unclaw_tui.engine.dnscheck",
     "EngineError": "unclaw_tui.engine._ffi",
     "FastOpen": "unclaw_tui.engine._ffi",
     "SpliceResult": "unclaw_tui.engine._ffi",
@@ -46,8 +56,11 @@ _LAZY = {
 }
 
 __all__ = [
+    "MAX_DNS_QUERY_LEN",
     "CloseReason",
     "ConnTable",
+    "DnsQueryShape",
+    "DnsVerdict",
     "EndpointChanged",
     "EngineError",
     "FastOpen",
@@ -64,6 +77,7 @@ __all__ = [
     "TunnelEvent",
     "UdpDatagram",
     "b64",
+    "check_dns_query",
     "connect_error",
     "describe_os_error",
     "splice_error",

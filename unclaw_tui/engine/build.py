@@ -24,6 +24,7 @@ HEADERS = (
     ENGINE_DIR / "_splice.h",
     ENGINE_DIR / "_wgstack.h",
     ENGINE_DIR / "_worker.h",
+    ENGINE_DIR / "_dns.h",
 )
 # Relative to the repo root, the working directory of setuptools builds (and of __main__ below):
 # setuptools rejects absolute source paths, and distutils would mirror them under its tmpdir.
@@ -34,6 +35,7 @@ SOURCES_REL = [
     "unclaw_tui/engine/_tcp.c",
     "unclaw_tui/engine/_splice.c",
     "unclaw_tui/engine/_worker.c",
+    "unclaw_tui/engine/_dns.c",
 ]
 ENGINE_DIR_REL = "unclaw_tui/engine"
 
@@ -70,7 +72,7 @@ ffibuilder = FFI()
 ffibuilder.cdef("\n".join(cdef_from_header(header.read_text()) for header in HEADERS))
 ffibuilder.set_source(
     "unclaw_tui.engine._wgstack_cffi",
-    '#include "_wgstack.h"\n#include "_worker.h"',
+    '#include "_wgstack.h"\n#include "_worker.h"\n#include "_dns.h"',
     sources=SOURCES_REL,
     include_dirs=[ENGINE_DIR_REL],
     extra_compile_args=compile_args,

@@ -53,9 +53,11 @@ from dnslib import (
 
 from unclaw_tui.config import VIP_NETWORK
 from unclaw_tui.decision import Moment, Question
+from unclaw_tui.engine import MAX_DNS_QUERY_LEN, DnsQueryShape, DnsVerdict, check_dns_query
 from unclaw_tui.events import DnsQuery
 from unclaw_tui.flow import Flow, PeerGone
 from unclaw_tui.router import Route
+from unclaw_tui.services import dnswire
 from unclaw_tui.services import vips as vip_store
 from unclaw_tui.services.upstream import (
     EDNS_PAYLOAD,
@@ -82,7 +84,10 @@ _NO_ANSWER_TYPES = frozenset({QTYPE.AAAA, QTYPE_SVCB, QTYPE_HTTPS})
 TCP_QUERY_TIMEOUT = 5.0  # seconds to send the rest of a query once it started
 TCP_WRITE_TIMEOUT = 10.0
 TCP_MAX_QUERIES = 1000
-MAX_UDP_INFLIGHT = 1024  # queries being answered at once; past it UDP queries are dropped
+MAX_INFLIGHT = 1024  # queries being answered at once; past it UDP queries are dropped
+# One peer's share of them: a peer asking for names whose servers never answer waits for its
+# own queries only.  Past it a UDP query is dropped, a TCP one answered SERVFAIL.
+PEER_INFLIGHT = 128
 MALFORMED_EVENT_INTERVAL = 1.0  # seconds between malformed-input events per peer
 
 
@@ -111,17 +116,28 @@ class Outcome:
     error: str | None = None  # why the answer is a failure (SERVFAIL), for the event
 
 
-def parse_query(data: bytes) -> DNSRecord | str:
-    """The query, or why it is unusable."""
-    if len(data) < 12:
-        return "shorter than a DNS header"
+# Queries of the wrong shape that still get an answer (the rest are dropped as malformed).
+_SHAPE_RCODES = {DnsVerdict.OPCODE: RCODE.NOTIMP, DnsVerdict.COUNTS: RCODE.FORMERR}
+
+
+def parse_query(data: bytes) -> DNSRecord | DnsQueryShape | str:
+    """The query; or, for one of the wrong shape, what the engine's shape check found (no
+    parser meets a message that is not one plain question: see engine/_dns.h); or why a query
+    of the right shape is still unusable."""
+    shape = check_dns_query(data)
+    if shape.verdict != DnsVerdict.OK:
+        return shape
     try:
-        request = DNSRecord.parse(data)
+        return dnswire.parse(data)
     except Exception as exc:  # dnslib raises a zoo of types on arbitrary bytes
         return f"unparsable ({type(exc).__name__})"
-    if request.header.qr:
-        return "a response, not a query"
-    return request
+
+
+def shape_reply(shape: DnsQueryShape, rcode: int) -> bytes:
+    """Our reply to a query no parser read: its id, opcode and RD, no question."""
+    header = DNSHeader(id=shape.id, qr=1, opcode=shape.opcode, rd=(shape.flags >> 8) & 1, ra=1)
+    header.rcode = rcode
+    return DNSRecord(header).pack()
 
 
 def _client_opt(request: DNSRecord) -> RR | None:
@@ -208,11 +224,14 @@ class DnsAnswerer:
         request = parse_query(data)
         if isinstance(request, str):
             return Outcome(None, malformed=request, rcode="MALFORMED")
+        if isinstance(request, DnsQueryShape):
+            rcode = _SHAPE_RCODES.get(request.verdict)
+            if rcode is None:
+                return Outcome(None, malformed=request.refusal, rcode="MALFORMED")
+            return Outcome(
+                shape_reply(request, rcode), rcode=RCODE.get(rcode), error=request.refusal
+            )
         limit = udp_limit(request) if udp else None
-        if request.header.opcode != 0:
-            return self._local(request, limit, RCODE.NOTIMP)
-        if len(request.questions) != 1:
-            return self._local(request, limit, RCODE.FORMERR)
         q = request.q
         refused = refusal(normalize_hostname(str(q.qname)))
         if refused is not None:
@@ -339,6 +358,7 @@ class DnsService:
         self.answerer = DnsAnswerer(self.upstream, self.vips, in_use=self._vip_in_use)
         self.counts: Counter[str] = Counter()  # "queries", "malformed", "overload", ...
         self._tasks: set[asyncio.Task[None]] = set()
+        self._inflight: Counter[bytes] = Counter()  # queries being answered, by peer
         self._malformed_reported: dict[str, float] = {}
         self._saved_changes = self.vips.changes
         self._save_task: asyncio.Task[None] | None = None
@@ -363,15 +383,25 @@ class DnsService:
     def handle_udp(self, dgram: UdpDatagram) -> None:
         if self._closed:
             return
-        if len(self._tasks) >= MAX_UDP_INFLIGHT:
+        peer = dgram.peer_public_key
+        if len(self._tasks) >= MAX_INFLIGHT or self._inflight[peer] >= PEER_INFLIGHT:
             self.counts["overload"] += 1
             return
+        self._inflight[peer] += 1
         self._spawn(self._udp_query(dgram))
 
     async def _udp_query(self, dgram: UdpDatagram) -> None:
-        outcome = await self._answer(dgram.data, dgram.peer_public_key, dgram.peer_ip, udp=True)
+        try:
+            outcome = await self._answer(dgram.data, dgram.peer_public_key, dgram.peer_ip, udp=True)
+        finally:
+            self._done(dgram.peer_public_key)
         if outcome.reply is not None and not self._closed:
             dgram.reply(outcome.reply)
+
+    def _done(self, peer: bytes) -> None:
+        self._inflight[peer] -= 1
+        if not self._inflight[peer]:
+            del self._inflight[peer]
 
     # -- TCP ---------------------------------------------------------------------------------
 
@@ -396,6 +426,10 @@ class DnsService:
                     error = f"idle for {idle_timeout:g} s"
                     break
                 (length,) = struct.unpack("!H", head)
+                if length > MAX_DNS_QUERY_LEN:  # refused before a byte of it is read
+                    error = f"query of {length} bytes (at most {MAX_DNS_QUERY_LEN})"
+                    self._report_malformed(flow.peer_key, flow.peer_ip, error)
+                    break
                 try:
                     query = await asyncio.wait_for(reader.readexactly(length), TCP_QUERY_TIMEOUT)
                 except (asyncio.IncompleteReadError, TimeoutError):
@@ -403,7 +437,15 @@ class DnsService:
                     self._report_malformed(flow.peer_key, flow.peer_ip, error)
                     break
                 flow.bytes_up += 2 + length
-                outcome = await self._answer(query, flow.peer_key, flow.peer_ip, udp=False)
+                if self._inflight[flow.peer_key] >= PEER_INFLIGHT:
+                    self.counts["overload"] += 1
+                    outcome = Outcome(shape_reply(check_dns_query(query), RCODE.SERVFAIL))
+                else:
+                    self._inflight[flow.peer_key] += 1
+                    try:
+                        outcome = await self._answer(query, flow.peer_key, flow.peer_ip, udp=False)
+                    finally:
+                        self._done(flow.peer_key)
                 if outcome.reply is None:
                     error = f"malformed query: {outcome.malformed}"
                     break
@@ -425,6 +467,8 @@ class DnsService:
     # -- common ------------------------------------------------------------------------------
 
     async def _answer(self, data: bytes, peer_key: bytes, peer_ip: str, *, udp: bool) -> Outcome:
+        """Answers within the peer's share of queries in flight, counted from here until the
+        answer is sent (UDP takes its place in handle_udp, before the task exists)."""
         self.counts["queries"] += 1
         try:
             outcome = await self.answerer.answer(

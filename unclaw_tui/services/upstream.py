@@ -31,6 +31,8 @@ from pathlib import Path
 
 from dnslib import EDNS0, QTYPE, RCODE, DNSError, DNSQuestion, DNSRecord
 
+from unclaw_tui.services import dnswire
+
 Server = tuple[str, int]
 
 UPSTREAM_TIMEOUT = 2.0  # seconds for one question, all servers together
@@ -42,6 +44,7 @@ STALE_MAX_AGE = 86_400.0  # serve-stale (RFC 8767): how long past its TTL an ans
 STALE_TTL = 30  # the TTL a stale answer is given (RFC 8767 4: 30 s)
 
 _OPT = QTYPE.OPT
+_ECS = 8  # the EDNS client-subnet option
 
 
 def resolv_conf_servers(path: Path = Path("/etc/resolv.conf")) -> list[Server]:
@@ -113,7 +116,7 @@ class DnsCache:
             if now >= expires + STALE_MAX_AGE:
                 del self._entries[key]
             return None  # kept a while for get_stale
-        response = DNSRecord.parse(packed)
+        response = dnswire.parse(packed)
         age = int(now - stored)
         for rr in (*response.rr, *response.auth, *response.ar):
             if rr.rtype != _OPT:
@@ -130,7 +133,7 @@ class DnsCache:
         if now >= expires + STALE_MAX_AGE:
             del self._entries[key]
             return None
-        response = DNSRecord.parse(packed)
+        response = dnswire.parse(packed)
         for rr in (*response.rr, *response.auth, *response.ar):
             if rr.rtype != _OPT:
                 rr.ttl = min(rr.ttl, STALE_TTL)
@@ -190,8 +193,11 @@ class UpstreamClient:
         (the caller puts the client's back)."""
         q = request.q
         h = request.header
-        do = any(rr.rtype == _OPT and rr.ttl & 0x8000 for rr in request.ar)
-        key = ("forward", str(q.qname).lower(), q.qtype, q.qclass, h.rd, h.cd, bool(do))
+        opts = [rr for rr in request.ar if rr.rtype == _OPT]
+        do = any(rr.ttl & 0x8000 for rr in opts)
+        # An answer tailored to the client's subnet (RFC 7871) is only for that subnet.
+        subnet = b"".join(o.data for rr in opts for o in rr.rdata if o.code == _ECS)
+        key = ("forward", str(q.qname).lower(), q.qtype, q.qclass, h.rd, h.cd, do, subnet)
         return await self._ask(key, query, str(q.qname), q.qtype)
 
     async def resolve_a(self, hostname: str) -> list[str]:
@@ -314,7 +320,7 @@ async def _tcp_exchange(server: Server, packet: bytes, matches: Callable[[bytes]
 
 def _check(data: bytes, want: tuple[str, int]) -> DNSRecord:
     try:
-        response = DNSRecord.parse(data)
+        response = dnswire.parse(data)
     except (DNSError, ValueError, IndexError, struct.error) as exc:
         raise _Unusable(f"unparsable answer ({exc})") from None
     if not response.header.qr:
