@@ -3,9 +3,7 @@
 It turns the engine's TCP events into `TcpConn` calls and its UDP queue into `UdpDatagram`s for
 `on_tcp` / `on_udp`, hands connections to C's splices and keeps their owners' completion
 callbacks, and reports the connections the engine relayed on its own (the fast relay) through
-`on_fast_relay`. Reports are taken from C under the engine lock and delivered after it is given
-back, so that building events for a batch of connections never keeps the engine's thread
-waiting. Everything here runs on the event loop's thread.
+`on_fast_relay`.
 """
 
 from __future__ import annotations
@@ -96,10 +94,8 @@ class ConnTable:
         """See `TcpConn.splice`, `TcpConn.splice_socket` and (accepted) `splice_accepted`."""
         now = self._driver.now()
         if isinstance(target, socket.socket):
-            if accepted:
-                self._engine.splice_adopt(conn.conn_id, target.fileno(), now)
-            else:
-                self._engine.splice_attach(conn.conn_id, target.fileno(), now)
+            hand_over = self._engine.splice_adopt if accepted else self._engine.splice_attach
+            hand_over(conn.conn_id, target.fileno(), now)
             target.detach()  # the fd is C's now
         else:
             self._engine.splice_connect(conn.conn_id, target, now + timeout, now)
@@ -184,20 +180,18 @@ class ConnTable:
         """Settle splices started this turn (a connect to a nearby host often completes inside
         connect() itself: the SYN-ACKs then leave in this turn, not the next) and take the
         reports waiting; True if there was anything to do."""
-        if self._splices_started:
-            self._splices_started = False
+        started, self._splices_started = self._splices_started, False
+        if started:
             self._engine.splice_service(now)
+        if started or reports:
             self.take_reports(now)
-            return True
-        if reports:
-            self.take_reports(now)
-            return True
-        return False
+        return started or reports
 
     def take_reports(self, now: float) -> None:
         """Move C's reports (fast-relayed connections opened, splices ended, in that order: a
         result may be of a connection opened in the same batch) to be delivered after the
-        engine lock is given back."""
+        engine lock is given back: building events for a batch of connections must not keep
+        the engine's thread waiting."""
         for opened in self._engine.fast_relay_opened():
             key = self._peer_key(opened.peer_id)
             if key is not None:  # always: the tunnel takes reports before removing a peer

@@ -3,16 +3,16 @@
 Two drivers, one seam (`Driver`):
 - `ThreadDriver` (production, where eventfd exists): C receives on a thread of its own
   (`_worker.h`): it waits on the UDP socket, the splices' sockets and the engine's timers, and
-  wakes this loop through an eventfd only when something waits for Python. Every use of the
-  engine from Python then holds the engine lock (`Engine.locked`, taken per call otherwise).
-  Its clock is CLOCK_MONOTONIC, the worker's.
+  wakes the event loop through an eventfd only when something waits for Python. Every use of
+  the engine from Python then holds the engine lock (`Engine.locked` around a sequence, else
+  per call). Its clock is CLOCK_MONOTONIC, the worker's.
 - `LoopDriver` (`--no-engine-thread`, and tests that need a fake clock): the event loop watches
   the UDP socket and the splices' epoll fd itself, and one timer armed at the earliest of C's
   deadline and Python's own drives the engine's timers.
 
-Either way, the driver calls `on_work(now)` (the tunnel's dispatch) when the engine has work for
-Python, under the engine lock, and `on_timer(now)` when Python's own deadline (`deadlines()`) is
-due. Nothing here runs per packet.
+Either way, all of the package's Python runs on the event loop's thread, and the driver calls
+`on_work(now)` (the tunnel's dispatch) when the engine has work for Python, under the engine
+lock, and `on_timer(now)` when Python's own deadline (`deadlines()`) is due.
 """
 
 from __future__ import annotations
@@ -83,10 +83,12 @@ class Driver:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self.closed:
-            return
-        with self.engine.locked():
-            self._on_work(self.now())
+        self._work()
+
+    def _work(self) -> None:
+        if not self.closed:
+            with self.engine.locked():
+                self._on_work(self.now())
 
     def later(self, fn: Callable[[], object]) -> None:
         """Call fn on the loop, soon (once started)."""
@@ -186,10 +188,7 @@ class ThreadDriver(Driver):
         assert self._notify_fd is not None
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._notify_fd)
-        if self.closed:
-            return
-        with self.engine.locked():
-            self._on_work(self.now())
+        self._work()
 
 
 class LoopDriver(Driver):

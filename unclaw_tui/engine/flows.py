@@ -102,20 +102,20 @@ class TcpConn:
         then SYN-ACK, or RST if it failed; bytes then flow both ways without Python.
         `on_done` gets the `SpliceResult` once, when it ends.  OSError if no socket could even
         be started (the connection is still ours to reject)."""
-        if self._transport is not None or self._released:
-            raise RuntimeError("connection already answered")
-        self._conns.splice(self, dst, timeout, on_done)
-        self._spliced = True
-        self._released = True  # the handle belongs to C's splice table now
+        self._splice_unanswered(dst, timeout, on_done)
 
     def splice_socket(self, sock: socket.socket, on_done: SpliceDone) -> None:
         """As `splice`, for a host socket the caller already connected: C takes it over
         (the socket object is detached) and the SYN is answered at once."""
+        self._splice_unanswered(sock, 0.0, on_done)
+
+    def _splice_unanswered(
+        self, target: Endpoint | socket.socket, timeout: float, on_done: SpliceDone
+    ) -> None:
         if self._transport is not None or self._released:
             raise RuntimeError("connection already answered")
-        self._conns.splice(self, sock, 0.0, on_done)
-        self._spliced = True
-        self._released = True
+        self._conns.splice(self, target, timeout, on_done)
+        self._spliced = self._released = True  # the handle belongs to C's splice table now
 
     def detach_reading(self, reader: asyncio.StreamReader) -> bytes | None:
         """Stop reading from the peer into `reader` (from `accept`) and take back what it
@@ -150,8 +150,7 @@ class TcpConn:
         if t is None or self._released:
             raise RuntimeError("connection not accepted here, or already released")
         self._conns.splice(self, sock, 0.0, on_done, accepted=True)
-        self._spliced = True
-        self._released = True  # the transport's close/abort no longer touch the handle
+        self._spliced = self._released = True  # close/abort no longer touch the handle
 
     def _spliced_done(self, result: _ffi.SpliceResult) -> None:
         self._final_bytes = (result.bytes_up, result.bytes_down)
@@ -427,10 +426,11 @@ class UdpDatagram:
                 raise
 
     def unreachable(self, *, admin: bool = False) -> None:
-        code = 13 if admin else 3
+        code = _ffi.ICMP_ADMIN_PROHIBITED if admin else _ffi.ICMP_PORT_UNREACHABLE
         peer = (self.peer_ip, self.src_port)
         dst = (self.dst_ip, self.dst_port)
-        self._conns.call(lambda e, now: e.icmp_unreachable(peer, dst, 17, code, now))
+        udp = socket.IPPROTO_UDP
+        self._conns.call(lambda e, now: e.icmp_unreachable(peer, dst, udp, code, now))
 
 
 TcpHandler = Callable[[TcpConn], None]
