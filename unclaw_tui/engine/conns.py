@@ -8,11 +8,9 @@ callbacks, and reports the connections the engine relayed on its own (the fast r
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from unclaw_tui.engine import _ffi
@@ -70,13 +68,6 @@ class ConnTable:
     @property
     def can_splice(self) -> bool:
         return self._engine.can_splice
-
-    def tcp_info(self, conn_id: int) -> _ffi.TcpInfo:
-        return self._engine.tcp_info(conn_id)
-
-    def splice_bytes(self, conn_id: int) -> tuple[int, int] | None:
-        """Live (up, down) bytes of a spliced connection."""
-        return self._engine.splice_bytes(conn_id)
 
     def splice_abort(self, conn_id: int) -> None:
         self._engine.splice_abort(conn_id, self._driver.now())
@@ -250,27 +241,3 @@ class ConnTable:
     @property
     def open_flows(self) -> int:
         return len(self._conns)
-
-    @property
-    def connections(self) -> AsyncIterator[TcpConn]:
-        """Every TCP connection peers open, from now on (replaces `on_tcp`)."""
-        queue: asyncio.Queue[TcpConn] = asyncio.Queue()
-        self.on_tcp = queue.put_nowait
-        return _drain_queue(queue)
-
-    @property
-    def datagrams(self) -> AsyncIterator[UdpDatagram]:
-        """Every UDP datagram peers send, from now on (replaces `on_udp`)."""
-        queue: asyncio.Queue[UdpDatagram] = asyncio.Queue(maxsize=65536)
-
-        def offer(dgram: UdpDatagram) -> None:
-            with contextlib.suppress(asyncio.QueueFull):  # UDP: dropping is allowed
-                queue.put_nowait(dgram)
-
-        self.on_udp = offer
-        return _drain_queue(queue)
-
-
-async def _drain_queue(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
-    while True:
-        yield await queue.get()

@@ -52,7 +52,6 @@ class TcpConn:
         self._released = False
         self._spliced = False
         self._closed = asyncio.Event()
-        self._final_bytes: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -153,7 +152,6 @@ class TcpConn:
         self._spliced = self._released = True  # close/abort no longer touch the handle
 
     def _spliced_done(self, result: _ffi.SpliceResult) -> None:
-        self._final_bytes = (result.bytes_up, result.bytes_down)
         self.close_reason = self.close_reason or splice_close_label(result)
         self._spliced = False
         self._closed.set()
@@ -163,25 +161,6 @@ class TcpConn:
     @property
     def closed(self) -> bool:
         return self._closed.is_set()
-
-    @property
-    def bytes_from_peer(self) -> int:
-        return self._bytes()[0]
-
-    @property
-    def bytes_to_peer(self) -> int:
-        return self._bytes()[1]
-
-    def _bytes(self) -> tuple[int, int]:
-        if self._final_bytes is not None:
-            return self._final_bytes
-        if self._spliced:
-            return self._conns.splice_bytes(self.conn_id) or (0, 0)
-        try:
-            info = self._conns.tcp_info(self.conn_id)
-        except _ffi.EngineError:
-            return (0, 0)
-        return (info.bytes_in, info.bytes_out)
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -215,7 +194,6 @@ class TcpConn:
         """Release the C handle (exactly once) and mark the connection closed."""
         if self._released:
             return
-        self._final_bytes = self._bytes()
         self._released = True
         self.close_reason = self.close_reason or reason
         self._conns.call(lambda e, now: e.tcp_release(self.conn_id, now))

@@ -11,7 +11,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from unclaw_tui.engine import _ffi, constants
 from unclaw_tui.engine.conns import ConnTable
@@ -62,7 +62,6 @@ class _Peer:
     # Our own initiation attempt (gateway as initiator), per the whitepaper's timer rules.
     attempt_started: float | None = None
     next_retransmit: float | None = None
-    last_initiation_sent: float = field(default=-1e9)
 
 
 class Tunnel:
@@ -467,7 +466,6 @@ class Tunnel:
             return
         message = self._core.create_initiation(peer.public_key, self._allocate_index(), now)
         self._engine.send_raw(message, endpoint)
-        peer.last_initiation_sent = now
         self._set_retransmit(
             peer,
             now + constants.REKEY_TIMEOUT + random.uniform(0, constants.REKEY_TIMEOUT_JITTER_MAX),
