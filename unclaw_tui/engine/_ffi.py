@@ -33,7 +33,6 @@ EV_KEYS_EXPIRED: int = lib.WG_EV_KEYS_EXPIRED
 
 NEED_NO_KEY: int = lib.WG_NEED_NO_KEY
 NEED_REKEY_TIME: int = lib.WG_NEED_REKEY_TIME
-NEED_REKEY_MESSAGES: int = lib.WG_NEED_REKEY_MESSAGES
 NEED_NO_RESPONSE: int = lib.WG_NEED_NO_RESPONSE
 NEED_RECV_OLD: int = lib.WG_NEED_RECV_OLD
 
@@ -64,11 +63,8 @@ TCP_CLOSE_PEER_REMOVED: int = CloseReason.PEER_REMOVED
 TCP_CLOSE_NAMES: dict[int, str] = {r: r.label for r in CloseReason}
 
 TCP_ST_SYN_PENDING: int = lib.TCP_ST_SYN_PENDING
-TCP_ST_SYN_RECEIVED: int = lib.TCP_ST_SYN_RECEIVED
 TCP_ST_ESTABLISHED: int = lib.TCP_ST_ESTABLISHED
 TCP_ST_CLOSE_WAIT: int = lib.TCP_ST_CLOSE_WAIT
-TCP_ST_TIME_WAIT: int = lib.TCP_ST_TIME_WAIT
-TCP_ST_CLOSED: int = lib.TCP_ST_CLOSED
 
 TCP_EINVAL: int = lib.TCP_EINVAL
 TCP_ENOCONN: int = lib.TCP_ENOCONN
@@ -782,9 +778,7 @@ class Engine:
 
     def splice_active_flows(self, since: float) -> dict[int, tuple[int, int]]:
         """{conn_id: (up, down)} of spliced connections whose bytes moved at or after since."""
-        if self._splice == ffi.NULL:
-            return {}
-        count = lib.splice_active(self._splice)
+        count = lib.splice_active(self._splice) if self._splice != ffi.NULL else 0
         if count == 0:
             return {}
         out = ffi.new("splice_progress[]", count)

@@ -62,9 +62,6 @@ class ConnTable:
         """One engine call for a flow; its packets go out this loop turn."""
         return self._driver.call(fn)
 
-    def now(self) -> float:
-        return self._driver.now()
-
     @property
     def can_splice(self) -> bool:
         return self._engine.can_splice
@@ -198,17 +195,14 @@ class ConnTable:
         for report in reports:
             if isinstance(report, tuple):
                 opened, public_key = report
-                if self.on_fast_relay is None:
-                    continue
                 try:
-                    done = self.on_fast_relay(opened, public_key)
+                    if self.on_fast_relay is not None:
+                        done = self.on_fast_relay(opened, public_key)
+                        self._spliced[opened.conn_id] = (None, done)
                 except Exception:
                     log.exception("fast relay handler failed")
-                    continue
-                self._spliced[opened.conn_id] = (None, done)
                 continue
-            entry = self._spliced.pop(report.conn_id, None)
-            if entry is None:
+            if (entry := self._spliced.pop(report.conn_id, None)) is None:
                 continue
             conn, on_done = entry
             if conn is not None:
@@ -237,7 +231,3 @@ class ConnTable:
             self._engine.splice_abort(conn_id, now)
         self.take_reports(now)
         self.deliver_reports()
-
-    @property
-    def open_flows(self) -> int:
-        return len(self._conns)

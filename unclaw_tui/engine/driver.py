@@ -66,8 +66,7 @@ class Driver:
     def stop(self) -> None:
         """From here on the engine is this thread's alone; no more callbacks."""
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self.cancel_timer()
 
     def call(self, fn: Callable[[_ffi.Engine, float], object]) -> object:
         """Run one engine call for a flow, then make sure its packets go out this loop turn."""
@@ -146,9 +145,7 @@ class Driver:
 class ThreadDriver(Driver):
     """C's own thread receives and runs the engine's timers (see the module docstring)."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._notify_fd: int | None = None
+    _notify_fd: int | None = None  # the worker's eventfd, once started
 
     @staticmethod
     def available() -> bool:

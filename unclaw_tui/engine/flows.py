@@ -122,15 +122,9 @@ class TcpConn:
         with nothing changed, when it cannot go to C: no splices, the peer's EOF already read,
         or bytes for the peer still queued.  Undo with `writer.transport.resume_reading()`."""
         t = self._transport
-        if (
-            t is None
-            or self._released
-            or not self._conns.can_splice
-            or t._eof_from_peer
-            or t._buffer
-            or t.is_closing()
-            or reader.at_eof()
-        ):
+        if t is None or not self.can_splice or reader.at_eof():
+            return None
+        if t._eof_from_peer or t._buffer or t.is_closing():
             return None
         t.pause_reading()
         # A StreamReader keeps what it was fed in `_buffer`; there is no public way to take it.
@@ -256,17 +250,17 @@ class TcpTransport(asyncio.Transport):
     # -- writing ---------------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._eof_pending or self._eof_sent or self._closing or self._lost_called:
-            return  # like a closed socket transport: silently dropped
-        if not data:
-            return
+        if not data or self._eof_pending or self._eof_sent or self._closing or self._lost_called:
+            return  # after EOF or close, like a closed socket transport: silently dropped
         if self._buffer:
             self._buffer += data
         else:
             written = self._write_now(data)
             if written < len(data):
                 self._buffer += memoryview(data)[written:]
-        self._maybe_pause_protocol()
+        if not self._writing_paused and len(self._buffer) > WRITE_HIGH_WATER:
+            self._writing_paused = True
+            self._protocol.pause_writing()
 
     def _write_now(self, data: bytes | bytearray | memoryview) -> int:
         conn = self._conn
@@ -285,14 +279,6 @@ class TcpTransport(asyncio.Transport):
                 self._send_eof()
             if self._closing:
                 self._release()
-        self._maybe_resume_protocol()
-
-    def _maybe_pause_protocol(self) -> None:
-        if not self._writing_paused and len(self._buffer) > WRITE_HIGH_WATER:
-            self._writing_paused = True
-            self._protocol.pause_writing()
-
-    def _maybe_resume_protocol(self) -> None:
         if self._writing_paused and len(self._buffer) <= WRITE_LOW_WATER:
             self._writing_paused = False
             self._protocol.resume_writing()

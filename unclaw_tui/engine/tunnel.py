@@ -340,13 +340,12 @@ class Tunnel:
                 log.exception("flow handling failed")
         reports = bool(pending.fast_opened or pending.splice_results)
         handled = self.conns.service_splices(now, reports=reports) or handled
-        if handled:  # handlers may have queued packets and moved deadlines
+        if handled or pending.outputs:
             self._engine.io_flush()
-            self._driver.rearm(self._driver.engine_deadline())
-        else:
-            if pending.outputs:
-                self._engine.io_flush()
-            self._driver.rearm(pending.next_deadline or None)
+        # Handlers may have queued packets and moved deadlines: then ask C again.
+        self._driver.rearm(
+            self._driver.engine_deadline() if handled else pending.next_deadline or None
+        )
 
     # -- events from C ---------------------------------------------------------------------
 
