@@ -277,11 +277,8 @@ def _endpoint_to_c(endpoint: Endpoint, out: Any) -> Any:
 
 
 def _endpoint_from_c(ep: Any) -> Endpoint | None:
-    if ep.family == 4:
-        return (str(ipaddress.IPv4Address(bytes(ep.addr[0:4]))), ep.port)
-    if ep.family == 6:
-        return (str(ipaddress.IPv6Address(bytes(ep.addr[0:16]))), ep.port)
-    return None
+    size = {4: 4, 6: 16}.get(ep.family)  # address bytes; other families: no endpoint
+    return None if size is None else (str(ipaddress.ip_address(bytes(ep.addr[0:size]))), ep.port)
 
 
 def _time_or_none(t: float) -> float | None:
@@ -346,11 +343,11 @@ class Engine:
         self._engine: Any = None
         self._worker: Any = None
         self._lock_owner: int | None = None
-        ip = ipaddress.IPv4Address(tunnel_ip)
+        ip = int(ipaddress.IPv4Address(tunnel_ip))
         if not 0 <= prefix_len <= 32:
             raise EngineError(EINVAL, "prefix_len must be 0..32")
         cfg = ffi.new("wg_config *")
-        cfg.tunnel_ip = int(ip)
+        cfg.tunnel_ip = ip
         cfg.tunnel_prefix_len = prefix_len
         cfg.mtu = mtu
         cfg.max_peers = max_peers

@@ -191,13 +191,14 @@ class ThreadDriver(Driver):
 class LoopDriver(Driver):
     """The event loop receives and drives the engine's timers (see the module docstring)."""
 
+    _sock: socket.socket | None = None  # the UDP socket, once started
+    _splice_watched = False  # the splices' epoll fd is watched (from the first splice on)
+
     def __init__(
         self, *args: object, clock: Callable[[], float] | None = None, **kwargs: object
     ) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._clock = clock
-        self._sock: socket.socket | None = None
-        self._splice_watched = False
 
     def now(self) -> float:
         if self._clock is not None:

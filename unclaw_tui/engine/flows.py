@@ -5,9 +5,8 @@ router accepts it (SYN-ACK) or rejects it (RST).  Accepted, it is an ordinary pa
 streams (`StreamReaderProtocol` over `TcpTransport`), so services treat it like a socket.
 Back-pressure both ways comes from the streams' own flow control: a reader that stops reading
 pauses the transport, which stops taking bytes from C, whose receive window to the peer then
-closes; a full C send buffer makes the transport buffer, which pauses `drain()`.
-
-Data moves in large chunks (one C call per readable event or per write), never per packet.
+closes; a full C send buffer makes the transport buffer, which pauses `drain()`.  Data moves
+in large chunks: one C call per readable event or per write.
 """
 
 from __future__ import annotations
