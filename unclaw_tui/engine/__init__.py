@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from unclaw_tui.engine.noise import b64, unb64
 from unclaw_tui.engine.outcomes import (
     CloseReason,
+    Refusal,
     SpliceOutcome,
     connect_error,
     describe_os_error,
@@ -58,6 +59,7 @@ __all__ = [
     "KeysExpired",
     "LoadChanged",
     "PeerInfo",
+    "Refusal",
     "SpliceDone",
     "SpliceOutcome",
     "SpliceResult",
