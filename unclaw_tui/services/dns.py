@@ -64,7 +64,6 @@ from unclaw_tui.services.upstream import (
     resolv_conf_servers,
 )
 from unclaw_tui.services.vips import VIP_TTL, VipAllocator, normalize_hostname
-from unclaw_tui.state import StateError
 
 if TYPE_CHECKING:
     from unclaw_tui.engine import UdpDatagram
@@ -125,10 +124,7 @@ def parse_query(data: bytes) -> DNSRecord | str:
 
 
 def _client_opt(request: DNSRecord) -> RR | None:
-    for rr in request.ar:
-        if rr.rtype == QTYPE.OPT:
-            return rr
-    return None
+    return next((rr for rr in request.ar if rr.rtype == QTYPE.OPT), None)
 
 
 def udp_limit(request: DNSRecord) -> int:
@@ -216,8 +212,7 @@ class DnsAnswerer:
         q = request.q
         refused = refusal(normalize_hostname(str(q.qname)))
         if refused is not None:
-            reply = local_reply(request, RCODE.REFUSED)
-            return self._outcome(request, fit(reply, limit), RCODE.REFUSED, [], error=refused)
+            return self._local(request, limit, RCODE.REFUSED, error=refused)
         qtype = q.qtype
         if qtype == QTYPE.A and q.qclass == 1:
             return await self._answer_a(request, limit)
@@ -232,10 +227,16 @@ class DnsAnswerer:
     # -- the cases -------------------------------------------------------------------------
 
     def _local(
-        self, request: DNSRecord, limit: int | None, rcode: int, answers: list[str] | None = None
+        self,
+        request: DNSRecord,
+        limit: int | None,
+        rcode: int,
+        upstream: UpstreamAnswer | None = None,
+        error: str | None = None,
     ) -> Outcome:
-        reply = local_reply(request, rcode)
-        return self._outcome(request, fit(reply, limit), rcode, answers or [])
+        """An empty answer of ours."""
+        reply = fit(local_reply(request, rcode), limit)
+        return self._outcome(request, reply, rcode, [], upstream, error)
 
     def _outcome(
         self,
@@ -290,10 +291,9 @@ class DnsAnswerer:
         found: UpstreamAnswer,
         error: str | None = None,
     ) -> Outcome:
-        reply = local_reply(request, RCODE.SERVFAIL)
         if error is None and found.error is None:
             error = f"upstream answered {RCODE.get(found.rcode)}"
-        return self._outcome(request, fit(reply, limit), RCODE.SERVFAIL, [], found, error)
+        return self._local(request, limit, RCODE.SERVFAIL, found, error)
 
     def _answer_vip_ptr(self, request: DNSRecord, limit: int | None, vip: str) -> Outcome:
         hostname = self.vips.hostname_for(vip)
@@ -439,6 +439,11 @@ class DnsService:
             self._report_malformed(peer_key, peer_ip, outcome.malformed)
             return outcome
         self.counts[outcome.rcode] += 1
+        self._publish(peer_key, peer_ip, outcome)
+        return outcome
+
+    def _publish(self, peer_key: bytes, peer_ip: str, outcome: Outcome) -> None:
+        ms = outcome.upstream_ms
         self.gateway.publish(
             DnsQuery(
                 peer=self.gateway.peer_name(peer_key),
@@ -447,12 +452,11 @@ class DnsService:
                 qtype=outcome.qtype,
                 answers=outcome.answers,
                 rcode=outcome.rcode,
-                upstream_ms=None if outcome.upstream_ms is None else round(outcome.upstream_ms, 1),
+                upstream_ms=None if ms is None else round(ms, 1),
                 cached=outcome.cached,
                 error=outcome.error,
             )
         )
-        return outcome
 
     def _refusal(self, peer_key: bytes, name: str) -> str | None:
         question = Question(Moment.QUERY, peer_key, "udp", hostname=name)
@@ -468,16 +472,7 @@ class DnsService:
             self._malformed_reported.clear()
         self._malformed_reported[peer_ip] = now
         log.debug("malformed DNS input from %s: %s", peer_ip, why)
-        self.gateway.publish(
-            DnsQuery(
-                peer=self.gateway.peer_name(peer_key),
-                peer_ip=peer_ip,
-                qname="",
-                qtype="",
-                rcode="MALFORMED",
-                error=why,
-            )
-        )
+        self._publish(peer_key, peer_ip, Outcome(None, rcode="MALFORMED", error=why))
 
     def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(job)
@@ -495,10 +490,7 @@ class DnsService:
     async def _save_changes(self) -> None:
         while self.vips.changes != self._saved_changes:
             changes = self.vips.changes
-            try:
-                await asyncio.to_thread(vip_store.save, self.gateway.state, self.vips.to_json())
-            except StateError as exc:
-                log.error("cannot save the VIP map: %s", exc)
+            if not await asyncio.to_thread(vip_store.save, self.gateway.state, self.vips.to_json()):
                 return
             self._saved_changes = changes
             # A burst of new names is written once a second, not once per name: each write
@@ -514,10 +506,7 @@ class DnsService:
                 await self._save_task
         if len(self.vips):
             # Also keeps the last-used times, so LRU reuse after a restart is still fair.
-            try:
-                vip_store.save(self.gateway.state, self.vips.to_json())
-            except StateError as exc:
-                log.error("cannot save the VIP map: %s", exc)
+            vip_store.save(self.gateway.state, self.vips.to_json())
 
 
 def create(gateway: GatewayServices) -> dict[Route, Service]:

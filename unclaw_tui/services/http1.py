@@ -195,11 +195,7 @@ class _Framer:
 
 
 def _parse_head(raw: bytes) -> _Head:
-    try:
-        text = raw.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes anything
-        raise _Malformed("undecodable head") from None
-    lines = text.split("\r\n")
+    lines = raw.decode("latin-1").split("\r\n")  # latin-1 decodes any bytes
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")

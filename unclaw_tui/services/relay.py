@@ -24,6 +24,7 @@ from unclaw_tui.config import DEFAULT_MAX_FLOWS_PER_PEER, DEFAULT_UDP_IDLE_TIMEO
 from unclaw_tui.decision import Moment, Question
 from unclaw_tui.engine import describe_os_error
 from unclaw_tui.router import Route
+from unclaw_tui.services.base import lru_put
 
 if TYPE_CHECKING:  # tests pass stand-ins for UdpDatagram with the methods used here
     from unclaw_tui.decision import DecisionPoint
@@ -337,26 +338,20 @@ class UdpRelay:
         seen = self._refused.get(key)
         if seen is not None and now - seen < self.flows.idle_timeout:
             return
-        self._refused[key] = now
-        self._refused.move_to_end(key)
-        while len(self._refused) > UDP_REFUSALS_REMEMBERED:
-            self._refused.popitem(last=False)
+        lru_put(self._refused, key, now, UDP_REFUSALS_REMEMBERED)
         self._new_flow(dgram, hostname).close(reason)
 
     # -- idle timer: one timer for the next flow to go idle ----------------------------------
 
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
-        deadline = self.flows.next_deadline()
-        if deadline is None or self._closed:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            return
-        if self._timer is not None and self._timer.when() <= deadline:
-            return  # fires early at worst, then re-arms for the later deadline
+        deadline = None if self._closed else self.flows.next_deadline()
         if self._timer is not None:
+            if deadline is not None and self._timer.when() <= deadline:
+                return  # fires early at worst, then re-arms for the later deadline
             self._timer.cancel()
-        self._timer = loop.call_at(deadline, self._sweep, loop, deadline)
+            self._timer = None
+        if deadline is not None:
+            self._timer = loop.call_at(deadline, self._sweep, loop, deadline)
 
     def _sweep(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         self._timer = None

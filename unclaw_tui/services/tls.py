@@ -67,6 +67,7 @@ from unclaw_tui.pump import (
 )
 from unclaw_tui.router import Route
 from unclaw_tui.services import clienthello
+from unclaw_tui.services.base import lru_put
 from unclaw_tui.services.ca import CertificateAuthority
 from unclaw_tui.services.http1 import Exchange, Http1Observer
 from unclaw_tui.state import StateError
@@ -83,7 +84,7 @@ HELLO_TIMEOUT = DEFAULT_HELLO_TIMEOUT
 HANDSHAKE_TIMEOUT = 10.0  # the client's side of the handshake, after its hello
 CONNECT_TIMEOUT = 10.0  # upstream TCP connect plus TLS handshake, per address
 CLOSE_TIMEOUT = 5.0
-UPSTREAM_CONTEXTS = 32  # cached client contexts, one per distinct ALPN offer
+UPSTREAM_CONTEXTS = 32
 AUTO_PASSTHROUGH_HOSTS = 4096
 # The auto-passthrough hosts, kept in the state dir so a restart does not break those clients
 # again: {"hosts": [...]}, least recently rejected first.
@@ -189,10 +190,6 @@ class ClientTls:
             await self.writer.drain()
             return
 
-    @property
-    def alpn(self) -> str | None:
-        return self.ssl.selected_alpn_protocol()
-
     # -- the stream face -------------------------------------------------------------------
 
     async def read(self, n: int = READ_SIZE) -> bytes:
@@ -258,11 +255,10 @@ class _UpstreamWriter:
     def can_write_eof(self) -> bool:
         return True
 
-    def write_eof(self) -> None:
-        self.writer.close()
-
     def close(self) -> None:
         self.writer.close()
+
+    write_eof = close
 
     async def wait_closed(self) -> None:
         with contextlib.suppress(ssl.SSLError):
@@ -272,7 +268,7 @@ class _UpstreamWriter:
 class _Tap:
     """A reader that shows every chunk (and the EOF, as b"") to a callback on its way."""
 
-    def __init__(self, inner: Any, on_data: Callable[[bytes], None]) -> None:
+    def __init__(self, inner: Any, on_data: Callable[[bytes], object]) -> None:
         self.inner = inner
         self.on_data = on_data
 
@@ -370,8 +366,10 @@ class TlsService:
     ) -> None:
         self.gateway = gateway
         self.ca = ca
-        self._make_upstream_context = upstream_context or default_upstream_context
-        self._upstream_contexts: OrderedDict[tuple[str, ...], ssl.SSLContext] = OrderedDict()
+        # One client context per distinct ALPN offer, the least recently used dropped first.
+        self.upstream_context = functools.lru_cache(UPSTREAM_CONTEXTS)(
+            upstream_context or default_upstream_context
+        )
         self.hello_timeout = hello_timeout
         self.handshake_timeout = handshake_timeout
         self.connect_timeout = connect_timeout
@@ -386,7 +384,7 @@ class TlsService:
         dgram.unreachable()  # the router sends only TCP here
 
     async def close(self) -> None:
-        self._upstream_contexts.clear()
+        self.upstream_context.cache_clear()
 
     async def handle_tcp(self, flow: Flow) -> None:
         # What escapes ends the flow in FlowRegistry.serve (RST, the error in its closing event).
@@ -403,10 +401,7 @@ class TlsService:
         return any(fnmatch.fnmatchcase(hostname, p) for p in self.gateway.settings.passthrough)
 
     def _remember_rejection(self, hostname: str) -> None:
-        self.rejected_hosts[hostname] = None
-        self.rejected_hosts.move_to_end(hostname)
-        while len(self.rejected_hosts) > AUTO_PASSTHROUGH_HOSTS:
-            self.rejected_hosts.popitem(last=False)
+        lru_put(self.rejected_hosts, hostname, None, AUTO_PASSTHROUGH_HOSTS)
         hosts = list(self.rejected_hosts)
         # fsync and the state dir's lock may block: off the loop (a new host is rare).
         saving = asyncio.get_running_loop().run_in_executor(None, self._save_rejected, hosts)
@@ -428,16 +423,6 @@ class TlsService:
             if isinstance(host, str) and host:
                 self.rejected_hosts[host] = None
 
-    def upstream_context(self, alpn: tuple[str, ...]) -> ssl.SSLContext:
-        ctx = self._upstream_contexts.get(alpn)
-        if ctx is None:
-            ctx = self._make_upstream_context(alpn)
-            self._upstream_contexts[alpn] = ctx
-            while len(self._upstream_contexts) > UPSTREAM_CONTEXTS:
-                self._upstream_contexts.popitem(last=False)
-        self._upstream_contexts.move_to_end(alpn)
-        return ctx
-
     # -- one connection ------------------------------------------------------------------------
 
     async def _serve(self, flow: Flow) -> None:
@@ -451,32 +436,32 @@ class TlsService:
         # while the ClientHello arrives, so neither mode waits a round trip to the host after it.
         upstream = _EarlyUpstream(functools.partial(self._open_upstream, flow, vip_host))
         try:
-            await self._serve_hello(flow, reader, writer, vip_host, upstream)
+            hello, seen = await self._read_hello(reader)
+            if isinstance(hello, clienthello.NotTls):
+                error = f"not a TLS ClientHello: {hello.reason}"
+            elif hello.sni is not None and not (valid_hostname(hello.sni) or _is_ip(hello.sni)):
+                error = "invalid SNI"
+            else:
+                await self._serve_hello(flow, hello, seen, reader, writer, vip_host, upstream)
+                return
+            flow.open(vip_host)
+            _tls_event(self.gateway, flow, None, "rejected", error=error)
+            await _close_client(writer, flow)
         finally:
             upstream.discard()
 
     async def _serve_hello(
         self,
         flow: Flow,
+        hello: clienthello.ClientHello,
+        seen: bytes,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         vip_host: str | None,
         upstream: _EarlyUpstream,
     ) -> None:
         gateway = self.gateway
-        hello, seen = await self._read_hello(reader)
-        if isinstance(hello, clienthello.NotTls):
-            flow.open(vip_host)
-            error = f"not a TLS ClientHello: {hello.reason}"
-            _tls_event(gateway, flow, None, "rejected", error=error)
-            await _close_client(writer, flow)
-            return
         sni = hello.sni
-        if sni is not None and not (valid_hostname(sni) or _is_ip(sni)):
-            flow.open(vip_host)
-            _tls_event(gateway, flow, None, "rejected", error="invalid SNI")
-            await _close_client(writer, flow)
-            return
         hostname = sni or vip_host
         flow.open(hostname)
         hello_question = Question.about(flow, Moment.HELLO, hostname=sni, vip_hostname=vip_host)
@@ -536,18 +521,9 @@ class TlsService:
             result = parser.feed(data)  # each record walked once, however the bytes arrive
 
     async def _open_upstream(self, flow: Flow, vip_host: str | None) -> socket.socket:
-        """A TCP connection to the first allowed destination that answers; `_Refused` if the
-        decision point allows none, `ConnectFailed` (the last reason) if none answers."""
-        failure = "no address"
-        for ip in await self._destinations(flow, vip_host):
-            try:
-                return await connect_socket(ip, flow.dst_port, timeout=self.connect_timeout)
-            except ConnectFailed as exc:
-                failure = str(exc)
-        raise ConnectFailed(failure)
-
-    async def _destinations(self, flow: Flow, vip_host: str | None) -> tuple[str, ...]:
-        """The real addresses to connect to, in order, each allowed by the decision point."""
+        """A TCP connection to the first destination (the VIP's real addresses, else the
+        original one) that the decision point allows and that answers; `_Refused` if it allows
+        none, `ConnectFailed` (the last reason) if none answers."""
         if vip_host is not None and self.gateway.resolver is not None:
             candidates = tuple(await self.gateway.resolver.resolve(vip_host))
             if not candidates:
@@ -558,26 +534,13 @@ class TlsService:
         verdict = self.gateway.decisions.decide(question)
         if verdict.refusal is not None:
             raise _Refused(verdict.refusal)
-        return verdict.addresses
-
-    async def _upstream_tls(
-        self, sock: socket.socket, ctx: ssl.SSLContext, server_name: str
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """TLS over the connected socket, with SNI and full verification."""
-        try:
-            return await asyncio.wait_for(
-                asyncio.open_connection(
-                    sock=sock,
-                    ssl=ctx,
-                    server_hostname=server_name,
-                    ssl_handshake_timeout=self.connect_timeout,
-                    limit=self.gateway.settings.tcp_buffer,
-                ),
-                self.connect_timeout,
-            )
-        except BaseException:
-            sock.close()  # the transport closes it too, once it exists: a second close is a no-op
-            raise
+        failure = "no address"
+        for ip in verdict.addresses:
+            try:
+                return await connect_socket(ip, flow.dst_port, timeout=self.connect_timeout)
+            except ConnectFailed as exc:
+                failure = str(exc)
+        raise ConnectFailed(failure)
 
     async def _intercept(
         self,
@@ -592,21 +555,24 @@ class TlsService:
         sni = hello.sni
         offer = tuple(p for p in hello.alpn if 0 < len(p.encode("latin-1")) < 256)
         server_name = hostname or flow.dst_ip
-        try:
-            ctx = self.upstream_context(offer)
-            up_reader, up_writer = await self._upstream_tls(sock, ctx, server_name)
-        except ssl.SSLCertVerificationError as exc:
-            _tls_event(
-                self.gateway,
-                flow,
-                sni,
-                "intercepted",
-                error=f"upstream certificate rejected: {_describe(exc)}",
+        try:  # TLS over the connected socket, with SNI and full verification
+            up_reader, up_writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    sock=sock,
+                    ssl=self.upstream_context(offer),
+                    server_hostname=server_name,
+                    ssl_handshake_timeout=self.connect_timeout,
+                    limit=self.gateway.settings.tcp_buffer,
+                ),
+                self.connect_timeout,
             )
-            await _close_client(writer, flow)
-            return
-        except (OSError, ssl.SSLError) as exc:
-            _tls_event(self.gateway, flow, sni, "intercepted", error=f"upstream: {_describe(exc)}")
+        except BaseException as exc:
+            sock.close()  # the transport closes it too, once it exists: a second close is a no-op
+            if not isinstance(exc, OSError):  # ssl.SSLError and TimeoutError are OSErrors
+                raise
+            verify = isinstance(exc, ssl.SSLCertVerificationError)
+            what = "upstream certificate rejected" if verify else "upstream"
+            _tls_event(self.gateway, flow, sni, "intercepted", error=f"{what}: {_describe(exc)}")
             await _close_client(writer, flow)
             return
         upstream_ssl = up_writer.get_extra_info("ssl_object")
@@ -631,8 +597,16 @@ class TlsService:
         host_reader: Any = up_reader
         observer: Http1Observer | None = None
         if alpn in HTTP1_ALPN:
-            observer = Http1Observer(default_host=hostname or flow.dst_ip)
-            peer_reader, host_reader = self._observe(flow, observer, client, up_reader)
+            observer = watch = Http1Observer(default_host=hostname or flow.dst_ip)
+
+            def from_upstream(data: bytes) -> None:
+                now = time.monotonic()
+                self._publish_http(
+                    flow, watch.response_data(data, now) if data else watch.response_eof(now)
+                )
+
+            peer_reader = _Tap(client, lambda data: watch.request_data(data, time.monotonic()))
+            host_reader = _Tap(up_reader, from_upstream)
         try:
             await flow.pump(
                 Side("peer", peer_reader, cast(asyncio.StreamWriter, client), flow.abort),
@@ -647,19 +621,6 @@ class TlsService:
         finally:
             if observer is not None:
                 self._publish_http(flow, observer.close(time.monotonic()))
-
-    def _observe(
-        self, flow: Flow, observer: Http1Observer, client: ClientTls, upstream: Any
-    ) -> tuple[_Tap, _Tap]:
-        def from_client(data: bytes) -> None:
-            observer.request_data(data, time.monotonic())
-
-        def from_upstream(data: bytes) -> None:
-            now = time.monotonic()
-            done = observer.response_data(data, now) if data else observer.response_eof(now)
-            self._publish_http(flow, done)
-
-        return _Tap(client, from_client), _Tap(upstream, from_upstream)
 
     def _publish_http(self, flow: Flow, exchanges: list[Exchange]) -> None:
         for x in exchanges:
@@ -682,11 +643,8 @@ def _client_rejection(exc: BaseException, sent_certificate: bool) -> str | None:
     """Why the client refused our certificate, or None if it failed for another reason."""
     if isinstance(exc, ssl.SSLError) and exc.reason in _REJECTION_ALERTS:
         return _REJECTION_ALERTS[exc.reason]
-    if sent_certificate and isinstance(
-        exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionResetError
-    ):
-        return "closed the connection after our certificate"
-    if sent_certificate and isinstance(exc, ssl.SSLError) and "EOF" in str(exc):
+    closed = isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionResetError)
+    if sent_certificate and (closed or (isinstance(exc, ssl.SSLError) and "EOF" in str(exc))):
         return "closed the connection after our certificate"
     return None
 

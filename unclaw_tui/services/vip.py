@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from unclaw_tui.decision import Moment, Question
 from unclaw_tui.flow import carry
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from unclaw_tui.engine import UdpDatagram
     from unclaw_tui.flow import Flow
-    from unclaw_tui.services.base import GatewayServices
+    from unclaw_tui.services.base import GatewayServices, Resolver
 
 QUIC_PORT = 443
 MAX_ADDRESSES_TRIED = 4
@@ -38,15 +38,10 @@ MIN_CONNECT_TIMEOUT = 3.0  # per address, when several share DEFAULT_CONNECT_TIM
 MAX_UDP_RESOLVING = 256  # datagrams waiting for their hostname's addresses; past it, dropped
 
 
-class VipResolver(Protocol):
-    def hostname_for_vip(self, ip: str) -> str | None: ...
-    async def resolve(self, hostname: str) -> list[str]: ...
-
-
 class VipService:
     """Route.VIP's service (see the module docstring)."""
 
-    def __init__(self, gateway: GatewayServices, resolver: VipResolver) -> None:
+    def __init__(self, gateway: GatewayServices, resolver: Resolver) -> None:
         self.gateway = gateway
         self.resolver = resolver
         s = gateway.settings

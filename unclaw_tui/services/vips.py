@@ -226,7 +226,13 @@ def load(state: StateDir, allocator: VipAllocator) -> None:
         )
 
 
-def save(state: StateDir, doc: dict[str, Any]) -> None:
-    """Write vips.json atomically with mode 0600 (blocking: fsync and the state dir lock)."""
-    with state.locked():
-        state.write_json(VIPS_FILE, doc)
+def save(state: StateDir, doc: dict[str, Any]) -> bool:
+    """Write vips.json atomically with mode 0600 (blocking: fsync and the state dir lock).
+    A failure is logged, and False: the map lives on in memory."""
+    try:
+        with state.locked():
+            state.write_json(VIPS_FILE, doc)
+    except StateError as exc:
+        log.error("cannot save the VIP map: %s", exc)
+        return False
+    return True
