@@ -161,10 +161,8 @@ def fit(reply: DNSRecord, limit: int | None) -> bytes:
     cut = DNSRecord(
         DNSHeader(id=h.id, qr=1, opcode=h.opcode, aa=h.aa, tc=1, rd=h.rd, ra=h.ra, rcode=h.rcode),
         questions=list(reply.questions),
+        ar=[rr for rr in reply.ar if rr.rtype == QTYPE.OPT],
     )
-    for rr in reply.ar:
-        if rr.rtype == QTYPE.OPT:
-            cut.add_ar(rr)
     return cut.pack()
 
 
@@ -206,18 +204,18 @@ class DnsAnswerer:
             return Outcome(None, malformed=request, rcode="MALFORMED")
         limit = udp_limit(request) if udp else None
         if request.header.opcode != 0:
-            return self._local(request, limit, RCODE.NOTIMP)
+            return self._outcome(request, limit, RCODE.NOTIMP)
         if len(request.questions) != 1:
-            return self._local(request, limit, RCODE.FORMERR)
+            return self._outcome(request, limit, RCODE.FORMERR)
         q = request.q
         refused = refusal(normalize_hostname(str(q.qname)))
         if refused is not None:
-            return self._local(request, limit, RCODE.REFUSED, error=refused)
+            return self._outcome(request, limit, RCODE.REFUSED, error=refused)
         qtype = q.qtype
         if qtype == QTYPE.A and q.qclass == 1:
             return await self._answer_a(request, limit)
         if qtype in _NO_ANSWER_TYPES and q.qclass == 1:
-            return self._local(request, limit, RCODE.NOERROR)
+            return self._outcome(request, limit, RCODE.NOERROR)
         if qtype == QTYPE.PTR:
             vip = vip_of_ptr(str(q.qname), self.vips.network)
             if vip is not None:
@@ -226,33 +224,24 @@ class DnsAnswerer:
 
     # -- the cases -------------------------------------------------------------------------
 
-    def _local(
+    def _outcome(
         self,
         request: DNSRecord,
         limit: int | None,
         rcode: int,
+        reply: DNSRecord | None = None,
+        answers: list[str] | None = None,
         upstream: UpstreamAnswer | None = None,
         error: str | None = None,
     ) -> Outcome:
-        """An empty answer of ours."""
-        reply = fit(local_reply(request, rcode), limit)
-        return self._outcome(request, reply, rcode, [], upstream, error)
-
-    def _outcome(
-        self,
-        request: DNSRecord,
-        reply: bytes,
-        rcode: int,
-        answers: list[str],
-        upstream: UpstreamAnswer | None = None,
-        error: str | None = None,
-    ) -> Outcome:
+        """`reply` (by default an empty answer of ours) fit to `limit`, and what the event
+        says about it."""
         q = request.questions[0] if request.questions else None
         return Outcome(
-            reply,
+            fit(local_reply(request, rcode) if reply is None else reply, limit),
             qname=normalize_hostname(str(q.qname)) if q else "",
             qtype=qtype_name(q.qtype) if q else "",
-            answers=answers,
+            answers=answers or [],
             rcode=RCODE.get(rcode),
             upstream_ms=None if upstream is None else upstream.ms,
             cached=upstream is not None and upstream.cached,
@@ -282,26 +271,22 @@ class DnsAnswerer:
             for rr in response.auth:
                 if rr.rtype == QTYPE.SOA:
                     reply.add_auth(rr)
-        return self._outcome(request, fit(reply, limit), rcode, answers, found)
+        return self._outcome(request, limit, rcode, reply, answers, found)
 
     def _failed(
-        self,
-        request: DNSRecord,
-        limit: int | None,
-        found: UpstreamAnswer,
-        error: str | None = None,
+        self, request: DNSRecord, limit: int | None, found: UpstreamAnswer, error: str | None = None
     ) -> Outcome:
         if error is None and found.error is None:
             error = f"upstream answered {RCODE.get(found.rcode)}"
-        return self._local(request, limit, RCODE.SERVFAIL, found, error)
+        return self._outcome(request, limit, RCODE.SERVFAIL, upstream=found, error=error)
 
     def _answer_vip_ptr(self, request: DNSRecord, limit: int | None, vip: str) -> Outcome:
         hostname = self.vips.hostname_for(vip)
         if hostname is None:
-            return self._local(request, limit, RCODE.NXDOMAIN)
+            return self._outcome(request, limit, RCODE.NXDOMAIN)
         reply = local_reply(request)
         reply.add_answer(RR(request.q.qname, QTYPE.PTR, ttl=VIP_TTL, rdata=PTR(hostname + ".")))
-        return self._outcome(request, fit(reply, limit), RCODE.NOERROR, [hostname])
+        return self._outcome(request, limit, RCODE.NOERROR, reply, [hostname])
 
     async def _forward(self, data: bytes, request: DNSRecord, limit: int | None) -> Outcome:
         found = await self.upstream.forward(data, request)
@@ -311,7 +296,7 @@ class DnsAnswerer:
         response.header.id = request.header.id
         response.questions = list(request.questions)  # the client's spelling (0x20 case)
         answers = [str(rr.rdata) for rr in response.rr]
-        return self._outcome(request, fit(response, limit), found.rcode, answers, found)
+        return self._outcome(request, limit, found.rcode, response, answers, found)
 
 
 # --- the service: UDP and TCP glue, events, the VIP map's persistence -------------------------
@@ -412,15 +397,12 @@ class DnsService:
                 await asyncio.wait_for(writer.drain(), TCP_WRITE_TIMEOUT)
         except (OSError, RuntimeError, TimeoutError) as exc:
             error = error or (str(exc) or type(exc).__name__)
-        except asyncio.CancelledError:
-            error = "cancelled"
-            raise
-        finally:
-            if error is None:
-                writer.close()
-            else:
-                flow.abort()
-            flow.close(error)
+        # Anything else (a cancel too) ends the flow in FlowRegistry.serve.
+        if error is None:
+            writer.close()
+        else:
+            flow.abort()
+        flow.close(error)
 
     # -- common ------------------------------------------------------------------------------
 

@@ -58,10 +58,6 @@ class Rule:
     kind: Kind
     reason: str  # why the destination is refused; unused for ALLOW
 
-    @property
-    def refuses(self) -> bool:
-        return self.kind != Kind.ALLOW
-
 
 DEFAULT_REFUSALS: tuple[tuple[str, str], ...] = (
     ("0.0.0.0/8", "unspecified"),
@@ -109,7 +105,7 @@ class RuleTable:
     """
 
     def __init__(self, rules: Iterable[Rule]) -> None:
-        # version -> prefix lengths in use, longest first; (version, prefixlen) -> {net int: rule}
+        # (version, prefixlen) -> {net int: rule}
         self._by_length: dict[tuple[int, int], dict[int, Rule]] = {}
         for rule in rules:
             key = (rule.network.version, rule.network.prefixlen)
@@ -119,11 +115,10 @@ class RuleTable:
             # Same network: the higher kind wins; equal kinds keep the first rule.
             if current is None or rule.kind > current.kind:
                 slot[net] = rule
-        self._lengths: dict[int, list[int]] = {4: [], 6: []}
-        for version, prefixlen in self._by_length:
-            self._lengths[version].append(prefixlen)
-        for lengths in self._lengths.values():
-            lengths.sort(reverse=True)
+        # version -> prefix lengths in use, longest first
+        self._lengths = {
+            v: sorted((n for w, n in self._by_length if w == v), reverse=True) for v in (4, 6)
+        }
 
     def match(self, addr: IPAddress) -> Rule | None:
         bits = addr.max_prefixlen
@@ -218,7 +213,7 @@ class EgressPolicy:
         except ValueError:
             return "invalid address"
         rule = self._table.match(addr)
-        verdict = rule.reason if rule is not None and rule.refuses else None
+        verdict = rule.reason if rule is not None and rule.kind != Kind.ALLOW else None
         if len(verdicts) >= VERDICT_CACHE:
             verdicts.clear()
         verdicts[ip] = verdict

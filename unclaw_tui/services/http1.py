@@ -74,8 +74,6 @@ class _Framer:
         self.buf = bytearray()
         self.left = 0
         self.body = 0
-        self._head: _Head | None = None
-        self._ended = False
 
     # The caller's choices after a head.
     def expect_none(self) -> None:
@@ -134,23 +132,20 @@ class _Framer:
             if pos < len(data):
                 self.buf += data[pos:]
                 pos = len(data)
-            if not self._step():
+            item = self._step()
+            if item is False:
                 if len(self.buf) > self.max_head:
                     raise _Malformed("head or chunk line too long")
                 return
-            if self._head is not None:
-                head, self._head = self._head, None
-                yield head
-            elif self._ended:
-                self._ended = False
-                self.state = _State.HEAD
-                yield self._end()
+            if item is not True:
+                yield item
             # What followed the parsed line goes round again (it may be body bytes).
             data, pos = bytes(self.buf), 0
             self.buf.clear()
 
-    def _step(self) -> bool:
-        """Parse one unit from the buffer, leaving the rest in it; False: need more bytes."""
+    def _step(self) -> _Head | _End | bool:
+        """Parse one unit from the buffer, leaving the rest in it: what it completed, else
+        True; False: need more bytes."""
         buf = self.buf
         state = self.state
         if state is _State.HEAD:
@@ -159,9 +154,9 @@ class _Framer:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 return False
-            self._head = _parse_head(bytes(buf[:end]))
+            head = _parse_head(bytes(buf[:end]))
             del buf[: end + 4]
-            return True
+            return head
         end = buf.find(b"\r\n")
         if state is _State.CHUNK_CRLF:
             if len(buf) < 2:
@@ -190,7 +185,8 @@ class _Framer:
             return True
         # TRAILERS: until an empty line
         if not line:
-            self._ended = True
+            self.state = _State.HEAD
+            return self._end()
         return True
 
 

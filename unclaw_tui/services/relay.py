@@ -1,10 +1,7 @@
 """The relay: a peer's TCP connections and UDP flows, carried on from this host's own sockets.
 
 TCP needs nothing of its own here: the gateway carries every connection that no service takes
-to its destination (`flow.carry`), once the decision point allowed it. The SYN is answered only
-once the destination accepted (refused, unreachable or timed out: RST, so the client sees
-"connection refused" at once instead of hanging), then bytes flow both ways with half-close,
-in C, or in Python when the engine has no splices.
+to its destination once the decision point allowed it (`flow.carry` says how).
 
 UDP (`UdpRelay`): a connected host socket per (peer, peer source port, destination) flow,
 created on the flow's first datagram, which is when the decision point is asked; replies go

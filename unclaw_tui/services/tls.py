@@ -59,6 +59,8 @@ from unclaw_tui.engine import describe_os_error
 from unclaw_tui.events import HttpRequest, TlsHost
 from unclaw_tui.flow import Flow, PeerGone, carry
 from unclaw_tui.pump import (
+    CLOSE_WAIT,
+    DEFAULT_CONNECT_TIMEOUT,
     MIN_READ_SIZE,
     ConnectFailed,
     Side,
@@ -82,8 +84,7 @@ MAX_HELLO = clienthello.DEFAULT_MAX_SIZE
 # The whole ClientHello (--hello-timeout): a slow client cannot hold us longer.
 HELLO_TIMEOUT = DEFAULT_HELLO_TIMEOUT
 HANDSHAKE_TIMEOUT = 10.0  # the client's side of the handshake, after its hello
-CONNECT_TIMEOUT = 10.0  # upstream TCP connect plus TLS handshake, per address
-CLOSE_TIMEOUT = 5.0
+CONNECT_TIMEOUT = DEFAULT_CONNECT_TIMEOUT  # upstream TCP connect plus TLS handshake, per address
 UPSTREAM_CONTEXTS = 32
 AUTO_PASSTHROUGH_HOSTS = 4096
 # The auto-passthrough hosts, kept in the state dir so a restart does not break those clients
@@ -177,18 +178,16 @@ class ClientTls:
         while True:
             try:
                 self.ssl.do_handshake()
+                break
             except ssl.SSLWantReadError:
-                if self._flush():
-                    self.sent_certificate = True
+                self.sent_certificate |= self._flush()
                 await self.writer.drain()
                 await self._fill()
-                continue
             except ssl.SSLError:
                 self._flush()  # our alert, if OpenSSL made one
                 raise
-            self._flush()
-            await self.writer.drain()
-            return
+        self._flush()
+        await self.writer.drain()
 
     # -- the stream face -------------------------------------------------------------------
 
@@ -497,28 +496,23 @@ class TlsService:
     async def _read_hello(
         self, reader: asyncio.StreamReader
     ) -> tuple[clienthello.ClientHello | clienthello.NotTls, bytes]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.hello_timeout
+        deadline = asyncio.get_running_loop().time() + self.hello_timeout
         parser = clienthello.HelloParser(MAX_HELLO)
         buf = parser.data
         result = parser.feed(b"")
-        while True:
-            if not isinstance(result, clienthello.NeedMore):
-                return result, bytes(buf)
-            left = deadline - loop.time()
+        while isinstance(result, clienthello.NeedMore):
             try:
-                if left <= 0:
-                    raise TimeoutError
-                data = await asyncio.wait_for(reader.read(max(1, MAX_HELLO - len(buf))), left)
+                async with asyncio.timeout_at(deadline):
+                    data = await reader.read(max(1, MAX_HELLO - len(buf)))
             except TimeoutError:
                 what = "incomplete" if buf else "none"
-                return clienthello.NotTls(f"{what} within {self.hello_timeout:g} s"), bytes(buf)
+                result = clienthello.NotTls(f"{what} within {self.hello_timeout:g} s")
             except OSError as exc:
-                return clienthello.NotTls(_describe(exc)), bytes(buf)
-            if not data:
-                what = "truncated" if buf else "closed before sending anything"
-                return clienthello.NotTls(what), bytes(buf)
-            result = parser.feed(data)  # each record walked once, however the bytes arrive
+                result = clienthello.NotTls(_describe(exc))
+            else:  # each record is walked once, however the bytes arrive
+                end = "truncated" if buf else "closed before sending anything"
+                result = parser.feed(data) if data else clienthello.NotTls(end)
+        return result, bytes(buf)
 
     async def _open_upstream(self, flow: Flow, vip_host: str | None) -> socket.socket:
         """A TCP connection to the first destination (the VIP's real addresses, else the
@@ -653,7 +647,7 @@ async def _close_client(writer: asyncio.StreamWriter, flow: Flow) -> None:
     """A clean close (FIN); an abort (RST) if it does not finish in time."""
     writer.close()
     try:
-        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_WAIT)
     except (OSError, TimeoutError):
         flow.abort()
 

@@ -19,7 +19,7 @@ import contextlib
 import ipaddress
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -109,10 +109,6 @@ class VipAllocator:
             self.changes += 1
         self._use(entry, now)
         return str(ipaddress.IPv4Address(entry.ip))
-
-    def entries(self) -> Iterator[VipEntry]:
-        """Every mapping, least recently used first."""
-        return iter(list(self._lru.values()))
 
     # -- persistence (the document; the IO is the service's) -------------------------------
 
