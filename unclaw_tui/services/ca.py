@@ -54,10 +54,6 @@ class Leaf:
     cert: x509.Certificate
     cert_pem: bytes  # leaf then CA: the chain a server presents
 
-    @property
-    def not_valid_after(self) -> datetime.datetime:
-        return self.cert.not_valid_after_utc
-
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
@@ -186,7 +182,7 @@ class CertificateAuthority:
         name = name.lower().rstrip(".")
         leaf = self._leaves.get(name)
         now = _now()
-        if leaf is None or leaf.not_valid_after - now <= datetime.timedelta(days=1):
+        if leaf is None or leaf.cert.not_valid_after_utc - now <= datetime.timedelta(days=1):
             leaf = self._mint(name, now)
         lru_put(self._leaves, name, leaf, self.cache_size)
         return leaf

@@ -37,9 +37,9 @@ import logging
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from dnslib import (
     PTR,
@@ -321,7 +321,9 @@ class DnsService:
             vips = VipAllocator(VIP_NETWORK)
             vip_store.load(gateway.state, vips)
         self.vips = vips
-        self.answerer = DnsAnswerer(self.upstream, self.vips, in_use=self._vip_in_use)
+        self.answerer = DnsAnswerer(  # a VIP is in use while flows to it are open
+            self.upstream, self.vips, in_use=lambda ip: gateway.flows.count_to(ip) > 0
+        )
         self.counts: Counter[str] = Counter()  # "queries", "malformed", "overload", ...
         self._tasks: set[asyncio.Task[None]] = set()
         self._malformed_reported: dict[str, float] = {}
@@ -340,9 +342,6 @@ class DnsService:
     async def resolve(self, hostname: str) -> list[str]:
         return await self.upstream.resolve_a(normalize_hostname(hostname))
 
-    def _vip_in_use(self, ip: str) -> bool:
-        return self.gateway.flows.count_to(ip) > 0
-
     # -- UDP ---------------------------------------------------------------------------------
 
     def handle_udp(self, dgram: UdpDatagram) -> None:
@@ -351,7 +350,9 @@ class DnsService:
         if len(self._tasks) >= MAX_UDP_INFLIGHT:
             self.counts["overload"] += 1
             return
-        self._spawn(self._udp_query(dgram))
+        task = asyncio.ensure_future(self._udp_query(dgram))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _udp_query(self, dgram: UdpDatagram) -> None:
         outcome = await self._answer(dgram.data, dgram.peer_public_key, dgram.peer_ip, udp=True)
@@ -455,11 +456,6 @@ class DnsService:
         self._malformed_reported[peer_ip] = now
         log.debug("malformed DNS input from %s: %s", peer_ip, why)
         self._publish(peer_key, peer_ip, Outcome(None, rcode="MALFORMED", error=why))
-
-    def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(job)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # -- persistence of the VIP map ----------------------------------------------------------
 

@@ -75,14 +75,14 @@ DEFAULT_REFUSALS: tuple[tuple[str, str], ...] = (
 )
 
 
-def parse_cidr(text: str) -> IPNetwork:
-    """A network from "a.b.c.d/n", "v6/n" or a bare address (a /32 or /128).
+def parse_cidr(text: str | IPNetwork) -> IPNetwork:
+    """A network from "a.b.c.d/n", "v6/n" or a bare address (a /32 or /128); a network as is.
 
     Host bits are allowed and dropped ("192.168.1.5/24" is 192.168.1.0/24): that is how people
     write an interface's subnet.
     """
     try:
-        return ipaddress.ip_network(text.strip(), strict=False)
+        return ipaddress.ip_network(text.strip() if isinstance(text, str) else text, strict=False)
     except ValueError:
         raise ValueError(
             f"invalid CIDR {text!r}: expected a network like 192.168.1.0/24 or 2001:db8::/32"
@@ -148,10 +148,10 @@ class EgressPolicy:
     ) -> None:
         """host_addresses=None reads this host's addresses now and again every
         `refresh_interval` seconds (on the next check); a given set is used as is."""
-        self.allow = [_network(n) for n in allow]
-        self.deny = [_network(n) for n in deny]
-        self.tunnel_net = _network(tunnel_net)
-        self.vip_net = _network(vip_net)
+        self.allow = [parse_cidr(n) for n in allow]
+        self.deny = [parse_cidr(n) for n in deny]
+        self.tunnel_net = parse_cidr(tunnel_net)
+        self.vip_net = parse_cidr(vip_net)
         self._static_hosts = host_addresses is not None
         self._host_source = host_address_source
         self._clock = clock
@@ -218,7 +218,3 @@ class EgressPolicy:
             verdicts.clear()
         verdicts[ip] = verdict
         return verdict
-
-
-def _network(value: str | IPNetwork) -> IPNetwork:
-    return parse_cidr(value) if isinstance(value, str) else value

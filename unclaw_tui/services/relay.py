@@ -197,11 +197,7 @@ class UdpRelay:
         return self.flows.count(peer_public_key)
 
     def handle(
-        self,
-        dgram: UdpDatagram,
-        *,
-        addresses: tuple[str, ...] = (),
-        hostname: str | None = None,
+        self, dgram: UdpDatagram, *, addresses: tuple[str, ...] = (), hostname: str | None = None
     ) -> None:
         """Relay one datagram from a peer (creating its flow on first use).
 
@@ -325,12 +321,7 @@ class UdpRelay:
         entry.flow.close(error)
 
     def _report_refusal(
-        self,
-        key: FlowKey,
-        dgram: UdpDatagram,
-        reason: str,
-        now: float,
-        hostname: str | None = None,
+        self, key: FlowKey, dgram: UdpDatagram, reason: str, now: float, hostname: str | None
     ) -> None:
         seen = self._refused.get(key)
         if seen is not None and now - seen < self.flows.idle_timeout:

@@ -162,14 +162,12 @@ class ClientTls:
         self._shut = False
 
     def _flush(self) -> bool:
-        data = self._out.read()
-        if data:
+        if data := self._out.read():
             self.writer.write(data)
         return bool(data)
 
     async def _fill(self) -> None:
-        data = await self.reader.read(READ_SIZE)
-        if data:
+        if data := await self.reader.read(READ_SIZE):
             self._in.write(data)
         else:
             self._in.write_eof()
@@ -195,20 +193,18 @@ class ClientTls:
         while True:
             try:
                 data = self.ssl.read(n)
+                self._flush()
+                return data
             except ssl.SSLWantReadError:
                 self._flush()
                 await self._fill()
-                continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""  # close_notify, or a TCP EOF without one: either way the end
-            self._flush()
-            return data
 
     def write(self, data: bytes) -> None:
-        if self._shut:
-            return
-        self.ssl.write(data)
-        self._flush()
+        if not self._shut:
+            self.ssl.write(data)
+            self._flush()
 
     async def drain(self) -> None:
         await self.writer.drain()
@@ -403,13 +399,15 @@ class TlsService:
         lru_put(self.rejected_hosts, hostname, None, AUTO_PASSTHROUGH_HOSTS)
         hosts = list(self.rejected_hosts)
         # fsync and the state dir's lock may block: off the loop (a new host is rare).
-        saving = asyncio.get_running_loop().run_in_executor(None, self._save_rejected, hosts)
-        saving.add_done_callback(_log_failure)
+        asyncio.get_running_loop().run_in_executor(None, self._save_rejected, hosts)
 
     def _save_rejected(self, hosts: list[str]) -> None:
         state = self.gateway.state
-        with state.locked():
-            state.write_json(PASSTHROUGH_FILE, {"hosts": hosts})
+        try:
+            with state.locked():
+                state.write_json(PASSTHROUGH_FILE, {"hosts": hosts})
+        except Exception as exc:
+            log.warning("auto-passthrough hosts not saved: %s", exc)
 
     def _load_rejected_hosts(self) -> None:
         try:
@@ -436,66 +434,51 @@ class TlsService:
         upstream = _EarlyUpstream(functools.partial(self._open_upstream, flow, vip_host))
         try:
             hello, seen = await self._read_hello(reader)
-            if isinstance(hello, clienthello.NotTls):
-                error = f"not a TLS ClientHello: {hello.reason}"
-            elif hello.sni is not None and not (valid_hostname(hello.sni) or _is_ip(hello.sni)):
-                error = "invalid SNI"
-            else:
-                await self._serve_hello(flow, hello, seen, reader, writer, vip_host, upstream)
+            if isinstance(hello, str):
+                flow.open(vip_host)
+                _tls_event(self.gateway, flow, None, "rejected", error=hello)
+                await _close_client(writer, flow)
                 return
-            flow.open(vip_host)
-            _tls_event(self.gateway, flow, None, "rejected", error=error)
-            await _close_client(writer, flow)
+            gateway = self.gateway
+            sni = hello.sni
+            hostname = sni or vip_host
+            flow.open(hostname)
+            hello_question = Question.about(flow, Moment.HELLO, hostname=sni, vip_hostname=vip_host)
+            verdict = gateway.decisions.decide(hello_question)
+            if verdict.refusal is not None:
+                _tls_event(gateway, flow, sni, "rejected", error=verdict.refusal)
+                flow.abort()
+                return
+            passthrough = self.is_passthrough(hostname)
+            offered = ",".join(hello.alpn) or None
+            try:
+                sock = await upstream.take()
+            except _Refused as exc:
+                _tls_event(gateway, flow, sni, "rejected", error=str(exc))
+                flow.abort()
+                return
+            except ConnectFailed as exc:
+                if passthrough:
+                    _tls_event(gateway, flow, sni, "passthrough", alpn=offered, error=str(exc))
+                    flow.abort()
+                else:
+                    _tls_event(gateway, flow, sni, "intercepted", error=f"upstream: {exc}")
+                    await _close_client(writer, flow)
+                return
+            if passthrough:
+                _tls_event(gateway, flow, sni, "passthrough", alpn=offered)
+                # The ClientHello (and anything read with it) goes ahead untouched, then the rest.
+                carry(flow, sock, streams=(reader, writer), first=seen)
+                await flow.ended()
+            else:
+                await self._intercept(flow, hello, hostname, sock, reader, writer, seen)
         finally:
             upstream.discard()
 
-    async def _serve_hello(
-        self,
-        flow: Flow,
-        hello: clienthello.ClientHello,
-        seen: bytes,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        vip_host: str | None,
-        upstream: _EarlyUpstream,
-    ) -> None:
-        gateway = self.gateway
-        sni = hello.sni
-        hostname = sni or vip_host
-        flow.open(hostname)
-        hello_question = Question.about(flow, Moment.HELLO, hostname=sni, vip_hostname=vip_host)
-        verdict = gateway.decisions.decide(hello_question)
-        if verdict.refusal is not None:
-            _tls_event(gateway, flow, sni, "rejected", error=verdict.refusal)
-            flow.abort()
-            return
-        passthrough = self.is_passthrough(hostname)
-        offered = ",".join(hello.alpn) or None
-        try:
-            sock = await upstream.take()
-        except _Refused as exc:
-            _tls_event(gateway, flow, sni, "rejected", error=str(exc))
-            flow.abort()
-            return
-        except ConnectFailed as exc:
-            if passthrough:
-                _tls_event(gateway, flow, sni, "passthrough", alpn=offered, error=str(exc))
-                flow.abort()
-            else:
-                _tls_event(gateway, flow, sni, "intercepted", error=f"upstream: {exc}")
-                await _close_client(writer, flow)
-            return
-        if passthrough:
-            _tls_event(gateway, flow, sni, "passthrough", alpn=offered)
-            # The ClientHello (and anything read with it) goes ahead untouched, then the rest.
-            carry(flow, sock, streams=(reader, writer), first=seen)
-            await flow.ended()
-        else:
-            await self._intercept(flow, hello, hostname, sock, reader, writer, seen)
-
     async def _read_hello(
         self, reader: asyncio.StreamReader
-    ) -> tuple[clienthello.ClientHello | clienthello.NotTls, bytes]:
+    ) -> tuple[clienthello.ClientHello | str, bytes]:
+        """The ClientHello and the bytes read with it, or why the connection is rejected."""
         deadline = asyncio.get_running_loop().time() + self.hello_timeout
         parser = clienthello.HelloParser(MAX_HELLO)
         buf = parser.data
@@ -512,6 +495,10 @@ class TlsService:
             else:  # each record is walked once, however the bytes arrive
                 end = "truncated" if buf else "closed before sending anything"
                 result = parser.feed(data) if data else clienthello.NotTls(end)
+        if isinstance(result, clienthello.NotTls):
+            return f"not a TLS ClientHello: {result.reason}", bytes(buf)
+        if result.sni is not None and not (valid_hostname(result.sni) or _is_ip(result.sni)):
+            return "invalid SNI", bytes(buf)
         return result, bytes(buf)
 
     async def _open_upstream(self, flow: Flow, vip_host: str | None) -> socket.socket:
@@ -658,11 +645,6 @@ def default_upstream_context(alpn: tuple[str, ...]) -> ssl.SSLContext:
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx
-
-
-def _log_failure(future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and (exc := future.exception()) is not None:
-        log.warning("auto-passthrough hosts not saved: %s", exc)
 
 
 def create(gateway: GatewayServices) -> dict[Route, Service]:

@@ -167,8 +167,7 @@ class UpstreamClient:
     async def lookup(self, qname: str, qtype: int) -> UpstreamAnswer:
         """Our own question (recursion desired, EDNS, no DNSSEC)."""
         key = ("lookup", qname.rstrip(".").lower(), qtype)
-        request = DNSRecord(q=DNSQuestion(qname, qtype))
-        request.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
+        request = DNSRecord(q=DNSQuestion(qname, qtype), ar=[EDNS0(udp_len=EDNS_PAYLOAD)])
         return await self._ask(key, request.pack(), qname, qtype)
 
     async def forward(self, query: bytes, request: DNSRecord) -> UpstreamAnswer:

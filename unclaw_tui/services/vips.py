@@ -77,12 +77,10 @@ class VipAllocator:
         return None if entry is None else str(ipaddress.IPv4Address(entry.ip))
 
     def hostname_for(self, ip: str) -> str | None:
-        try:
-            key = int(ipaddress.IPv4Address(ip))
-        except ValueError:
-            return None
-        entry = self._by_ip.get(key)
-        return None if entry is None else entry.hostname
+        with contextlib.suppress(ValueError):
+            entry = self._by_ip.get(int(ipaddress.IPv4Address(ip)))
+            return None if entry is None else entry.hostname
+        return None
 
     def touch(self, ip: str, now: float) -> None:
         """A flow or an answer used this VIP: it becomes the most recently used."""
