@@ -86,8 +86,7 @@ class DecisionPoint:
 
     def cache_in(self, cache: ConnTable | None) -> None:
         """Let the engine reuse allowed relay verdicts (None: every SYN comes here)."""
-        if self._cache is not None:
-            self._cache.fast_relay_clear()
+        self.changed()
         self._cache = cache
 
     def changed(self) -> None:
