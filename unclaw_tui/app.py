@@ -33,13 +33,7 @@ from unclaw_tui.screens.help import HelpScreen
 from unclaw_tui.screens.peer_qr import PeerQrScreen
 from unclaw_tui.widgets.filter_bar import FilterBar
 from unclaw_tui.widgets.live_table import LiveTable
-from unclaw_tui.widgets.messages import (
-    EventsArrived,
-    PauseToggled,
-    PeerCreated,
-    PeerDeleted,
-    SnapshotTaken,
-)
+from unclaw_tui.widgets.messages import EventsArrived, PeerCreated, PeerDeleted, SnapshotTaken
 from unclaw_tui.widgets.model import ConsoleModel
 from unclaw_tui.widgets.peers_table import PeersTable
 
@@ -189,13 +183,8 @@ class UnclawApp(App[int]):
         self.model.peers.update(message.snapshot, now)
         self.model.connections.live_bytes(message.snapshot.flow_bytes)
         self.model.connections.prune(now)
-        dashboard = self.dashboard
-        dashboard.refresh_panes(now, live=not self.paused)
-        dashboard.show_status(
-            dashboard.status_for(
-                message.snapshot, now, paused=self.paused, dropped=self.events_dropped
-            )
-        )
+        self.dashboard.refresh_panes(now, live=not self.paused)
+        self._show_status(now)
 
     @on(EventsArrived)
     def _show_events(self) -> None:
@@ -263,21 +252,16 @@ class UnclawApp(App[int]):
         self.take_snapshot()
         self.notify(f"Removed peer {message.name}")
 
+    def _show_status(self, now: float) -> None:
+        dropped = self.events_dropped
+        self.dashboard.show_status(self.snapshot, now, paused=self.paused, dropped=dropped)
+
     def action_toggle_pause(self) -> None:
         self.paused = not self.paused
-        self.post_message(PauseToggled(self.paused))
-
-    @on(PauseToggled)
-    def _pause_toggled(self, message: PauseToggled) -> None:
         now = self.clock()
-        dashboard = self.dashboard
-        if not message.paused:  # catch up with everything that came meanwhile
-            dashboard.refresh_logs(now)
-        dashboard.show_status(
-            dashboard.status_for(
-                self.snapshot, now, paused=self.paused, dropped=self.events_dropped
-            )
-        )
+        if not self.paused:  # catch up with everything that came meanwhile
+            self.dashboard.refresh_logs(now)
+        self._show_status(now)
 
     def action_toggle_scope(self) -> None:
         connections = self.dashboard.connections
@@ -330,21 +314,16 @@ class UnclawApp(App[int]):
         self.dashboard.retitle(target)
 
     @on(FilterBar.Submitted)
-    def _filter_submitted(self) -> None:
-        self._apply_filter()
-        self._close_filter()
-
     @on(FilterBar.Cancelled)
-    def _filter_cancelled(self) -> None:
-        self.dashboard.query_one(FilterBar).value = ""
+    def _close_filter(self, message: FilterBar.Submitted | FilterBar.Cancelled) -> None:
+        bar = self.dashboard.query_one(FilterBar)
+        if isinstance(message, FilterBar.Cancelled):
+            bar.value = ""
         self._apply_filter()
-        self._close_filter()
-
-    def _close_filter(self) -> None:
         if self._filter_timer is not None:
             self._filter_timer.stop()
             self._filter_timer = None
-        self.dashboard.query_one(FilterBar).remove_class("-open")
+        bar.remove_class("-open")
         if self._filter_target is not None:
             self._filter_target.focus()
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.events import Resize
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer
@@ -18,19 +18,23 @@ from unclaw_tui.widgets.filter_bar import FilterBar
 from unclaw_tui.widgets.live_table import LiveTable
 from unclaw_tui.widgets.model import ConsoleModel
 from unclaw_tui.widgets.peers_table import PeersTable
-from unclaw_tui.widgets.status_bar import StatusBar, StatusLine
+from unclaw_tui.widgets.status_bar import StatusBar, status_text
 from unclaw_tui.widgets.tls_hosts import TlsHosts
 
 PANE_TITLES = {"peers": "Peers", "connections": "Connections", "dns": "DNS", "tls": "TLS hosts"}
 
 
 class DashboardScreen(Screen[None]):
-    """Lays the panes out and brings them up to date; the app owns the gateway and the model."""
+    """Lays the panes out and brings them up to date; the app owns the gateway and the model.
+
+    Its styles, dashboard.tcss beside this file, are loaded by the app (its default screen).
+    """
+
+    # Below 100 columns the status text needs the sparkline's room (dashboard.tcss).
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (100, "-wide")]
 
     class Ready(Message):
         """The panes are mounted: a good time for a first snapshot."""
-
-    # Styles: dashboard.tcss beside this file, loaded by the app (this is its default screen).
 
     def __init__(self, model: ConsoleModel, clock: Callable[[], float]) -> None:
         super().__init__(id="dashboard")
@@ -38,25 +42,27 @@ class DashboardScreen(Screen[None]):
         self.clock = clock
         # Updates that arrive before the panes are mounted wait in the model's stores.
         self.ready = False
+        # The widgets are kept here: live updates must not query the DOM, which also goes
+        # away under them while the app shuts down.
         self._status = StatusBar(id="status")
-        self._peers = PeersTable(model.peers.store, id="peers")
-        self._connections = ConnectionsTable(model.connections.store, id="connections")
-        self._dns = DnsLog(model.dns.store, id="dns")
-        self._tls = TlsHosts(model.tls.store, id="tls")
+        self.peers = PeersTable(model.peers.store, id="peers")
+        self.connections = ConnectionsTable(model.connections.store, id="connections")
+        self.dns = DnsLog(model.dns.store, id="dns")
+        self.tls = TlsHosts(model.tls.store, id="tls")
 
     def compose(self) -> ComposeResult:
         yield self._status
         with Vertical(id="panes"):
-            yield self._peers
-            yield self._connections
+            yield self.peers
+            yield self.connections
             with Horizontal(id="logs"):
-                yield self._dns
-                yield self._tls
+                yield self.dns
+                yield self.tls
         yield FilterBar(placeholder="filter… (enter keeps it, escape clears it)", id="filter")
         yield Footer()
 
     def on_mount(self) -> None:
-        for table in self.tables:
+        for table in (self.peers, self.connections, self.dns, self.tls):
             self.retitle(table)
         self.peers.focus()
         self.ready = True
@@ -65,32 +71,6 @@ class DashboardScreen(Screen[None]):
 
     def on_unmount(self) -> None:
         self.ready = False
-
-    def on_resize(self, event: Resize) -> None:
-        # No media queries in tcss: below 100 columns the status text needs the sparkline's room.
-        self.set_class(event.size.width < 100, "-narrow")
-
-    # Widgets are looked up once: live updates must not query the DOM, which also goes
-    # away under them while the app shuts down.
-    @property
-    def peers(self) -> PeersTable:
-        return self._peers
-
-    @property
-    def connections(self) -> ConnectionsTable:
-        return self._connections
-
-    @property
-    def dns(self) -> DnsLog:
-        return self._dns
-
-    @property
-    def tls(self) -> TlsHosts:
-        return self._tls
-
-    @property
-    def tables(self) -> list[LiveTable]:  # type: ignore[type-arg]
-        return [self.peers, self.connections, self.dns, self.tls]
 
     def retitle(self, table: LiveTable) -> None:  # type: ignore[type-arg]
         title = PANE_TITLES[table.id or ""]
@@ -118,22 +98,11 @@ class DashboardScreen(Screen[None]):
             if clock_text:
                 table.refresh_visible(now)
 
-    def show_status(self, status: StatusLine) -> None:
+    def show_status(
+        self, snapshot: GatewaySnapshot | None, now: float, *, paused: bool, dropped: int
+    ) -> None:
         if not self.ready:
             return
-        self._status.show(status, self.model.peers.total_history)
-
-    def status_for(
-        self, snapshot: GatewaySnapshot | None, now: float, *, paused: bool, dropped: int
-    ) -> StatusLine:
         peers = self.model.peers
-        return StatusLine(
-            snapshot=snapshot,
-            now=now,
-            peers_online=peers.online(now),
-            rx_bytes=peers.rx_total,
-            tx_bytes=peers.tx_total,
-            rate=peers.total_history[-1] if peers.total_history else 0.0,
-            paused=paused,
-            dropped_events=dropped,
-        )
+        text = status_text(snapshot, now, peers, paused=paused, dropped=dropped)
+        self._status.show(text, peers.total_history)

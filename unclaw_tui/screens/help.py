@@ -26,15 +26,6 @@ KEYS: tuple[tuple[str, str], ...] = (
 )
 
 
-def keys_table() -> Table:
-    table = Table.grid(padding=(0, 2))
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column()
-    for key, what in KEYS:
-        table.add_row(key, what)
-    return table
-
-
 class HelpScreen(ModalScreen[None]):
     CSS_PATH = "modals.tcss"
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -42,9 +33,14 @@ class HelpScreen(ModalScreen[None]):
     ]
 
     def compose(self) -> ComposeResult:
+        keys = Table.grid(padding=(0, 2))
+        keys.add_column(style="bold", no_wrap=True)
+        keys.add_column()
+        for key, what in KEYS:
+            keys.add_row(key, what)
         with Vertical(id="dialog", classes="help"):
             yield Label("unclaw-tui keys", id="dialog-title")
-            yield Static(keys_table(), id="keys")
+            yield Static(keys, id="keys")
             yield Label("Mouse: click a row to select it, scroll with the wheel.", classes="hint")
             yield Label("escape closes", classes="hint")
 

@@ -69,15 +69,13 @@ class PeerQrScreen(Screen[None]):
         too_small = width < need_w or height < need_h
         self.set_class(too_small, "-too-small")
         self.set_class(not too_small and width < need_w + TEXT_COLUMNS, "-stacked")
-        note = self.query_one("#too-small", Static)
-        if too_small:
-            note.update(
-                f"The QR code needs a terminal of at least {need_w}x{need_h} "
-                f"(this one is {width}x{height}). Enlarge the window, or press s to save "
-                "the code as a PNG.\n"
-            )
-        else:
-            note.update("")
+        self.query_one("#too-small", Static).update(
+            f"The QR code needs a terminal of at least {need_w}x{need_h} "
+            f"(this one is {width}x{height}). Enlarge the window, or press s to save "
+            "the code as a PNG.\n"
+            if too_small
+            else ""
+        )
 
     def png_path(self) -> Path:
         """Where `s` writes the PNG: the state dir if it is writable, else the cwd."""

@@ -32,6 +32,7 @@ from pathlib import Path
 from dnslib import EDNS0, QTYPE, RCODE, DNSError, DNSQuestion, DNSRecord
 
 from unclaw_tui.services import dnswire
+from unclaw_tui.services.base import lru_put
 
 Server = tuple[str, int]
 
@@ -101,42 +102,26 @@ class DnsCache:
         ttl = _answer_ttl(response)
         if ttl <= 0:
             return
-        self._entries[key] = (response.pack(), now, now + ttl)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        lru_put(self._entries, key, (response.pack(), now, now + ttl), self.max_entries)
 
-    def get(self, key: Hashable, now: float) -> DNSRecord | None:
-        """A fresh answer (TTLs lowered by its age here), or None."""
+    def get(self, key: Hashable, now: float, *, stale: bool = False) -> DNSRecord | None:
+        """A fresh answer (TTLs lowered by its age here), or None. `stale`: for when the
+        upstream cannot be reached (RFC 8767), an answer past its TTL by less than
+        STALE_MAX_AGE too, with every TTL at most STALE_TTL."""
         hit = self._entries.get(key)
         if hit is None:
             return None
         packed, stored, expires = hit
-        if now >= expires:
-            if now >= expires + STALE_MAX_AGE:
-                del self._entries[key]
-            return None  # kept a while for get_stale
+        if now >= expires + STALE_MAX_AGE:
+            del self._entries[key]
+            return None
+        if now >= expires and not stale:
+            return None  # kept a while for stale use
         response = dnswire.parse(packed)
         age = int(now - stored)
         for rr in (*response.rr, *response.auth, *response.ar):
             if rr.rtype != _OPT:
-                rr.ttl = max(0, rr.ttl - age)
-        return response
-
-    def get_stale(self, key: Hashable, now: float) -> DNSRecord | None:
-        """An answer past its TTL by less than STALE_MAX_AGE, with every TTL set to STALE_TTL;
-        for when the upstream cannot be reached (RFC 8767)."""
-        hit = self._entries.get(key)
-        if hit is None:
-            return None
-        packed, _stored, expires = hit
-        if now >= expires + STALE_MAX_AGE:
-            del self._entries[key]
-            return None
-        response = dnswire.parse(packed)
-        for rr in (*response.rr, *response.auth, *response.ar):
-            if rr.rtype != _OPT:
-                rr.ttl = min(rr.ttl, STALE_TTL)
+                rr.ttl = min(rr.ttl, STALE_TTL) if stale else max(0, rr.ttl - age)
         return response
 
 
@@ -184,8 +169,7 @@ class UpstreamClient:
     async def lookup(self, qname: str, qtype: int) -> UpstreamAnswer:
         """Our own question (recursion desired, EDNS, no DNSSEC)."""
         key = ("lookup", qname.rstrip(".").lower(), qtype)
-        request = DNSRecord(q=DNSQuestion(qname, qtype))
-        request.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
+        request = DNSRecord(q=DNSQuestion(qname, qtype), ar=[EDNS0(udp_len=EDNS_PAYLOAD)])
         return await self._ask(key, request.pack(), qname, qtype)
 
     async def forward(self, query: bytes, request: DNSRecord) -> UpstreamAnswer:
@@ -223,7 +207,7 @@ class UpstreamClient:
             answer = await self._exchange(query, qname, qtype)
             if answer.response is not None:
                 self.cache.put(key, answer.response, self.clock())
-            elif (stale := self.cache.get_stale(key, self.clock())) is not None:
+            elif (stale := self.cache.get(key, self.clock(), stale=True)) is not None:
                 answer = UpstreamAnswer(
                     stale,
                     stale.header.rcode,

@@ -15,11 +15,11 @@ def fmt_bytes(n: float) -> str:
     """1023 B, 1.0 KiB, 12.3 MiB, ..."""
     if n < 1024:
         return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-        if n < 1024 or unit == "TiB":
+        if n < 1024:
             return f"{n:.1f} {unit}"
-    raise AssertionError("unreachable")
+    return f"{n / 1024:.1f} TiB"
 
 
 def fmt_rate(bytes_per_s: float) -> str:

@@ -140,12 +140,10 @@ class LiveTable(DataTable[Text], Generic[R]):
                 if key in self._shown:
                     doomed.append(key)
                 continue
-            cells = self.cells(row, now)
             if key in self._shown:
-                changed = self._update_row(key, cells) or changed
+                changed = self._update_row(key, self.cells(row, now)) or changed
             else:
-                self.add_row(*(Text(t, style=s) for t, s in cells), key=key)
-                self._shown[key] = cells
+                self._add(key, row, now)
         if changed:
             self._cells_changed()
         self.remove_rows(doomed)
@@ -175,9 +173,7 @@ class LiveTable(DataTable[Text], Generic[R]):
         self._shown.clear()
         for key, row in self.store.items():
             if self.matches(row):
-                cells = self.cells(row, now)
-                self.add_row(*(Text(t, style=s) for t, s in cells), key=key)
-                self._shown[key] = cells
+                self._add(key, row, now)
         if selected is not None and selected in self._shown:
             self.move_cursor(row=self.get_row_index(selected))
 
@@ -185,6 +181,10 @@ class LiveTable(DataTable[Text], Generic[R]):
         if text != self.filter_text:
             self.filter_text = text
             self.rebuild(now)
+
+    def _add(self, key: str, row: R, now: float) -> None:
+        cells = self._shown[key] = self.cells(row, now)
+        self.add_row(*(Text(t, style=s) for t, s in cells), key=key)
 
     def _update_row(self, key: str, cells: tuple[Cell, ...]) -> bool:
         """Put changed cells in place; the caller calls `_cells_changed()` once after."""

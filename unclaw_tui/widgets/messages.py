@@ -43,9 +43,3 @@ class PeerDeleted(Message):
     def __init__(self, name: str) -> None:
         super().__init__()
         self.name = name
-
-
-class PauseToggled(Message):
-    def __init__(self, paused: bool) -> None:
-        super().__init__()
-        self.paused = paused

@@ -56,8 +56,10 @@ class RowStore(Generic[R]):
         if self._rows.pop(key, None) is not None:
             self._changed[key] = None
 
-    def oldest_key(self) -> str | None:
-        return next(iter(self._rows), None)
+    def trim(self, max_rows: int) -> None:
+        """Drop the oldest rows beyond `max_rows`."""
+        while len(self._rows) > max_rows:
+            self.remove(next(iter(self._rows)))
 
     def take_changes(self) -> list[str]:
         """Keys added, changed or removed since the last call, in first-change order."""
@@ -83,19 +85,35 @@ class PeerRow:
     history: tuple[float, ...]  # recent rates, oldest first
 
 
+class RateSampler:
+    """Bytes/s from successive byte totals, sampled at most once per `SAMPLE_EVERY_S`."""
+
+    SAMPLE_EVERY_S = 1.0
+
+    def __init__(self, maxlen: int) -> None:
+        self.history: deque[float] = deque(maxlen=maxlen)
+        self._last: tuple[float, int] | None = None
+
+    def sample(self, total: int, now: float) -> None:
+        if self._last is None:
+            self._last = (now, total)
+        elif now - self._last[0] >= self.SAMPLE_EVERY_S:
+            then, before = self._last
+            self.history.append(max(0.0, (total - before) / (now - then)))
+            self._last = (now, total)
+
+
 class PeersModel:
-    """Peer rows from successive snapshots; rates are sampled at most once per second."""
+    """Peer rows from successive snapshots, with their recent rates and the gateway's."""
 
     HISTORY = 16
     TOTAL_HISTORY = 120
-    SAMPLE_EVERY_S = 1.0
 
     def __init__(self) -> None:
         self.store: RowStore[PeerRow] = RowStore()
-        self._last_sample: dict[str, tuple[float, int]] = {}
-        self._history: dict[str, deque[float]] = {}
-        self._total_sample: tuple[float, int] | None = None
-        self.total_history: deque[float] = deque(maxlen=self.TOTAL_HISTORY)
+        self._rates: dict[str, RateSampler] = {}
+        self._total_rate = RateSampler(self.TOTAL_HISTORY)
+        self.total_history = self._total_rate.history
         self.rx_total = 0
         self.tx_total = 0
 
@@ -104,8 +122,10 @@ class PeersModel:
         for peer in snapshot.peers:
             key = peer.public_key
             seen.add(key)
-            history = self._history.setdefault(key, deque(maxlen=self.HISTORY))
-            self._sample(self._last_sample, key, peer.rx_bytes + peer.tx_bytes, now, history)
+            if (rate := self._rates.get(key)) is None:
+                rate = self._rates[key] = RateSampler(self.HISTORY)
+            rate.sample(peer.rx_bytes + peer.tx_bytes, now)
+            history = rate.history
             row = PeerRow(
                 name=peer.name,
                 public_key=peer.public_key,
@@ -122,32 +142,10 @@ class PeersModel:
                 self.store.put(key, row)
         for key in [k for k in self.store if k not in seen]:
             self.store.remove(key)
-            self._last_sample.pop(key, None)
-            self._history.pop(key, None)
+            self._rates.pop(key, None)
         self.rx_total = sum(p.rx_bytes for p in snapshot.peers)
         self.tx_total = sum(p.tx_bytes for p in snapshot.peers)
-        total = self.rx_total + self.tx_total
-        if self._total_sample is None:
-            self._total_sample = (now, total)
-        elif now - self._total_sample[0] >= self.SAMPLE_EVERY_S:
-            then, before = self._total_sample
-            self.total_history.append(max(0.0, (total - before) / (now - then)))
-            self._total_sample = (now, total)
-
-    def _sample(
-        self,
-        last: dict[str, tuple[float, int]],
-        key: str,
-        total: int,
-        now: float,
-        history: deque[float],
-    ) -> None:
-        prev = last.get(key)
-        if prev is None:
-            last[key] = (now, total)
-        elif now - prev[0] >= self.SAMPLE_EVERY_S:
-            history.append(max(0.0, (total - prev[1]) / (now - prev[0])))
-            last[key] = (now, total)
+        self._total_rate.sample(self.rx_total + self.tx_total, now)
 
     def online(self, now: float) -> int:
         return sum(
@@ -198,35 +196,27 @@ class ConnectionsModel:
         proto = "t" if isinstance(event, ev.TcpOpened | ev.TcpClosed) else "u"
         return f"{proto}{event.conn_id}"
 
-    def opened(self, event: OpenedEvent) -> None:
-        key = self.key_of(event)
-        self.store.put(
-            key,
-            ConnectionRow(
-                proto="TCP" if isinstance(event, ev.TcpOpened) else "UDP",
-                peer=event.peer,
-                peer_public_key=event.peer_public_key,
-                dst=_dst(event.dst_ip, event.dst_port),
-                hostname=event.hostname,
-                route=event.route,
-                opened_at=event.ts,
-            ),
+    @staticmethod
+    def _row(event: OpenedEvent | ClosedEvent, opened_at: float) -> ConnectionRow:
+        return ConnectionRow(
+            proto="TCP" if isinstance(event, ev.TcpOpened | ev.TcpClosed) else "UDP",
+            peer=event.peer,
+            peer_public_key=event.peer_public_key,
+            dst=_dst(event.dst_ip, event.dst_port),
+            hostname=event.hostname,
+            route=event.route,
+            opened_at=opened_at,
         )
+
+    def opened(self, event: OpenedEvent) -> None:
+        self.store.put(self.key_of(event), self._row(event, event.ts))
         self._bound()
 
     def closed(self, event: ClosedEvent) -> None:
         key = self.key_of(event)
         row = self.store.get(key)
         if row is None:  # the open event was dropped, or came before we subscribed
-            row = ConnectionRow(
-                proto="TCP" if isinstance(event, ev.TcpClosed) else "UDP",
-                peer=event.peer,
-                peer_public_key=event.peer_public_key,
-                dst=_dst(event.dst_ip, event.dst_port),
-                hostname=event.hostname,
-                route=event.route,
-                opened_at=event.ts - event.duration,
-            )
+            row = self._row(event, event.ts - event.duration)
             self.store.put(key, row)
         row.closed_at = event.ts
         row.bytes_up = event.bytes_up
@@ -258,19 +248,12 @@ class ConnectionsModel:
                 self.store.remove(key)
 
     def _bound(self) -> None:
-        while len(self.store) > self.max_rows:
-            victim: str | None = None
-            while self._closed_order:  # closed flows go first
-                _, key = self._closed_order.popleft()
-                row = self.store.get(key)
-                if row is not None and row.closed_at is not None:
-                    victim = key
-                    break
-            if victim is None:
-                victim = self.store.oldest_key()
-            if victim is None:
-                return
-            self.store.remove(victim)
+        while len(self.store) > self.max_rows and self._closed_order:  # closed flows go first
+            _, key = self._closed_order.popleft()
+            row = self.store.get(key)
+            if row is not None and row.closed_at is not None:
+                self.store.remove(key)
+        self.store.trim(self.max_rows)
 
 
 # -- DNS -----------------------------------------------------------------------------------------
@@ -310,10 +293,7 @@ class DnsModel:
                 cached=event.cached,
             ),
         )
-        while len(self.store) > self.max_rows:
-            oldest = self.store.oldest_key()
-            assert oldest is not None
-            self.store.remove(oldest)
+        self.store.trim(self.max_rows)
 
 
 # -- TLS hosts -----------------------------------------------------------------------------------
@@ -336,36 +316,31 @@ class TlsHostsModel:
         self.store: RowStore[TlsHostRow] = RowStore()
         self.max_rows = max_rows
 
-    def _row(self, hostname: str, ts: float) -> tuple[str, TlsHostRow]:
+    def _row(self, hostname: str, event: ev.TlsHost | ev.HttpRequest) -> TlsHostRow:
+        """The host's row (created if new), marked changed and seen by the event's peer."""
         key = hostname.lower().rstrip(".")
         row = self.store.get(key)
         if row is None:
             row = TlsHostRow(hostname=key)
             self.store.put(key, row)
-            while len(self.store) > self.max_rows:
-                oldest = self.store.oldest_key()
-                assert oldest is not None
-                self.store.remove(oldest)
-        row.last_seen = ts
-        return key, row
+            self.store.trim(self.max_rows)
+        row.last_seen = event.ts
+        row.peers.add(event.peer)
+        self.store.touch(key)
+        return row
 
     def host(self, event: ev.TlsHost) -> None:
-        key, row = self._row(event.sni, event.ts)
-        row.peers.add(event.peer)
+        row = self._row(event.sni, event)
         row.connections += 1
         row.mode = event.mode
         if not event.ok:
             row.errors += 1
             row.last_error = event.error
-        self.store.touch(key)
 
     def request(self, event: ev.HttpRequest) -> None:
         host = event.host.rsplit(":", 1)[0] if event.host.count(":") == 1 else event.host
-        key, row = self._row(host, event.ts)
-        row.peers.add(event.peer)
         status = "-" if event.status is None else str(event.status)
-        row.last_request = f"{event.method} {event.path} {status}"
-        self.store.touch(key)
+        self._row(host, event).last_request = f"{event.method} {event.path} {status}"
 
 
 class ConsoleModel:
@@ -389,5 +364,3 @@ class ConsoleModel:
                 self.tls.host(event)
             case ev.HttpRequest():
                 self.tls.request(event)
-            case _:
-                pass

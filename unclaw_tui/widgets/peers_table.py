@@ -9,7 +9,7 @@ from textual.message import Message
 
 from unclaw_tui.widgets.format import fmt_ago, fmt_bytes, fmt_rate, sparkline
 from unclaw_tui.widgets.live_table import Cell, LiveTable
-from unclaw_tui.widgets.model import STALE_AFTER_S, PeerRow, RowStore
+from unclaw_tui.widgets.model import STALE_AFTER_S, PeerRow
 
 SPARK_WIDTH = 8
 
@@ -37,9 +37,6 @@ class PeersTable(LiveTable[PeerRow]):
         def __init__(self, public_key: str) -> None:
             super().__init__()
             self.public_key = public_key
-
-    def __init__(self, store: RowStore[PeerRow], *, id: str | None = None) -> None:
-        super().__init__(store, id=id)
 
     def cells(self, row: PeerRow, now: float) -> tuple[Cell, ...]:
         stale = row.last_handshake is None or now - row.last_handshake >= STALE_AFTER_S

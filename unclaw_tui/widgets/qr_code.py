@@ -36,9 +36,7 @@ class QrCode(Widget):
         self.payload = payload
         self.matrix = qr_matrix(payload)
         self.text = half_block_text(self.matrix)
-        columns, rows = self.cells_needed
-        self.styles.width = columns
-        self.styles.height = rows
+        self.styles.width, self.styles.height = self.cells_needed
 
     @property
     def cells_needed(self) -> tuple[int, int]:
