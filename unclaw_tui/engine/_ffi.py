@@ -130,7 +130,7 @@ _SPLICE_RESULT_BATCH = 1024
 _TCP_STATS_FIELDS = (
     "segs_in", "segs_out", "retransmits", "fast_retransmits", "rto_expirations",
     "zero_window_probes", "rsts_out", "syns", "established", "conns", "open", "half_open",
-    "time_wait", "mem",
+    "time_wait", "mem", "challenge_acks", "challenge_acks_limited",
 )  # fmt: skip
 
 
@@ -164,6 +164,7 @@ class PeerStats:
     current_created: float | None
     has_current: bool
     staged: int
+    udp_share_drops: int = 0  # UDP datagrams refused: the peer held its share of the queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +245,7 @@ def _peer_stats(out: Any) -> PeerStats:
         current_created=_time_or_none(out.current_created),
         has_current=bool(out.has_current),
         staged=out.staged,
+        udp_share_drops=out.udp_share_drops,
     )
 
 
@@ -528,6 +530,14 @@ class Engine:
                 float(now),
             ),
             f"install_keypair(peer {peer_id}, index {local_index})",
+        )
+
+    def peer_abort_flows(self, peer_id: int, reason: CloseReason, now: float) -> int:
+        """End every TCP connection and splice of the peer (reason PEER_GONE: silently;
+        PRESSURE: with an RST each), reported as usual; returns how many connections ended."""
+        return _check(
+            lib.wg_peer_abort_flows(self._e, _u32(peer_id, "peer_id"), int(reason), float(now)),
+            "peer_abort_flows",
         )
 
     def peer_drop_staged(self, peer_id: int) -> None:
