@@ -50,10 +50,9 @@ class EventBus:
         return sub
 
     def attach(self, sub: Subscription) -> None:
-        """Deliver this bus's events to `sub` from now on (for a subscription made before the
-        bus existed: see `gateway_thread`)."""
+        """Deliver this bus's events to `sub` from now on."""
         with self._lock:
-            if sub._closed:  # its reader gave up before the bus existed
+            if sub._closed:  # its reader gave up already
                 return
             sub._bus = self
             self._subscribers = (*self._subscribers, sub)
@@ -138,8 +137,7 @@ class Subscription:
                 run = min(TAKE_RUN, limit - len(batch), len(queue))
                 if not run:
                     break
-                for _ in range(run):
-                    batch.append(queue.popleft())
+                batch.extend(queue.popleft() for _ in range(run))
         with self._lock:
             self.ended = self._closed and not self._queue
         return batch

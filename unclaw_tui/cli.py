@@ -7,6 +7,7 @@ nothing written: arguments are validated before the state dir is created or touc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import json
 import os
@@ -19,10 +20,12 @@ from typing import Any, NoReturn, TextIO
 from unclaw_tui import config, wgquick
 from unclaw_tui.services.egress import parse_cidr
 from unclaw_tui.state import (
+    SETTING_KEYS,
     PeerRecord,
     PeerRuntime,
     StateDir,
     StateError,
+    parse_ipv4,
     validate_address,
     validate_peer_ip,
     validate_peer_name,
@@ -66,15 +69,6 @@ def _checked(validate: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def _ipv4(text: str) -> str:
-    try:
-        return str(ipaddress.IPv4Address(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid IP {text!r}: expected an IPv4 address like 10.77.0.2"
-        ) from None
-
-
 def _int_range(name: str, low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -101,30 +95,15 @@ def _seconds(text: str) -> float:
 
 
 def _dns_server(text: str) -> tuple[str, int]:
-    """IP, IP:PORT, or [IPv6]:PORT."""
-    host, port = text, 53
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise argparse.ArgumentTypeError(f"invalid DNS server {text!r}")
-        if rest:
-            port = _port_number(rest[1:], text)
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-        port = _port_number(port_text, text)
+    """IP, IP:PORT, [IPv6] or [IPv6]:PORT."""
     try:
+        host, port = wgquick.split_endpoint(text)
         ipaddress.ip_address(host)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"invalid DNS server {text!r}: expected IP[:PORT]"
         ) from None
-    return host, port
-
-
-def _port_number(text: str, whole: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port in {whole!r}")
-    return int(text)
+    return host, 53 if port is None else port
 
 
 def _host_glob(text: str) -> str:
@@ -170,7 +149,7 @@ OPTIONS = (
          type=_checked(wgquick.validate_endpoint), metavar="HOST[:PORT]"),
     _opt("--address", EVERYWHERE,
          f"the gateway's tunnel address (saved; default {config.DEFAULT_ADDRESS})",
-         type=_checked(validate_address), metavar="A.B.C.D/N"),
+         type=_checked(lambda text: str(validate_address(text))), metavar="A.B.C.D/N"),
     _opt("--json", ("", "peer list"), "machine-readable output (events, peer list)",
          action="store_true"),
     _opt("--no-ui", RUN, "run headless, no console UI", action="store_true"),
@@ -224,8 +203,8 @@ OPTIONS = (
     _opt("name", ("peer add",), "the peer's name", type=_checked(validate_peer_name),
          metavar="NAME"),
     _opt("name", ("peer show", "peer remove"), "the peer's name", metavar="NAME"),
-    _opt("--ip", ("peer add",), "tunnel IP (default: next free)", type=_ipv4,
-         metavar="A.B.C.D"),
+    _opt("--ip", ("peer add",), "tunnel IP (default: next free)",
+         type=_checked(lambda text: str(parse_ipv4(text))), metavar="A.B.C.D"),
     _opt("--qr", ("peer add", "peer show"), "also print the config as a QR code",
          action="store_true"),
     _opt("--png", ("peer show",), "write the QR code as a PNG", type=Path, metavar="FILE"),
@@ -269,17 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
 # --- settings ----------------------------------------------------------------------------------
 
 
-def _explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
-    explicit: dict[str, Any] = {}
-    if args.listen_port is not None:
-        explicit["listen_port"] = args.listen_port
-    if args.endpoint is not None:
-        explicit["endpoint"] = args.endpoint
-    if args.address is not None:
-        explicit["address"] = str(args.address)
-    return explicit
-
-
 def _open_existing(path: Path) -> StateDir | None:
     """The state dir if it exists (validated), without creating anything."""
     try:
@@ -291,36 +259,26 @@ def _open_existing(path: Path) -> StateDir | None:
     return StateDir(path, create=False)
 
 
+# Relay and egress flags apply to this run only: they are never saved into the state dir.
+RUN_ONLY = (
+    "allow", "deny", "tcp_buffer", "max_flows_per_peer", "udp_idle_timeout", "upstream_dns",
+    "passthrough", "auto_passthrough", "max_conns_per_peer", "max_half_open_per_peer",
+    "hello_timeout", "dns_tcp_idle_timeout", "engine_thread", "fast_relay",
+)  # fmt: skip
+
+
 def _build_settings(
     state_dir: Path, saved: dict[str, Any], explicit: dict[str, Any], args: argparse.Namespace
 ) -> config.Settings:
-    merged = {**saved, **explicit}
-    # Relay and egress flags apply to this run only: they are never saved into the state dir.
-    settings = config.Settings(
+    merged = {**saved, **explicit}  # none of them None
+    if "address" in merged:
+        merged["address"] = ipaddress.IPv4Interface(merged["address"])
+    return config.Settings(
         state_dir=state_dir,
         json_events=bool(args.json),
-        allow=list(args.allow),
-        deny=list(args.deny),
-        tcp_buffer=args.tcp_buffer,
-        max_flows_per_peer=args.max_flows_per_peer,
-        udp_idle_timeout=args.udp_idle_timeout,
-        upstream_dns=list(args.upstream_dns),
-        passthrough=list(args.passthrough),
-        auto_passthrough=bool(args.auto_passthrough),
-        max_conns_per_peer=args.max_conns_per_peer,
-        max_half_open_per_peer=args.max_half_open_per_peer,
-        hello_timeout=args.hello_timeout,
-        dns_tcp_idle_timeout=args.dns_tcp_idle_timeout,
-        engine_thread=bool(args.engine_thread),
-        fast_relay=bool(args.fast_relay),
+        **{name: getattr(args, name) for name in RUN_ONLY},
+        **merged,
     )
-    if "listen_port" in merged:
-        settings.listen_port = merged["listen_port"]
-    if merged.get("endpoint") is not None:
-        settings.endpoint = merged["endpoint"]
-    if "address" in merged:
-        settings.address = ipaddress.IPv4Interface(merged["address"])
-    return settings
 
 
 def _prepare(
@@ -331,7 +289,7 @@ def _prepare(
     path = path.expanduser()
     existing = _open_existing(path)
     saved = existing.saved_settings() if existing is not None else {}
-    explicit = _explicit_settings(args)
+    explicit = {k: getattr(args, k) for k in SETTING_KEYS if getattr(args, k) is not None}
     if existing is not None and "address" in explicit:
         existing.check_address(ipaddress.IPv4Interface(explicit["address"]))
     settings = _build_settings(path, saved, explicit, args)
@@ -372,12 +330,7 @@ def _peer_row(peer: PeerRecord, runtime: PeerRuntime | None) -> dict[str, Any]:
         "ip": peer.ip,
         "public_key": peer.public_key,
         "created": peer.created,
-        "endpoint": runtime.endpoint if runtime else None,
-        "last_handshake": runtime.last_handshake if runtime else None,
-        "rx_bytes": runtime.rx_bytes if runtime else 0,
-        "tx_bytes": runtime.tx_bytes if runtime else 0,
-        "rx_packets": runtime.rx_packets if runtime else 0,
-        "tx_packets": runtime.tx_packets if runtime else 0,
+        **dataclasses.asdict(runtime or PeerRuntime()),
     }
 
 
@@ -451,11 +404,18 @@ def _cmd_peer_list(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _cmd_peer_show(args: argparse.Namespace, out: TextIO) -> int:
+def _prepare_peer(
+    args: argparse.Namespace,
+) -> tuple[StateDir, dict[str, Any], config.Settings, PeerRecord]:
+    """`_prepare`, and the peer named (unknown: KeyError before anything is written)."""
     _path, existing, explicit, settings = _prepare(args)
     if existing is None:
         raise KeyError(f"unknown peer {args.name!r}")
-    peer = existing.peer(args.name)
+    return existing, explicit, settings, existing.peer(args.name)
+
+
+def _cmd_peer_show(args: argparse.Namespace, out: TextIO) -> int:
+    existing, explicit, settings, peer = _prepare_peer(args)
     text = _peer_config(existing, peer, settings)
     if args.png is not None:
         from unclaw_tui.qr import save_png
@@ -470,10 +430,7 @@ def _cmd_peer_show(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_peer_remove(args: argparse.Namespace, out: TextIO) -> int:
-    _path, existing, explicit, _settings = _prepare(args)
-    if existing is None:
-        raise KeyError(f"unknown peer {args.name!r}")
-    existing.peer(args.name)  # unknown → KeyError before anything is written
+    existing, explicit, _settings, _peer = _prepare_peer(args)
     _persist(existing, explicit)
     removed = existing.remove_peer(args.name)
     out.write(f"removed peer {removed.name} ({removed.ip})\n")
@@ -515,17 +472,6 @@ def _prepare_run(args: argparse.Namespace) -> tuple[config.Settings, Callable[[]
     return settings, started
 
 
-def _run_gateway(settings: config.Settings, no_ui: bool, on_started: Callable[[], None]) -> int:
-    # Imported lazily so that peer commands stay fast and need no engine build.
-    if no_ui:
-        from unclaw_tui.headless import run
-
-        return run(settings, on_started)
-    from unclaw_tui.app import run_app
-
-    return run_app(settings, on_started)
-
-
 PEER_COMMANDS = {
     "add": _cmd_peer_add,
     "list": _cmd_peer_list,
@@ -564,9 +510,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `unclaw-tui peer list | head`: the reader left; not an error worth a traceback.
         return 0
     # Errors inside the running gateway are bugs or runtime failures, not usage errors: they
-    # keep their traceback.
+    # keep their traceback.  Imported lazily so that peer commands stay fast and need no engine.
     try:
-        return _run_gateway(settings, args.no_ui, on_started)
+        if args.no_ui:
+            from unclaw_tui.headless import run
+
+            return run(settings, on_started)
+        from unclaw_tui.app import run_app
+
+        return run_app(settings, on_started)
     except KeyboardInterrupt:
         return 130
 

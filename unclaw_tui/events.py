@@ -21,8 +21,7 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"ts": round(self.ts, 3), "type": self.type}
-        for name in _field_names(type(self)):
-            out[name] = getattr(self, name)
+        out.update((name, getattr(self, name)) for name in _field_names(type(self)))
         return out
 
 

@@ -133,7 +133,7 @@ class Flow:
             self._ended.set_result(None)
 
     def _event(self, cls: type[Any], **more: Any) -> Event:
-        event: Event = cls(
+        return cls(
             conn_id=self.conn_id,
             peer=self.peer,
             peer_public_key=self.peer_public_key,
@@ -145,7 +145,6 @@ class Flow:
             route=self.route,
             **more,
         )
-        return event
 
     def ended(self) -> asyncio.Future[None]:
         """Done once the flow has closed."""
@@ -241,14 +240,13 @@ def _splice_unanswered(flow: Flow, conn: TcpConn, destination: Endpoint | socket
             conn.splice_socket(destination, flow.spliced)
         else:
             conn.splice(destination, flow._registry.connect_timeout, flow.spliced)
-    except OSError as exc:  # no socket for the connect: refuse, as Python would
+    except Exception as exc:
         if isinstance(destination, socket.socket):
             destination.close()
-        flow.refuse(describe_os_error(exc))
-    except Exception as exc:  # the engine no longer has the SYN
-        if isinstance(destination, socket.socket):
-            destination.close()
-        flow.close(f"peer gone before accept: {describe_os_error(exc)}")
+        if isinstance(exc, OSError):  # no socket for the connect: refuse, as Python would
+            flow.refuse(describe_os_error(exc))
+        else:  # the engine no longer has the SYN
+            flow.close(f"peer gone before accept: {describe_os_error(exc)}")
     return True
 
 

@@ -1,4 +1,4 @@
-"""The composition root: engine + state (+ router and services later), offered to the UI and CLI.
+"""The composition root: engine, state, router and services, offered to the UI and the CLI.
 
 This module's top half is the interface the UI codes against (snapshot dataclasses and the
 GatewayProtocol); a FakeGateway in the TUI tests implements the same protocol.
@@ -7,10 +7,9 @@ GatewayProtocol); a FakeGateway in the TUI tests implements the same protocol.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from unclaw_tui.bus import EventBus, Subscription
@@ -43,8 +42,8 @@ from unclaw_tui.services import registry
 from unclaw_tui.services.base import Resolver
 from unclaw_tui.services.egress import EgressPolicy
 from unclaw_tui.services.relay import UdpRelay
-from unclaw_tui.state import PeerRecord, PeerRuntime, StateDir
-from unclaw_tui.wgquick import client_config, resolve_endpoint
+from unclaw_tui.state import COUNTERS, PeerRecord, PeerRuntime, StateDir
+from unclaw_tui.wgquick import client_config, format_endpoint, resolve_endpoint
 
 if TYPE_CHECKING:  # the engine (a compiled module) is imported when the gateway starts
     from unclaw_tui.engine import FastOpen, PeerInfo, SpliceDone, TcpConn, Tunnel, UdpDatagram
@@ -52,11 +51,8 @@ if TYPE_CHECKING:  # the engine (a compiled module) is imported when the gateway
 log = logging.getLogger(__name__)
 
 
-def format_endpoint(ep: tuple[str, int] | None) -> str | None:
-    if ep is None:
-        return None
-    host, port = ep
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _endpoint(ep: tuple[str, int] | None) -> str | None:
+    return None if ep is None else format_endpoint(*ep)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,15 +102,12 @@ class GatewayProtocol(Protocol):
 
     def add_peer(self, name: str, ip: str | None = None) -> PeerSnapshot:
         """Add a peer (persisted, live at once). Raises ValueError with a one-line reason."""
-        ...
 
     def remove_peer(self, name: str) -> None:
         """Remove a peer (persisted, live at once). Raises KeyError if unknown."""
-        ...
 
     def client_config(self, name: str) -> str:
         """The peer's wg-quick config text. Raises KeyError if unknown."""
-        ...
 
 
 # --- the real gateway --------------------------------------------------------------------
@@ -130,9 +123,9 @@ FLOW_BYTES_WINDOW = 3.0
 class Gateway:
     """Engine + state, offered to the UI and the CLI as one object (see GatewayProtocol)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, bus: EventBus | None = None) -> None:
         self.settings = settings
-        self.bus = EventBus()
+        self.bus = bus or EventBus()
         self.state = StateDir(settings.state_dir)
         self.identity = self.state.identity()
         self.endpoint = resolve_endpoint(settings.endpoint, settings.listen_port)
@@ -207,12 +200,10 @@ class Gateway:
         await self.flows.close()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         if self._tunnel is not None:
-            self._write_stats()
+            self.state.write_stats(self._collect_stats())
             self.decisions.cache_in(None)
             self._tunnel.close()
             self._tunnel = None
@@ -249,6 +240,9 @@ class Gateway:
     def snapshot(self) -> GatewaySnapshot:
         tunnel = self._tunnel
         live = tunnel.peers if tunnel is not None else {}
+        flow_bytes = self.flows.live_bytes()
+        if tunnel is not None:
+            flow_bytes.update(tunnel.conns.spliced_flow_bytes(within=FLOW_BYTES_WINDOW))
         return GatewaySnapshot(
             listen_port=tunnel.listen_port if tunnel else self.settings.listen_port,
             public_key=self.identity.public_key,
@@ -259,14 +253,8 @@ class Gateway:
             drops=tunnel.drop_counts() if tunnel else {},
             open_flows=self.flows.total,
             under_load=tunnel.under_load if tunnel else False,
-            flow_bytes=self._flow_bytes(),
+            flow_bytes=flow_bytes,
         )
-
-    def _flow_bytes(self) -> dict[int, tuple[int, int]]:
-        live = self.flows.live_bytes()
-        if self._tunnel is not None:
-            live.update(self._tunnel.conns.spliced_flow_bytes(within=FLOW_BYTES_WINDOW))
-        return live
 
     # -- internals -------------------------------------------------------------------------
 
@@ -275,39 +263,30 @@ class Gateway:
     ) -> PeerRuntime:
         """Counters of this run added to those saved by earlier runs (`infos`: the tunnel's
         peers, when the caller already has them)."""
-        base = self._baseline.get(record.public_key)
+        base = self._baseline.get(record.public_key) or PeerRuntime()
         key = unb64(record.public_key)
         live = None
         if infos is not None:
             live = infos.get(key)
         elif self._tunnel is not None and key in self._by_key:
             live = self._tunnel.peer_info(key)
-        endpoint = format_endpoint(live.endpoint) if live else None
-        last = live.last_handshake if live else None
+        if live is None:
+            return base
         return PeerRuntime(
-            endpoint=endpoint or (base.endpoint if base else None),
-            last_handshake=last or (base.last_handshake if base else None),
-            rx_bytes=(base.rx_bytes if base else 0) + (live.rx_bytes if live else 0),
-            tx_bytes=(base.tx_bytes if base else 0) + (live.tx_bytes if live else 0),
-            rx_packets=(base.rx_packets if base else 0) + (live.rx_packets if live else 0),
-            tx_packets=(base.tx_packets if base else 0) + (live.tx_packets if live else 0),
+            endpoint=_endpoint(live.endpoint) or base.endpoint,
+            last_handshake=live.last_handshake or base.last_handshake,
+            **{name: getattr(base, name) + getattr(live, name) for name in COUNTERS},
         )
 
     def _peer_snapshot(
         self, record: PeerRecord, infos: dict[bytes, PeerInfo] | None = None
     ) -> PeerSnapshot:
-        rt = self._peer_runtime(record, infos)
         return PeerSnapshot(
             name=record.name,
             public_key=record.public_key,
             ip=record.ip,
             created=record.created,
-            endpoint=rt.endpoint,
-            last_handshake=rt.last_handshake,
-            rx_bytes=rt.rx_bytes,
-            tx_bytes=rt.tx_bytes,
-            rx_packets=rt.rx_packets,
-            tx_packets=rt.tx_packets,
+            **asdict(self._peer_runtime(record, infos)),
             open_connections=self.flows.count(record.public_key),
         )
 
@@ -335,9 +314,7 @@ class Gateway:
         self._records[record.name] = record
         self._by_key[key] = record
         if announce:
-            self.bus.publish(
-                PeerAdded(name=record.name, public_key=record.public_key, ip=record.ip)
-            )
+            self.bus.publish(PeerAdded(**_who(record)))
 
     def _drop_peer(self, record: PeerRecord, announce: bool) -> None:
         key = unb64(record.public_key)
@@ -350,9 +327,7 @@ class Gateway:
         else:
             self._records = {n: r for n, r in self._records.items() if r is not record}
         if announce:
-            self.bus.publish(
-                PeerRemoved(name=record.name, public_key=record.public_key, ip=record.ip)
-            )
+            self.bus.publish(PeerRemoved(**_who(record)))
 
     async def _poll_state(self) -> None:
         last_stats = time.monotonic()
@@ -410,9 +385,6 @@ class Gateway:
             stats[record.public_key] = self._peer_runtime(record, infos)
         return stats
 
-    def _write_stats(self) -> None:
-        self.state.write_stats(self._collect_stats())
-
     # -- flows -----------------------------------------------------------------------------
 
     def peer_name(self, public_key: bytes) -> str:
@@ -458,15 +430,19 @@ class Gateway:
         record = self._by_key.get(ev.public_key)
         if record is None:
             return
-        who = {"name": record.name, "public_key": record.public_key, "ip": record.ip}
+        who = _who(record)
         match ev:
             case HandshakeDone():
-                endpoint = format_endpoint(ev.endpoint) or ""
+                endpoint = _endpoint(ev.endpoint) or ""
                 self.bus.publish(PeerHandshake(endpoint=endpoint, initiator=ev.initiator, **who))
             case EndpointChanged():
-                endpoint = format_endpoint(ev.endpoint) or ""
-                self.bus.publish(PeerEndpointChanged(endpoint=endpoint, **who))
+                self.bus.publish(PeerEndpointChanged(endpoint=_endpoint(ev.endpoint) or "", **who))
             case HandshakeFailed():
                 self.bus.publish(PeerHandshakeFailed(**who))
             case KeysExpired():
                 pass  # the next handshake says the peer is back; nothing to tell until then
+
+
+def _who(record: PeerRecord) -> dict[str, str]:
+    """Who a peer event is about."""
+    return {"name": record.name, "public_key": record.public_key, "ip": record.ip}

@@ -60,10 +60,8 @@ class ThreadedGateway:
         self._error: BaseException | None = None
         self._stopping: asyncio.Event | None = None
         self._latest: GatewaySnapshot | None = None
-        # Subscriptions made before the gateway (and its bus) exist wait here to be attached.
-        self._bus: EventBus | None = None
-        self._early: list[Subscription] = []
-        self._bus_lock = threading.Lock()
+        # The gateway's bus, made before it so that subscribers do not miss its first events.
+        self._bus = EventBus()
 
     # -- lifecycle (called from the UI loop) ---------------------------------------------------
 
@@ -105,8 +103,7 @@ class ThreadedGateway:
 
         self._stopping = asyncio.Event()
         try:
-            gateway = Gateway(self.settings)
-            self._attach(gateway.bus)
+            gateway = Gateway(self.settings, self._bus)
             await gateway.start()
         except BaseException as exc:  # reported to start()'s caller
             self._error = exc
@@ -122,13 +119,6 @@ class ThreadedGateway:
         with contextlib.suppress(asyncio.CancelledError):
             await snapshots
 
-    def _attach(self, bus: EventBus) -> None:
-        with self._bus_lock:
-            self._bus = bus
-            for sub in self._early:
-                bus.attach(sub)
-            self._early.clear()
-
     async def _publish_snapshots(self, gateway: Gateway) -> None:
         while True:
             self._latest = gateway.snapshot()
@@ -139,13 +129,7 @@ class ThreadedGateway:
     def subscribe(self, maxsize: int = CONSOLE_BACKLOG) -> Subscription:
         """Events of the gateway thread's bus, read from the caller's thread; made before
         start(), it sees GatewayStarted too."""
-        sub = Subscription(maxsize)
-        with self._bus_lock:
-            if self._bus is None:
-                self._early.append(sub)
-            else:
-                self._bus.attach(sub)
-        return sub
+        return self._bus.subscribe(maxsize)
 
     def snapshot(self) -> GatewaySnapshot:
         if self._latest is not None:

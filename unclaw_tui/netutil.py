@@ -39,14 +39,12 @@ def primary_ipv4() -> str:
     addr = default_route_ipv4()
     if addr is not None:
         return addr
-    candidates = sorted(
+    candidates = (
         a
         for a in host_addresses()
         if isinstance(a, ipaddress.IPv4Address) and not a.is_loopback and not a.is_link_local
     )
-    if candidates:
-        return str(candidates[0])
-    return "127.0.0.1"
+    return str(min(candidates, default="127.0.0.1"))
 
 
 def _parse_fib_trie(text: str) -> set[IPAddress]:
@@ -118,11 +116,7 @@ def _from_hostname() -> set[IPAddress]:
 
 def host_addresses() -> set[IPAddress]:
     """All IPv4 and IPv6 addresses configured on this host (loopback included)."""
-    found = _from_proc()
-    if not found:
-        found = _from_ip_command()
-    if not found:
-        found = _from_hostname()
+    found = _from_proc() or _from_ip_command() or _from_hostname()
     found |= {ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")}
     route_src = default_route_ipv4()
     if route_src is not None:

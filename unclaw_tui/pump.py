@@ -69,17 +69,12 @@ async def connect_socket(
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (ip, port)), timeout)
-    except (TimeoutError, OSError) as exc:
+    except BaseException as exc:
         sock.close()
-        raise _connect_failed(exc, timeout) from None
-    except BaseException:
-        sock.close()
+        if isinstance(exc, TimeoutError | OSError):
+            raise ConnectFailed(connect_error(exc, timeout)) from None
         raise
     return sock
-
-
-def _connect_failed(exc: BaseException, timeout: float) -> ConnectFailed:
-    return ConnectFailed(connect_error(exc, timeout))
 
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
@@ -120,7 +115,7 @@ class _SideFailed(Exception):
         super().__init__(f"{side}: {describe_os_error(exc)}")
 
 
-async def _pump(src: Side, dst: Side, read_size: int, count: Callable[[int], None]) -> None:
+async def _pump(src: Side, dst: Side, read_size: int, stats: Counters, counter: str) -> None:
     while True:
         try:
             data = await src.reader.read(read_size)
@@ -133,7 +128,7 @@ async def _pump(src: Side, dst: Side, read_size: int, count: Callable[[int], Non
                     dst.writer.write_eof()
                 return
             dst.writer.write(data)
-            count(len(data))
+            setattr(stats, counter, getattr(stats, counter) + len(data))
             await dst.writer.drain()  # back-pressure: stop reading while dst is full
         except (OSError, RuntimeError) as exc:
             raise _SideFailed(dst.name, exc) from exc
@@ -157,15 +152,8 @@ async def splice(
     """Copy both ways until both have seen EOF (then close both) or either fails (then abort
     both). Cancelling aborts both. Counters in `stats` are live while it runs."""
     stats = stats if stats is not None else SpliceStats()
-
-    def count_up(n: int) -> None:
-        stats.bytes_up += n
-
-    def count_down(n: int) -> None:
-        stats.bytes_down += n
-
-    up = asyncio.ensure_future(_pump(peer, destination, read_size, count_up))
-    down = asyncio.ensure_future(_pump(destination, peer, read_size, count_down))
+    up = asyncio.ensure_future(_pump(peer, destination, read_size, stats, "bytes_up"))
+    down = asyncio.ensure_future(_pump(destination, peer, read_size, stats, "bytes_down"))
     try:
         await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
     except asyncio.CancelledError:
@@ -173,9 +161,8 @@ async def splice(
         _abort_all(peer, destination, up, down)
         raise
     for task in (up, down):
-        if task.done() and task.exception() is not None:
-            exc = task.exception()
-            assert exc is not None
+        exc = task.exception() if task.done() else None
+        if exc is not None:
             stats.error = str(exc) if isinstance(exc, _SideFailed) else describe_os_error(exc)
             _abort_all(peer, destination, up, down)
             with contextlib.suppress(asyncio.CancelledError):

@@ -51,11 +51,9 @@ def _half_block_lines(matrix: list[list[bool]]) -> list[str]:
 
 
 def render_half_blocks(text: str, *, ansi: bool = True) -> str:
-    """The QR code as text, two module rows per line (dark = the glyph's foreground).
-
-    With ansi=True every line is wrapped in pinned black-on-white colour codes and reset at its
-    end; without, the glyphs assume a dark foreground on a light background.
-    """
+    """The QR code as text, two module rows per line (dark = the glyph's foreground). With
+    ansi=True every line is pinned black-on-white (see ANSI_PIN) and reset at its end; without,
+    the glyphs assume a dark foreground on a light background."""
     lines = _half_block_lines(qr_matrix(text))
     if ansi:
         lines = [f"{ANSI_PIN}{line}{ANSI_RESET}" for line in lines]

@@ -62,31 +62,22 @@ def route(
     vip_hostname: str | None = None,
     vip_network: IPNetwork = _DEFAULT_VIP_NETWORK,
 ) -> Route:
-    """The handler for a flow to dst_ip:dst_port (see the module docstring for the table).
-
+    """The handler for a flow to dst_ip:dst_port (the table of the module docstring).
     `vip_hostname` is the VIP map's hostname for dst_ip when the caller looked it up: a mapped
-    address is a VIP even outside `vip_network` (a map kept from a run with another VIP net).
-    """
-    vip = vip_hostname is not None or is_vip(dst_ip, vip_network)
-    if proto == "tcp":
-        if dst_port in TLS_PORTS:
-            return Route.TLS
-        if dst_port == DNS_PORT:
-            return Route.DNS
-        return Route.VIP if vip else Route.RELAY
-    if proto == "udp":
-        if dst_port == DNS_PORT:
-            return Route.DNS
-        return Route.VIP if vip else Route.RELAY
-    raise ValueError(f"unknown protocol {proto!r}")
+    address is a VIP even outside `vip_network` (a map kept from a run with another VIP net)."""
+    if proto not in ("tcp", "udp"):
+        raise ValueError(f"unknown protocol {proto!r}")
+    if proto == "tcp" and dst_port in TLS_PORTS:
+        return Route.TLS
+    if dst_port == DNS_PORT:
+        return Route.DNS
+    return Route.VIP if vip_hostname is not None or is_vip(dst_ip, vip_network) else Route.RELAY
 
 
 class Router:
-    """The table plus which services are running; a disabled route falls through to RELAY.
-
-    The relay is always enabled: it is the fallback (and the egress policy still applies there,
-    so e.g. a VIP reached while the VIP service is off is refused, not relayed).
-    """
+    """The table plus which services are running; a disabled route falls through to RELAY,
+    which is always enabled (the egress policy applies there, so e.g. a VIP reached while the
+    VIP service is off is refused, not relayed)."""
 
     def __init__(
         self,

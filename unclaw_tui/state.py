@@ -19,8 +19,8 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,16 +52,6 @@ class PeerRecord:
     ip: str
     created: float
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "public_key": self.public_key,
-            "private_key": self.private_key,
-            "preshared_key": self.preshared_key,
-            "ip": self.ip,
-            "created": self.created,
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class GatewayIdentity:
@@ -71,22 +61,15 @@ class GatewayIdentity:
 
 @dataclass(frozen=True, slots=True)
 class PeerRuntime:
-    endpoint: str | None
-    last_handshake: float | None
-    rx_bytes: int
-    tx_bytes: int
-    rx_packets: int
-    tx_packets: int
+    endpoint: str | None = None
+    last_handshake: float | None = None
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    rx_packets: int = 0
+    tx_packets: int = 0
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "endpoint": self.endpoint,
-            "last_handshake": self.last_handshake,
-            "rx_bytes": self.rx_bytes,
-            "tx_bytes": self.tx_bytes,
-            "rx_packets": self.rx_packets,
-            "tx_packets": self.tx_packets,
-        }
+
+COUNTERS = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")
 
 
 # --- pure validation, usable before any state dir exists ------------------------------------
@@ -125,14 +108,18 @@ def validate_listen_port(value: Any) -> int:
     return value
 
 
+def parse_ipv4(ip: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(ip)
+    except ValueError:
+        raise ValueError(f"invalid IP {ip!r}: expected an IPv4 address like 10.77.0.2") from None
+
+
 def validate_peer_ip(
     ip: str, network: ipaddress.IPv4Network, gateway_ip: ipaddress.IPv4Address
 ) -> ipaddress.IPv4Address:
     """Check a requested peer IP against the tunnel net (not whether it is in use)."""
-    try:
-        addr = ipaddress.IPv4Address(ip)
-    except ValueError:
-        raise ValueError(f"invalid IP {ip!r}: expected an IPv4 address like 10.77.0.2") from None
+    addr = parse_ipv4(ip)
     if addr not in network:
         raise ValueError(f"IP {addr} is not in the tunnel network {network}")
     if addr == network.network_address:
@@ -152,48 +139,42 @@ def _require(cond: bool, filename: str, what: str) -> None:
         raise StateError(f"{filename} is malformed: {what}")
 
 
+def _valid(check: Callable[[Any], Any], value: Any, filename: str, what: str = "") -> Any:
+    """check(value), its ValueError turned into a StateError naming the file."""
+    try:
+        return check(value)
+    except ValueError as exc:
+        raise StateError(f"{filename} is malformed: {what}{exc}") from None
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _checked_key(value: Any, filename: str, what: str) -> str:
     _require(isinstance(value, str), filename, f"{what} is not a string")
-    try:
-        keys.validate_key(value)
-    except ValueError as exc:
-        raise StateError(f"{filename} is malformed: {what}: {exc}") from None
+    _valid(keys.validate_key, value, filename, f"{what}: ")
     return value
 
 
 def _parse_peer(item: Any, index: int) -> PeerRecord:
-    where = f"peer #{index + 1}"
-    _require(isinstance(item, dict), PEERS_FILE, f"{where} is not an object")
+    _require(isinstance(item, dict), PEERS_FILE, f"peer #{index + 1} is not an object")
     name = item.get("name")
-    _require(isinstance(name, str), PEERS_FILE, f"{where} has no name")
-    try:
-        validate_peer_name(name)
-    except ValueError as exc:
-        raise StateError(f"{PEERS_FILE} is malformed: {exc}") from None
+    _require(isinstance(name, str), PEERS_FILE, f"peer #{index + 1} has no name")
+    _valid(validate_peer_name, name, PEERS_FILE)
     where = f"peer {name!r}"
-    ip = item.get("ip")
     try:
-        ipaddress.IPv4Address(ip)
+        ip = ipaddress.IPv4Address(item.get("ip"))
     except ValueError:
         raise StateError(f"{PEERS_FILE} is malformed: {where} has an invalid ip") from None
     created = item.get("created")
     _require(_is_number(created), PEERS_FILE, f"{where} has an invalid 'created'")
-    private_key = _checked_key(item.get("private_key"), PEERS_FILE, f"{where} private_key")
-    public_key = _checked_key(item.get("public_key"), PEERS_FILE, f"{where} public_key")
     return PeerRecord(
         name=name,
-        public_key=public_key,
-        private_key=private_key,
+        public_key=_checked_key(item.get("public_key"), PEERS_FILE, f"{where} public_key"),
+        private_key=_checked_key(item.get("private_key"), PEERS_FILE, f"{where} private_key"),
         preshared_key=_checked_key(item.get("preshared_key"), PEERS_FILE, f"{where} preshared_key"),
-        ip=str(ipaddress.IPv4Address(ip)),
+        ip=str(ip),
         created=float(created),
     )
 
@@ -210,6 +191,14 @@ def _parse_peers(doc: Any) -> list[PeerRecord]:
     return peers
 
 
+# How gateway.json's saved settings are checked on reading (endpoint and address: strings).
+_SETTING_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "listen_port": validate_listen_port,
+    "endpoint": str,
+    "address": lambda value: str(validate_address(value)),
+}
+
+
 def _parse_gateway(doc: Any) -> tuple[GatewayIdentity, dict[str, Any], float]:
     _require(isinstance(doc, dict), GATEWAY_FILE, "not a JSON object")
     private_key = _checked_key(doc.get("private_key"), GATEWAY_FILE, "private_key")
@@ -220,20 +209,11 @@ def _parse_gateway(doc: Any) -> tuple[GatewayIdentity, dict[str, Any], float]:
         "public_key does not match private_key",
     )
     settings: dict[str, Any] = {}
-    if doc.get("listen_port") is not None:
-        try:
-            settings["listen_port"] = validate_listen_port(doc["listen_port"])
-        except ValueError as exc:
-            raise StateError(f"{GATEWAY_FILE} is malformed: {exc}") from None
-    if doc.get("endpoint") is not None:
-        _require(isinstance(doc["endpoint"], str), GATEWAY_FILE, "endpoint is not a string")
-        settings["endpoint"] = doc["endpoint"]
-    if doc.get("address") is not None:
-        _require(isinstance(doc["address"], str), GATEWAY_FILE, "address is not a string")
-        try:
-            settings["address"] = str(validate_address(doc["address"]))
-        except ValueError as exc:
-            raise StateError(f"{GATEWAY_FILE} is malformed: {exc}") from None
+    for key, check in _SETTING_CHECKS.items():
+        if doc.get(key) is not None:
+            ok = key == "listen_port" or isinstance(doc[key], str)
+            _require(ok, GATEWAY_FILE, f"{key} is not a string")
+            settings[key] = _valid(check, doc[key], GATEWAY_FILE)
     created = doc.get("created")
     _require(_is_number(created), GATEWAY_FILE, "invalid 'created'")
     return GatewayIdentity(private_key=private_key, public_key=public_key), settings, created
@@ -250,11 +230,10 @@ def _parse_stats(doc: Any) -> dict[str, PeerRuntime]:
         _require(
             last_handshake is None or _is_number(last_handshake), STATS_FILE, "bad last_handshake"
         )
-        counters = {}
-        for name in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"):
-            value = item.get(name, 0)
-            _require(_is_count(value), STATS_FILE, f"bad {name} for {public_key!r}")
-            counters[name] = value
+        counters = {name: item.get(name, 0) for name in COUNTERS}
+        for name, value in counters.items():
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            _require(ok, STATS_FILE, f"bad {name} for {public_key!r}")
         out[public_key] = PeerRuntime(
             endpoint=endpoint,
             last_handshake=None if last_handshake is None else float(last_handshake),
@@ -315,8 +294,6 @@ class StateDir:
             # Made up front so that a later failing operation leaves the dir exactly as it was.
             self._ensure_lock_file()
 
-    # ... directory checks
-
     def _create(self) -> None:
         try:
             if self.path.exists():
@@ -349,8 +326,6 @@ class StateDir:
             raise StateError(f"state dir {self.path} is owned by another user")
         if not os.access(self.path, os.R_OK | os.W_OK | os.X_OK):
             raise StateError(f"state dir {self.path} is not readable and writable")
-
-    # ... low-level IO
 
     def _ensure_lock_file(self) -> None:
         try:
@@ -399,40 +374,18 @@ class StateDir:
                     with contextlib.suppress(OSError):
                         os.unlink(entry.path)
 
-    # ... gateway identity and settings
-
     def _load_gateway(self) -> tuple[GatewayIdentity, dict[str, Any], float] | None:
         doc = self.read_json(GATEWAY_FILE)
         return None if doc is None else _parse_gateway(doc)
 
-    def _gateway_doc(
-        self, identity: GatewayIdentity, created: float, settings: dict[str, Any]
-    ) -> dict[str, Any]:
-        return {
-            "private_key": identity.private_key,
-            "public_key": identity.public_key,
-            "created": created,
-            "listen_port": settings.get("listen_port"),
-            "endpoint": settings.get("endpoint"),
-            "address": settings.get("address"),
-        }
-
     def identity(self) -> GatewayIdentity:
         """The gateway's key pair; created (once, atomically) on first use."""
         loaded = self._load_gateway()
-        if loaded is not None:
-            return loaded[0]
-        with self.locked():
-            loaded = self._load_gateway()  # another process may have won the race
-            if loaded is not None:
-                return loaded[0]
-            private_key, public_key = keys.generate_keypair()
-            identity = GatewayIdentity(private_key=private_key, public_key=public_key)
-            self.write_json(GATEWAY_FILE, self._gateway_doc(identity, time.time(), {}))
-            return identity
-
-    def has_identity(self) -> bool:
-        return self._load_gateway() is not None
+        if loaded is None:
+            self.save_settings()  # creates it under the lock, unless another process did
+            loaded = self._load_gateway()
+            assert loaded is not None
+        return loaded[0]
 
     def saved_settings(self) -> dict[str, Any]:
         """listen_port / endpoint / address saved earlier; only the ones that are set."""
@@ -440,7 +393,8 @@ class StateDir:
         return {} if loaded is None else dict(loaded[1])
 
     def save_settings(self, **values: Any) -> None:
-        """Save listen_port / endpoint / address (endpoint=None clears it) into gateway.json."""
+        """Save listen_port / endpoint / address (endpoint=None clears it) into gateway.json,
+        made with a fresh identity if there is none yet."""
         unknown = set(values) - set(SETTING_KEYS)
         if unknown:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
@@ -454,17 +408,18 @@ class StateDir:
             loaded = self._load_gateway()
             if loaded is None:
                 private_key, public_key = keys.generate_keypair()
-                identity = GatewayIdentity(private_key=private_key, public_key=public_key)
-                settings: dict[str, Any] = {}
-                created = time.time()
-            else:
-                identity, settings, created = loaded
+                loaded = GatewayIdentity(private_key, public_key), {}, time.time()
+            elif not values:
+                return
+            identity, settings, created = loaded
             if "address" in values:
-                self._check_address_fits_peers(ipaddress.IPv4Interface(values["address"]))
+                self.check_address(ipaddress.IPv4Interface(values["address"]))
             settings.update(values)
-            self.write_json(GATEWAY_FILE, self._gateway_doc(identity, created, settings))
+            doc = {**asdict(identity), "created": created}
+            self.write_json(GATEWAY_FILE, doc | {k: settings.get(k) for k in SETTING_KEYS})
 
-    def _check_address_fits_peers(self, address: ipaddress.IPv4Interface) -> None:
+    def check_address(self, address: ipaddress.IPv4Interface) -> None:
+        """ValueError if the existing peers' IPs do not fit a (new) gateway address."""
         for peer in self.peers():
             try:
                 validate_peer_ip(peer.ip, address.network, address.ip)
@@ -472,12 +427,6 @@ class StateDir:
                 raise ValueError(
                     f"address {address} does not suit peer {peer.name!r}: {exc}"
                 ) from None
-
-    def check_address(self, address: ipaddress.IPv4Interface) -> None:
-        """ValueError if the existing peers' IPs do not fit a (new) gateway address."""
-        self._check_address_fits_peers(address)
-
-    # ... peers
 
     def peers(self) -> list[PeerRecord]:
         doc = self.read_json(PEERS_FILE)
@@ -490,12 +439,10 @@ class StateDir:
         raise KeyError(f"unknown peer {name!r}")
 
     def _write_peers(self, peers: list[PeerRecord]) -> None:
-        doc = {"version": PEERS_VERSION, "peers": [p.to_json() for p in peers]}
-        self.write_json(PEERS_FILE, doc)
+        self.write_json(PEERS_FILE, {"version": PEERS_VERSION, "peers": [asdict(p) for p in peers]})
 
-    @classmethod
+    @staticmethod
     def _choose_ip(
-        cls,
         peers: list[PeerRecord],
         name: str,
         ip: str | None,
@@ -509,8 +456,11 @@ class StateDir:
         if any(p.name.lower() == name.lower() for p in peers):
             raise ValueError(f"a peer named {name!r} already exists")
         if requested is None:
-            used = {ipaddress.IPv4Address(p.ip) for p in peers}
-            return cls._lowest_free(network, used | {gateway_ip})
+            used = {ipaddress.IPv4Address(p.ip) for p in peers} | {gateway_ip}
+            free = next((a for a in network.hosts() if a not in used), None)
+            if free is None:
+                raise ValueError(f"the tunnel network {network} is full")
+            return free
         for p in peers:
             if p.ip == str(requested):
                 raise ValueError(f"IP {requested} is already used by peer {p.name!r}")
@@ -533,15 +483,9 @@ class StateDir:
         network: ipaddress.IPv4Network,
         gateway_ip: ipaddress.IPv4Address,
     ) -> PeerRecord:
-        """Add a peer with fresh keys; the record is on disk when this returns.
-
-        ValueError (one line) for an invalid or duplicate name, an IP outside the net or in use,
-        or a full net.  With ip=None the lowest free host address is taken (.2 upward when the
-        gateway is .1).
-        """
-        validate_peer_name(name)
-        if ip is not None:
-            validate_peer_ip(ip, network, gateway_ip)
+        """Add a peer with fresh keys; the record is on disk when this returns.  ValueError (one
+        line) for an invalid or duplicate name, an IP outside the net or in use, or a full net.
+        With ip=None the lowest free host address is taken (.2 upward when the gateway is .1)."""
         with self.locked():
             peers = self.peers()
             chosen = self._choose_ip(peers, name, ip, network, gateway_ip)
@@ -556,18 +500,6 @@ class StateDir:
             )
             self._write_peers([*peers, record])
             return record
-
-    @staticmethod
-    def _lowest_free(
-        network: ipaddress.IPv4Network, taken: set[ipaddress.IPv4Address]
-    ) -> ipaddress.IPv4Address:
-        first = int(network.network_address) + 1
-        last = int(network.broadcast_address) - 1
-        for value in range(first, last + 1):
-            candidate = ipaddress.IPv4Address(value)
-            if candidate not in taken:
-                return candidate
-        raise ValueError(f"the tunnel network {network} is full")
 
     def remove_peer(self, name: str) -> PeerRecord:
         with self.locked():
@@ -586,13 +518,11 @@ class StateDir:
             return (0, 0, 0)
         return (st.st_mtime_ns, st.st_ino, st.st_size)
 
-    # ... stats
-
     def read_stats(self) -> dict[str, PeerRuntime]:
         doc = self.read_json(STATS_FILE)
         return {} if doc is None else _parse_stats(doc)
 
     def write_stats(self, stats: dict[str, PeerRuntime]) -> None:
-        doc = {public_key: runtime.to_json() for public_key, runtime in stats.items()}
+        doc = {public_key: asdict(runtime) for public_key, runtime in stats.items()}
         with self.locked():
             self.write_json(STATS_FILE, doc)

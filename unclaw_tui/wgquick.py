@@ -19,66 +19,54 @@ WG_QUICK_ONLY_KEYS = frozenset(
     {"address", "dns", "mtu", "table", "preup", "postup", "predown", "postdown", "saveconfig"}
 )
 
-# RFC 1123 host names: labels of letters, digits and inner hyphens, dot-separated.
+# RFC 1123 host names (IPv4 addresses match too): labels of letters, digits and inner hyphens,
+# dot-separated.
 _HOSTNAME_RE = re.compile(
     r"(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
 )
 
 
-def _check_port(text: str, endpoint: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise ValueError(f"invalid endpoint {endpoint!r}: the port must be 1..65535")
-    return int(text)
-
-
-def _check_host(host: str, endpoint: str) -> str:
-    """An IPv4 address or host name (IPv6 is handled by the callers)."""
-    if not _HOSTNAME_RE.fullmatch(host):
-        raise ValueError(f"invalid endpoint {endpoint!r}: expected HOST[:PORT]")
-    return host
-
-
 def split_endpoint(endpoint: str) -> tuple[str, int | None]:
-    """Split "host", "host:port", "[v6]", "[v6]:port" or a bare IPv6 into (host, port|None).
+    """Split "host", "host:port", "[v6]", "[v6]:port" or a bare IPv6 into (host, port|None),
+    the host without brackets; ValueError (one line) for anything else."""
 
-    The host comes back without brackets.  ValueError (one line) for anything else.
-    """
-    text = endpoint.strip()
-    if text != endpoint or not text:
-        raise ValueError(f"invalid endpoint {endpoint!r}: expected HOST[:PORT]")
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0:
-            raise ValueError(f"invalid endpoint {endpoint!r}: missing ']'")
-        host, rest = text[1:close], text[close + 1 :]
+    def bad(why: str) -> ValueError:
+        return ValueError(f"invalid endpoint {endpoint!r}: {why}")
+
+    def port(text: str) -> int:
+        if not text.isdigit() or not 1 <= int(text) <= 65535:
+            raise bad("the port must be 1..65535")
+        return int(text)
+
+    if endpoint.strip() != endpoint or not endpoint:
+        raise bad("expected HOST[:PORT]")
+    if endpoint.startswith("["):
+        host, close, rest = endpoint[1:].partition("]")
+        if not close:
+            raise bad("missing ']'")
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ValueError(f"invalid endpoint {endpoint!r}: not an IPv6 address") from None
-        if not rest:
-            return host, None
-        if not rest.startswith(":"):
-            raise ValueError(f"invalid endpoint {endpoint!r}: expected [IPv6]:PORT")
-        return host, _check_port(rest[1:], endpoint)
-    if text.count(":") > 1:
+            raise bad("not an IPv6 address") from None
+        if rest and not rest.startswith(":"):
+            raise bad("expected [IPv6]:PORT")
+        return host, port(rest[1:]) if rest else None
+    if endpoint.count(":") > 1:
         try:
-            ipaddress.IPv6Address(text)
+            ipaddress.IPv6Address(endpoint)
         except ValueError:
-            raise ValueError(
-                f"invalid endpoint {endpoint!r}: write IPv6 with a port as [ADDR]:PORT"
-            ) from None
-        return text, None
-    host, sep, port = text.partition(":")
-    _check_host(host, endpoint)
-    return host, (_check_port(port, endpoint) if sep else None)
+            raise bad("write IPv6 with a port as [ADDR]:PORT") from None
+        return endpoint, None
+    host, sep, rest = endpoint.partition(":")
+    if not _HOSTNAME_RE.fullmatch(host):
+        raise bad("expected HOST[:PORT]")
+    return host, port(rest) if sep else None
 
 
 def format_endpoint(host: str, port: int) -> str:
     """host:port, with an IPv6 host in brackets."""
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def validate_endpoint(endpoint: str) -> str:
@@ -88,11 +76,8 @@ def validate_endpoint(endpoint: str) -> str:
 
 
 def resolve_endpoint(endpoint: str | None, listen_port: int) -> str:
-    """The Endpoint written into client configs.
-
-    None → this host's primary IPv4 and listen_port; a host without a port gets listen_port;
-    "host:port" and "[v6]:port" are kept; a bare IPv6 is bracketed.
-    """
+    """The Endpoint written into client configs: None → this host's primary IPv4 and
+    listen_port; a host without a port gets listen_port; a bare IPv6 is bracketed."""
     if endpoint is None:
         return format_endpoint(netutil.primary_ipv4(), listen_port)
     host, port = split_endpoint(endpoint)
@@ -120,10 +105,8 @@ def client_config(peer: PeerRecord, gateway_public_key: str, endpoint: str, dns:
 
 
 def strip_for_wg_setconf(text: str) -> str:
-    """Drop the wg-quick-only keys (Address, DNS, MTU, ...) from [Interface], as `wg-quick strip`.
-
-    Like wg-quick, other lines (blank lines and comments included) are kept verbatim.
-    """
+    """Drop the wg-quick-only keys (Address, DNS, MTU, ...) from [Interface] as `wg-quick
+    strip` does, which keeps other lines (blank lines and comments too) verbatim."""
     out: list[str] = []
     in_interface = False
     for line in text.splitlines():
@@ -137,11 +120,8 @@ def strip_for_wg_setconf(text: str) -> str:
 
 
 def parse_config(text: str) -> dict[str, dict[str, str]]:
-    """Parse a single-peer config into {"Interface": {...}, "Peer": {...}}.
-
-    Strict (meant for tests): ValueError on text outside a section, a line without '=', or a
-    repeated section or key.
-    """
+    """Parse a single-peer config into {"Interface": {...}, "Peer": {...}}; strict (meant for
+    tests): ValueError on text outside a section, a line without '=', a repeated section or key."""
     result: dict[str, dict[str, str]] = {}
     current: dict[str, str] | None = None
     for number, raw in enumerate(text.splitlines(), start=1):

@@ -1,10 +1,7 @@
 """The relay: a peer's TCP connections and UDP flows, carried on from this host's own sockets.
 
 TCP needs nothing of its own here: the gateway carries every connection that no service takes
-to its destination (`flow.carry`), once the decision point allowed it. The SYN is answered only
-once the destination accepted (refused, unreachable or timed out: RST, so the client sees
-"connection refused" at once instead of hanging), then bytes flow both ways with half-close,
-in C, or in Python when the engine has no splices.
+to its destination once the decision point allowed it (`flow.carry` says how).
 
 UDP (`UdpRelay`): a connected host socket per (peer, peer source port, destination) flow,
 created on the flow's first datagram, which is when the decision point is asked; replies go
@@ -24,6 +21,7 @@ from unclaw_tui.config import DEFAULT_MAX_FLOWS_PER_PEER, DEFAULT_UDP_IDLE_TIMEO
 from unclaw_tui.decision import Moment, Question
 from unclaw_tui.engine import describe_os_error
 from unclaw_tui.router import Route
+from unclaw_tui.services.base import lru_put
 
 if TYPE_CHECKING:  # tests pass stand-ins for UdpDatagram with the methods used here
     from unclaw_tui.decision import DecisionPoint
@@ -199,11 +197,7 @@ class UdpRelay:
         return self.flows.count(peer_public_key)
 
     def handle(
-        self,
-        dgram: UdpDatagram,
-        *,
-        addresses: tuple[str, ...] = (),
-        hostname: str | None = None,
+        self, dgram: UdpDatagram, *, addresses: tuple[str, ...] = (), hostname: str | None = None
     ) -> None:
         """Relay one datagram from a peer (creating its flow on first use).
 
@@ -327,36 +321,25 @@ class UdpRelay:
         entry.flow.close(error)
 
     def _report_refusal(
-        self,
-        key: FlowKey,
-        dgram: UdpDatagram,
-        reason: str,
-        now: float,
-        hostname: str | None = None,
+        self, key: FlowKey, dgram: UdpDatagram, reason: str, now: float, hostname: str | None
     ) -> None:
         seen = self._refused.get(key)
         if seen is not None and now - seen < self.flows.idle_timeout:
             return
-        self._refused[key] = now
-        self._refused.move_to_end(key)
-        while len(self._refused) > UDP_REFUSALS_REMEMBERED:
-            self._refused.popitem(last=False)
+        lru_put(self._refused, key, now, UDP_REFUSALS_REMEMBERED)
         self._new_flow(dgram, hostname).close(reason)
 
     # -- idle timer: one timer for the next flow to go idle ----------------------------------
 
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
-        deadline = self.flows.next_deadline()
-        if deadline is None or self._closed:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            return
-        if self._timer is not None and self._timer.when() <= deadline:
-            return  # fires early at worst, then re-arms for the later deadline
+        deadline = None if self._closed else self.flows.next_deadline()
         if self._timer is not None:
+            if deadline is not None and self._timer.when() <= deadline:
+                return  # fires early at worst, then re-arms for the later deadline
             self._timer.cancel()
-        self._timer = loop.call_at(deadline, self._sweep, loop, deadline)
+            self._timer = None
+        if deadline is not None:
+            self._timer = loop.call_at(deadline, self._sweep, loop, deadline)
 
     def _sweep(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         self._timer = None

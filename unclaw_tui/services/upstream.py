@@ -31,6 +31,9 @@ from pathlib import Path
 
 from dnslib import EDNS0, QTYPE, RCODE, DNSError, DNSQuestion, DNSRecord
 
+from unclaw_tui.services import dnswire
+from unclaw_tui.services.base import lru_put
+
 Server = tuple[str, int]
 
 UPSTREAM_TIMEOUT = 2.0  # seconds for one question, all servers together
@@ -42,6 +45,7 @@ STALE_MAX_AGE = 86_400.0  # serve-stale (RFC 8767): how long past its TTL an ans
 STALE_TTL = 30  # the TTL a stale answer is given (RFC 8767 4: 30 s)
 
 _OPT = QTYPE.OPT
+_ECS = 8  # the EDNS client-subnet option
 
 
 def resolv_conf_servers(path: Path = Path("/etc/resolv.conf")) -> list[Server]:
@@ -98,42 +102,26 @@ class DnsCache:
         ttl = _answer_ttl(response)
         if ttl <= 0:
             return
-        self._entries[key] = (response.pack(), now, now + ttl)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        lru_put(self._entries, key, (response.pack(), now, now + ttl), self.max_entries)
 
-    def get(self, key: Hashable, now: float) -> DNSRecord | None:
-        """A fresh answer (TTLs lowered by its age here), or None."""
+    def get(self, key: Hashable, now: float, *, stale: bool = False) -> DNSRecord | None:
+        """A fresh answer (TTLs lowered by its age here), or None. `stale`: for when the
+        upstream cannot be reached (RFC 8767), an answer past its TTL by less than
+        STALE_MAX_AGE too, with every TTL at most STALE_TTL."""
         hit = self._entries.get(key)
         if hit is None:
             return None
         packed, stored, expires = hit
-        if now >= expires:
-            if now >= expires + STALE_MAX_AGE:
-                del self._entries[key]
-            return None  # kept a while for get_stale
-        response = DNSRecord.parse(packed)
-        age = int(now - stored)
-        for rr in (*response.rr, *response.auth, *response.ar):
-            if rr.rtype != _OPT:
-                rr.ttl = max(0, rr.ttl - age)
-        return response
-
-    def get_stale(self, key: Hashable, now: float) -> DNSRecord | None:
-        """An answer past its TTL by less than STALE_MAX_AGE, with every TTL set to STALE_TTL;
-        for when the upstream cannot be reached (RFC 8767)."""
-        hit = self._entries.get(key)
-        if hit is None:
-            return None
-        packed, _stored, expires = hit
         if now >= expires + STALE_MAX_AGE:
             del self._entries[key]
             return None
-        response = DNSRecord.parse(packed)
+        if now >= expires and not stale:
+            return None  # kept a while for stale use
+        response = dnswire.parse(packed)
+        age = int(now - stored)
         for rr in (*response.rr, *response.auth, *response.ar):
             if rr.rtype != _OPT:
-                rr.ttl = min(rr.ttl, STALE_TTL)
+                rr.ttl = min(rr.ttl, STALE_TTL) if stale else max(0, rr.ttl - age)
         return response
 
 
@@ -181,8 +169,7 @@ class UpstreamClient:
     async def lookup(self, qname: str, qtype: int) -> UpstreamAnswer:
         """Our own question (recursion desired, EDNS, no DNSSEC)."""
         key = ("lookup", qname.rstrip(".").lower(), qtype)
-        request = DNSRecord(q=DNSQuestion(qname, qtype))
-        request.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
+        request = DNSRecord(q=DNSQuestion(qname, qtype), ar=[EDNS0(udp_len=EDNS_PAYLOAD)])
         return await self._ask(key, request.pack(), qname, qtype)
 
     async def forward(self, query: bytes, request: DNSRecord) -> UpstreamAnswer:
@@ -190,8 +177,11 @@ class UpstreamClient:
         (the caller puts the client's back)."""
         q = request.q
         h = request.header
-        do = any(rr.rtype == _OPT and rr.ttl & 0x8000 for rr in request.ar)
-        key = ("forward", str(q.qname).lower(), q.qtype, q.qclass, h.rd, h.cd, bool(do))
+        opts = [rr for rr in request.ar if rr.rtype == _OPT]
+        do = any(rr.ttl & 0x8000 for rr in opts)
+        # An answer tailored to the client's subnet (RFC 7871) is only for that subnet.
+        subnet = b"".join(o.data for rr in opts for o in rr.rdata if o.code == _ECS)
+        key = ("forward", str(q.qname).lower(), q.qtype, q.qclass, h.rd, h.cd, do, subnet)
         return await self._ask(key, query, str(q.qname), q.qtype)
 
     async def resolve_a(self, hostname: str) -> list[str]:
@@ -217,7 +207,7 @@ class UpstreamClient:
             answer = await self._exchange(query, qname, qtype)
             if answer.response is not None:
                 self.cache.put(key, answer.response, self.clock())
-            elif (stale := self.cache.get_stale(key, self.clock())) is not None:
+            elif (stale := self.cache.get(key, self.clock(), stale=True)) is not None:
                 answer = UpstreamAnswer(
                     stale,
                     stale.header.rcode,
@@ -314,7 +304,7 @@ async def _tcp_exchange(server: Server, packet: bytes, matches: Callable[[bytes]
 
 def _check(data: bytes, want: tuple[str, int]) -> DNSRecord:
     try:
-        response = DNSRecord.parse(data)
+        response = dnswire.parse(data)
     except (DNSError, ValueError, IndexError, struct.error) as exc:
         raise _Unusable(f"unparsable answer ({exc})") from None
     if not response.header.qr:
