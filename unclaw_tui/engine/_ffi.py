@@ -148,6 +148,7 @@ class PeerStats:
     current_created: float | None
     has_current: bool
     staged: int
+    udp_share_drops: int = 0  # UDP datagrams refused: the peer held its share of the queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +229,7 @@ def _peer_stats(out: Any) -> PeerStats:
         current_created=_time_or_none(out.current_created),
         has_current=bool(out.has_current),
         staged=out.staged,
+        udp_share_drops=out.udp_share_drops,
     )
 
 
@@ -532,6 +534,14 @@ class Engine:
         initiator = 1 if is_initiator else 0
         self._peer_call(
             lib.wg_peer_install_keypair, peer_id, local, remote, send_key, recv_key, initiator, now
+        )
+
+    def peer_abort_flows(self, peer_id: int, reason: CloseReason, now: float) -> int:
+        """End every TCP connection and splice of the peer (reason PEER_GONE: silently;
+        PRESSURE: with an RST each), reported as usual; returns how many connections ended."""
+        return _check(
+            lib.wg_peer_abort_flows(self._e, _u32(peer_id, "peer_id"), int(reason), float(now)),
+            "peer_abort_flows",
         )
 
     def peer_drop_staged(self, peer_id: int) -> None:
