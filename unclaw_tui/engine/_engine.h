@@ -180,6 +180,7 @@ struct wg_engine {
 
     fast_relay_entry *fast_relay; /* WG_FAST_RELAY_SLOTS, allocated by the first approval */
     double fast_connect_timeout;
+    uint32_t fast_max_per_peer, fast_max_total; /* wg_fast_relay_bound; 0 = none */
     wg_fast_open *fast_opened;    /* ring of reports for the owner */
     uint32_t fast_head, fast_count, fast_cap;
 

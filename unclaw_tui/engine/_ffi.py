@@ -745,6 +745,11 @@ class Engine:
         """Forget every fast-relay approval (the rules behind them changed)."""
         lib.wg_fast_relay_clear(self._e)
 
+    def fast_relay_bound(self, per_peer: int, total: int) -> None:
+        """Fast-relay a SYN only while its peer has at most per_peer open connections and the
+        engine at most total (0: no bound); past either, it is raised to the owner."""
+        lib.wg_fast_relay_bound(self._e, _u32(per_peer, "per_peer"), _u32(total, "total"))
+
     def fast_relay_opened(self) -> list[FastOpen]:
         """Connections the engine spliced on its own since the last call, oldest first."""
         e = self._e

@@ -85,6 +85,26 @@ void wg_fast_relay_clear(wg_engine *e) {
     if (e->fast_relay) memset(e->fast_relay, 0, WG_FAST_RELAY_SLOTS * sizeof *e->fast_relay);
 }
 
+void wg_fast_relay_bound(wg_engine *e, uint32_t per_peer, uint32_t total) {
+    e->fast_max_per_peer = per_peer;
+    e->fast_max_total = total;
+}
+
+/* Within wg_fast_relay_bound's bounds: past them the owner decides the SYN. */
+static bool fast_relay_room(wg_engine *e, uint32_t peer_id) {
+    if (e->fast_max_per_peer) {
+        uint32_t open = 0, half_open = 0;
+        if (tcp_peer_counts(e->tcp, peer_id, &open, &half_open) != 0 || open > e->fast_max_per_peer)
+            return false;
+    }
+    if (e->fast_max_total) {
+        tcp_stats st;
+        tcp_get_stats(e->tcp, &st);
+        if (st.open > e->fast_max_total) return false;
+    }
+    return true;
+}
+
 void hub_forget_peer(wg_engine *e, uint32_t peer_id) {
     for (uint32_t i = 0; e->fast_relay && i < WG_FAST_RELAY_SLOTS; i++)
         if (e->fast_relay[i].used && e->fast_relay[i].peer_id == peer_id)
@@ -118,7 +138,8 @@ static bool fast_report_room(wg_engine *e) {
 static bool fast_relay_take(wg_engine *e, uint32_t conn_id) {
     tcp_conn_info info;
     if (tcp_get_info(e->tcp, conn_id, &info) != 0) return false;
-    if (!fast_relay_approved(e, info.peer_id, info.dst_ip, info.dst_port) || !fast_report_room(e))
+    if (!fast_relay_approved(e, info.peer_id, info.dst_ip, info.dst_port) ||
+        !fast_relay_room(e, info.peer_id) || !fast_report_room(e))
         return false;
     if (splice_connect(e->splice, conn_id, info.dst_ip, info.dst_port,
                        e->now + e->fast_connect_timeout, e->now) != 0)

@@ -259,6 +259,10 @@ typedef struct {
 int wg_fast_relay_allow(wg_engine *e, uint32_t peer_id, uint32_t ip, uint16_t port,
                         double expires, double connect_timeout);
 void wg_fast_relay_clear(wg_engine *e);
+/* The fast relay takes a SYN only while its peer has at most per_peer open connections and the
+ * engine at most total (this SYN's included; 0 = no bound); past either the SYN is raised as
+ * usual, so the owner decides it against its own budget (of descriptors) and can say why. */
+void wg_fast_relay_bound(wg_engine *e, uint32_t per_peer, uint32_t total);
 /* Pop up to max reports of connections the engine spliced itself, oldest first. */
 int wg_fast_relay_opened(wg_engine *e, wg_fast_open *out, int max);
 /* Reports waiting for the owner: wg_fast_relay_opened's plus splice_results'. */
