@@ -181,6 +181,10 @@ OPTIONS = (
     _opt("--dns-tcp-idle-timeout", RUN,
          "time a DNS-over-TCP client may take to start each query (default %(default)g)",
          type=_seconds, default=config.DEFAULT_DNS_TCP_IDLE_TIMEOUT, metavar="SECONDS"),
+    _opt("--silent-peer-after", RUN,
+         "end a peer's flows once it sent nothing, not even a handshake, for this long "
+         "(default %(default)g)",
+         type=_seconds, default=config.DEFAULT_SILENT_PEER_AFTER, metavar="SECONDS"),
     _opt("--udp-idle-timeout", RUN,
          "close a UDP flow after this long without traffic (default %(default)g)",
          type=_seconds, default=config.DEFAULT_UDP_IDLE_TIMEOUT, metavar="SECONDS"),
@@ -263,7 +267,7 @@ def _open_existing(path: Path) -> StateDir | None:
 RUN_ONLY = (
     "allow", "deny", "tcp_buffer", "max_flows_per_peer", "udp_idle_timeout", "upstream_dns",
     "passthrough", "auto_passthrough", "max_conns_per_peer", "max_half_open_per_peer",
-    "hello_timeout", "dns_tcp_idle_timeout", "engine_thread", "fast_relay",
+    "hello_timeout", "dns_tcp_idle_timeout", "silent_peer_after", "engine_thread", "fast_relay",
 )  # fmt: skip
 
 

@@ -22,6 +22,9 @@ DEFAULT_MAX_HALF_OPEN_PER_PEER = 256
 # ClientHello, and a client of DNS over TCP to start each query.
 DEFAULT_HELLO_TIMEOUT = 10.0
 DEFAULT_DNS_TCP_IDLE_TIMEOUT = 10.0
+# A peer that sent nothing, not even a handshake, for this long (3 x REJECT_AFTER_TIME: its
+# keys are gone too) has left: its flows end and give their descriptors back.
+DEFAULT_SILENT_PEER_AFTER = 540.0
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -62,6 +65,7 @@ class Settings:
     max_half_open_per_peer: int = DEFAULT_MAX_HALF_OPEN_PER_PEER
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT  # seconds, TLS
     dns_tcp_idle_timeout: float = DEFAULT_DNS_TCP_IDLE_TIMEOUT  # seconds
+    silent_peer_after: float = DEFAULT_SILENT_PEER_AFTER  # seconds
     # The data plane on a C thread of its own (off: on the event loop's thread, as before).
     engine_thread: bool = True
     # New connections to a destination the relay already accepted are relayed by the engine

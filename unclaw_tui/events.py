@@ -94,6 +94,16 @@ class PeerHandshakeFailed(PeerEvent):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PeerSilent(PeerEvent):
+    """Nothing received from the peer for `--silent-peer-after` seconds: its open flows were
+    ended (each closing event says "peer silent") and their descriptors given back."""
+
+    type: ClassVar[str] = "peer_silent"
+    silent_seconds: int
+    flows_ended: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UnderLoad(Event):
     """The handshake rate crossed the threshold: cookie replies (MAC2) are now required."""
 

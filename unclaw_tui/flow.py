@@ -76,6 +76,8 @@ class Flow:
     route: str
     hostname: str | None = None
     conn: TcpConn | None = None
+    # How the gateway ends a UDP flow early (its owner sets it; TCP flows end through `conn`).
+    stop: Callable[[], None] | None = field(default=None, init=False)
     peer: str = field(init=False)
     peer_public_key: str = field(init=False)
     started: float = field(init=False)
@@ -184,10 +186,12 @@ class Flow:
             raise PeerGone from exc
 
     def abort(self) -> None:
-        """RST the peer's connection, whatever state it is in."""
+        """RST the peer's connection, whatever state it is in (a UDP flow: end it)."""
         if self.conn is not None:
             with contextlib.suppress(Exception):
                 self.conn.abort()
+        elif self.stop is not None:
+            self.stop()
 
     def spliced(self, result: SpliceResult) -> None:
         """A splice of this flow ended in C: take its counters and close."""
@@ -506,6 +510,17 @@ class FlowRegistry:
             self._pumped.pop(flow.conn_id, None)
         _decrement(self._per_peer, flow.peer_public_key)
         _decrement(self._per_dst, flow.dst_ip)
+
+    def end_peer(self, peer_public_key: str, error: str) -> int:
+        """End every open flow of a peer with `error` in its closing event: those Python
+        carries now, those the engine splices when their reports come (the caller ends them
+        in the engine); returns how many."""
+        flows = [f for f in self._open.values() if f.peer_public_key == peer_public_key]
+        for flow in flows:
+            if flow.error is None:
+                flow.error = error
+            flow.abort()
+        return len(flows)
 
     def count(self, peer_public_key: str) -> int:
         """Open flows of a peer (public key in base64, as in the events)."""

@@ -17,11 +17,13 @@ from unclaw_tui.bus import EventBus, Subscription
 from unclaw_tui.config import Settings
 from unclaw_tui.decision import DecisionPoint, Moment, Question
 from unclaw_tui.engine import (
+    CloseReason,
     EndpointChanged,
     HandshakeDone,
     HandshakeFailed,
     KeysExpired,
     LoadChanged,
+    Refusal,
     TunnelEvent,
     unb64,
 )
@@ -35,6 +37,7 @@ from unclaw_tui.events import (
     PeerHandshake,
     PeerHandshakeFailed,
     PeerRemoved,
+    PeerSilent,
     UnderLoad,
 )
 from unclaw_tui.flow import FlowRegistry, carry
@@ -136,6 +139,7 @@ class Gateway:
         self._records: dict[str, PeerRecord] = {}  # by name
         self._by_key: dict[bytes, PeerRecord] = {}
         self._baseline: dict[str, PeerRuntime] = {}  # stats from earlier runs, by public key
+        self._silenced: set[bytes] = set()  # peers whose flows were ended for their silence
         self._peers_signature: tuple[int, int, int] = (0, 0, 0)
         self._tasks: list[asyncio.Task[None]] = []
         self.router = Router()  # DNS and TLS routes are enabled as those services land
@@ -362,6 +366,7 @@ class Gateway:
                 if self.state.peers_signature() != self._peers_signature:
                     self._reconcile_peers(announce=True)
                 self._publish_limit_hits()
+                self._end_silent_peers()
                 if time.monotonic() - last_stats >= STATS_WRITE_INTERVAL:
                     last_stats = time.monotonic()
                     activity = self._activity()
@@ -374,6 +379,28 @@ class Gateway:
                         await asyncio.to_thread(self._tunnel.trim_memory)
             except Exception:  # a bad edit of the state files must not stop the gateway
                 log.exception("state poll failed")
+
+    def _end_silent_peers(self) -> None:
+        """A peer that sent nothing, not even a handshake, for `silent_peer_after` has left
+        (ours keep their sessions up with a keepalive every 25 s, a handshake every 2 min): its
+        flows end now, not when it is removed, and give their descriptors back."""
+        if self._tunnel is None:
+            return
+        for key, info in self._tunnel.peers.items():
+            record = self._by_key.get(key)
+            quiet = info.quiet_for
+            if record is None or quiet is None or quiet < self.settings.silent_peer_after:
+                self._silenced.discard(key)  # heard from again (or never yet)
+                continue
+            if key in self._silenced or not self.flows.count(record.public_key):
+                continue  # ended already: the engine's reports close its flows meanwhile
+            self._silenced.add(key)
+            silent = round(quiet)
+            ended = self.flows.end_peer(
+                record.public_key, Refusal.PEER_SILENT.says(f"nothing received for {silent} s")
+            )
+            self._tunnel.end_peer_flows(key, CloseReason.PEER_GONE)
+            self.bus.publish(PeerSilent(silent_seconds=silent, flows_ended=ended, **_who(record)))
 
     def _activity(self) -> tuple[int, ...]:
         """What changes whenever a peer's stats can: the peer set, datagrams in and out."""

@@ -29,7 +29,7 @@ from tests.unit.test_wgstack import (
 from tests.unit.test_wgstack_flows import Client, establish, trim, udp4
 from unclaw_tui.engine import _ffi
 from unclaw_tui.engine._ffi import Engine
-from unclaw_tui.engine.outcomes import CloseReason, SpliceEnd, splice_error
+from unclaw_tui.engine.outcomes import CloseReason, Refusal, SpliceEnd, splice_error
 
 UDP_QUEUE_MAX = 8192
 EVENT_RING_SIZE = 4096
@@ -245,5 +245,6 @@ def test_a_splice_whose_peer_stopped_acking_ends_within_a_bound(
 
 
 def test_close_reason_table_names_the_new_reasons() -> None:
-    assert CloseReason.PEER_GONE.peer_error == "peer went away"
-    assert CloseReason.PRESSURE.peer_error == "resource pressure"
+    # The engine's words for them are the gateway's refusals' (one table).
+    assert CloseReason.PEER_GONE.peer_error == Refusal.PEER_SILENT.value == "peer silent"
+    assert CloseReason.PRESSURE.peer_error == Refusal.PRESSURE.value == "resource pressure"

@@ -13,6 +13,21 @@ from enum import Enum, IntEnum
 from typing import NamedTuple
 
 
+class Refusal(Enum):
+    """Why the gateway refused a flow or ended it early on its own: the closing event's words
+    (`says`), the same whichever part of the gateway refused it."""
+
+    EGRESS = "refused by egress policy"
+    DESCRIPTORS = "over the peer's descriptor share"
+    SHARE = "over the peer's share"
+    VIP_NOT_GIVEN = "VIP not given to this peer"
+    PEER_SILENT = "peer silent"
+    PRESSURE = "resource pressure"
+
+    def says(self, detail: str = "") -> str:
+        return f"{self.value}: {detail}" if detail else self.value
+
+
 class CloseReason(IntEnum):
     """Why the C stack closed a connection (`TCP_CLOSE_*`); `.label` names it in Python."""
 
@@ -47,8 +62,8 @@ _PEER_ERRORS = {
     CloseReason.SYN_TIMEOUT: "handshake timed out",
     CloseReason.PEER_REMOVED: "peer removed",
     CloseReason.EVICTED: "evicted",
-    CloseReason.PEER_GONE: "peer went away",
-    CloseReason.PRESSURE: "resource pressure",
+    CloseReason.PEER_GONE: Refusal.PEER_SILENT.value,
+    CloseReason.PRESSURE: Refusal.PRESSURE.value,
 }
 
 
@@ -57,21 +72,6 @@ def close_reason(code: int) -> CloseReason | None:
         return CloseReason(code)
     except ValueError:
         return None
-
-
-class Refusal(Enum):
-    """Why the gateway refused a flow or ended it early on its own: the closing event's words
-    (`says`), the same whichever part of the gateway refused it."""
-
-    EGRESS = "refused by egress policy"
-    DESCRIPTORS = "over the peer's descriptor share"
-    SHARE = "over the peer's share"
-    VIP_NOT_GIVEN = "VIP not given to this peer"
-    PEER_SILENT = "peer silent"
-    PRESSURE = "ended under resource pressure"
-
-    def says(self, detail: str = "") -> str:
-        return f"{self.value}: {detail}" if detail else self.value
 
 
 class SpliceOutcome(IntEnum):

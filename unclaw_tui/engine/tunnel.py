@@ -17,6 +17,7 @@ from unclaw_tui.engine import _ffi, constants
 from unclaw_tui.engine.conns import ConnTable
 from unclaw_tui.engine.driver import Driver, LoopDriver, ThreadDriver
 from unclaw_tui.engine.noise import HandshakeCore, HandshakeError, Keypair
+from unclaw_tui.engine.outcomes import CloseReason
 from unclaw_tui.engine.ratelimit import LoadMonitor, SourceRateLimiter
 from unclaw_tui.engine.tunnel_events import (
     EndpointChanged,
@@ -51,6 +52,7 @@ class PeerInfo:
     tx_bytes: int
     rx_packets: int
     tx_packets: int
+    quiet_for: float | None = None  # seconds since its last packet, handshake or data
 
 
 @dataclass(slots=True)
@@ -210,6 +212,20 @@ class Tunnel:
             # C keeps the counts of a reused peer id: only what happens from now on counts.
             self._limit_hits_seen[peer_id] = self._engine.tcp_peer_limit_hits(peer_id)
 
+    def end_peer_flows(self, public_key: bytes, reason: CloseReason) -> int:
+        """End a peer's connections and splices in C (silently for PEER_GONE, RST for
+        PRESSURE); each ends with its usual report.  Returns how many."""
+        with self._engine.locked():
+            peer = self._peers.get(public_key)
+            if peer is None:
+                return 0
+            now = self._driver.now()
+            self.conns.take_reports(now)  # fast-relayed opens first: their ends follow
+            ended = self._engine.peer_abort_flows(peer.peer_id, reason, now)
+            self.conns.drain(tcp=True, udp=False)
+            self.conns.take_reports(now)
+            return ended
+
     def remove_peer(self, public_key: bytes) -> None:
         with self._engine.locked():
             self.conns.abort_peer(public_key)  # while its id still names it
@@ -222,17 +238,24 @@ class Tunnel:
 
     def peer_info(self, public_key: bytes) -> PeerInfo:
         peer = self._peers[public_key]
-        return self._info(peer, self._engine.peer_stats(peer.peer_id))
+        st = self._engine.peer_stats(peer.peer_id)
+        return self._info(peer, st, self._driver.now(), self._wall())
 
     @property
     def peers(self) -> dict[bytes, PeerInfo]:
         """Every peer's info, from one C call."""
         peers = list(self._peers.values())
         stats = self._engine.peers_stats([p.peer_id for p in peers])
-        return {p.public_key: self._info(p, st) for p, st in zip(peers, stats, strict=True)}
+        now, wall = self._driver.now(), self._wall()
+        return {
+            p.public_key: self._info(p, st, now, wall) for p, st in zip(peers, stats, strict=True)
+        }
 
     @staticmethod
-    def _info(peer: _Peer, st: _ffi.PeerStats) -> PeerInfo:
+    def _info(peer: _Peer, st: _ffi.PeerStats, now: float, wall: float) -> PeerInfo:
+        ages = [now - t for t in (st.last_rx,) if t is not None]
+        if peer.last_handshake_wall is not None:
+            ages.append(wall - peer.last_handshake_wall)
         return PeerInfo(
             public_key=peer.public_key,
             allowed_ips=peer.allowed_ips,
@@ -242,6 +265,7 @@ class Tunnel:
             tx_bytes=st.tx_bytes,
             rx_packets=st.rx_packets,
             tx_packets=st.tx_packets,
+            quiet_for=max(0.0, min(ages)) if ages else None,
         )
 
     def drop_counts(self) -> dict[str, int]:

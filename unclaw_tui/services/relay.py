@@ -17,6 +17,7 @@ sans-IO `UdpFlowTable`. Refusals are reported once per flow per idle period, not
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -269,6 +270,7 @@ class UdpRelay:
         for _key, old in self.flows.add(dgram.peer_public_key, key, entry, now):
             self._finish(old, "closed: flow limit per peer reached", remove=False)
         self._registry.hold_descriptor(entry.flow, force=True)  # checked above
+        entry.flow.stop = functools.partial(self._finish, entry, None)
         entry.flow.open()
         entry.pending.append(dgram.data)
         entry.opening = loop.create_task(self._open(entry))
