@@ -110,7 +110,8 @@ def send(kind: int, data: bytes = b"") -> bytes:
 
 
 def keys(peer: int, action: int) -> bytes:
-    """action: 0 initiator keypair, 1 responder one, 2 remove + re-add, 3 drop staged, 4 roam."""
+    """action: 0 initiator keypair, 1 responder one, 2 remove + re-add, 3 drop staged, 4 roam,
+    5 end the peer's flows (| 0x10: under pressure, with RSTs)."""
     return bytes([7, peer, action])
 
 
@@ -387,6 +388,11 @@ def conversations() -> Iterator[tuple[str, bytes]]:
         "tcp_peer_removed",
         handshake + tcpop("write", arg=100) + keys(0, 2) + tcpop("read", arg=10) + tcpop("release"),
     )
+    yield (
+        "tcp_peer_flows_aborted",
+        handshake + tcpop("write", arg=100) + keys(0, 5) + tcpop("read", arg=10) + tcpop("release"),
+    )
+    yield "tcp_peer_flows_pressure", handshake + tcpseg(SYN, flow=1) + keys(0, 5 | 0x10) + QUERY
     yield "tcp_staged_no_keys", keys(0, 2) + tcpseg(SYN) + send(0, b"staged") + keys(0, 0) + drain()
     yield (
         "tcp_urgent_and_push",
@@ -477,6 +483,15 @@ def splices() -> Iterator[tuple[str, bytes]]:
         b"".join(tcpseg(SYN, flow=fast | i, seq=i) for i in range(4))
         + drain()
         + tcpop("splice_abort"),
+    )
+    yield "fast_relay_peer_gone", opened + keys(0, 5) + drain() + tcpseg(ACK, flow=fast)
+    yield (
+        "fast_relay_pressure",
+        opened
+        + tcpseg(ACK | PSH, flow=fast, payload=request)
+        + drain()
+        + keys(0, 5 | 0x10)
+        + drain(),
     )
     yield (
         "owner_splice",

@@ -148,6 +148,7 @@ class PeerStats:
     current_created: float | None
     has_current: bool
     staged: int
+    udp_share_drops: int = 0  # UDP datagrams refused: the peer held its share of the queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +229,7 @@ def _peer_stats(out: Any) -> PeerStats:
         current_created=_time_or_none(out.current_created),
         has_current=bool(out.has_current),
         staged=out.staged,
+        udp_share_drops=out.udp_share_drops,
     )
 
 
@@ -534,6 +536,14 @@ class Engine:
             lib.wg_peer_install_keypair, peer_id, local, remote, send_key, recv_key, initiator, now
         )
 
+    def peer_abort_flows(self, peer_id: int, reason: CloseReason, now: float) -> int:
+        """End every TCP connection and splice of the peer (reason PEER_GONE: silently;
+        PRESSURE: with an RST each), reported as usual; returns how many connections ended."""
+        return _check(
+            lib.wg_peer_abort_flows(self._e, _u32(peer_id, "peer_id"), int(reason), float(now)),
+            "peer_abort_flows",
+        )
+
     def peer_drop_staged(self, peer_id: int) -> None:
         self._peer_call(lib.wg_peer_drop_staged, peer_id)
 
@@ -734,6 +744,11 @@ class Engine:
     def fast_relay_clear(self) -> None:
         """Forget every fast-relay approval (the rules behind them changed)."""
         lib.wg_fast_relay_clear(self._e)
+
+    def fast_relay_bound(self, per_peer: int, total: int) -> None:
+        """Fast-relay a SYN only while its peer has at most per_peer open connections and the
+        engine at most total (0: no bound); past either, it is raised to the owner."""
+        lib.wg_fast_relay_bound(self._e, _u32(per_peer, "per_peer"), _u32(total, "total"))
 
     def fast_relay_opened(self) -> list[FastOpen]:
         """Connections the engine spliced on its own since the last call, oldest first."""

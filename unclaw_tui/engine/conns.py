@@ -110,6 +110,11 @@ class ConnTable:
         expires = None if ttl is None else self._driver.now() + ttl
         self._engine.fast_relay_allow(peer_id, dst, expires, connect_timeout)
 
+    def fast_relay_bound(self, per_peer: int, total: int) -> None:
+        """The fast relay takes a SYN only while its peer has at most per_peer open connections
+        and the engine at most total; past either, `on_tcp` decides it (and can refuse it)."""
+        self._engine.fast_relay_bound(per_peer, total)
+
     def fast_relay_clear(self) -> None:
         """Every SYN goes to `on_tcp` again, until the next `fast_relay_allow`."""
         self._engine.fast_relay_clear()

@@ -24,6 +24,8 @@ class CloseReason(IntEnum):
     SYN_TIMEOUT = 6
     PEER_REMOVED = 7
     EVICTED = 8
+    PEER_GONE = 9  # wg_peer_abort_flows: the peer went away
+    PRESSURE = 10  # wg_peer_abort_flows: its resources were needed (RFC 6429)
 
     @property
     def label(self) -> str:
@@ -45,6 +47,8 @@ _PEER_ERRORS = {
     CloseReason.SYN_TIMEOUT: "handshake timed out",
     CloseReason.PEER_REMOVED: "peer removed",
     CloseReason.EVICTED: "evicted",
+    CloseReason.PEER_GONE: "peer went away",
+    CloseReason.PRESSURE: "resource pressure",
 }
 
 

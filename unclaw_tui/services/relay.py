@@ -6,7 +6,11 @@ to its destination once the decision point allowed it (`flow.carry` says how).
 UDP (`UdpRelay`): a connected host socket per (peer, peer source port, destination) flow,
 created on the flow's first datagram, which is when the decision point is asked; replies go
 back from the original destination. Flows end after an idle timeout; each peer has a bounded
-number of flows (past it the least recently active one is closed). The flow bookkeeping is the
+number of flows (past it the least recently active one is closed), and each flow's host socket
+counts against the peer's share of the gateway's descriptors (budget.py), together with its TCP
+connections: past the share a new flow replaces the peer's least recently active one here, and
+with none to replace it is refused (ICMP administratively prohibited, and a closing event saying
+why). The flow bookkeeping is the
 sans-IO `UdpFlowTable`. Refusals are reported once per flow per idle period, not per datagram.
 """
 
@@ -98,6 +102,17 @@ class UdpFlowTable(Generic[K, V]):
         flows[key] = _Entry(value, now)
         self._peer_of[key] = peer
         return evicted
+
+    def pop_oldest(self, peer: bytes) -> V | None:
+        """Remove and return the peer's least recently active flow (None: it has none)."""
+        flows = self._by_peer.get(peer)
+        if not flows:
+            return None
+        key, entry = flows.popitem(last=False)
+        del self._peer_of[key]
+        if not flows:
+            del self._by_peer[peer]
+        return entry.value
 
     def pop(self, key: K) -> V | None:
         peer = self._peer_of.pop(key, None)
@@ -232,6 +247,19 @@ class UdpRelay:
             dgram.unreachable(admin=True)
             self._report_refusal(key, dgram, verdict.refusal, now, hostname)
             return
+        # Past the peer's descriptor share: the new flow takes the socket of the peer's least
+        # recently active one, if it has one here (a flow evicted below frees its own anyway).
+        peer = dgram.peer_public_key
+        if self.flows.count(peer) < self.flows.max_per_peer and (
+            why := self._registry.descriptors.refusal(peer)
+        ):
+            oldest = self.flows.pop_oldest(peer)
+            if oldest is None:
+                self._registry.descriptors.refused += 1
+                dgram.unreachable(admin=True)
+                self._report_refusal(key, dgram, why, now, hostname)
+                return
+            self._finish(oldest, why, remove=False)
         entry = _UdpFlow(
             key=key,
             flow=self._new_flow(dgram, hostname),
@@ -240,6 +268,7 @@ class UdpRelay:
         )
         for _key, old in self.flows.add(dgram.peer_public_key, key, entry, now):
             self._finish(old, "closed: flow limit per peer reached", remove=False)
+        self._registry.hold_descriptor(entry.flow, force=True)  # checked above
         entry.flow.open()
         entry.pending.append(dgram.data)
         entry.opening = loop.create_task(self._open(entry))

@@ -13,10 +13,10 @@ Per connection (`TlsService.handle_tcp`):
    VIP's hostname (`gateway.resolver`: only if our DNS gave the VIP to this peer; a VIP it was
    not given is refused before the hello), else none. The decision point is asked again with the
    SNI (and the VIP's hostname beside it, so another SNI cannot dodge a verdict).
-3. Passthrough (the hostname matches `settings.passthrough`, or a client rejected our
-   certificate for it before and `settings.auto_passthrough` is on): replay the bytes read so
-   far to the destination, then carry the encrypted bytes untouched (`flow.carry`: in C where
-   the engine can take the connection, else in Python).
+3. Passthrough (the hostname matches `settings.passthrough`, or a client of the same peer
+   rejected our certificate for it before and `settings.auto_passthrough` is on: autopass.py):
+   replay the bytes read so far to the destination, then carry the encrypted bytes untouched
+   (`flow.carry`: in C where the engine can take the connection, else in Python).
 4. Intercept (the default): TLS to the destination first, offering the client's ALPN list,
    with SNI and full verification against the system store (`SSL_CERT_FILE` honoured). A
    failed verification closes the client's connection and says why. Then terminate the
@@ -50,13 +50,12 @@ import re
 import socket
 import ssl
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from unclaw_tui.config import DEFAULT_HELLO_TIMEOUT
 from unclaw_tui.decision import Moment, Question
-from unclaw_tui.engine import describe_os_error
+from unclaw_tui.engine import describe_os_error, unb64
 from unclaw_tui.engine.outcomes import Refusal
 from unclaw_tui.events import HttpRequest, TlsHost
 from unclaw_tui.flow import Flow, PeerGone, carry
@@ -70,8 +69,8 @@ from unclaw_tui.pump import (
     reset_host_connection,
 )
 from unclaw_tui.router import Route, is_vip
-from unclaw_tui.services import clienthello
-from unclaw_tui.services.base import lru_put
+from unclaw_tui.services import autopass, clienthello
+from unclaw_tui.services.autopass import AutoPassthrough
 from unclaw_tui.services.ca import CertificateAuthority
 from unclaw_tui.services.http1 import Exchange, Http1Observer
 from unclaw_tui.state import StateError
@@ -88,10 +87,7 @@ HELLO_TIMEOUT = DEFAULT_HELLO_TIMEOUT
 HANDSHAKE_TIMEOUT = 10.0  # the client's side of the handshake, after its hello
 CONNECT_TIMEOUT = DEFAULT_CONNECT_TIMEOUT  # upstream TCP connect plus TLS handshake, per address
 UPSTREAM_CONTEXTS = 32
-AUTO_PASSTHROUGH_HOSTS = 4096
-# The auto-passthrough hosts, kept in the state dir so a restart does not break those clients
-# again: {"hosts": [...]}, least recently rejected first.
-PASSTHROUGH_FILE = "auto-passthrough.json"
+AUTO_PASSTHROUGH_SAVE_INTERVAL = 1.0  # seconds between writes of the list
 READ_SIZE = MIN_READ_SIZE
 HTTP1_ALPN = (None, "http/1.1", "http/1.0")
 
@@ -370,10 +366,12 @@ class TlsService:
         self.hello_timeout = hello_timeout
         self.handshake_timeout = handshake_timeout
         self.connect_timeout = connect_timeout
-        # Hosts whose clients rejected our certificate (auto-passthrough), least recent first.
-        self.rejected_hosts: OrderedDict[str, None] = OrderedDict()
+        # Hosts each peer's clients rejected our certificate for (autopass.py).
+        self.auto_passthrough = AutoPassthrough()
+        self._saved_changes = 0
+        self._save_task: asyncio.Task[None] | None = None
         if gateway.settings.auto_passthrough:
-            self._load_rejected_hosts()
+            self._load_auto_passthrough()
 
     # -- Service -------------------------------------------------------------------------------
 
@@ -382,6 +380,13 @@ class TlsService:
 
     async def close(self) -> None:
         self.upstream_context.cache_clear()
+        if self._save_task is not None:
+            self._save_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._save_task
+        if self.auto_passthrough.changes != self._saved_changes:
+            with contextlib.suppress(Exception):
+                self._write_auto_passthrough(self.auto_passthrough.to_json())
 
     async def handle_tcp(self, flow: Flow) -> None:
         # What escapes ends the flow in FlowRegistry.serve (RST, the error in its closing event).
@@ -390,37 +395,51 @@ class TlsService:
 
     # -- policy --------------------------------------------------------------------------------
 
-    def is_passthrough(self, hostname: str | None) -> bool:
+    def is_passthrough(self, hostname: str | None, peer_key: bytes) -> bool:
         if hostname is None:
             return False
-        if hostname in self.rejected_hosts:
+        if self.auto_passthrough.has(peer_key, hostname):
             return True
         return any(fnmatch.fnmatchcase(hostname, p) for p in self.gateway.settings.passthrough)
 
-    def _remember_rejection(self, hostname: str) -> None:
-        lru_put(self.rejected_hosts, hostname, None, AUTO_PASSTHROUGH_HOSTS)
-        hosts = list(self.rejected_hosts)
-        # fsync and the state dir's lock may block: off the loop (a new host is rare).
-        asyncio.get_running_loop().run_in_executor(None, self._save_rejected, hosts)
+    def _remember_rejection(self, peer_key: bytes, hostname: str) -> None:
+        self.auto_passthrough.add(peer_key, hostname)
+        if self._save_task is None or self._save_task.done():
+            self._save_task = asyncio.ensure_future(self._save_auto_passthrough())
 
-    def _save_rejected(self, hosts: list[str]) -> None:
+    async def _save_auto_passthrough(self) -> None:
+        """Writes the list while it changes, at most once per AUTO_PASSTHROUGH_SAVE_INTERVAL;
+        the document is taken on the loop (small: bounded per peer), written off it (the
+        state dir's lock and fsync may block)."""
+        while self.auto_passthrough.changes != self._saved_changes:
+            changes = self.auto_passthrough.changes
+            doc = self.auto_passthrough.to_json()
+            try:
+                await asyncio.to_thread(self._write_auto_passthrough, doc)
+            except Exception as exc:
+                log.warning("auto-passthrough hosts not saved: %s", exc)
+                return
+            self._saved_changes = changes
+            await asyncio.sleep(AUTO_PASSTHROUGH_SAVE_INTERVAL)
+
+    def _write_auto_passthrough(self, doc: dict[str, Any]) -> None:
+        state = self.gateway.state
+        with state.locked():
+            state.write_json(autopass.FILE, doc)
+
+    def _load_auto_passthrough(self) -> None:
         state = self.gateway.state
         try:
-            with state.locked():
-                state.write_json(PASSTHROUGH_FILE, {"hosts": hosts})
-        except Exception as exc:
-            log.warning("auto-passthrough hosts not saved: %s", exc)
-
-    def _load_rejected_hosts(self) -> None:
-        try:
-            doc = self.gateway.state.read_json(PASSTHROUGH_FILE)
+            doc = state.read_json(autopass.FILE)
+            peers = [unb64(p.public_key) for p in state.peers()]
         except StateError as exc:
             log.warning("auto-passthrough hosts not loaded: %s", exc)
             return
-        hosts = doc.get("hosts") if isinstance(doc, dict) else None
-        for host in hosts[-AUTO_PASSTHROUGH_HOSTS:] if isinstance(hosts, list) else ():
-            if isinstance(host, str) and host:
-                self.rejected_hosts[host] = None
+        for problem in self.auto_passthrough.load(doc, peers):
+            log.warning("%s: skipped %s", autopass.FILE, problem)
+        self._saved_changes = self.auto_passthrough.changes
+        if isinstance(doc, dict) and "peers" not in doc:  # version 1: write the new form
+            self._saved_changes -= 1
 
     # -- one connection ------------------------------------------------------------------------
 
@@ -458,7 +477,7 @@ class TlsService:
                 _tls_event(gateway, flow, sni, "rejected", error=verdict.refusal)
                 flow.abort()
                 return
-            passthrough = self.is_passthrough(hostname)
+            passthrough = self.is_passthrough(hostname, flow.peer_key)
             offered = ",".join(hello.alpn) or None
             try:
                 sock = await upstream.take()
@@ -575,7 +594,7 @@ class TlsService:
             if rejection is not None:
                 error = f"client rejected our certificate ({rejection})"
                 if hostname is not None and self.gateway.settings.auto_passthrough:
-                    self._remember_rejection(hostname)
+                    self._remember_rejection(flow.peer_key, hostname)
             else:
                 error = f"client handshake failed: {_describe(exc)}"
             _tls_event(self.gateway, flow, sni, "intercepted", alpn=alpn, error=error)

@@ -12,6 +12,11 @@ identical questions share one upstream exchange. When every server fails, an ans
 ran out less than a day ago is served stale, with a 30 s TTL (RFC 8767): names the peers
 already use keep working while the upstream is away, and the event says so.
 
+Each exchange holds one socket (UDP, then TCP if truncated) and at most `max_sockets` are in
+flight at once (the gateway sets it from its descriptor budget, budget.py): past it a question
+waits for a socket within its own time bound, so queries, whoever sends them, cannot take the
+descriptors the peers' flows and the gateway's own work need.
+
 The egress policy does not apply to these servers: the operator configured them (and the
 default, /etc/resolv.conf, is often a loopback address the policy refuses to peers).
 """
@@ -43,6 +48,7 @@ MAX_TTL = 3600  # cap, so a bad upstream cannot pin an answer for days
 MAX_NEGATIVE_TTL = 300
 STALE_MAX_AGE = 86_400.0  # serve-stale (RFC 8767): how long past its TTL an answer may be used
 STALE_TTL = 30  # the TTL a stale answer is given (RFC 8767 4: 30 s)
+MAX_SOCKETS = 1024  # exchanges in flight at once, until the gateway's budget says otherwise
 
 _OPT = QTYPE.OPT
 _ECS = 8  # the EDNS client-subnet option
@@ -158,6 +164,7 @@ class UpstreamClient:
         timeout: float = UPSTREAM_TIMEOUT,
         cache: DnsCache | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_sockets: int = MAX_SOCKETS,
     ) -> None:
         self.servers = list(servers)
         self.timeout = timeout
@@ -165,6 +172,16 @@ class UpstreamClient:
         self.clock = clock
         self._inflight: dict[Hashable, asyncio.Future[UpstreamAnswer]] = {}
         self.exchanges = 0  # questions that went upstream (not cached, not shared)
+        self.limit_sockets(max_sockets)
+
+    def limit_sockets(self, max_sockets: int) -> None:
+        """At most this many exchanges hold a socket at once (set before any is in flight)."""
+        if max_sockets < 1:
+            raise ValueError("max_sockets must be at least 1")
+        self.max_sockets = max_sockets
+        self._sockets = asyncio.Semaphore(max_sockets)
+        self.sockets_in_use = 0
+        self.sockets_peak = 0  # the most in use at once
 
     async def lookup(self, qname: str, qtype: int) -> UpstreamAnswer:
         """Our own question (recursion desired, EDNS, no DNSSEC)."""
@@ -269,19 +286,33 @@ class UpstreamClient:
         def matches(data: bytes) -> bool:
             return len(data) >= 12 and struct.unpack_from("!H", data)[0] == ident
 
-        loop = asyncio.get_running_loop()
-        transport, protocol = await loop.create_datagram_endpoint(
-            lambda: _UdpExchange(matches), remote_addr=server
-        )
-        try:
-            transport.sendto(packet)
-            data = await protocol.done
-        finally:
-            transport.close()
-        response = _check(data, want)
-        if response.header.tc:
-            response = _check(await _tcp_exchange(server, packet, matches), want)
-        return response
+        # Waiting here counts against the question's time bound (the caller's wait_for).
+        async with self._sockets:
+            self.sockets_in_use += 1
+            self.sockets_peak = max(self.sockets_peak, self.sockets_in_use)
+            try:
+                return await _udp_then_tcp(server, packet, matches, want)
+            finally:
+                self.sockets_in_use -= 1
+
+
+async def _udp_then_tcp(
+    server: Server, packet: bytes, matches: Callable[[bytes], bool], want: tuple[str, int]
+) -> DNSRecord:
+    """One exchange with one server: one socket at a time (UDP, then TCP if truncated)."""
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: _UdpExchange(matches), remote_addr=server
+    )
+    try:
+        transport.sendto(packet)
+        data = await protocol.done
+    finally:
+        transport.close()
+    response = _check(data, want)
+    if response.header.tc:
+        response = _check(await _tcp_exchange(server, packet, matches), want)
+    return response
 
 
 async def _tcp_exchange(server: Server, packet: bytes, matches: Callable[[bytes], bool]) -> bytes:
