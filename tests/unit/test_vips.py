@@ -156,7 +156,21 @@ def test_the_pool_is_every_usable_address() -> None:
     assert not usable(int(net.network_address), net)
     assert not usable(int(net.broadcast_address), net)
     with pytest.raises(ValueError):
-        VipAllocator("10.0.0.0/15")
+        VipAllocator("10.0.0.0/7")
+    # Reloaded with some mapped and some freed again: the rest of the pool, each address once.
+    some = VipAllocator(net, window=WINDOW, peer_share=10_000)
+    kept = {vip(some.allocate(f"k{i}", 0.0, never, peer=A)) for i in range(300)}
+    for i in range(200):
+        vip(some.allocate(f"k{i}", 60.0, never, peer=A))  # the first 200 renewed
+    vip(some.allocate("sweep", 150.0, never, peer=A))  # the other 100 freed by now
+    assert some.free == 4 * 254 - 201
+    again = VipAllocator(net, window=WINDOW, peer_share=10_000)
+    again.load_json(json.loads(json.dumps(some.to_json())))
+    mapped = {str(again.vip_for(f"k{i}")) for i in range(200)} | {str(again.vip_for("sweep"))}
+    assert mapped <= kept | {str(some.vip_for("sweep"))} and again.free == 4 * 254 - 201
+    rest = [vip(again.allocate(f"r{i}", 150.0, never, peer=B)) for i in range(again.free)]
+    assert len(set(rest)) == len(rest) and not set(rest) & mapped
+    assert isinstance(again.allocate("full", 150.0, never, peer=B), NoVip)
 
 
 # --- the pool cannot be exhausted or recycled under another peer ------------------------------

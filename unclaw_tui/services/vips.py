@@ -13,7 +13,9 @@ the map, nor reach the hosts they resolved.
 Which address: a random one of the free set (every address of the VIP network but the network
 and broadcast addresses and any whose last octet is 0 or 255, which some clients and middleboxes
 treat as broadcast-like even inside a /16), so an address says nothing about the ones near it.
-The free set is a list picked at a random index and swapped with its last element: O(1).
+The free set is a virtual array picked at a random index and swapped with its last element
+(O(1)); only the positions that differ from "the i-th usable address" are stored, so an empty
+map costs nothing and a full one a dict entry per address moved.
 
 How many: a peer holds at most `peer_share` grants; past it its new names fail (the DNS service
 answers SERVFAIL) until its older grants expire. A name another peer already holds costs a
@@ -74,7 +76,7 @@ NO_RECYCLE_WINDOW = 24 * 3600.0  # seconds: a grant's life after its last answer
 PEER_VIP_SHARE = 4096
 SWEEP_BATCH = 256  # expired grants / idle VIPs looked at per call, at most
 TIMES_LAG = 61.0  # seconds the file's answer times may lag behind (the service's save cadence)
-MAX_POOL = 1 << 16  # the free set is a list: a /16 at most
+MAX_POOL = 1 << 24  # a /8: the free set's positions are computed, not stored
 ENCODE_SLICE = 1024  # entries per json.dumps call in `encode` (the GIL is held within one)
 GATEWAY_PEER = b""  # the grantee of callers that are no peer (benchmarks, tools)
 
@@ -132,7 +134,20 @@ class VipAllocator:
     ) -> None:
         self.network = ipaddress.IPv4Network(network)
         if self.network.num_addresses > MAX_POOL:
-            raise ValueError(f"VIP network {self.network} is larger than a /16")
+            raise ValueError(f"VIP network {self.network} is larger than a /8")
+        net = self.network
+        self._base = int(net.network_address)
+        # Usable addresses in order: arithmetic in /24 blocks (254 each), a list below a /24.
+        self._small: list[int] | None = None
+        if net.prefixlen > 24:
+            self._small = [
+                ip
+                for ip in range(int(net.network_address) + 1, int(net.broadcast_address))
+                if usable(ip, net)
+            ]
+            self._pool = len(self._small)
+        else:
+            self._pool = net.num_addresses // 256 * 254
         self.window = window
         self.peer_share = peer_share
         self._randbelow = randbelow
@@ -146,8 +161,10 @@ class VipAllocator:
         self._by_peer: dict[bytes, OrderedDict[int, None]] = {}  # the same, per peer
         self._holders: dict[int, int] = {}  # ip -> number of grants
         self._idle: OrderedDict[int, None] = OrderedDict()  # mapped, no grant; oldest first
-        self._free: list[int] = []
-        self._refill_free()
+        # The free set: positions 0 .. _n-1 of a virtual array, position i holding _moved[i]
+        # if present, else the i-th usable address.
+        self._n = self._pool
+        self._moved: dict[int, int] = {}
         self.changes = 0  # bumped when a mapping or grant appears or goes: the file is stale
         self.touches = 0  # bumped when only an answer time moved
 
@@ -156,7 +173,7 @@ class VipAllocator:
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        return self._n
 
     def held_by(self, peer: bytes) -> int:
         """Grants the peer holds (expired ones count until swept)."""
@@ -287,23 +304,52 @@ class VipAllocator:
 
     # -- internals -------------------------------------------------------------------------
 
+    def _nth(self, i: int) -> int:
+        """The i-th usable address."""
+        if self._small is not None:
+            return self._small[i]
+        return self._base + (i // 254) * 256 + i % 254 + 1
+
+    def _index(self, ip: int) -> int:
+        """Which usable address `ip` is (the inverse of _nth)."""
+        if self._small is not None:
+            return self._small.index(ip)
+        off = ip - self._base
+        return (off >> 8) * 254 + (off & 0xFF) - 1
+
+    def _at(self, i: int) -> int:
+        ip = self._moved.get(i)
+        return self._nth(i) if ip is None else ip
+
+    def _remove_at(self, i: int) -> int:
+        """Take position i out of the free set: the last one moves into it."""
+        last = self._n - 1
+        ip = self._at(i)
+        if i != last:
+            self._moved[i] = self._at(last)
+        self._moved.pop(last, None)
+        self._n = last
+        return ip
+
     def _refill_free(self) -> None:
-        """Every usable address not mapped (O(pool): at start and after a load only)."""
-        net = self.network
-        taken = self._host
-        self._free = [
-            ip
-            for ip in range(int(net.network_address) + 1, int(net.broadcast_address))
-            if (ip & 0xFF) not in (0, 0xFF) and ip not in taken
-        ]
+        """Every usable address not mapped (at start and after a load: O(mapped))."""
+        self._n, self._moved = self._pool, {}
+        # Highest first: positions above the one removed are gone already, so neither the one
+        # removed nor the last one has moved from where the identity put it, but for the moves
+        # made here into removed positions (which hold addresses not mapped).
+        for i in sorted((self._index(ip) for ip in self._host), reverse=True):
+            self._remove_at(i)
 
     def _take_free(self) -> int | None:
-        free = self._free
-        if not free:
+        if not self._n:
             return None
-        i = self._randbelow(len(free))
-        free[i], free[-1] = free[-1], free[i]
-        return free.pop()
+        return self._remove_at(self._randbelow(self._n))
+
+    def _give_back(self, ip: int) -> None:
+        n = self._n  # < the pool: ip was taken from it
+        if ip != self._nth(n):
+            self._moved[n] = ip
+        self._n = n + 1
 
     def _add_grant(self, ip: int, peer: bytes, t: float) -> None:
         self._grants[(ip, peer)] = t
@@ -380,7 +426,7 @@ class VipAllocator:
             del idle[ip]
             del self._ip[self._host.pop(ip)]
             del self._last[ip]
-            self._free.append(ip)  # picked at random like the rest: no order to learn
+            self._give_back(ip)  # picked at random like the rest: no order to learn
             self.changes += 1
 
 
