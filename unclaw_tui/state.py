@@ -359,9 +359,13 @@ class StateDir:
 
     def write_json(self, filename: str, doc: Any) -> None:
         """Atomically replace filename with doc (caller holds the lock)."""
+        self.write_bytes(filename, (json.dumps(doc, indent=2) + "\n").encode())
+
+    def write_bytes(self, filename: str, data: bytes) -> None:
+        """Atomically replace filename with data, already encoded (caller holds the lock)."""
         self._remove_stale_temp_files()
         try:
-            write_atomic(self.path / filename, (json.dumps(doc, indent=2) + "\n").encode())
+            write_atomic(self.path / filename, data)
         except OSError as exc:
             raise StateError(f"cannot write {self.path / filename}: {exc.strerror}") from None
 

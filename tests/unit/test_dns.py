@@ -5,7 +5,10 @@ fake flows, and VIP connections to loopback servers."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import os
 import socket
+import stat
 import struct
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +26,7 @@ from tests.interop.dns_host import QuietLogger, ZoneResolver
 from unclaw_tui.config import Settings
 from unclaw_tui.decision import DecisionPoint
 from unclaw_tui.engine import DnsVerdict, check_dns_query
+from unclaw_tui.engine.outcomes import Refusal
 from unclaw_tui.events import DnsQuery, Event, TcpClosed, TcpOpened, UdpFlowOpened
 from unclaw_tui.flow import Flow, FlowRegistry
 from unclaw_tui.router import Route, Router
@@ -35,6 +39,7 @@ from unclaw_tui.services.vips import VipAllocator
 from unclaw_tui.state import StateDir
 
 PEER_KEY = bytes(range(32))
+OTHER_KEY = bytes(range(32, 64))  # a second peer
 
 
 def query(name: str, qtype: str = "A", *, ident: int = 4242, edns: int | None = None,
@@ -111,11 +116,14 @@ def upstream() -> FakeUpstream:
 
 @pytest.fixture
 def answerer(upstream: FakeUpstream) -> DnsAnswerer:
-    return DnsAnswerer(upstream, VipAllocator(), clock=lambda: 1000.0)
+    # The first free address each time (swapped with the last): 10.78.0.1 first.
+    return DnsAnswerer(upstream, VipAllocator(randbelow=lambda n: 0), clock=lambda: 1000.0)
 
 
-async def ask(answerer: DnsAnswerer, data: bytes, udp: bool = True) -> DNSRecord:
-    outcome = await answerer.answer(data, udp=udp)
+async def ask(
+    answerer: DnsAnswerer, data: bytes, udp: bool = True, peer: bytes = PEER_KEY
+) -> DNSRecord:
+    outcome = await answerer.answer(data, udp=udp, peer=peer)
     assert outcome.reply is not None, outcome
     return DNSRecord.parse(outcome.reply)
 
@@ -124,7 +132,7 @@ async def ask(answerer: DnsAnswerer, data: bytes, udp: bool = True) -> DNSRecord
 
 
 async def test_a_gets_a_stable_vip_with_ttl_30(answerer: DnsAnswerer) -> None:
-    outcome = await answerer.answer(query("Example.TEST"), udp=True)
+    outcome = await answerer.answer(query("Example.TEST"), udp=True, peer=PEER_KEY)
     assert outcome.reply is not None
     r = DNSRecord.parse(outcome.reply)
     assert r.header.id == 4242 and r.header.qr and r.header.ra and not r.header.aa
@@ -148,14 +156,14 @@ async def test_nxdomain_passes_through_with_soa(answerer: DnsAnswerer,
 
 
 async def test_servfail_when_upstream_fails(answerer: DnsAnswerer) -> None:
-    outcome = await answerer.answer(query("down.example.test"), udp=True)
+    outcome = await answerer.answer(query("down.example.test"), udp=True, peer=PEER_KEY)
     assert outcome.rcode == "SERVFAIL"
     assert DNSRecord.parse(outcome.reply or b"").header.rcode == RCODE.SERVFAIL
     upstream_servfail = upstream_reply("sf.test", "A", rcode=RCODE.SERVFAIL)
     answerer.upstream.add("sf.test", "A", upstream_servfail)  # type: ignore[attr-defined]
     r = await ask(answerer, query("sf.test"))
     assert r.header.rcode == RCODE.SERVFAIL and not r.rr
-    sf = await answerer.answer(query("sf.test"), udp=True)
+    sf = await answerer.answer(query("sf.test"), udp=True, peer=PEER_KEY)
     assert sf.error == "upstream answered SERVFAIL"  # the event says why, not just SERVFAIL
 
 
@@ -166,9 +174,9 @@ async def test_failures_carry_the_upstreams_reason_and_successes_none(
     fake.lookups[("gone.test", QTYPE.A)] = UpstreamAnswer(  # type: ignore[attr-defined]
         None, RCODE.SERVFAIL, 4.0, error="198.18.0.2:53: port unreachable"
     )
-    gone = await answerer.answer(query("gone.test"), udp=True)
+    gone = await answerer.answer(query("gone.test"), udp=True, peer=PEER_KEY)
     assert (gone.rcode, gone.error) == ("SERVFAIL", "198.18.0.2:53: port unreachable")
-    ok = await answerer.answer(query("example.test"), udp=True)
+    ok = await answerer.answer(query("example.test"), udp=True, peer=PEER_KEY)
     assert (ok.rcode, ok.error) == ("NOERROR", None)
 
 
@@ -204,7 +212,9 @@ async def test_ptr_of_a_vip_names_its_host(answerer: DnsAnswerer, upstream: Fake
 
 
 async def test_other_types_forwarded_with_the_clients_id(answerer: DnsAnswerer) -> None:
-    outcome = await answerer.answer(query("example.test", "MX", ident=31337), udp=True)
+    outcome = await answerer.answer(
+        query("example.test", "MX", ident=31337), udp=True, peer=PEER_KEY
+    )
     r = DNSRecord.parse(outcome.reply or b"")
     assert r.header.id == 31337
     assert [(rr.rtype, str(rr.rdata)) for rr in r.rr] == [(QTYPE.MX, "10 mail.example.test.")]
@@ -221,9 +231,11 @@ async def test_large_forwarded_answer_truncated_on_udp_only(answerer: DnsAnswere
 
 
 async def test_malformed_and_unsupported(answerer: DnsAnswerer) -> None:
-    assert (await answerer.answer(b"\x00\x01", udp=True)).malformed
+    assert (await answerer.answer(b"\x00\x01", udp=True, peer=PEER_KEY)).malformed
     response = DNSRecord.question("example.test").reply().pack()
-    assert (await answerer.answer(response, udp=True)).malformed == "a response, not a query"
+    assert (
+        await answerer.answer(response, udp=True, peer=PEER_KEY)
+    ).malformed == "a response, not a query"
     no_question = DNSRecord()
     no_question.header.id = 5
     r = await ask(answerer, no_question.pack())
@@ -238,7 +250,7 @@ async def test_malformed_and_unsupported(answerer: DnsAnswerer) -> None:
     lambda b: b[:2] + b"\x01\x00\x00\x01" + b[6:])))  # fmt: skip
 async def test_any_bytes_give_an_answer_or_a_counted_drop(data: bytes) -> None:
     answerer = DnsAnswerer(FakeUpstream(), VipAllocator(), clock=lambda: 0.0)
-    outcome = await answerer.answer(data, udp=True)
+    outcome = await answerer.answer(data, udp=True, peer=PEER_KEY)
     if outcome.reply is None:
         assert outcome.malformed and outcome.rcode == "MALFORMED"
     else:
@@ -393,9 +405,9 @@ class FakeGateway:
 
 class FakeDatagram:
     def __init__(self, data: bytes, dst: tuple[str, int] = ("10.77.0.1", 53),
-                 src_port: int = 5353) -> None:  # fmt: skip
+                 src_port: int = 5353, peer: bytes = PEER_KEY) -> None:  # fmt: skip
         self.data = data
-        self.peer_public_key = PEER_KEY
+        self.peer_public_key = peer
         self.peer_ip = "10.77.0.2"
         self.src_port = src_port
         self.dst_ip, self.dst_port = dst
@@ -415,9 +427,10 @@ class FakeTcpConn:
     can_splice = False  # Python\'s pump carries it
 
     def __init__(self, streams: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                 dst: tuple[str, int] = ("10.77.0.1", 53), conn_id: int = 11) -> None:  # fmt: skip
+                 dst: tuple[str, int] = ("10.77.0.1", 53), conn_id: int = 11,
+                 peer: bytes = PEER_KEY) -> None:  # fmt: skip
         self.conn_id = conn_id
-        self.peer_public_key = PEER_KEY
+        self.peer_public_key = peer
         self.peer_ip = "10.77.0.2"
         self.src_port = 40000
         self.dst_ip, self.dst_port = dst
@@ -476,23 +489,27 @@ async def test_service_udp_answers_publishes_and_persists(gateway: FakeGateway) 
     garbage = FakeDatagram(b"\xff" * 7)
     service.handle_udp(garbage)
     await settle(service._tasks)
-    assert [str(rr.rdata) for rr in DNSRecord.parse(dgram.replies[0]).rr] == ["10.78.0.1"]
+    (vip,) = [str(rr.rdata) for rr in DNSRecord.parse(dgram.replies[0]).rr]
+    assert ipaddress.IPv4Address(vip) in ipaddress.IPv4Network("10.78.0.0/16")
     assert garbage.replies == [] and service.counts["malformed"] == 1
     events = [e for e in gateway.events if isinstance(e, DnsQuery)]
     ok = next(e for e in events if e.rcode == "NOERROR")
     assert (ok.peer, ok.peer_ip, ok.qname, ok.qtype, ok.answers) == (
-        "phone", "10.77.0.2", "example.test", "A", ["10.78.0.1"])  # fmt: skip
+        "phone", "10.77.0.2", "example.test", "A", [vip])  # fmt: skip
     assert ok.upstream_ms is not None and not ok.cached
     malformed = next(e for e in events if e.rcode == "MALFORMED")
     assert malformed.error == "shorter than a DNS header" and malformed.answers == []
-    assert service.hostname_for_vip("10.78.0.1") == "example.test"
+    assert service.hostname_for_vip(vip, PEER_KEY) == "example.test"
+    assert service.hostname_for_vip(vip, OTHER_KEY) is None  # not given to that peer
     assert await service.resolve("example.test") == ["198.18.0.2"]
     await service.close()
     reloaded = VipAllocator()
     from unclaw_tui.services import vips as vip_store
 
     vip_store.load(gateway.state, reloaded)
-    assert reloaded.vip_for("example.test") == "10.78.0.1"
+    assert reloaded.vip_for("example.test") == vip
+    assert reloaded.hostname_for(vip, PEER_KEY) == "example.test"  # the grant kept too
+    assert reloaded.hostname_for(vip, OTHER_KEY) is None
 
 
 async def test_service_tcp_several_queries_then_garbage_closes(
@@ -542,9 +559,9 @@ class FakeResolver:
     def __init__(self, table: dict[str, tuple[str, list[str]]]) -> None:
         self.table = table  # vip -> (hostname, addresses)
 
-    def hostname_for_vip(self, ip: str) -> str | None:
+    def hostname_for_vip(self, ip: str, peer: bytes) -> str | None:
         entry = self.table.get(ip)
-        return entry[0] if entry else None
+        return entry[0] if entry and peer == PEER_KEY else None
 
     async def resolve(self, hostname: str) -> list[str]:
         return next((addrs for h, addrs in self.table.values() if h == hostname), [])
@@ -583,7 +600,9 @@ async def test_vip_tcp_reaches_the_real_address_next_on_failure(
     unknown = FakeTcpConn(theirs, dst=("10.78.9.9", 80), conn_id=12)
     await service.handle_tcp(gateway.flow(unknown, "vip"))
     assert unknown.state == "rejected"
-    assert [e.error for e in gateway.events if isinstance(e, TcpClosed)][-1] == "unknown VIP"
+    assert [e.error for e in gateway.events if isinstance(e, TcpClosed)][-1] == (
+        Refusal.VIP_NOT_GIVEN.says()
+    )
     await service.close()
 
 
@@ -644,7 +663,7 @@ async def test_crafted_queries_are_refused_before_any_parser(
     monkeypatch.setattr(dns.dnswire, "parse", no_parser)
     answerer = DnsAnswerer(FakeUpstream(), VipAllocator(), clock=lambda: 0.0)
     data = pointer_chain_query(size)
-    outcome = await answerer.answer(data, udp=True)
+    outcome = await answerer.answer(data, udp=True, peer=PEER_KEY)
     assert outcome.rcode == "MALFORMED" and outcome.reply is None
     assert outcome.malformed in ("bytes after the last record", "longer than 512 bytes")
 
@@ -825,3 +844,199 @@ async def test_tcp_query_longer_than_the_bound_is_refused_unread(
     await asyncio.wait_for(job, 2)
     closed = [e for e in gateway.events if isinstance(e, TcpClosed)]
     assert closed[0].error == "query of 65535 bytes (at most 512)"
+
+
+# --- one peer's lookups are its own: PTR, TCP, UDP; the pool's shares -------------------------
+
+
+def ptr_query(vip: str) -> bytes:
+    return query(".".join(reversed(vip.split("."))) + ".in-addr.arpa", "PTR")
+
+
+async def test_ptr_answers_only_the_peers_given_the_vip(answerer: DnsAnswerer) -> None:
+    # Fails before: any peer's PTR for a VIP named the host another peer had looked up.
+    vip = str((await ask(answerer, query("example.test"), peer=PEER_KEY)).rr[0].rdata)
+    theirs = await ask(answerer, ptr_query(vip), peer=OTHER_KEY)
+    assert theirs.header.rcode == RCODE.NXDOMAIN and not theirs.rr
+    mine = await ask(answerer, ptr_query(vip), peer=PEER_KEY)
+    assert [str(rr.rdata) for rr in mine.rr] == ["example.test."]
+    # Once the other peer asks the name itself it is given the same VIP, and its PTR answers.
+    assert str((await ask(answerer, query("example.test"), peer=OTHER_KEY)).rr[0].rdata) == vip
+    again = await ask(answerer, ptr_query(vip), peer=OTHER_KEY)
+    assert [str(rr.rdata) for rr in again.rr] == ["example.test."]
+
+
+async def test_a_past_the_peers_vip_share_is_servfail(upstream: FakeUpstream) -> None:
+    # Fails before: one peer's names could take the whole pool (no share).
+    real = RR("www.example.test.", QTYPE.A, ttl=300, rdata=A("198.18.0.2"))
+    upstream.add("www.example.test", "A", upstream_reply("www.example.test", "A", real))
+    answerer = DnsAnswerer(upstream, VipAllocator(peer_share=1), clock=lambda: 1000.0)
+    assert (await answerer.answer(query("example.test"), udp=True, peer=PEER_KEY)).answers
+    over = await answerer.answer(query("www.example.test"), udp=True, peer=PEER_KEY)
+    assert over.rcode == "SERVFAIL" and not over.answers
+    assert over.error is not None and over.error.startswith(Refusal.SHARE.value)
+    other = await answerer.answer(query("www.example.test"), udp=True, peer=OTHER_KEY)
+    assert other.rcode == "NOERROR" and other.answers  # another peer is not held back
+
+
+async def test_vip_tcp_and_udp_answer_only_the_peer_given_it(
+    gateway: FakeGateway, loopback: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fails before: any peer could connect to (and send to) a VIP another peer had resolved.
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read(100))
+        await writer.drain()
+        writer.close()
+
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            self.transport.sendto(data, addr)
+
+    server = await asyncio.start_server(echo, "127.0.0.2", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.2", 0))
+    uport = transport.get_extra_info("sockname")[1]
+    dns_service = DnsService(gateway)
+    gateway.resolver = dns_service
+
+    async def loopback_resolve(hostname: str) -> list[str]:
+        return ["127.0.0.2"]
+
+    monkeypatch.setattr(dns_service, "resolve", loopback_resolve)
+    service = VipService(gateway, dns_service)
+    outcome = await dns_service.answerer.answer(query("example.test"), udp=True, peer=PEER_KEY)
+    (vip,) = outcome.answers
+
+    (_r, _w), theirs = await loopback()
+    stranger = FakeTcpConn(theirs, dst=(vip, port), conn_id=21, peer=OTHER_KEY)
+    await asyncio.wait_for(service.handle_tcp(gateway.flow(stranger, "vip")), 5)
+    assert stranger.state == "rejected"
+    refused = [e for e in gateway.events if isinstance(e, TcpClosed)]
+    assert [(e.conn_id, e.hostname, e.error) for e in refused] == [
+        (21, None, Refusal.VIP_NOT_GIVEN.says())
+    ]
+    (c_reader, c_writer), theirs = await loopback()
+    flow = gateway.flow(FakeTcpConn(theirs, dst=(vip, port), conn_id=22), "vip")
+    await asyncio.wait_for(service.handle_tcp(flow), 5)
+    c_writer.write(b"ping")
+    assert await asyncio.wait_for(c_reader.read(100), 5) == b"ping"
+    c_writer.write_eof()
+    await asyncio.wait_for(flow.ended(), 5)
+
+    other = FakeDatagram(b"hello", dst=(vip, uport), peer=OTHER_KEY)
+    service.handle_udp(other)
+    assert other.unreachables == 1 and service.counts["vip_not_given"] == 2
+    mine = FakeDatagram(b"hello", dst=(vip, uport))
+    service.handle_udp(mine)
+    await until(lambda: bool(mine.replies), "the echo through the VIP")
+    assert other.replies == []
+    await service.close()
+    await dns_service.close()
+    transport.close()
+    server.close()
+
+
+async def test_vip_udp_resolving_places_are_shared_per_peer(gateway: FakeGateway) -> None:
+    # Fails before: 256 places for everyone; one peer's datagrams to names whose servers never
+    # answer took all of them, and the other peer's first datagram was dropped.
+    from unclaw_tui.services import vip as vip_module
+
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            self.transport.sendto(data, addr)
+
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.2", 0))
+    port = transport.get_extra_info("sockname")[1]
+    never = asyncio.Event()
+
+    class SlowResolver:
+        names = {"10.78.0.5": "silent.test", "10.78.0.6": "svc.test"}
+
+        def hostname_for_vip(self, ip: str, peer: bytes) -> str | None:
+            return self.names.get(ip)
+
+        async def resolve(self, hostname: str) -> list[str]:
+            if hostname == "silent.test":
+                await never.wait()  # its servers never answer
+            return ["127.0.0.2"]
+
+    service = VipService(gateway, SlowResolver())  # type: ignore[arg-type]
+    count = vip_module.MAX_UDP_RESOLVING + 44
+    for i in range(count):
+        service.handle_udp(FakeDatagram(b"?", dst=("10.78.0.5", 9), src_port=10_000 + i))
+    assert len(service._resolving) == vip_module.PEER_UDP_RESOLVING
+    assert service.counts["udp_dropped"] == count - vip_module.PEER_UDP_RESOLVING
+    theirs = FakeDatagram(b"hello", dst=("10.78.0.6", port), peer=OTHER_KEY)
+    service.handle_udp(theirs)
+    await until(lambda: bool(theirs.replies), "the other peer's datagram relayed")
+    await service.close()
+    transport.close()
+
+
+async def test_the_vip_map_is_encoded_and_written_off_the_loop(
+    gateway: FakeGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fails before: the whole map became a JSON document on the event loop (to_json: 130-190 ms
+    # for 65,024 entries), once a second while names came in.
+    import threading
+
+    from unclaw_tui.services import vips as vip_store
+
+    vips = VipAllocator()
+    for i in range(5000):
+        vips.allocate(f"{i}.wild.test", 1000.0, lambda ip: False, peer=bytes([i % 7]) * 32)
+    on_loop: list[str] = []
+    loop_thread = threading.current_thread()
+
+    def watch(name: str, real: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() is loop_thread:
+                on_loop.append(name)
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(VipAllocator, "to_json", watch("to_json", VipAllocator.to_json))
+    monkeypatch.setattr(vip_store, "document", watch("document", vip_store.document))
+    monkeypatch.setattr(vip_store, "encode", watch("encode", vip_store.encode))
+    service = DnsService(gateway, vips=vips)
+    vips.allocate("one-more.test", 1001.0, lambda ip: False, peer=PEER_KEY)
+    service._save_soon()
+    path = gateway.state.path / vip_store.VIPS_FILE
+    await until(path.exists, "the map written", 15)
+    await service.close()
+    assert on_loop == []
+    reloaded = VipAllocator()
+    vip_store.load(gateway.state, reloaded)
+    assert len(reloaded) == 5001
+    assert stat.S_IMODE(os.stat(gateway.state.path / vip_store.VIPS_FILE).st_mode) == 0o600
+
+
+async def test_a_new_name_is_written_soon_while_answer_times_wait(
+    gateway: FakeGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Answer times alone are written at most once a minute; a new mapping within a second even
+    # while the writer waits for those (fails before: it waited the minute out).
+    from unclaw_tui.services import vips as vip_store
+
+    monkeypatch.setattr(dns, "VIP_SAVE_INTERVAL", 0.0)
+    service = DnsService(gateway)
+    path = gateway.state.path / vip_store.VIPS_FILE
+    await service._answer(query("example.test"), PEER_KEY, "10.77.0.2", udp=True)
+    task = service._save_task
+    await until(lambda: task is not None and task.done(), "the first write done")
+    assert "example.test" in path.read_text()
+    # Asked again: a renewal only, so the writer waits for the minute...
+    await service._answer(query("example.test"), PEER_KEY, "10.77.0.2", udp=True)
+    # ...and a new name is written at once all the same, the renewal with it.
+    await service._answer(query("www.example.test"), PEER_KEY, "10.77.0.2", udp=True)
+    await until(lambda: "www.example.test" in path.read_text(), "the new name written", 3)
+    await service.close()

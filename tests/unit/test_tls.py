@@ -23,6 +23,7 @@ from tests.helpers import TEST_CA_NAME, Pki, make_pki, until
 from unclaw_tui.config import Settings
 from unclaw_tui.decision import DecisionPoint
 from unclaw_tui.engine import b64, unb64
+from unclaw_tui.engine.outcomes import Refusal
 from unclaw_tui.events import Event, HttpRequest, TcpClosed, TcpOpened, TlsHost
 from unclaw_tui.flow import FlowRegistry
 from unclaw_tui.router import Route, Router
@@ -99,12 +100,13 @@ async def start_origin(pair: tuple[Path, Path], alpn: list[str] | None = None) -
 
 
 class FakeResolver:
-    def __init__(self, names: dict[str, tuple[str, list[str]]]) -> None:
+    def __init__(self, names: dict[str, tuple[str, list[str]]], given_to: bytes = PEER_KEY) -> None:
         self.names = names  # vip -> (hostname, real addresses)
+        self.given_to = given_to  # the peer our DNS gave these VIPs to
 
-    def hostname_for_vip(self, ip: str) -> str | None:
+    def hostname_for_vip(self, ip: str, peer: bytes | None = None) -> str | None:
         entry = self.names.get(ip)
-        return entry[0] if entry else None
+        return entry[0] if entry and peer in (None, self.given_to) else None
 
     async def resolve(self, hostname: str) -> list[str]:
         for name, addresses in self.names.values():
@@ -580,6 +582,29 @@ async def test_vip_without_sni_uses_the_vip_hostname(make_harness: Any, pki: Pki
     assert (opened.hostname, opened.dst_ip) == ("example.test", VIP)
     (request,) = h.gateway.of(HttpRequest)
     assert request.path == "/vip"
+    h.check_flow_pairs()
+
+
+async def test_a_vip_given_to_another_peer_is_refused_before_the_hello(
+    make_harness: Any, pki: Pki
+) -> None:
+    # Fails before: the VIP's hostname was looked up for any peer, so a hello without SNI to
+    # another peer's VIP got a certificate for that peer's host (and a connection to it).
+    h: Harness = await make_harness()
+    origin = await start_origin(pki.trusted)
+    h.gateway.resolver = FakeResolver({VIP: ("example.test", ["127.0.0.1"])}, given_to=bytes(32))
+    h.dst = (VIP, origin.port)
+    ctx = our_ca_context(h)
+    ctx.check_hostname = False
+    with pytest.raises((ConnectionError, ssl.SSLError)):
+        reader, _writer = await h.open(ctx, server_hostname=None)
+        await asyncio.wait_for(reader.read(1), 5)  # the RST may come after the handshake
+    await h.settle()
+    origin.server.close()
+    assert origin.connections == 0 and h.gateway.of(TlsHost) == []
+    (closed,) = h.gateway.of(TcpClosed)
+    assert (closed.dst_ip, closed.hostname, closed.error) == (
+        VIP, None, Refusal.VIP_NOT_GIVEN.says())  # fmt: skip
     h.check_flow_pairs()
 
 

@@ -37,7 +37,9 @@ class Service(Protocol):
 class Resolver(Protocol):
     """Offered by the DNS service as `gateway.resolver` for VIP-aware services."""
 
-    def hostname_for_vip(self, ip: str) -> str | None: ...
+    def hostname_for_vip(self, ip: str, peer: bytes) -> str | None:
+        """The VIP's hostname if our DNS gave it to `peer` (its public key), else None."""
+        ...
 
     async def resolve(self, hostname: str) -> list[str]:
         """The hostname's real IPv4 addresses from the upstream (cached by TTL); [] if none."""

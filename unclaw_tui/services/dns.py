@@ -4,11 +4,13 @@ What each question gets (`DnsAnswerer`, IO-free but for the injected upstream):
 
   A            asked upstream first, so a name that does not exist is NXDOMAIN (and a failing
                upstream SERVFAIL); a name that resolves gets its VIP from 10.78.0.0/16
-               (services/vips.py), TTL 30 s. Connections to the VIP reach the real address
+               (services/vips.py), TTL 30 s, given to the asking peer only (past its share
+               of the pool: SERVFAIL). Its connections to the VIP reach the real address
                (services/vip.py); TLS to it is seen with the hostname even without SNI.
   AAAA         NOERROR, no answer: clients use IPv4, hence the VIP (until full IPv6).
   HTTPS, SVCB  NOERROR, no answer: their address hints and ECH configs would bypass the VIPs.
-  PTR of a VIP its hostname (an unknown VIP: NXDOMAIN).
+  PTR of a VIP its hostname, to a peer our DNS gave that VIP (to any other peer, and for an
+               unknown VIP: NXDOMAIN).
   anything else forwarded upstream unchanged but for the id; the answer relayed with the
                client's id.
 
@@ -65,7 +67,7 @@ from unclaw_tui.services.upstream import (
     UpstreamClient,
     resolv_conf_servers,
 )
-from unclaw_tui.services.vips import VIP_TTL, VipAllocator, normalize_hostname
+from unclaw_tui.services.vips import VIP_TTL, NoVip, VipAllocator, normalize_hostname
 
 if TYPE_CHECKING:
     from unclaw_tui.engine import UdpDatagram
@@ -73,7 +75,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VIP_SAVE_INTERVAL = 1.0
+VIP_SAVE_INTERVAL = 1.0  # seconds between writes of the VIP map, at least
+# ... and between writes for answer times alone (a name asked again): its map is unchanged, and
+# the file may lag by this much (vips.TIMES_LAG covers it on load).
+VIP_TIMES_SAVE_INTERVAL = 60.0
 
 UDP_MIN_PAYLOAD = 512
 QTYPE_SVCB = 64
@@ -211,10 +216,16 @@ class DnsAnswerer:
         self.clock = clock
 
     async def answer(
-        self, data: bytes, *, udp: bool, refusal: Callable[[str], str | None] = lambda name: None
+        self,
+        data: bytes,
+        *,
+        udp: bool,
+        peer: bytes,
+        refusal: Callable[[str], str | None] = lambda name: None,
     ) -> Outcome:
-        """`refusal(name)`: the decision point's word on the name asked for (None: allowed);
-        a refused name is answered REFUSED, without asking the upstream."""
+        """`peer`: who asks (its public key: VIPs are given to it, PTRs answered for the VIPs
+        it was given). `refusal(name)`: the decision point's word on the name asked for (None:
+        allowed); a refused name is answered REFUSED, without asking the upstream."""
         request = parse_query(data)
         if isinstance(request, str):
             return Outcome(None, malformed=request, rcode="MALFORMED")
@@ -232,13 +243,13 @@ class DnsAnswerer:
             return self._outcome(request, limit, RCODE.REFUSED, error=refused)
         qtype = q.qtype
         if qtype == QTYPE.A and q.qclass == 1:
-            return await self._answer_a(request, limit)
+            return await self._answer_a(request, limit, peer)
         if qtype in _NO_ANSWER_TYPES and q.qclass == 1:
             return self._outcome(request, limit, RCODE.NOERROR)
         if qtype == QTYPE.PTR:
             vip = vip_of_ptr(str(q.qname), self.vips.network)
             if vip is not None:
-                return self._answer_vip_ptr(request, limit, vip)
+                return self._answer_vip_ptr(request, limit, vip, peer)
         return await self._forward(data, request, limit)
 
     # -- the cases -------------------------------------------------------------------------
@@ -267,7 +278,7 @@ class DnsAnswerer:
             error=error or (upstream.error if upstream is not None else None),
         )
 
-    async def _answer_a(self, request: DNSRecord, limit: int | None) -> Outcome:
+    async def _answer_a(self, request: DNSRecord, limit: int | None, peer: bytes) -> Outcome:
         q = request.q
         hostname = normalize_hostname(str(q.qname))
         found = await self.upstream.lookup(hostname, QTYPE.A)
@@ -279,10 +290,10 @@ class DnsAnswerer:
         has_address = any(rr.rtype == QTYPE.A for rr in response.rr)
         answers: list[str] = []
         if rcode == RCODE.NOERROR and has_address and hostname:
-            vip = self.vips.allocate(hostname, self.clock(), self.in_use)
-            if vip is None:
-                log.warning("VIP pool exhausted: no VIP for %s", hostname)
-                return self._failed(request, limit, found, "VIP pool exhausted")
+            vip = self.vips.allocate(hostname, self.clock(), self.in_use, peer=peer)
+            if isinstance(vip, NoVip):
+                log.debug("no VIP for %s: %s", hostname, vip.why)
+                return self._failed(request, limit, found, vip.why)
             reply.add_answer(RR(q.qname, QTYPE.A, ttl=VIP_TTL, rdata=A(vip)))
             answers.append(vip)
         else:
@@ -299,8 +310,10 @@ class DnsAnswerer:
             error = f"upstream answered {RCODE.get(found.rcode)}"
         return self._outcome(request, limit, RCODE.SERVFAIL, upstream=found, error=error)
 
-    def _answer_vip_ptr(self, request: DNSRecord, limit: int | None, vip: str) -> Outcome:
-        hostname = self.vips.hostname_for(vip)
+    def _answer_vip_ptr(
+        self, request: DNSRecord, limit: int | None, vip: str, peer: bytes
+    ) -> Outcome:
+        hostname = self.vips.hostname_for(vip, peer)
         if hostname is None:
             return self._outcome(request, limit, RCODE.NXDOMAIN)
         reply = local_reply(request)
@@ -348,16 +361,19 @@ class DnsService:
         self._inflight: Counter[bytes] = Counter()  # queries being answered, by peer
         self._malformed_reported: dict[str, float] = {}
         self._saved_changes = self.vips.changes
+        self._saved_touches = self.vips.touches
+        self._saved_at = 0.0  # loop time of the last write
         self._save_task: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
+        self._changed = asyncio.Event()  # a mapping or grant changed (not only answer times)
         self._closed = False
 
     # -- Resolver ----------------------------------------------------------------------------
 
-    def hostname_for_vip(self, ip: str) -> str | None:
-        hostname = self.vips.hostname_for(ip)
-        if hostname is not None:
-            self.vips.touch(ip, time.time())  # a flow uses it: least recently used no more
-        return hostname
+    def hostname_for_vip(self, ip: str, peer: bytes) -> str | None:
+        # A flow's use is no answer: it neither renews the grant nor the window (an open flow
+        # keeps the VIP from being recycled, see vips.py).
+        return self.vips.hostname_for(ip, peer)
 
     async def resolve(self, hostname: str) -> list[str]:
         return await self.upstream.resolve_a(normalize_hostname(hostname))
@@ -455,7 +471,7 @@ class DnsService:
         self.counts["queries"] += 1
         try:
             outcome = await self.answerer.answer(
-                data, udp=udp, refusal=functools.partial(self._refusal, peer_key)
+                data, udp=udp, peer=peer_key, refusal=functools.partial(self._refusal, peer_key)
             )
         except Exception:  # a bug must cost one answer, not the service
             log.exception("DNS query failed")
@@ -503,32 +519,54 @@ class DnsService:
 
     # -- persistence of the VIP map ----------------------------------------------------------
 
+    def _unsaved(self) -> bool:
+        return (self.vips.changes, self.vips.touches) != (self._saved_changes, self._saved_touches)
+
     def _save_soon(self) -> None:
-        if self.vips.changes == self._saved_changes or self._closed:
+        if not self._unsaved() or self._closed:
             return
+        if self.vips.changes != self._saved_changes:
+            self._changed.set()  # a writer waiting on answer times only writes it now
         if self._save_task is None or self._save_task.done():
             self._save_task = asyncio.ensure_future(self._save_changes())
 
     async def _save_changes(self) -> None:
-        while self.vips.changes != self._saved_changes:
-            changes = self.vips.changes
-            if not await asyncio.to_thread(vip_store.save, self.gateway.state, self.vips.to_json()):
+        loop = asyncio.get_running_loop()
+        while self._unsaved() and not self._closed:
+            if self.vips.changes == self._saved_changes:  # answer times only
+                wait = self._saved_at + VIP_TIMES_SAVE_INTERVAL - loop.time()
+                if wait > 0:
+                    self._changed.clear()
+                    await self._pause(wait, self._changed)
+                    continue
+            changes, touches = self.vips.changes, self.vips.touches
+            # A copy on the loop (dict copies in C); encoding and writing in a thread.
+            snap = self.vips.snapshot()
+            if not await asyncio.to_thread(vip_store.save, self.gateway.state, snap):
                 return
-            self._saved_changes = changes
+            self._saved_changes, self._saved_touches = changes, touches
+            self._saved_at = loop.time()
             # A burst of new names is written once a second, not once per name: each write
             # encodes the whole map and fsyncs (profiled: most of a cold lookup's time).
-            await asyncio.sleep(VIP_SAVE_INTERVAL)
+            await self._pause(VIP_SAVE_INTERVAL, self._closing)
+
+    async def _pause(self, seconds: float, event: asyncio.Event) -> None:
+        """Sleep, cut short by `event` (close sets both: it writes what is left itself)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), seconds)
 
     async def close(self) -> None:
         self._closed = True
+        self._closing.set()
+        self._changed.set()
         for task in list(self._tasks):
             task.cancel()
         if self._save_task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._save_task
-        if len(self.vips):
-            # Also keeps the last-used times, so LRU reuse after a restart is still fair.
-            vip_store.save(self.gateway.state, self.vips.to_json())
+        if self._unsaved():
+            # The answer times too: the no-recycle windows and grants hold after a restart.
+            await asyncio.to_thread(vip_store.save, self.gateway.state, self.vips.snapshot())
 
 
 def create(gateway: GatewayServices) -> dict[Route, Service]:

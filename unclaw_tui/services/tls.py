@@ -10,7 +10,8 @@ Per connection (`TlsService.handle_tcp`):
    first that answers is opened while the hello is still arriving, since where to connect does
    not depend on it. A connection that turns out not to be TLS closes it again unused; one the
    destination closed meanwhile (a slow hello) is opened anew. The hostname: the SNI, else the
-   VIP's hostname (`gateway.resolver`), else none. The decision point is asked again with the
+   VIP's hostname (`gateway.resolver`: only if our DNS gave the VIP to this peer; a VIP it was
+   not given is refused before the hello), else none. The decision point is asked again with the
    SNI (and the VIP's hostname beside it, so another SNI cannot dodge a verdict).
 3. Passthrough (the hostname matches `settings.passthrough`, or a client of the same peer
    rejected our certificate for it before and `settings.auto_passthrough` is on: autopass.py):
@@ -55,6 +56,7 @@ from typing import TYPE_CHECKING, Any, cast
 from unclaw_tui.config import DEFAULT_HELLO_TIMEOUT
 from unclaw_tui.decision import Moment, Question
 from unclaw_tui.engine import describe_os_error, unb64
+from unclaw_tui.engine.outcomes import Refusal
 from unclaw_tui.events import HttpRequest, TlsHost
 from unclaw_tui.flow import Flow, PeerGone, carry
 from unclaw_tui.pump import (
@@ -66,7 +68,7 @@ from unclaw_tui.pump import (
     connect_socket,
     reset_host_connection,
 )
-from unclaw_tui.router import Route
+from unclaw_tui.router import Route, is_vip
 from unclaw_tui.services import autopass, clienthello
 from unclaw_tui.services.autopass import AutoPassthrough
 from unclaw_tui.services.ca import CertificateAuthority
@@ -442,12 +444,19 @@ class TlsService:
     # -- one connection ------------------------------------------------------------------------
 
     async def _serve(self, flow: Flow) -> None:
+        resolver = self.gateway.resolver
+        vip_host = None
+        if resolver is not None:
+            vip_host = resolver.hostname_for_vip(flow.dst_ip, flow.peer_key)
+        if vip_host is None and is_vip(flow.dst_ip):
+            # A VIP our DNS did not give this peer: nothing behind it for it (not even the
+            # hostname another peer looked up, which a hello without SNI would be served).
+            flow.refuse(Refusal.VIP_NOT_GIVEN.says())
+            return
         try:
             reader, writer = flow.accept()
         except PeerGone:
             return
-        resolver = self.gateway.resolver
-        vip_host = resolver.hostname_for_vip(flow.dst_ip) if resolver is not None else None
         # Where to connect is known from the SYN (or the VIP), not from the hello: connect
         # while the ClientHello arrives, so neither mode waits a round trip to the host after it.
         upstream = _EarlyUpstream(functools.partial(self._open_upstream, flow, vip_host))

@@ -1,15 +1,24 @@
 """Connections and datagrams to a VIP: carried on to the real address of the VIP's hostname.
 
-TCP (any port but 443/8443, which the router sends to TLS): the VIP's hostname from the map
-(an unknown VIP: RST), its real IPv4 addresses from the upstream (cached by TTL), the decision
+Only for the peers our DNS gave the VIP to (services/vips.py): to any other peer a VIP is
+nothing, whether another peer holds it or none does: its SYN is refused (RST, the closing
+event says `Refusal.VIP_NOT_GIVEN`) and its datagrams get ICMP port unreachable, as to a VIP
+nobody holds.
+
+TCP (any port but 443/8443, which the router sends to TLS): the VIP's hostname from the map,
+its real IPv4 addresses from the upstream (cached by TTL), the decision
 point on them, then a connection to the first that accepts (the next one on failure, within
 one overall connect budget); only then is the peer's SYN answered, and both ways are spliced
 as the relay does (`flow.carry`). Its flow's events carry route "vip" and the hostname.
 
-UDP: a datagram to an unknown VIP gets ICMP port unreachable. UDP to port 443 of a VIP is
+UDP: a datagram of a flow already open is relayed on it (the VIP was given when it opened).
+UDP to port 443 of a VIP is
 dropped without a word: that is QUIC to a host we intercept, and dropping it makes clients fall
 back to TCP, where the TLS service sees it. Other datagrams are relayed by a `UdpRelay` whose
-flows go to the resolved address (replies still come from the VIP).
+flows go to the resolved address (replies still come from the VIP). A datagram that opens a
+flow waits for the hostname's addresses; at most MAX_UDP_RESOLVING wait, PEER_UDP_RESOLVING of
+them per peer (past either, dropped and counted), so a peer asking for names whose servers never
+answer waits for its own datagrams only.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from unclaw_tui.decision import Moment, Question
+from unclaw_tui.engine.outcomes import Refusal
 from unclaw_tui.flow import carry
 from unclaw_tui.pump import DEFAULT_CONNECT_TIMEOUT, ConnectFailed, connect_socket
 from unclaw_tui.router import Route
@@ -33,6 +43,7 @@ QUIC_PORT = 443
 MAX_ADDRESSES_TRIED = 4
 MIN_CONNECT_TIMEOUT = 3.0  # per address, when several share DEFAULT_CONNECT_TIMEOUT
 MAX_UDP_RESOLVING = 256  # datagrams waiting for their hostname's addresses; past it, dropped
+PEER_UDP_RESOLVING = 32  # ... of one peer: 1/8 of them
 
 
 class VipService:
@@ -49,18 +60,19 @@ class VipService:
             max_flows_per_peer=s.max_flows_per_peer,
             route=Route.VIP,
         )
-        self.counts: Counter[str] = Counter()  # "quic_dropped", "unknown_vip", ...
+        self.counts: Counter[str] = Counter()  # "quic_dropped", "vip_not_given", ...
         self._resolving: set[asyncio.Task[None]] = set()
+        self._resolving_by_peer: Counter[bytes] = Counter()
         self._closed = False
 
     # -- TCP ---------------------------------------------------------------------------------
 
     async def handle_tcp(self, flow: Flow) -> None:
-        hostname = self.resolver.hostname_for_vip(flow.dst_ip)
+        hostname = self.resolver.hostname_for_vip(flow.dst_ip, flow.peer_key)
         flow.open(hostname)
         if hostname is None:
-            self.counts["unknown_vip"] += 1
-            flow.refuse("unknown VIP")
+            self.counts["vip_not_given"] += 1
+            flow.refuse(Refusal.VIP_NOT_GIVEN.says())
             return
         # Carried to the first real address of the hostname that the decision point allows
         # and that accepts; else refused, saying why.
@@ -88,27 +100,38 @@ class VipService:
     def handle_udp(self, dgram: UdpDatagram) -> None:
         if self._closed:
             return
-        hostname = self.resolver.hostname_for_vip(dgram.dst_ip)
+        peer = dgram.peer_public_key
+        key = (peer, dgram.src_port, dgram.dst_ip, dgram.dst_port)
+        if key in self.udp.flows:
+            self.udp.handle(dgram)
+            return
+        hostname = self.resolver.hostname_for_vip(dgram.dst_ip, peer)
         if hostname is None:
-            self.counts["unknown_vip"] += 1
+            self.counts["vip_not_given"] += 1
             dgram.unreachable()
             return
         if dgram.dst_port == QUIC_PORT:
             self.counts["quic_dropped"] += 1
             return
-        key = (dgram.peer_public_key, dgram.src_port, dgram.dst_ip, dgram.dst_port)
-        if key in self.udp.flows:
-            self.udp.handle(dgram)
-            return
-        if len(self._resolving) >= MAX_UDP_RESOLVING:
+        if (
+            len(self._resolving) >= MAX_UDP_RESOLVING
+            or self._resolving_by_peer[peer] >= PEER_UDP_RESOLVING
+        ):
             self.counts["udp_dropped"] += 1
             return
+        self._resolving_by_peer[peer] += 1
         task = asyncio.ensure_future(self._udp_first(dgram, hostname))
         self._resolving.add(task)
         task.add_done_callback(self._resolving.discard)
 
     async def _udp_first(self, dgram: UdpDatagram, hostname: str) -> None:
-        addresses = await self.resolver.resolve(hostname)
+        peer = dgram.peer_public_key
+        try:
+            addresses = await self.resolver.resolve(hostname)
+        finally:
+            self._resolving_by_peer[peer] -= 1
+            if not self._resolving_by_peer[peer]:
+                del self._resolving_by_peer[peer]
         if self._closed:
             return
         if not addresses:
