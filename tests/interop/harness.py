@@ -214,6 +214,7 @@ class GatewayProcess:
         *args: str,
         drop_caps: bool = False,
         env: dict[str, str] | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
         cmd = [
             sys.executable,
@@ -229,6 +230,8 @@ class GatewayProcess:
             # No capability at all (no CAP_NET_ADMIN, NET_RAW, NET_BIND_SERVICE, DAC_OVERRIDE):
             # what an unprivileged user has, while the files stay readable.
             cmd = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", *cmd]
+        # A command that execs the rest in the same process, e.g. `prlimit --nofile=N:N --`.
+        cmd = [*wrapper, *cmd]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = topo.spawn(
             ns,
@@ -354,7 +357,11 @@ class GatewaySetup:
         ).stdout
 
     def start_gateway(
-        self, *args: str, drop_caps: bool = False, env: dict[str, str] | None = None
+        self,
+        *args: str,
+        drop_caps: bool = False,
+        env: dict[str, str] | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> GatewayProcess:
         gw = GatewayProcess(
             self.topo,
@@ -365,6 +372,7 @@ class GatewaySetup:
             *args,
             drop_caps=drop_caps,
             env=env,
+            wrapper=wrapper,
         )
         gw.wait_event(lambda e: e["type"] == "gateway_started", 20, "gateway_started")
         self.gateways.append(gw)
