@@ -140,21 +140,12 @@ def _start_ours(
     nofile: int | None = None,
 ) -> tuple[GatewayPath, GatewayProcess]:
     config = s.add_peer("bench")
-    gw = s.start_gateway(*gateway_args, env=env, wrapper=nofile_wrapper(nofile))
+    gw = s.start_gateway(*gateway_args, env=env, nofile=nofile)
     client = s.client(config, f"{OURS_CLIENT_IP}/32")
     ping = client.ping("10.77.0.1", count=3)
     if ping.returncode != 0:
         raise RuntimeError(f"our gateway unreachable: {ping.stdout}{ping.stderr}")
     return GatewayPath("ours", OURS_CLIENT_IP, gw.proc.pid, client, config), gw
-
-
-def nofile_wrapper(limit: int | None) -> tuple[str, ...]:
-    """A command prefix that starts a program under an open-file limit of `limit`, soft and hard
-    (a process may raise its soft limit to the hard one, never past it); () for None.
-    prlimit sets the limit and execs the program in the same process."""
-    if limit is None:
-        return ()
-    return ("prlimit", f"--nofile={limit}:{limit}", "--")
 
 
 def nofile_of(pid: int) -> tuple[int, int]:
@@ -185,7 +176,8 @@ def bench_env(
     them all but parses and keeps them only with `keep_events`: at thousands of connections
     a second, parsing two JSON events per connection in this process took CPU from the same
     two cores the gateways and the load share, a cost the reference never pays.
-    `gateway_nofile` starts our gateway under that open-file limit (see `nofile_wrapper`)."""
+    `gateway_nofile` starts our gateway under that open-file limit, soft and hard (a process
+    may raise its soft limit to the hard one, never past it), through prlimit."""
     missing = missing_requirements()
     if missing:
         raise SystemExit("bench needs: " + ", ".join(missing))

@@ -1,4 +1,5 @@
-"""Write the seed corpus of fuzz/wgstack_fuzz.c into fuzz/corpus/ (reproducible: fixed seed).
+"""Write the seed corpora of the fuzz targets (reproducible: fixed seed): fuzz/corpus/ for
+wgstack_fuzz.c and fuzz/corpus_dns/ for dns_fuzz.c.
 
 Each seed is a program in the harness's input format (see the comment at the top of
 wgstack_fuzz.c): real WireGuard messages of every type built by the project's Noise code
@@ -6,7 +7,11 @@ wgstack_fuzz.c): real WireGuard messages of every type built by the project's No
 built by the tests' packet helpers (`tests/packets.py`) with bad lengths, options, checksums,
 flags and fragments, and TCP conversations that reach every state of the stack.
 
-Run from the repo root: `python fuzz/make_corpus.py` (it replaces fuzz/corpus/).
+The DNS seeds are single messages: ordinary queries as stub resolvers send them (with EDNS,
+client subnet, cookies, padding) and the shapes the check refuses (pointers, two questions,
+answers, a response, trailing bytes, a name over 255 bytes, a pointer chain).
+
+Run from the repo root: `python fuzz/make_corpus.py` (it replaces both folders).
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from dnslib import EDNS0, RR, A, DNSQuestion, DNSRecord, EDNSOption  # noqa: E402
+
 from tests.packets import icmp_echo, inet_checksum, ipv4, ping_packet  # noqa: E402
 from unclaw_tui.engine import noise  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
+DNS_CORPUS = Path(__file__).resolve().parent / "corpus_dns"
 PEER0, PEER1, GATEWAY = "10.77.0.2", "10.77.0.3", "10.77.0.1"
 
 # ---- The harness's operations ------------------------------------------------------------------
@@ -102,7 +110,8 @@ def send(kind: int, data: bytes = b"") -> bytes:
 
 
 def keys(peer: int, action: int) -> bytes:
-    """action: 0 initiator keypair, 1 responder one, 2 remove + re-add, 3 drop staged, 4 roam."""
+    """action: 0 initiator keypair, 1 responder one, 2 remove + re-add, 3 drop staged, 4 roam,
+    5 end the peer's flows (| 0x10: under pressure, with RSTs)."""
     return bytes([7, peer, action])
 
 
@@ -379,6 +388,11 @@ def conversations() -> Iterator[tuple[str, bytes]]:
         "tcp_peer_removed",
         handshake + tcpop("write", arg=100) + keys(0, 2) + tcpop("read", arg=10) + tcpop("release"),
     )
+    yield (
+        "tcp_peer_flows_aborted",
+        handshake + tcpop("write", arg=100) + keys(0, 5) + tcpop("read", arg=10) + tcpop("release"),
+    )
+    yield "tcp_peer_flows_pressure", handshake + tcpseg(SYN, flow=1) + keys(0, 5 | 0x10) + QUERY
     yield "tcp_staged_no_keys", keys(0, 2) + tcpseg(SYN) + send(0, b"staged") + keys(0, 0) + drain()
     yield (
         "tcp_urgent_and_push",
@@ -470,6 +484,15 @@ def splices() -> Iterator[tuple[str, bytes]]:
         + drain()
         + tcpop("splice_abort"),
     )
+    yield "fast_relay_peer_gone", opened + keys(0, 5) + drain() + tcpseg(ACK, flow=fast)
+    yield (
+        "fast_relay_pressure",
+        opened
+        + tcpseg(ACK | PSH, flow=fast, payload=request)
+        + drain()
+        + keys(0, 5 | 0x10)
+        + drain(),
+    )
     yield (
         "owner_splice",
         tcpseg(SYN, opts=opts)
@@ -484,11 +507,47 @@ def splices() -> Iterator[tuple[str, bytes]]:
     )
 
 
+def dns_messages() -> Iterator[tuple[str, bytes]]:
+    def query(
+        name: str = "example.com", qtype: str = "A", options: list[EDNSOption] | None = None
+    ) -> DNSRecord:
+        q = DNSRecord.question(name, qtype)
+        if options is not None:
+            q.add_ar(EDNS0(udp_len=1232, flags="do", opts=options))
+        return q
+
+    ecs = EDNSOption(8, bytes([0, 1, 24, 0, 192, 0, 2]))
+    cookie = EDNSOption(10, bytes(range(8)))
+    yield "a", query().pack()
+    yield "aaaa_edns", query("www.example.org", "AAAA", []).pack()
+    yield "https_ecs_cookie", query("api.example.net", "HTTPS", [ecs, cookie]).pack()
+    yield "padded", query("x.example", "A", [EDNSOption(12, bytes(100))]).pack()
+    yield "ptr", query("5.0.78.10.in-addr.arpa", "PTR").pack()
+    yield "long_name", query(".".join(["a" * 63] * 3) + "." + "b" * 61, "A").pack()
+    plain = query().pack()
+    yield "pointer_name", plain[:12] + b"\xc0\x0c" + plain[-4:]
+    yield "trailing", plain + b"\x00"
+    yield "truncated", plain[:-3]
+    two = query()
+    two.add_question(DNSQuestion("example.net"))
+    yield "two_questions", two.pack()
+    answered = query()
+    answered.add_answer(RR("example.com", rdata=A("192.0.2.1")))
+    yield "with_answer", answered.pack()
+    yield "response", query().reply().pack()
+    opt_overrun = bytearray(query("example.com", "A", [cookie]).pack())
+    opt_overrun[-10] = 0xFF  # the cookie option's length past the record's end
+    yield "opt_overrun", bytes(opt_overrun)
+    # The crafted shape the check exists for: names made of pointers to pointers to labels.
+    chain = bytearray(b"\x00\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01a")
+    for _ in range(120):
+        chain += b"\xc0" + bytes([len(chain) - 2]) if len(chain) < 255 else b"\x00"
+    yield "pointer_chain", bytes(chain[:512])
+
+
 def main() -> None:
     # Ephemeral keys, cookie secrets and nonces come from os.urandom: seed them for stable bytes.
     os.urandom = random.Random(7).randbytes
-    shutil.rmtree(CORPUS, ignore_errors=True)
-    CORPUS.mkdir(parents=True)
     seeds: list[tuple[str, bytes]] = []
     for name, msg in handshake_messages():
         seeds.append(("wg_" + name, raw(msg)))
@@ -498,10 +557,17 @@ def main() -> None:
     seeds.extend(conversations())
     seeds.extend(sessions())
     seeds.extend(splices())
+    write(CORPUS, seeds)
+    write(DNS_CORPUS, list(dns_messages()))
+
+
+def write(folder: Path, seeds: list[tuple[str, bytes]]) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     for name, data in seeds:
         digest = hashlib.sha1(data).hexdigest()[:8]
-        (CORPUS / f"{name}-{digest}").write_bytes(data)
-    print(f"{len(seeds)} seeds in {CORPUS.relative_to(REPO_ROOT)}")
+        (folder / f"{name}-{digest}").write_bytes(data)
+    print(f"{len(seeds)} seeds in {folder.relative_to(REPO_ROOT)}")
 
 
 if __name__ == "__main__":

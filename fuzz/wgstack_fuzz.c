@@ -32,7 +32,8 @@
  *                                             mode&2 closes the host's accepted sockets (mode&4: RST)
  *   6 SEND    kind:u8 len:u16 bytes           wg_udp_send / wg_icmp_unreachable / wg_send_inner / wg_send_raw
  *   7 KEYS    peer:u8 action:u8               new keypair (initiator / responder), remove + re-add,
- *                                             drop staged, set endpoint
+ *                                             drop staged, set endpoint, end the peer's flows
+ *                                             (wg_peer_abort_flows; action&0x10: under pressure)
  *   8 FLUSH                                   tcp_flush
  *   9 QUERY                                   stats, deadlines, counters
  */
@@ -539,8 +540,8 @@ static void op_send(fz_state *st, reader *r) {
 static void op_keys(fz_state *st, reader *r) {
     uint32_t peer_id = rd_u8(r) % NPEERS;
     uint8_t action = rd_u8(r);
-    if (peer_id == 2 && (action % 5) < 2) return; /* peer 2 stays without keys */
-    switch (action % 5) {
+    if (peer_id == 2 && (action % 6) < 2) return; /* peer 2 stays without keys */
+    switch (action % 6) {
     case 0: install_keypair(st, peer_id, true); break;
     case 1: install_keypair(st, peer_id, false); break;
     case 2: {
@@ -556,6 +557,10 @@ static void op_keys(fz_state *st, reader *r) {
     }
     case 3: wg_peer_drop_staged(st->e, peer_id); break;
     case 4: wg_peer_set_endpoint(st->e, peer_id, endpoint_of(action >> 3)); break;
+    case 5: /* the handles stay the harness's to release; splices report as they end */
+        wg_peer_abort_flows(st->e, peer_id, (action & 0x10) ? TCP_CLOSE_PRESSURE : TCP_CLOSE_PEER_GONE,
+                            st->now);
+        break;
     }
 }
 

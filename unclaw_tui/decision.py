@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from unclaw_tui.engine import Refusal
 from unclaw_tui.pump import DEFAULT_CONNECT_TIMEOUT
 from unclaw_tui.router import Proto, Route, Router
 from unclaw_tui.services.egress import EgressPolicy
@@ -112,14 +113,14 @@ class DecisionPoint:
                 if reason is None:
                     allowed.append(ip)
                 else:
-                    refused.append((ip, f"refused by egress policy: {reason}"))
+                    refused.append((ip, Refusal.EGRESS.says(reason)))
             refusal = None if allowed else refused[0][1]
             return Verdict(route, refusal, tuple(allowed), tuple(refused))
         if route is not Route.RELAY:
             return Verdict(route)  # decided again by its service once more is known
         reason = self.policy.check(q.dst_ip)
         if reason is not None:
-            return Verdict(route, f"refused by egress policy: {reason}")
+            return Verdict(route, Refusal.EGRESS.says(reason))
         if q.proto == "tcp" and self._cache is not None:
             self._cache.fast_relay_allow(
                 q.peer_key,

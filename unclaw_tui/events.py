@@ -40,6 +40,9 @@ class GatewayStarted(Event):
     endpoint: str
     address: str
     state_dir: str
+    # How the descriptor limit is divided (budget.py `DescriptorBudget`): limit, reserve, dns,
+    # peers, per_peer, engine_per_peer.
+    descriptors: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -13,8 +13,9 @@ each, refused flows included: services never build those events. Its lifecycle:
 engine splice: no Python per byte) when the engine can take the connection, else with Python's
 pump (`pump.py`). Services that must see the bytes (TLS, DNS) take streams instead (`accept`).
 
-`FlowRegistry` is every open flow of the gateway: counts per peer and destination, live byte
-counters of the flows Python pumps, and the pumps to cancel when the gateway stops.
+`FlowRegistry` is every open flow of the gateway: counts per peer and destination, the host
+descriptors each peer's flows hold (`hold_descriptor`, against the gateway's `DescriptorBudget`),
+live byte counters of the flows Python pumps, and the pumps to cancel when the gateway stops.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from unclaw_tui.config import DEFAULT_TCP_BUFFER
+from unclaw_tui.budget import DescriptorBudget, DescriptorLedger, current_descriptor_limit
+from unclaw_tui.config import (
+    DEFAULT_MAX_CONNS_PER_PEER,
+    DEFAULT_MAX_FLOWS_PER_PEER,
+    DEFAULT_TCP_BUFFER,
+)
 from unclaw_tui.engine import b64, describe_os_error, splice_error
 from unclaw_tui.events import Event, TcpClosed, TcpOpened, UdpFlowClosed, UdpFlowOpened
 from unclaw_tui.pump import (
@@ -79,6 +85,7 @@ class Flow:
     _engine_started: float | None = field(default=None, init=False)  # fast-relayed: C's clock
     _opened: bool = field(default=False, init=False)
     _closed: bool = field(default=False, init=False)
+    _descriptor: bool = field(default=False, init=False)  # counted in the registry's ledger
     _ended: asyncio.Future[None] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -120,6 +127,9 @@ class Flow:
             duration = self._registry.clock() - self.started
         cls = TcpClosed if self.proto == "tcp" else UdpFlowClosed
         self._registry._closed(self)
+        if self._descriptor:
+            self._descriptor = False
+            self._registry.descriptors.give(self.peer_key)
         self._registry.publish(
             self._event(
                 cls,
@@ -350,6 +360,7 @@ class FlowRegistry:
         buffer_size: int = DEFAULT_TCP_BUFFER,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
+        budget: DescriptorBudget | None = None,
     ) -> None:
         self.publish = publish
         self.peer_name = peer_name
@@ -362,6 +373,13 @@ class FlowRegistry:
         self._per_dst: dict[str, int] = {}
         self._pumped: dict[int, Flow] = {}  # open TCP flows Python pumps, for live counters
         self._tasks: set[asyncio.Task[None]] = set()
+        if budget is None:  # the gateway plans the real one at start, from the raised limit
+            budget = DescriptorBudget.plan(
+                current_descriptor_limit(),
+                max_conns_per_peer=DEFAULT_MAX_CONNS_PER_PEER,
+                max_flows_per_peer=DEFAULT_MAX_FLOWS_PER_PEER,
+            )
+        self.descriptors = DescriptorLedger(budget)
 
     # -- making flows ------------------------------------------------------------------------
 
@@ -420,8 +438,20 @@ class FlowRegistry:
             route=route,
         )
         flow._engine_started = opened.opened_at
+        self.hold_descriptor(flow, force=True)  # the engine holds its socket already
         flow.open()
         return flow.spliced
+
+    def hold_descriptor(self, flow: Flow, *, force: bool = False) -> str | None:
+        """Count the host descriptor the flow is about to take (given back when it closes), or
+        say why it may not (`Refusal.DESCRIPTORS`: over its peer's share; `Refusal.PRESSURE`:
+        the peers' part of the budget is used up); the caller refuses it then."""
+        if flow._descriptor:
+            return None
+        why = self.descriptors.take(flow.peer_key, force=force)
+        if why is None:
+            flow._descriptor = True
+        return why
 
     def serve(self, flow: Flow, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a service's work on a flow as a task; whatever escapes it still ends the flow

@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from unclaw_tui.budget import DescriptorBudget, raise_descriptor_limit
 from unclaw_tui.bus import EventBus, Subscription
 from unclaw_tui.config import Settings
 from unclaw_tui.decision import DecisionPoint, Moment, Question
@@ -42,6 +43,7 @@ from unclaw_tui.services import registry
 from unclaw_tui.services.base import Resolver
 from unclaw_tui.services.egress import EgressPolicy
 from unclaw_tui.services.relay import UdpRelay
+from unclaw_tui.services.upstream import UpstreamClient
 from unclaw_tui.state import COUNTERS, PeerRecord, PeerRuntime, StateDir
 from unclaw_tui.wgquick import client_config, format_endpoint, resolve_endpoint
 
@@ -153,6 +155,24 @@ class Gateway:
         )
         self.services = registry.build(self)
         self.router.enable(*self.services)
+        self.budget = self.flows.descriptors.budget  # planned again at start
+
+    def _plan_descriptors(self) -> DescriptorBudget:
+        """Raise the descriptor limit and divide it (budget.py): the ledger the flows are
+        counted in, the upstream DNS client's sockets, the engine's per-peer limit."""
+        s = self.settings
+        budget = DescriptorBudget.plan(
+            raise_descriptor_limit(),
+            max_conns_per_peer=s.max_conns_per_peer,
+            max_flows_per_peer=s.max_flows_per_peer,
+        )
+        self.budget = budget
+        self.flows.descriptors.budget = budget
+        upstream = getattr(self.resolver, "upstream", None)
+        if isinstance(upstream, UpstreamClient):
+            upstream.limit_sockets(budget.dns)
+        log.info("descriptors: %s", budget.to_dict())
+        return budget
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -160,6 +180,7 @@ class Gateway:
         from unclaw_tui.engine import Tunnel
 
         s = self.settings
+        budget = self._plan_descriptors()
         self._tunnel = Tunnel(
             unb64(self.identity.private_key),
             s.listen_port,
@@ -168,14 +189,16 @@ class Gateway:
             max_peers=s.max_peers,
             on_event=self._on_tunnel_event,
             tcp_buffer=s.tcp_buffer,
-            max_conns_per_peer=s.max_conns_per_peer,
-            max_half_open_per_peer=s.max_half_open_per_peer,
+            max_conns_per_peer=budget.engine_per_peer,
+            max_half_open_per_peer=self._half_open_limit,
             engine_thread=s.engine_thread,
         )
         conns = self._tunnel.conns
         conns.on_tcp = self._on_tcp
         conns.on_udp = self._on_udp
         conns.on_fast_relay = self._on_fast_relay
+        # Past the share (or the peers' part), SYNs come to Python, which refuses them saying why.
+        conns.fast_relay_bound(budget.per_peer, budget.peers)
         await self._tunnel.start()
         # The engine's fast relay caches the decision point's verdicts for relayed connections.
         if s.fast_relay and self._tunnel.can_splice:
@@ -190,6 +213,7 @@ class Gateway:
                 endpoint=self.endpoint,
                 address=str(s.address),
                 state_dir=str(s.state_dir),
+                descriptors=budget.to_dict(),
             )
         )
 
@@ -358,12 +382,16 @@ class Gateway:
         engine = self._tunnel.engine_stats()
         return (*self._peers_signature, engine["rx_datagrams"], engine["tx_datagrams"])
 
+    @property
+    def _half_open_limit(self) -> int:
+        return min(self.settings.max_half_open_per_peer, self.budget.engine_per_peer)
+
     def _publish_limit_hits(self) -> None:
         if self._tunnel is None:
             return
-        limits = {
-            "conns": ("tcp_conns_per_peer", self.settings.max_conns_per_peer),
-            "half_open": ("tcp_half_open_per_peer", self.settings.max_half_open_per_peer),
+        limits = {  # as the engine applies them (the budget may lower the settings)
+            "conns": ("tcp_conns_per_peer", self.budget.engine_per_peer),
+            "half_open": ("tcp_half_open_per_peer", self._half_open_limit),
         }
         for public_key, which, refused in self._tunnel.limit_hits():
             record = self._by_key.get(public_key)
@@ -404,6 +432,13 @@ class Gateway:
         if verdict.refusal is not None:
             flow.refuse(verdict.refusal)
             return
+        # Every route but DNS (answered here) takes a host socket: the relay's, TLS's upstream,
+        # a VIP's real address. Counted before any is made, refused past the peer's share.
+        if verdict.route is not Route.DNS:
+            why = self.flows.hold_descriptor(flow)
+            if why is not None:
+                flow.refuse(why)
+                return
         service = self.services.get(verdict.route)
         if service is None:
             flow.open()

@@ -37,10 +37,18 @@ def format_plain(event: Event) -> str:
     kind = data.pop("type")
     parts = [stamp, kind]
     parts += [str(data.pop(k)) for k in _LEAD_FIELDS if data.get(k) not in (None, "")]
-    parts += [f"{k}={v}" for k, v in data.items() if v not in (None, "")]
+    parts += [f"{k}={_plain_value(v)}" for k, v in data.items() if v not in (None, "", {})]
     if isinstance(event, EventsDropped):
         parts.append("(output too slow)")
     return " ".join(parts)
+
+
+def _plain_value(value: object) -> str:
+    """A field's value in a plain line; a mapping (the startup's descriptor budget) as
+    key:value pairs, no spaces, so the line still splits into fields on spaces."""
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{v}" for k, v in value.items())
+    return str(value)
 
 
 _JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps with options builds one per call

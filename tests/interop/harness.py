@@ -214,7 +214,7 @@ class GatewayProcess:
         *args: str,
         drop_caps: bool = False,
         env: dict[str, str] | None = None,
-        wrapper: tuple[str, ...] = (),
+        nofile: int | None = None,
     ) -> None:
         cmd = [
             sys.executable,
@@ -230,8 +230,8 @@ class GatewayProcess:
             # No capability at all (no CAP_NET_ADMIN, NET_RAW, NET_BIND_SERVICE, DAC_OVERRIDE):
             # what an unprivileged user has, while the files stay readable.
             cmd = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", *cmd]
-        # A command that execs the rest in the same process, e.g. `prlimit --nofile=N:N --`.
-        cmd = [*wrapper, *cmd]
+        if nofile is not None:  # soft and hard descriptor limit: the gateway cannot raise it
+            cmd = ["prlimit", f"--nofile={nofile}:{nofile}", "--", *cmd]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = topo.spawn(
             ns,
@@ -361,7 +361,7 @@ class GatewaySetup:
         *args: str,
         drop_caps: bool = False,
         env: dict[str, str] | None = None,
-        wrapper: tuple[str, ...] = (),
+        nofile: int | None = None,
     ) -> GatewayProcess:
         gw = GatewayProcess(
             self.topo,
@@ -372,7 +372,7 @@ class GatewaySetup:
             *args,
             drop_caps=drop_caps,
             env=env,
-            wrapper=wrapper,
+            nofile=nofile,
         )
         gw.wait_event(lambda e: e["type"] == "gateway_started", 20, "gateway_started")
         self.gateways.append(gw)

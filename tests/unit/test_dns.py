@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dnslib import EDNS0, MX, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
+from dnslib import CNAME, EDNS0, MX, QTYPE, RCODE, RR, SOA, TXT, A, DNSError, DNSRecord, EDNSOption
 from dnslib.server import DNSServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,10 +22,11 @@ from tests.helpers import FakeClock, until
 from tests.interop.dns_host import QuietLogger, ZoneResolver
 from unclaw_tui.config import Settings
 from unclaw_tui.decision import DecisionPoint
+from unclaw_tui.engine import DnsVerdict, check_dns_query
 from unclaw_tui.events import DnsQuery, Event, TcpClosed, TcpOpened, UdpFlowOpened
 from unclaw_tui.flow import Flow, FlowRegistry
 from unclaw_tui.router import Route, Router
-from unclaw_tui.services import dns
+from unclaw_tui.services import dns, dnswire
 from unclaw_tui.services.dns import DnsAnswerer, DnsService, create
 from unclaw_tui.services.egress import EgressPolicy
 from unclaw_tui.services.upstream import DnsCache, UpstreamAnswer, UpstreamClient
@@ -618,3 +619,209 @@ async def test_vip_udp_relayed_quic_dropped_unknown_unreachable(gateway: FakeGat
     assert stray.unreachables == 1
     await service.close()
     transport.close()
+
+
+# --- hostile input: the shape check before any parser, bounded parsing, per-peer shares --------
+
+
+def pointer_chain_query(size: int) -> bytes:
+    """The crafted query: one question whose name is a chain of pointers, each back to the
+    previous one, padded with more such names: quadratic work for an unbounded parser."""
+    msg = bytearray(struct.pack("!6H", 7, 0x0100, 1, 0, 0, 0)) + b"\x01a\x00\x00\x01\x00\x01"
+    while len(msg) + 2 <= size:
+        msg += b"\xc0" + bytes([len(msg) - 2 if len(msg) < 258 else 12])
+    return bytes(msg)
+
+
+@pytest.mark.parametrize("size", [300, 1400, 9000])
+async def test_crafted_queries_are_refused_before_any_parser(
+    size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fails before the shape check: such a query went straight to dnslib's parser.
+    def no_parser(data: bytes) -> DNSRecord:
+        raise AssertionError("a parser saw a query of the wrong shape")
+
+    monkeypatch.setattr(dns.dnswire, "parse", no_parser)
+    answerer = DnsAnswerer(FakeUpstream(), VipAllocator(), clock=lambda: 0.0)
+    data = pointer_chain_query(size)
+    outcome = await answerer.answer(data, udp=True)
+    assert outcome.rcode == "MALFORMED" and outcome.reply is None
+    assert outcome.malformed in ("bytes after the last record", "longer than 512 bytes")
+
+
+# fmt: off
+SHAPES = [  # (what, message, verdict)
+    ("plain", query("example.test"), DnsVerdict.OK),
+    ("edns", query("example.test", "AAAA", edns=1232, do=True), DnsVerdict.OK),
+    ("short", b"\x00" * 11, DnsVerdict.SHORT),
+    ("long", query("example.test") + b"\x00" * 600, DnsVerdict.LONG),
+    ("response", DNSRecord.question("example.test").reply().pack(), DnsVerdict.RESPONSE),
+    ("pointer", query("example.test")[:12] + b"\xc0\x0c\x00\x01\x00\x01", DnsVerdict.NAME),
+    ("label type", query("example.test")[:12] + b"\x41a\x00\x00\x01\x00\x01", DnsVerdict.NAME),
+    ("long name", query("x")[:12] + (b"\x3f" + b"a" * 63) * 4 + b"\x00\x00\x01\x00\x01",
+     DnsVerdict.NAME),
+    ("cut", query("example.test")[:-1], DnsVerdict.TRUNCATED),
+    ("trailing", query("example.test") + b"\x00", DnsVerdict.TRAILING),
+    (
+        "not opt",
+        query("example.test")[:11]
+        + b"\x01"
+        + query("example.test")[12:]
+        + b"\x00\x00\x01\x00\x01\x00\x00\x00\x00\x00\x00",
+        DnsVerdict.ADDITIONAL,
+    ),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("what", "data", "verdict"), SHAPES, ids=[s[0] for s in SHAPES])
+def test_shape_check_transcript(what: str, data: bytes, verdict: DnsVerdict) -> None:
+    shape = check_dns_query(data)
+    assert shape.verdict == verdict, shape.refusal
+    assert shape.steps <= len(data)
+    if verdict == DnsVerdict.OK:
+        assert dnswire.parse(data).q.qname == DNSRecord.parse(data).q.qname
+        assert shape.qtype == DNSRecord.parse(data).q.qtype
+
+
+def test_shape_check_reads_edns_and_client_subnet() -> None:
+    q = DNSRecord.question("example.test")
+    q.add_ar(EDNS0(udp_len=1400, flags="do", opts=[EDNSOption(8, b"\x00\x01\x18\x00\xc0\x00\x02")]))
+    shape = check_dns_query(q.pack())
+    assert shape.verdict == DnsVerdict.OK and shape.has_opt and shape.udp_size == 1400
+    assert shape.ecs == b"\x00\x01\x18\x00\xc0\x00\x02"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=700))
+def test_shape_check_work_is_at_most_one_step_per_byte(data: bytes) -> None:
+    shape = check_dns_query(data)
+    assert shape.steps <= len(data)
+
+
+def response_with_names(names: list[bytes]) -> bytes:
+    """A response whose answers are A records owned by the given wire-format names."""
+    head = struct.pack("!6H", 1, 0x8180, 0, len(names), 0, 0)
+    return head + b"".join(
+        n + struct.pack("!HHIH", 1, 1, 60, 4) + b"\xc0\x00\x02\x01" for n in names
+    )
+
+
+def chained_names(count: int) -> list[bytes]:
+    """A name, then names that each point at the one before: the last follows count - 1 hops."""
+    names, offsets = [b"\x01a\x00"], [12]
+    for _ in range(count - 1):
+        offsets.append(offsets[-1] + len(names[-1]) + 14)
+        names.append(struct.pack("!H", 0xC000 | offsets[-2]))
+    return names
+
+
+def test_bounded_parse_refuses_long_pointer_chains_and_names() -> None:
+    with pytest.raises(DNSError, match="over 16 pointers"):
+        dnswire.parse(response_with_names(chained_names(18)))
+    assert len(dnswire.parse(response_with_names(chained_names(17))).rr) == 17
+    long_name = b"".join(b"\x3f" + b"x" * 63 for _ in range(4)) + b"\x00"
+    with pytest.raises(DNSError, match="longer than 255"):
+        dnswire.parse(response_with_names([long_name]))
+    with pytest.raises(DNSError, match="does not point back"):
+        dnswire.parse(response_with_names([b"\xc0\x0c"]))  # to itself
+
+
+def test_bounded_parse_bounds_the_work_of_a_whole_message() -> None:
+    # 100 one-letter labels, then 4,000 answers each naming them through 16 hops: within the
+    # per-name bounds, over the per-message one (an unbounded parser walks every name fully).
+    labels = b"\x01a" * 100 + b"\x00"
+    names = [labels] + [b"\xc0\x0c"] * 4000
+    with pytest.raises(DNSError, match="too much work"):
+        dnswire.parse(response_with_names(names))
+
+
+def test_bounded_parse_agrees_with_dnslib_on_real_answers() -> None:
+    edges = [RR("edge.example.test.", QTYPE.A, rdata=A(f"192.0.2.{i}")) for i in range(40)]
+    cname = RR("www.example.test.", QTYPE.CNAME, rdata=CNAME("edge.example.test."))
+    r = upstream_reply("www.example.test", "A", cname, *edges, auth=(SOA_RR,))
+    r.add_auth(RR("example.test.", QTYPE.MX, rdata=MX("mail.example.test.")))
+    data = r.pack()
+    assert str(dnswire.parse(data)) == str(DNSRecord.parse(data))
+
+
+async def test_hostile_upstream_answer_is_servfail() -> None:
+    class Hostile(asyncio.DatagramProtocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            # Our id and question, then a 100-label name and 4,000 records that point at it.
+            question = data[12 : data.index(b"\x00", 12) + 5]
+            target = 12 + len(question)
+            names = [b"\x01a" * 100 + b"\x00"] + [struct.pack("!H", 0xC000 | target)] * 4000
+            crafted = response_with_names(names)
+            msg = data[:2] + b"\x81\x80\x00\x01" + crafted[6:12] + question + crafted[12:]
+            self.transport.sendto(msg, addr)
+
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(Hostile, local_addr=("127.0.0.1", 0))
+    try:
+        client = UpstreamClient([transport.get_extra_info("sockname")], timeout=1.0)
+        answer = await client.lookup("example.test", QTYPE.A)
+        assert answer.response is None and answer.rcode == RCODE.SERVFAIL
+        assert "unparsable" in (answer.error or "")
+    finally:
+        transport.close()
+
+
+async def test_upstream_cache_keeps_client_subnet_answers_apart(
+    zone_server: tuple[ZoneResolver, int],
+) -> None:
+    # Fails when the cache key ignores EDNS client-subnet: the second subnet got the first's.
+    zone, port = zone_server
+    client = UpstreamClient([("127.0.0.1", port)])
+    for subnet in (b"\x00\x01\x18\x00\xc0\x00\x02", b"\x00\x01\x18\x00\xc6\x33\x64"):
+        for _ in range(2):
+            request = DNSRecord.question("example.test", "MX")
+            request.add_ar(EDNS0(udp_len=1232, opts=[EDNSOption(8, subnet)]))
+            await client.forward(request.pack(), request)
+    assert client.exchanges == 2 and len(zone.queries) == 2
+
+
+class NeverAnswers(FakeUpstream):
+    """An upstream where names under stuck.test never get an answer."""
+
+    async def lookup(self, qname: str, qtype: int) -> UpstreamAnswer:
+        if qname.endswith("stuck.test"):
+            await asyncio.Event().wait()
+        return await super().lookup(qname, qtype)
+
+
+async def test_one_peers_unanswered_queries_do_not_take_another_peers_share(
+    gateway: FakeGateway,
+) -> None:
+    # Fails with one global bound: the first peer's 1,024 stuck queries took every place.
+    upstream = NeverAnswers()
+    upstream.add("example.test", "A", upstream_reply("example.test", "A",
+                 RR("example.test.", QTYPE.A, rdata=A("198.18.0.2"))))  # fmt: skip
+    service = DnsService(gateway, upstream=upstream)  # type: ignore[arg-type]
+    for i in range(dns.MAX_INFLIGHT):
+        service.handle_udp(FakeDatagram(query(f"n{i}.stuck.test"), src_port=1000 + i % 60000))
+    assert service.counts["overload"] == dns.MAX_INFLIGHT - dns.PEER_INFLIGHT
+    other = FakeDatagram(query("example.test"))
+    other.peer_public_key = bytes(32)
+    other.peer_ip = "10.77.0.3"
+    service.handle_udp(other)
+    await until(lambda: other.replies, "the second peer's answer")
+    assert DNSRecord.parse(other.replies[0]).header.rcode == RCODE.NOERROR
+    await service.close()
+
+
+async def test_tcp_query_longer_than_the_bound_is_refused_unread(
+    gateway: FakeGateway, loopback: Any
+) -> None:
+    # Fails when the length is trusted: the service waits for 65,535 bytes, then "cut short".
+    service = DnsService(gateway)
+    (_c_reader, c_writer), theirs = await loopback()
+    conn = FakeTcpConn(theirs)
+    job = asyncio.create_task(service.handle_tcp(gateway.flow(conn, "dns")))
+    c_writer.write(b"\xff\xff" + b"x" * 100)
+    await asyncio.wait_for(job, 2)
+    closed = [e for e in gateway.events if isinstance(e, TcpClosed)]
+    assert closed[0].error == "query of 65535 bytes (at most 512)"

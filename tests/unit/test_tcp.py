@@ -584,7 +584,10 @@ def test_peer_window_limits_sending(stack: Stack) -> None:
     peer, conn, synack = connect(stack)
     stack.input(peer.seg(ack=synack.seq + 1, wnd=15))  # scaled by 2^7: 1920 bytes
     stack.write(conn, b"p" * 10000)
-    assert sum(len(s.payload) for s in stack.take()) == 15 << 7
+    # one full segment; the 540 bytes left of the window wait (sender SWS avoidance)
+    assert [len(s.payload) for s in stack.take()] == [MSS]
+    stack.input(peer.seg(ack=synack.seq + 1 + MSS, wnd=15))
+    assert [len(s.payload) for s in stack.take()] == [MSS]
 
 
 def test_retransmission_timeout_backoff_and_rtt(stack: Stack) -> None:
@@ -979,6 +982,98 @@ def test_syn_on_established_gets_challenge_ack(stack: Stack) -> None:
     (challenge,) = stack.take()
     assert challenge.flags == ACK
     assert stack.info(conn).state == lib.TCP_ST_ESTABLISHED
+
+
+def test_challenge_acks_are_rate_limited_per_connection(stack: Stack) -> None:
+    # RFC 5961 7: a flood of SYNs and inexact in-window RSTs is not answered one for one.
+    peer, conn, _ = connect(stack)
+    _other_peer, other, _ = connect(stack, Peer(sport=40001))
+    for i in range(100):
+        stack.input(peer.seg(seq=peer.snd_nxt + 5 + i, flags=SYN))
+        stack.input(peer.seg(seq=peer.snd_nxt + 1000 + i, flags=RST))
+    answers = stack.take()
+    assert len(answers) == lib.TCP_CHALLENGE_ACKS_PER_S
+    assert all(a.flags == ACK and a.ack == peer.snd_nxt for a in answers)
+    assert stack.stats().challenge_acks == lib.TCP_CHALLENGE_ACKS_PER_S
+    assert stack.stats().challenge_acks_limited == 200 - lib.TCP_CHALLENGE_ACKS_PER_S
+    assert stack.info(conn).state == lib.TCP_ST_ESTABLISHED
+    # another connection keeps its own allowance, and the first gets its back a second later
+    stack.input(Peer(sport=40001).seg(seq=999_999, flags=SYN))
+    assert [a.dport for a in stack.take()] == [40001]
+    assert stack.info(other).state == lib.TCP_ST_ESTABLISHED
+    stack.now += 1.0
+    stack.input(peer.seg(seq=peer.snd_nxt + 5, flags=SYN))
+    assert len(stack.take()) == 1
+
+
+def time_wait_conn(stack: Stack) -> tuple[Peer, int]:
+    """A connection that we closed first, now in TIME-WAIT."""
+    peer, conn, synack = connect(stack)
+    lib.tcp_shutdown_write(stack.ptr, conn, stack.now)
+    stack.take()
+    stack.input(peer.seg(ack=synack.seq + 2))
+    stack.input(peer.data(b"", flags=ACK | FIN))
+    stack.take()
+    assert stack.info(conn).state == lib.TCP_ST_TIME_WAIT
+    stack.take_events()
+    return peer, conn
+
+
+def test_rst_does_not_end_time_wait() -> None:
+    # RFC 1337: an RST (even an exact one) must not cut TIME-WAIT short.
+    stack = Stack(time_wait_ms=1000)
+    peer, conn = time_wait_conn(stack)
+    stack.input(peer.seg(flags=RST))
+    stack.input(peer.seg(flags=RST | ACK))
+    assert stack.info(conn).state == lib.TCP_ST_TIME_WAIT
+    assert stack.take() == [] and stack.take_events() == []
+    assert stack.drops(lib.TCP_DROP_RST_IGNORED) == 2
+    stack.run_until(stack.now + 1.1)
+    assert stack.stats().time_wait == 0
+
+
+def test_time_wait_reopens_only_for_a_higher_isn() -> None:
+    # TIME-WAIT is 1 s, not 2 MSL (see _tcp.c); reuse stays safe by RFC 1122 4.2.2.13.
+    stack = Stack(time_wait_ms=1000)
+    peer, conn = time_wait_conn(stack)
+    old = Peer(iss=peer.snd_nxt - 100)  # an ISN below the old connection's last sequence
+    stack.input(old.syn())
+    (challenge,) = stack.take()
+    assert challenge.flags == ACK and challenge.ack == peer.snd_nxt
+    assert stack.take_events() == [] and stack.info(conn).state == lib.TCP_ST_TIME_WAIT
+    new = Peer(iss=peer.snd_nxt + 100_000)
+    stack.input(new.syn())
+    [(ev, new_conn, _)] = stack.take_events()
+    assert ev == lib.TCP_EV_SYN and new_conn != conn
+    assert stack.info(new_conn).state == lib.TCP_ST_SYN_PENDING
+
+
+def test_sender_avoids_silly_windows() -> None:
+    # RFC 1122 4.2.3.4: a peer offering slivers of window gets no stream of tiny segments.
+    stack = Stack()
+    peer, conn, synack = connect(stack, Peer(wscale=None))
+    una = synack.seq + 1
+    stack.write(conn, b"s" * 20 * MSS)
+    first = stack.take()
+    una += sum(len(s.payload) for s in first)
+    for wnd in (1, 2, 10, 100, 500):  # everything ACKed, the window a sliver each time
+        stack.input(peer.seg(ack=una, wnd=wnd))
+        assert stack.take() == []
+    stack.input(peer.seg(ack=una, wnd=MSS))  # a full segment fits: it goes at once
+    (full,) = stack.take()
+    assert len(full.payload) == MSS
+    una += MSS
+    stack.input(peer.seg(ack=una, wnd=40))
+    assert stack.take() == []
+    # nothing in flight, the window stays small: the persist timer lets the sliver go
+    stack.now = lib.tcp_next_deadline(stack.ptr)
+    lib.tcp_tick(stack.ptr, stack.now)
+    (sliver,) = stack.take()
+    assert len(sliver.payload) == 40 and sliver.seq == una
+    # a short write that is all there is still goes at once (no Nagle)
+    _peer2, conn2, _ = connect(stack, Peer(sport=40002, wscale=None))
+    stack.write(conn2, b"hi")
+    assert [s.payload for s in stack.take()] == [b"hi"]
 
 
 # ---- drops, unknown connections, limits ----------------------------------------------------------

@@ -22,13 +22,16 @@ from cryptography.x509.oid import NameOID
 from tests.helpers import TEST_CA_NAME, Pki, make_pki, until
 from unclaw_tui.config import Settings
 from unclaw_tui.decision import DecisionPoint
+from unclaw_tui.engine import b64, unb64
 from unclaw_tui.events import Event, HttpRequest, TcpClosed, TcpOpened, TlsHost
 from unclaw_tui.flow import FlowRegistry
 from unclaw_tui.router import Route, Router
 from unclaw_tui.services import tls
+from unclaw_tui.services.autopass import FILE as PASSTHROUGH_FILE
+from unclaw_tui.services.autopass import AutoPassthrough
 from unclaw_tui.services.ca import CA_CERT_FILE, CertificateAuthority
 from unclaw_tui.services.egress import EgressPolicy
-from unclaw_tui.services.tls import PASSTHROUGH_FILE, ClientTls, TlsService, valid_hostname
+from unclaw_tui.services.tls import ClientTls, TlsService, valid_hostname
 from unclaw_tui.state import StateDir
 
 PEER_KEY = bytes(range(32))
@@ -170,6 +173,7 @@ class Harness:
         self.gateway = gateway
         self.service = service
         self.dst: tuple[str, int] = ("127.0.0.1", 9)
+        self.peer_key = PEER_KEY  # whose connections open() makes
         self.tasks: list[asyncio.Task[None]] = []
         self.port = 0
         self._ids = iter(range(1, 10_000))
@@ -178,6 +182,7 @@ class Harness:
     async def start(self) -> None:
         async def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             conn = FakeTcpConn(self.dst, (r, w), next(self._ids))
+            conn.peer_public_key = self.peer_key
             flow = self.gateway.flows.tcp(conn, route="tls")
             self.tasks.append(self.gateway.flows.serve(flow, self.service.handle_tcp(flow)))
 
@@ -405,8 +410,25 @@ async def test_untrusted_upstream_closes_the_client(make_harness: Any, pki: Pki)
     h.check_flow_pairs()
 
 
-async def test_client_rejecting_our_ca_then_auto_passthrough(make_harness: Any, pki: Pki) -> None:
+def add_peers(h: Harness, *names: str) -> list[bytes]:
+    """Peers in the state dir (as the gateway has them); their public keys."""
+    settings = h.gateway.settings
+    return [
+        unb64(
+            h.gateway.state.add_peer(
+                n, None, settings.tunnel_network, settings.gateway_ip
+            ).public_key
+        )
+        for n in names
+    ]
+
+
+async def test_client_rejecting_our_ca_then_auto_passthrough_for_that_peer_only(
+    make_harness: Any, pki: Pki
+) -> None:
     h: Harness = await make_harness(auto_passthrough=True)
+    phone, laptop = add_peers(h, "phone", "laptop")
+    h.peer_key = phone
     origin = await start_origin(pki.trusted)
     h.dst = ("127.0.0.1", origin.port)
     with pytest.raises(ssl.SSLCertVerificationError):
@@ -415,27 +437,75 @@ async def test_client_rejecting_our_ca_then_auto_passthrough(make_harness: Any, 
     (first,) = h.gateway.of(TlsHost)
     assert first.mode == "intercepted" and not first.ok
     assert first.error == "client rejected our certificate (unknown ca)"
-    assert "example.test" in h.service.rejected_hosts
+    assert h.service.auto_passthrough.hosts(phone) == ["example.test"]
 
-    # From then on the host is passed through: the same client now succeeds.
+    # From then on the host is passed through for that peer: the same client now succeeds.
     reader, writer = await h.open(trusting_test_ca(pki))
     assert peer_cert_issuer(writer) == TEST_CA_NAME
     assert await http_get(reader, writer, "/again") == b"hello from /again"
     await close_writer(writer)
     await h.settle()
-    origin.server.close()
     second = h.gateway.of(TlsHost)[1]
     assert (second.mode, second.ok) == ("passthrough", True)
+
+    # Another peer's connection to the host is still intercepted (it failed when the list was
+    # one for every peer: one peer switched interception off for all).
+    h.peer_key = laptop
+    reader, writer = await h.open(our_ca_context(h))
+    assert peer_cert_issuer(writer) != TEST_CA_NAME
+    await close_writer(writer)
+    await h.settle()
+    origin.server.close()
+    third = h.gateway.of(TlsHost)[2]
+    assert (third.mode, third.ok) == ("intercepted", True)
     h.check_flow_pairs()
 
-    # Remembered across a restart: the list is in the state dir (0600), and a new service
-    # with auto-passthrough on starts with it.
+    # Remembered across a restart, per peer: the list is in the state dir (0600), and a new
+    # service with auto-passthrough on starts with it.
     saved = h.gateway.state.path / PASSTHROUGH_FILE
     await until(saved.exists, "the passthrough list saved (the write runs off the loop)")
-    assert json.loads(saved.read_text()) == {"hosts": ["example.test"]}
+    assert json.loads(saved.read_text()) == {"version": 2, "peers": {b64(phone): ["example.test"]}}
     assert saved.stat().st_mode & 0o777 == 0o600
     again = TlsService(h.gateway, h.service.ca)  # type: ignore[arg-type]
-    assert again.is_passthrough("example.test") and not again.is_passthrough("other.test")
+    assert again.is_passthrough("example.test", phone)
+    assert not again.is_passthrough("example.test", laptop)
+    assert not again.is_passthrough("other.test", phone)
+
+
+async def test_auto_passthrough_list_of_one_global_file_goes_to_every_existing_peer(
+    make_harness: Any,
+) -> None:
+    h: Harness = await make_harness()
+    phone, laptop = add_peers(h, "phone", "laptop")
+    h.gateway.state.write_json(PASSTHROUGH_FILE, {"hosts": ["pinned.test", 7]})
+    h.gateway.settings.auto_passthrough = True
+    service = TlsService(h.gateway, h.service.ca)  # type: ignore[arg-type]
+    assert service.is_passthrough("pinned.test", phone)
+    assert service.is_passthrough("pinned.test", laptop)
+    assert not service.is_passthrough("pinned.test", bytes(32))  # a peer added later
+    await service.close()  # writes the new form
+    doc = json.loads((h.gateway.state.path / PASSTHROUGH_FILE).read_text())
+    assert doc == {
+        "version": 2,
+        "peers": {b64(phone): ["pinned.test"], b64(laptop): ["pinned.test"]},
+    }
+
+
+def test_auto_passthrough_is_bounded_per_peer() -> None:
+    auto = AutoPassthrough(per_peer=3)
+    a, b = b"a" * 32, b"b" * 32
+    auto.add(b, "kept.test")
+    for i in range(5):
+        auto.add(a, f"h{i}.test")
+    auto.add(a, "h2.test")  # rejected again: most recent
+    assert auto.hosts(a) == ["h3.test", "h4.test", "h2.test"]
+    assert auto.hosts(b) == ["kept.test"]  # one peer's hosts never push another's out
+    restored = AutoPassthrough(per_peer=3)
+    problems = restored.load(
+        {**auto.to_json(), "peers": {**auto.to_json()["peers"], "bad": []}}, [a]
+    )
+    assert restored.hosts(a) == auto.hosts(a) and restored.hosts(b) == []  # b no longer exists
+    assert problems == ["not a public key: 'bad'"]
 
 
 async def test_client_rejection_without_auto_passthrough_stays_intercepted(
@@ -453,7 +523,7 @@ async def test_client_rejection_without_auto_passthrough_stays_intercepted(
     assert [(e.mode, e.error) for e in events] == [
         ("intercepted", "client rejected our certificate (unknown ca)")
     ] * 2
-    assert not h.service.rejected_hosts
+    assert not h.service.auto_passthrough.hosts(PEER_KEY)
     h.check_flow_pairs()
 
 
@@ -483,7 +553,7 @@ async def test_client_closing_after_our_certificate_counts_as_rejection(
         event.error
         == "client rejected our certificate (closed the connection after our certificate)"
     )
-    assert "example.test" in h.service.rejected_hosts
+    assert h.service.auto_passthrough.hosts(PEER_KEY) == ["example.test"]
     h.check_flow_pairs()
 
 

@@ -23,6 +23,9 @@
 #define REPLAY_RING_BLOCKS 128u /* replay window (RFC 6479): 64-bit blocks */
 #define OUTPUT_RING_SIZE 1024u  /* datagrams waiting to be sent */
 #define EVENT_RING_SIZE 4096u
+/* Handshake datagrams (unauthenticated: anyone can send them) may hold at most half the event
+ * ring, so a flood of them never leaves the peers' authenticated events without room. */
+#define EVENT_RING_HANDSHAKE_MAX (EVENT_RING_SIZE / 2)
 
 /* ---- The data plane's state (_wg.c) ------------------------------------------------------- */
 typedef struct {
@@ -54,6 +57,17 @@ typedef struct {
     /* NEED_HANDSHAKE rate limit: one per REKEY_TIMEOUT unless a keypair is installed. */
     bool need_handshake_signalled;
     double need_handshake_at;
+    /* A NEED_HANDSHAKE the full event ring could not take (its WG_NEED_* reason, 0 = none):
+     * raised as soon as wg_next_event makes room, from the engine's owed FIFO. */
+    uint8_t need_handshake_owed;
+    bool owed_listed;
+    /* The peer's ENDPOINT_CHANGED still in the event ring (absolute ring position): a newer
+     * endpoint updates it in place, so a peer hopping ports takes one slot, not one a packet. */
+    bool endpoint_ev_queued;
+    uint64_t endpoint_ev_pos;
+    /* Its share of the UDP queue to Python since the last wg_udp_drain (_hub.c). */
+    uint32_t udp_queued, udp_bytes;
+    uint64_t udp_share_drops; /* datagrams refused because the peer held its share */
     /* Timer deadlines (0 = disarmed), after wireguard-go timers.go. */
     double t_send_keepalive;
     bool need_another_keepalive;
@@ -143,6 +157,10 @@ struct wg_engine {
 
     wg_event *events;
     uint32_t ev_head, ev_count;
+    uint32_t ev_handshakes; /* WG_EV_HANDSHAKE_PACKET events in the ring */
+    uint64_t ev_popped;     /* events popped so far: the absolute position of ev_head */
+    uint32_t *owed;         /* FIFO of peers owed a NEED_HANDSHAKE (max_peers entries) */
+    uint32_t owed_head, owed_count;
 
     uint8_t *plain; /* decrypt scratch */
     size_t plain_cap;
@@ -162,12 +180,14 @@ struct wg_engine {
 
     fast_relay_entry *fast_relay; /* WG_FAST_RELAY_SLOTS, allocated by the first approval */
     double fast_connect_timeout;
+    uint32_t fast_max_per_peer, fast_max_total; /* wg_fast_relay_bound; 0 = none */
     wg_fast_open *fast_opened;    /* ring of reports for the owner */
     uint32_t fast_head, fast_count, fast_cap;
 
     wg_udp_meta *udp_meta; /* WG_UDP_QUEUE_MAX entries */
     uint8_t *udp_arena;    /* WG_UDP_ARENA_SIZE bytes */
     uint32_t udp_count, udp_arena_used, udp_arena_high;
+    uint32_t udp_peers; /* peers with datagrams in the queue: each may hold 1/(udp_peers+1) */
 
     uint16_t ip_id; /* IPv4 identification of the packets built here */
 };

@@ -1,8 +1,6 @@
-"""Thin checked wrappers over the C data plane (`_wgstack.h`, `_tcp.h`): validate arguments in
-Python, call `lib`, turn negative return codes into `EngineError`, and return plain Python values.
-
-Nothing here runs per packet in the gateway: `io_recv` and `io_flush` handle whole batches in C,
-`tcp_events` and `udp_datagrams` drain whole batches in one C call.
+"""Thin checked wrappers over the C data plane (`_wgstack.h`, `_tcp.h`, `_splice.h`): validate
+arguments in Python, call `lib`, turn negative return codes into exceptions, and return plain
+Python values.  Batches (`io_recv`, `io_flush`, `tcp_events`, `udp_datagrams`) are one C call.
 """
 
 from __future__ import annotations
@@ -35,18 +33,15 @@ EV_KEYS_EXPIRED: int = lib.WG_EV_KEYS_EXPIRED
 
 NEED_NO_KEY: int = lib.WG_NEED_NO_KEY
 NEED_REKEY_TIME: int = lib.WG_NEED_REKEY_TIME
-NEED_REKEY_MESSAGES: int = lib.WG_NEED_REKEY_MESSAGES
 NEED_NO_RESPONSE: int = lib.WG_NEED_NO_RESPONSE
 NEED_RECV_OLD: int = lib.WG_NEED_RECV_OLD
 
 EINVAL: int = lib.WG_EINVAL
 ENOPEER: int = lib.WG_ENOPEER
 EEXIST: int = lib.WG_EEXIST
-ENOSPC: int = lib.WG_ENOSPC
 EINDEX: int = lib.WG_EINDEX
 EIO: int = lib.WG_EIO
 EMSGSIZE: int = lib.WG_EMSGSIZE
-ENOMEM: int = lib.WG_ENOMEM
 
 TCP_EV_SYN: int = lib.TCP_EV_SYN
 TCP_EV_READABLE: int = lib.TCP_EV_READABLE
@@ -63,24 +58,17 @@ if _MISMATCHED:
 TCP_CLOSE_NORMAL: int = CloseReason.NORMAL
 TCP_CLOSE_RESET: int = CloseReason.RESET
 TCP_CLOSE_TIMEOUT: int = CloseReason.TIMEOUT
-TCP_CLOSE_ABORTED: int = CloseReason.ABORTED
 TCP_CLOSE_REJECTED: int = CloseReason.REJECTED
-TCP_CLOSE_SYN_TIMEOUT: int = CloseReason.SYN_TIMEOUT
 TCP_CLOSE_PEER_REMOVED: int = CloseReason.PEER_REMOVED
-TCP_CLOSE_EVICTED: int = CloseReason.EVICTED
 TCP_CLOSE_NAMES: dict[int, str] = {r: r.label for r in CloseReason}
 
 TCP_ST_SYN_PENDING: int = lib.TCP_ST_SYN_PENDING
-TCP_ST_SYN_RECEIVED: int = lib.TCP_ST_SYN_RECEIVED
 TCP_ST_ESTABLISHED: int = lib.TCP_ST_ESTABLISHED
 TCP_ST_CLOSE_WAIT: int = lib.TCP_ST_CLOSE_WAIT
-TCP_ST_TIME_WAIT: int = lib.TCP_ST_TIME_WAIT
-TCP_ST_CLOSED: int = lib.TCP_ST_CLOSED
 
 TCP_EINVAL: int = lib.TCP_EINVAL
 TCP_ENOCONN: int = lib.TCP_ENOCONN
 TCP_ESTATE: int = lib.TCP_ESTATE
-TCP_ENOMEM: int = lib.TCP_ENOMEM
 TCP_ERESET: int = lib.TCP_ERESET
 TCP_EAGAIN: int = lib.TCP_EAGAIN
 
@@ -95,43 +83,39 @@ ICMP_HOST_UNREACHABLE = 1
 ICMP_PORT_UNREACHABLE = 3
 ICMP_ADMIN_PROHIBITED = 13
 
-DROP_REASONS: tuple[str, ...] = tuple(
-    ffi.string(lib.wg_drop_reason_name(i)).decode() for i in range(lib.WG_DROP__COUNT)
-)
-TCP_DROP_REASONS: tuple[str, ...] = tuple(
-    ffi.string(lib.tcp_drop_reason_name(i)).decode() for i in range(lib.TCP_DROP__COUNT)
-)
+
+def _names(name_of: Callable[[int], Any], count: int) -> tuple[str, ...]:
+    return tuple(ffi.string(name_of(i)).decode() for i in range(count))
+
+
+DROP_REASONS = _names(lib.wg_drop_reason_name, lib.WG_DROP__COUNT)
 
 _ERROR_NAMES = {
     EINVAL: "invalid argument",
     ENOPEER: "no such peer",
     EEXIST: "peer already exists",
-    ENOSPC: "out of space",
+    lib.WG_ENOSPC: "out of space",
     EINDEX: "local index already in use",
     EIO: "no socket attached",
     EMSGSIZE: "larger than the tunnel MTU",
-    ENOMEM: "out of memory",
+    lib.WG_ENOMEM: "out of memory",
 }
 
 _TCP_ERROR_NAMES = {
     TCP_EINVAL: "invalid argument",
     TCP_ENOCONN: "no such connection",
     TCP_ESTATE: "not possible in this state",
-    TCP_ENOMEM: "out of memory",
+    lib.TCP_ENOMEM: "out of memory",
     TCP_ERESET: "connection reset",
     TCP_EAGAIN: "nothing to read",
 }
 
 _KEY_SIZE = 32
-_DROP_NAMES = (*DROP_REASONS, *(f"tcp_{name}" for name in TCP_DROP_REASONS))
+_TCP_DROP_REASONS = _names(lib.tcp_drop_reason_name, lib.TCP_DROP__COUNT)
+_DROP_NAMES = (*DROP_REASONS, *(f"tcp_{name}" for name in _TCP_DROP_REASONS))
 _OUTPUT_BUF_SIZE = 65536
 _TCP_EVENT_BATCH = 4096
 _SPLICE_RESULT_BATCH = 1024
-_TCP_STATS_FIELDS = (
-    "segs_in", "segs_out", "retransmits", "fast_retransmits", "rto_expirations",
-    "zero_window_probes", "rsts_out", "syns", "established", "conns", "open", "half_open",
-    "time_wait", "mem",
-)  # fmt: skip
 
 
 class EngineError(Exception):
@@ -164,6 +148,7 @@ class PeerStats:
     current_created: float | None
     has_current: bool
     staged: int
+    udp_share_drops: int = 0  # UDP datagrams refused: the peer held its share of the queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +229,7 @@ def _peer_stats(out: Any) -> PeerStats:
         current_created=_time_or_none(out.current_created),
         has_current=bool(out.has_current),
         staged=out.staged,
+        udp_share_drops=out.udp_share_drops,
     )
 
 
@@ -253,34 +239,48 @@ def _check(code: int, what: str) -> int:
     return code
 
 
+def _tcp_check(code: int, what: str) -> int:
+    if code == TCP_ERESET:
+        raise ConnectionResetError(f"{what}: connection reset")
+    if code < 0:
+        raise EngineError(code, what, _TCP_ERROR_NAMES)
+    return code
+
+
 def _u32(value: int, what: str) -> int:
     if not isinstance(value, int) or not 0 <= value < 2**32:
         raise EngineError(EINVAL, f"{what} must be an integer in [0, 2^32)")
     return value
 
 
-def _endpoint_to_c(endpoint: Endpoint, out: Any) -> None:
+def _parse_endpoint(
+    endpoint: Endpoint, what: str
+) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
     try:
         host, port = endpoint
         addr = ipaddress.ip_address(host)
     except (TypeError, ValueError) as exc:
-        raise EngineError(EINVAL, f"bad endpoint {endpoint!r}") from exc
+        raise EngineError(EINVAL, f"bad {what} {endpoint!r}") from exc
     if not isinstance(port, int) or not 0 <= port < 65536:
-        raise EngineError(EINVAL, f"bad port in {endpoint!r}")
+        raise EngineError(EINVAL, f"bad port in {what} {endpoint!r}")
+    return addr, port
+
+
+def _endpoint_to_c(endpoint: Endpoint, out: Any) -> Any:
+    """Fill the `wg_endpoint *` out, and return it."""
+    addr, port = _parse_endpoint(endpoint, "endpoint")
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped  # the engine reports v4-mapped sources as IPv4 too
     out.family = addr.version
     packed = addr.packed
     out.addr[0 : len(packed)] = packed
     out.port = port
+    return out
 
 
 def _endpoint_from_c(ep: Any) -> Endpoint | None:
-    if ep.family == 4:
-        return (str(ipaddress.IPv4Address(bytes(ep.addr[0:4]))), ep.port)
-    if ep.family == 6:
-        return (str(ipaddress.IPv6Address(bytes(ep.addr[0:16]))), ep.port)
-    return None
+    size = {4: 4, 6: 16}.get(ep.family)  # address bytes; other families: no endpoint
+    return None if size is None else (str(ipaddress.ip_address(bytes(ep.addr[0:size]))), ep.port)
 
 
 def _time_or_none(t: float) -> float | None:
@@ -291,38 +291,36 @@ def _ipv4_str(addr: int) -> str:
     return socket.inet_ntoa(addr.to_bytes(4, "big"))
 
 
+def _flow(c: Any) -> tuple[Endpoint, Endpoint]:
+    """(src, dst) of a C struct's IPv4 src_ip, src_port, dst_ip, dst_port."""
+    return (_ipv4_str(c.src_ip), c.src_port), (_ipv4_str(c.dst_ip), c.dst_port)
+
+
 def _ipv4_endpoint_to_c(endpoint: Endpoint, what: str) -> tuple[int, int]:
     """(address as a host-order int, port) of an IPv4 endpoint."""
-    try:
-        host, port = endpoint
-        addr = int(ipaddress.IPv4Address(host))
-    except (TypeError, ValueError) as exc:
-        raise EngineError(EINVAL, f"bad IPv4 {what} {endpoint!r}") from exc
-    if not isinstance(port, int) or not 0 <= port < 65536:
-        raise EngineError(EINVAL, f"bad port in {what} {endpoint!r}")
-    return addr, port
+    addr, port = _parse_endpoint(endpoint, what)
+    if addr.version != 4:
+        raise EngineError(EINVAL, f"bad IPv4 {what} {endpoint!r}")
+    return int(addr), port
+
+
+def _fields(out: Any) -> dict[str, int]:
+    """A C struct of counters (through a pointer) as {field: value}."""
+    return {name: getattr(out, name) for name, _ in ffi.typeof(out).item.fields}
 
 
 T = TypeVar("T")
 
 
 def _pop_all(pop: Callable[[Any, int], int], buf: Any, convert: Callable[[Any], T]) -> list[T]:
-    """Everything a C queue holds: `pop(buf, max)` fills buf (_SPLICE_RESULT_BATCH entries)
-    and returns the count, until it returns less than a full batch."""
+    """Everything a C queue holds: `pop(buf, len(buf))` fills buf and returns the count, until
+    it returns less than a full batch."""
     out: list[T] = []
     while True:
-        n = pop(buf, _SPLICE_RESULT_BATCH)
+        n = pop(buf, len(buf))
         out.extend(convert(buf[i]) for i in range(n))
-        if n < _SPLICE_RESULT_BATCH:
+        if n < len(buf):
             return out
-
-
-def _tcp_check(code: int, what: str) -> int:
-    if code == TCP_ERESET:
-        raise ConnectionResetError(f"{what}: connection reset")
-    if code < 0:
-        raise EngineError(code, what, _TCP_ERROR_NAMES)
-    return code
 
 
 class Engine:
@@ -347,11 +345,11 @@ class Engine:
         self._engine: Any = None
         self._worker: Any = None
         self._lock_owner: int | None = None
-        ip = ipaddress.IPv4Address(tunnel_ip)
+        ip = int(ipaddress.IPv4Address(tunnel_ip))
         if not 0 <= prefix_len <= 32:
             raise EngineError(EINVAL, "prefix_len must be 0..32")
         cfg = ffi.new("wg_config *")
-        cfg.tunnel_ip = int(ip)
+        cfg.tunnel_ip = ip
         cfg.tunnel_prefix_len = prefix_len
         cfg.mtu = mtu
         cfg.max_peers = max_peers
@@ -394,8 +392,12 @@ class Engine:
             ffi.release(self._engine)  # runs wg_engine_free now, which zeroes every key
             self._engine = None
 
-    # The data plane's thread (_worker.h).  While it runs, every method below takes the engine
-    # lock for its call, unless this thread holds it already (`locked()` around a sequence).
+    def __del__(self) -> None:
+        self.close()
+
+    # The data plane's thread (_worker.h).  While it runs, every public method takes the engine
+    # lock for its call (`_serialized` below), unless this thread holds it already (`locked()`
+    # around a sequence).
 
     def worker_start(self, notify_fd: int) -> None:
         """Run the data plane on its own C thread; `notify_fd` (an eventfd) becomes readable
@@ -425,7 +427,7 @@ class Engine:
             return {"wakeups": 0, "notifications": 0}
         out = ffi.new("wg_worker_stats *")
         lib.wg_worker_get_stats(self._worker, out)
-        return {"wakeups": out.wakeups, "notifications": out.notifications}
+        return _fields(out)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -451,8 +453,7 @@ class Engine:
             self._lock_owner = None
             lib.wg_worker_unlock(worker)
 
-    def __del__(self) -> None:
-        self.close()
+    # The checked calls: each raises on a negative return code, else returns it.
 
     @property
     def _e(self) -> Any:
@@ -466,20 +467,42 @@ class Engine:
             raise EngineError(EINVAL, "engine is closed")
         return self._tcp
 
+    def _call(self, fn: Callable[..., int], *args: Any) -> int:
+        """`fn(engine, *args)`; EngineError (WG_E*) on failure."""
+        return _check(fn(self._e, *args), fn.__name__)
+
+    def _peer_call(self, fn: Callable[..., int], peer_id: int, *args: Any) -> int:
+        """`fn(engine, peer_id, *args)`; EngineError (WG_E*) naming the peer on failure."""
+        code = fn(self._e, _u32(peer_id, "peer_id"), *args)
+        if code < 0:
+            raise EngineError(code, f"{fn.__name__}(peer {peer_id})")
+        return code
+
+    def _conn_call(self, fn: Callable[..., int], conn_id: int, *args: Any) -> int:
+        """`fn(tcp stack, conn_id, *args)`; ConnectionResetError when the connection was reset,
+        EngineError (TCP_E*) on other failures."""
+        return _tcp_check(fn(self._t, _u32(conn_id, "conn_id"), *args), fn.__name__)
+
+    def _splice_call(self, fn: Callable[..., int], conn_id: int, *args: Any) -> None:
+        """`fn(splice table, conn_id, *args)`; EngineError (TCP_E*) when the connection cannot
+        be spliced, OSError (-errno) when no socket could be started."""
+        code = fn(self._splice, _u32(conn_id, "conn_id"), *args)
+        if code in (TCP_ENOCONN, TCP_ESTATE, TCP_EINVAL):
+            raise EngineError(code, fn.__name__, _TCP_ERROR_NAMES)
+        if code < 0:
+            raise OSError(-code, os.strerror(-code))
+
     # Peers
 
     def peer_add(self, peer_id: int, persistent_keepalive: int = 0) -> None:
         if not isinstance(persistent_keepalive, int) or not 0 <= persistent_keepalive < 65536:
             raise EngineError(EINVAL, "persistent_keepalive must be 0..65535 seconds")
-        _check(
-            lib.wg_peer_add(self._e, _u32(peer_id, "peer_id"), persistent_keepalive),
-            f"peer_add({peer_id})",
-        )
+        self._peer_call(lib.wg_peer_add, peer_id, persistent_keepalive)
 
     def peer_remove(self, peer_id: int) -> None:
         """Also closes the peer's TCP connections without sending anything: each handle still
         held gets TCP_EV_CLOSED with TCP_CLOSE_PEER_REMOVED and must still be released."""
-        _check(lib.wg_peer_remove(self._e, _u32(peer_id, "peer_id")), f"peer_remove({peer_id})")
+        self._peer_call(lib.wg_peer_remove, peer_id)
 
     def peer_add_allowed_ip(
         self, peer_id: int, network: str | ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -489,19 +512,10 @@ class Engine:
         except (TypeError, ValueError) as exc:
             raise EngineError(EINVAL, f"bad network {network!r}") from exc
         packed = net.network_address.packed
-        _check(
-            lib.wg_peer_add_allowed_ip(
-                self._e, _u32(peer_id, "peer_id"), net.version, packed, net.prefixlen
-            ),
-            f"peer_add_allowed_ip({peer_id}, {net})",
-        )
+        self._peer_call(lib.wg_peer_add_allowed_ip, peer_id, net.version, packed, net.prefixlen)
 
     def peer_set_endpoint(self, peer_id: int, endpoint: Endpoint) -> None:
-        _endpoint_to_c(endpoint, self._endpoint)
-        _check(
-            lib.wg_peer_set_endpoint(self._e, _u32(peer_id, "peer_id"), self._endpoint),
-            f"peer_set_endpoint({peer_id})",
-        )
+        self._peer_call(lib.wg_peer_set_endpoint, peer_id, _endpoint_to_c(endpoint, self._endpoint))
 
     def install_keypair(
         self,
@@ -516,32 +530,26 @@ class Engine:
         for name, key in (("send_key", send_key), ("recv_key", recv_key)):
             if not isinstance(key, bytes) or len(key) != _KEY_SIZE:
                 raise EngineError(EINVAL, f"{name} must be {_KEY_SIZE} bytes")
-        _check(
-            lib.wg_peer_install_keypair(
-                self._e,
-                _u32(peer_id, "peer_id"),
-                _u32(local_index, "local_index"),
-                _u32(remote_index, "remote_index"),
-                send_key,
-                recv_key,
-                1 if is_initiator else 0,
-                float(now),
-            ),
-            f"install_keypair(peer {peer_id}, index {local_index})",
+        local, remote = _u32(local_index, "local_index"), _u32(remote_index, "remote_index")
+        initiator = 1 if is_initiator else 0
+        self._peer_call(
+            lib.wg_peer_install_keypair, peer_id, local, remote, send_key, recv_key, initiator, now
+        )
+
+    def peer_abort_flows(self, peer_id: int, reason: CloseReason, now: float) -> int:
+        """End every TCP connection and splice of the peer (reason PEER_GONE: silently;
+        PRESSURE: with an RST each), reported as usual; returns how many connections ended."""
+        return _check(
+            lib.wg_peer_abort_flows(self._e, _u32(peer_id, "peer_id"), int(reason), float(now)),
+            "peer_abort_flows",
         )
 
     def peer_drop_staged(self, peer_id: int) -> None:
-        _check(
-            lib.wg_peer_drop_staged(self._e, _u32(peer_id, "peer_id")),
-            f"peer_drop_staged({peer_id})",
-        )
+        self._peer_call(lib.wg_peer_drop_staged, peer_id)
 
     def peer_stats(self, peer_id: int) -> PeerStats:
         out = ffi.new("wg_peer_stats *")
-        _check(
-            lib.wg_peer_get_stats(self._e, _u32(peer_id, "peer_id"), out),
-            f"peer_stats({peer_id})",
-        )
+        self._peer_call(lib.wg_peer_get_stats, peer_id, out)
         return _peer_stats(out)
 
     def peers_stats(self, peer_ids: list[int]) -> list[PeerStats]:
@@ -550,7 +558,7 @@ class Engine:
             return []
         ids = ffi.new("uint32_t[]", [_u32(i, "peer_id") for i in peer_ids])
         out = ffi.new("wg_peer_stats[]", len(peer_ids))
-        _check(lib.wg_peers_get_stats(self._e, ids, len(peer_ids), out), "peers_stats")
+        self._call(lib.wg_peers_get_stats, ids, len(peer_ids), out)
         return [_peer_stats(out[i]) for i in range(len(peer_ids))]
 
     def index_in_use(self, local_index: int) -> bool:
@@ -561,22 +569,20 @@ class Engine:
     def input(self, data: bytes, src: Endpoint, now: float) -> None:
         if not isinstance(data, bytes):
             raise EngineError(EINVAL, "data must be bytes")  # the batch path is io_recv
-        _endpoint_to_c(src, self._endpoint)
-        _check(lib.wg_input(self._e, data, len(data), self._endpoint, float(now)), "input")
+        self._call(lib.wg_input, data, len(data), _endpoint_to_c(src, self._endpoint), now)
 
     def send_raw(self, data: bytes, dst: Endpoint) -> None:
         if not isinstance(data, bytes) or not data:
             raise EngineError(EINVAL, "data must be non-empty bytes")
-        _endpoint_to_c(dst, self._endpoint)
-        _check(lib.wg_send_raw(self._e, data, len(data), self._endpoint), "send_raw")
+        self._call(lib.wg_send_raw, data, len(data), _endpoint_to_c(dst, self._endpoint))
 
     def send_inner(self, packet: bytes, now: float) -> None:
         if not isinstance(packet, bytes) or not packet:
             raise EngineError(EINVAL, "packet must be non-empty bytes")
-        _check(lib.wg_send_inner(self._e, packet, len(packet), float(now)), "send_inner")
+        self._call(lib.wg_send_inner, packet, len(packet), now)
 
     def tick(self, now: float) -> None:
-        lib.wg_tick(self._e, float(now))
+        lib.wg_tick(self._e, now)
 
     @staticmethod
     def tune_allocator() -> None:
@@ -590,7 +596,7 @@ class Engine:
 
     def collect(self, now: float) -> Any:
         """A `wg_pending` (read its fields; valid until the next call) saying what waits."""
-        lib.wg_collect(self._e, float(now), self._pending)
+        lib.wg_collect(self._e, now, self._pending)
         return self._pending
 
     def next_deadline(self) -> float | None:
@@ -609,15 +615,8 @@ class Engine:
         e, ev = self._e, self._event
         out: list[EngineEvent] = []
         while lib.wg_next_event(e, ev):
-            out.append(
-                EngineEvent(
-                    type=ev.type,
-                    peer_id=ev.peer_id,
-                    arg=ev.arg,
-                    src=_endpoint_from_c(ev.src),
-                    data=ffi.buffer(ev.data, ev.len)[:],
-                )
-            )
+            data = ffi.buffer(ev.data, ev.len)[:]
+            out.append(EngineEvent(ev.type, ev.peer_id, ev.arg, _endpoint_from_c(ev.src), data))
         return out
 
     def drop_counts(self) -> dict[str, int]:
@@ -629,57 +628,38 @@ class Engine:
     def stats(self) -> dict[str, int]:
         out = ffi.new("wg_engine_stats *")
         lib.wg_engine_get_stats(self._e, out)
-        return {
-            "rx_datagrams": out.rx_datagrams,
-            "tx_datagrams": out.tx_datagrams,
-            "rx_bytes": out.rx_bytes,
-            "tx_bytes": out.tx_bytes,
-            "icmp_echo_replies": out.icmp_echo_replies,
-            "udp_rx": out.udp_rx,
-            "udp_tx": out.udp_tx,
-            "icmp_unreachables": out.icmp_unreachables,
-            "ipv6_refused": out.ipv6_refused,
-            "fast_relayed": out.fast_relayed,
-        }
+        return _fields(out)
 
     # TCP: connections peers open, driven through the engine's stack (handles are conn ids)
 
     def tcp_events(self) -> list[tuple[int, int, int]]:
         """Every pending (TCP_EV_*, conn_id, arg) event; arg is TCP_CLOSE_* for CLOSED."""
-        e, buf = self._e, self._tcp_events
-        out: list[tuple[int, int, int]] = []
-        while True:
-            n = _check(lib.wg_tcp_events(e, buf, _TCP_EVENT_BATCH), "tcp_events")
-            out.extend((buf[i].type, buf[i].conn_id, buf[i].arg) for i in range(n))
-            if n < _TCP_EVENT_BATCH:
-                return out
+        e = self._e
+        return _pop_all(
+            lambda buf, n: _check(lib.wg_tcp_events(e, buf, n), "tcp_events"),
+            self._tcp_events,
+            lambda ev: (ev.type, ev.conn_id, ev.arg),
+        )
 
     def tcp_info(self, conn_id: int) -> TcpInfo:
-        info = self._tcp_info
-        _tcp_check(lib.tcp_get_info(self._t, _u32(conn_id, "conn_id"), info), "tcp_info")
+        i = self._tcp_info
+        self._conn_call(lib.tcp_get_info, conn_id, i)
         return TcpInfo(
-            conn_id=info.conn_id,
-            peer_id=info.peer_id,
-            src=(_ipv4_str(info.src_ip), info.src_port),
-            dst=(_ipv4_str(info.dst_ip), info.dst_port),
-            state=info.state,
-            bytes_in=info.bytes_in,
-            bytes_out=info.bytes_out,
-            close_reason=info.close_reason,
+            i.conn_id, i.peer_id, *_flow(i), i.state, i.bytes_in, i.bytes_out, i.close_reason
         )
 
     def tcp_accept(self, conn_id: int, now: float) -> None:
-        _tcp_check(lib.tcp_accept(self._t, _u32(conn_id, "conn_id"), float(now)), "tcp_accept")
+        self._conn_call(lib.tcp_accept, conn_id, now)
 
     def tcp_reject(self, conn_id: int, now: float) -> None:
-        _tcp_check(lib.tcp_reject(self._t, _u32(conn_id, "conn_id"), float(now)), "tcp_reject")
+        self._conn_call(lib.tcp_reject, conn_id, now)
 
     def tcp_read(self, conn_id: int, max_bytes: int, now: float) -> bytes | None:
         """Up to max_bytes; b"" at EOF, None when nothing is buffered yet (wait for READABLE)."""
         if not isinstance(max_bytes, int) or max_bytes <= 0:
             raise EngineError(EINVAL, "max_bytes must be a positive int")
         cap = min(max_bytes, self._read_cap)
-        n = lib.tcp_read(self._t, _u32(conn_id, "conn_id"), self._read_buf, cap, float(now))
+        n = lib.tcp_read(self._t, _u32(conn_id, "conn_id"), self._read_buf, cap, now)
         if n == TCP_EAGAIN:
             return None
         _tcp_check(n, "tcp_read")
@@ -687,38 +667,28 @@ class Engine:
 
     def tcp_write(self, conn_id: int, data: bytes | memoryview, now: float) -> int:
         """Bytes accepted: fewer than offered when the send buffer is full (wait for WRITABLE)."""
-        if isinstance(data, bytes):
-            source, length = data, len(data)
-        elif isinstance(data, (memoryview, bytearray)):
-            source = ffi.from_buffer(data)
-            length = len(source)
-        else:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
             raise EngineError(EINVAL, "data must be bytes or a memoryview")
-        return _tcp_check(
-            lib.tcp_write(self._t, _u32(conn_id, "conn_id"), source, length, float(now)),
-            "tcp_write",
-        )
+        source = data if isinstance(data, bytes) else ffi.from_buffer(data)
+        return self._conn_call(lib.tcp_write, conn_id, source, len(source), now)
 
     def tcp_shutdown_write(self, conn_id: int, now: float) -> None:
-        _tcp_check(
-            lib.tcp_shutdown_write(self._t, _u32(conn_id, "conn_id"), float(now)),
-            "tcp_shutdown_write",
-        )
+        self._conn_call(lib.tcp_shutdown_write, conn_id, now)
 
     def tcp_abort(self, conn_id: int, now: float) -> None:
-        _tcp_check(lib.tcp_abort(self._t, _u32(conn_id, "conn_id"), float(now)), "tcp_abort")
+        self._conn_call(lib.tcp_abort, conn_id, now)
 
     def tcp_release(self, conn_id: int, now: float) -> None:
-        _tcp_check(lib.tcp_release(self._t, _u32(conn_id, "conn_id"), float(now)), "tcp_release")
+        self._conn_call(lib.tcp_release, conn_id, now)
 
     def tcp_flush(self, now: float) -> None:
         """Send the ACKs owed after a batch of `input` calls (io_recv does this itself)."""
-        lib.tcp_flush(self._t, float(now))
+        lib.tcp_flush(self._t, now)
 
     def tcp_stats(self) -> dict[str, int]:
         out = ffi.new("tcp_stats *")
         lib.tcp_get_stats(self._t, out)
-        return {name: getattr(out, name) for name in _TCP_STATS_FIELDS}
+        return _fields(out)
 
     def tcp_peer_counts(self, peer_id: int) -> tuple[int, int]:
         """(open, half-open) connections of a peer."""
@@ -749,31 +719,17 @@ class Engine:
         answers the SYN.  OSError when no socket could be started (the caller still owns the
         handle)."""
         ip, port = _ipv4_endpoint_to_c(dst, "dst")
-        code = lib.splice_connect(
-            self._splice, _u32(conn_id, "conn_id"), ip, port, float(deadline), float(now)
-        )
-        if code in (TCP_ENOCONN, TCP_ESTATE, TCP_EINVAL):
-            raise EngineError(code, "splice_connect", _TCP_ERROR_NAMES)
-        if code < 0:
-            raise OSError(-code, os.strerror(-code))
+        self._splice_call(lib.splice_connect, conn_id, ip, port, deadline, now)
 
     def splice_attach(self, conn_id: int, fd: int, now: float) -> None:
         """As `splice_connect` for a socket already connected: on success C owns fd (the
         caller must have detached it); OSError / EngineError leave fd with the caller."""
-        code = lib.splice_attach(self._splice, _u32(conn_id, "conn_id"), fd, float(now))
-        if code in (TCP_ENOCONN, TCP_ESTATE, TCP_EINVAL):
-            raise EngineError(code, "splice_attach", _TCP_ERROR_NAMES)
-        if code < 0:
-            raise OSError(-code, os.strerror(-code))
+        self._splice_call(lib.splice_attach, conn_id, fd, now)
 
     def splice_adopt(self, conn_id: int, fd: int, now: float) -> None:
         """As `splice_attach` for a connection already accepted (ESTABLISHED or CLOSE_WAIT)
         whose bytes read so far the caller has sent to fd itself."""
-        code = lib.splice_adopt(self._splice, _u32(conn_id, "conn_id"), fd, float(now))
-        if code in (TCP_ENOCONN, TCP_ESTATE, TCP_EINVAL):
-            raise EngineError(code, "splice_adopt", _TCP_ERROR_NAMES)
-        if code < 0:
-            raise OSError(-code, os.strerror(-code))
+        self._splice_call(lib.splice_adopt, conn_id, fd, now)
 
     def fast_relay_allow(
         self, peer_id: int, dst: Endpoint, expires: float | None, connect_timeout: float
@@ -782,21 +738,17 @@ class Engine:
         None = until cleared), connecting with connect_timeout; reported by
         `fast_relay_opened`."""
         ip, port = _ipv4_endpoint_to_c(dst, "dst")
-        _check(
-            lib.wg_fast_relay_allow(
-                self._e,
-                _u32(peer_id, "peer_id"),
-                ip,
-                port,
-                float(expires or 0.0),
-                float(connect_timeout),
-            ),
-            "fast_relay_allow",
-        )
+        until = expires or 0.0
+        self._peer_call(lib.wg_fast_relay_allow, peer_id, ip, port, until, connect_timeout)
 
     def fast_relay_clear(self) -> None:
         """Forget every fast-relay approval (the rules behind them changed)."""
         lib.wg_fast_relay_clear(self._e)
+
+    def fast_relay_bound(self, per_peer: int, total: int) -> None:
+        """Fast-relay a SYN only while its peer has at most per_peer open connections and the
+        engine at most total (0: no bound); past either, it is raised to the owner."""
+        lib.wg_fast_relay_bound(self._e, _u32(per_peer, "per_peer"), _u32(total, "total"))
 
     def fast_relay_opened(self) -> list[FastOpen]:
         """Connections the engine spliced on its own since the last call, oldest first."""
@@ -804,13 +756,7 @@ class Engine:
         return _pop_all(
             lambda buf, n: lib.wg_fast_relay_opened(e, buf, n),
             self._fast_opened,
-            lambda r: FastOpen(
-                r.conn_id,
-                r.peer_id,
-                (_ipv4_str(r.src_ip), r.src_port),
-                (_ipv4_str(r.dst_ip), r.dst_port),
-                r.opened_at,
-            ),
+            lambda r: FastOpen(r.conn_id, r.peer_id, *_flow(r), r.opened_at),
         )
 
     def splice_fd(self) -> int:
@@ -819,13 +765,13 @@ class Engine:
 
     def splice_service(self, now: float) -> None:
         """The sockets' news: move bytes, end what is done, send what that produced."""
-        lib.wg_splice_service(self._e, float(now))
+        lib.wg_splice_service(self._e, now)
 
     def splice_results(self, now: float) -> list[SpliceResult]:
         """Run what TCP events left pending, then every ended connection since the last call."""
         if self._splice == ffi.NULL:
             return []
-        lib.splice_run(self._splice, float(now))
+        lib.splice_run(self._splice, now)
         splice = self._splice
         return _pop_all(
             lambda buf, n: lib.splice_results(splice, buf, n),
@@ -844,18 +790,16 @@ class Engine:
 
     def splice_active_flows(self, since: float) -> dict[int, tuple[int, int]]:
         """{conn_id: (up, down)} of spliced connections whose bytes moved at or after since."""
-        if self._splice == ffi.NULL:
-            return {}
-        count = lib.splice_active(self._splice)
+        count = lib.splice_active(self._splice) if self._splice != ffi.NULL else 0
         if count == 0:
             return {}
         out = ffi.new("splice_progress[]", count)
-        n = lib.splice_list_active(self._splice, float(since), out, count)
+        n = lib.splice_list_active(self._splice, since, out, count)
         return {out[i].conn_id: (out[i].bytes_up, out[i].bytes_down) for i in range(n)}
 
     def splice_abort(self, conn_id: int, now: float) -> bool:
         """Reset both sides of a spliced connection now; False if it was not spliced."""
-        return lib.splice_abort(self._splice, _u32(conn_id, "conn_id"), float(now)) == 0
+        return lib.splice_abort(self._splice, _u32(conn_id, "conn_id"), now) == 0
 
     def splice_active(self) -> int:
         return lib.splice_active(self._splice)
@@ -865,24 +809,14 @@ class Engine:
     def udp_datagrams(self) -> list[UdpMeta]:
         """Every UDP datagram from peers since the last call (one C call, each byte copied once)."""
         meta = self._udp_meta
-        n = _check(
-            lib.wg_udp_drain(self._e, meta, lib.WG_UDP_QUEUE_MAX, self._udp_arena), "udp_datagrams"
-        )
+        n = self._call(lib.wg_udp_drain, meta, lib.WG_UDP_QUEUE_MAX, self._udp_arena)
         if n == 0:
             return []
         arena = ffi.buffer(self._udp_arena[0], lib.WG_UDP_ARENA_SIZE)  # a view: no copy yet
-        out: list[UdpMeta] = []
-        for i in range(n):
-            m = meta[i]
-            out.append(
-                UdpMeta(
-                    peer_id=m.peer_id,
-                    src=(_ipv4_str(m.src_ip), m.src_port),
-                    dst=(_ipv4_str(m.dst_ip), m.dst_port),
-                    data=arena[m.offset : m.offset + m.len],
-                )
-            )
-        return out
+        return [
+            UdpMeta(m.peer_id, *_flow(m), arena[m.offset : m.offset + m.len])
+            for m in (meta[i] for i in range(n))
+        ]
 
     def udp_send(self, src: Endpoint, dst: Endpoint, data: bytes, now: float) -> None:
         """A datagram to a peer: src = (the original destination ip, port), dst = (the peer's
@@ -892,12 +826,7 @@ class Engine:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise EngineError(EINVAL, "data must be bytes")
         source = data if isinstance(data, bytes) else ffi.from_buffer(data)
-        _check(
-            lib.wg_udp_send(
-                self._e, src_ip, src_port, dst_ip, dst_port, source, len(source), float(now)
-            ),
-            "udp_send",
-        )
+        self._call(lib.wg_udp_send, src_ip, src_port, dst_ip, dst_port, source, len(source), now)
 
     def icmp_unreachable(
         self, peer: Endpoint, dst: Endpoint, proto: int, code: int, now: float
@@ -910,12 +839,7 @@ class Engine:
             raise EngineError(EINVAL, "proto must be 0..255")
         if not isinstance(code, int) or not 0 <= code < 16:
             raise EngineError(EINVAL, "code must be 0..15")
-        _check(
-            lib.wg_icmp_unreachable(
-                self._e, peer_ip, peer_port, dst_ip, dst_port, proto, code, float(now)
-            ),
-            "icmp_unreachable",
-        )
+        self._call(lib.wg_icmp_unreachable, peer_ip, peer_port, dst_ip, dst_port, proto, code, now)
 
     # The IO helper over a UDP socket Python owns
 
@@ -924,12 +848,12 @@ class Engine:
             raise EngineError(EINVAL, "family must be 4 or 6")
         if not isinstance(fd, int) or fd < 0:
             raise EngineError(EINVAL, "fd must be a non-negative integer")
-        _check(lib.wg_io_attach(self._e, fd, family), "io_attach")
+        self._call(lib.wg_io_attach, fd, family)
 
     def io_recv(self, now: float, max_datagrams: int = 4096) -> int:
         if not isinstance(max_datagrams, int) or not 0 < max_datagrams < 2**31:
             raise EngineError(EINVAL, "max_datagrams must be a positive int")
-        code = lib.wg_io_recv(self._e, float(now), max_datagrams)
+        code = lib.wg_io_recv(self._e, now, max_datagrams)
         if code == EIO:
             raise EngineError(EIO, "io_recv")
         if code < 0:
@@ -937,7 +861,7 @@ class Engine:
         return code
 
     def io_flush(self) -> int:
-        return _check(lib.wg_io_flush(self._e), "io_flush")
+        return self._call(lib.wg_io_flush)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -57,6 +57,8 @@ static const char *const drop_reason_names[WG_DROP__COUNT] = {
     [WG_DROP_SEND_ERROR] = "send_error",
     [WG_DROP_UDP_OVERFLOW] = "udp_overflow",
     [WG_DROP_UDP_TOO_LARGE] = "udp_too_large",
+    [WG_DROP_UDP_PEER_SHARE] = "udp_peer_share",
+    [WG_DROP_HANDSHAKE_FLOOD] = "handshake_flood",
 };
 
 /* ---- Fast relay: SYNs to approved destinations spliced without the owner ------------------ */
@@ -81,6 +83,26 @@ int wg_fast_relay_allow(wg_engine *e, uint32_t peer_id, uint32_t ip, uint16_t po
 
 void wg_fast_relay_clear(wg_engine *e) {
     if (e->fast_relay) memset(e->fast_relay, 0, WG_FAST_RELAY_SLOTS * sizeof *e->fast_relay);
+}
+
+void wg_fast_relay_bound(wg_engine *e, uint32_t per_peer, uint32_t total) {
+    e->fast_max_per_peer = per_peer;
+    e->fast_max_total = total;
+}
+
+/* Within wg_fast_relay_bound's bounds: past them the owner decides the SYN. */
+static bool fast_relay_room(wg_engine *e, uint32_t peer_id) {
+    if (e->fast_max_per_peer) {
+        uint32_t open = 0, half_open = 0;
+        if (tcp_peer_counts(e->tcp, peer_id, &open, &half_open) != 0 || open > e->fast_max_per_peer)
+            return false;
+    }
+    if (e->fast_max_total) {
+        tcp_stats st;
+        tcp_get_stats(e->tcp, &st);
+        if (st.open > e->fast_max_total) return false;
+    }
+    return true;
 }
 
 void hub_forget_peer(wg_engine *e, uint32_t peer_id) {
@@ -116,7 +138,8 @@ static bool fast_report_room(wg_engine *e) {
 static bool fast_relay_take(wg_engine *e, uint32_t conn_id) {
     tcp_conn_info info;
     if (tcp_get_info(e->tcp, conn_id, &info) != 0) return false;
-    if (!fast_relay_approved(e, info.peer_id, info.dst_ip, info.dst_port) || !fast_report_room(e))
+    if (!fast_relay_approved(e, info.peer_id, info.dst_ip, info.dst_port) ||
+        !fast_relay_room(e, info.peer_id) || !fast_report_room(e))
         return false;
     if (splice_connect(e->splice, conn_id, info.dst_ip, info.dst_port,
                        e->now + e->fast_connect_timeout, e->now) != 0)
@@ -174,6 +197,19 @@ static void tcp_event_cb(void *ctx, const tcp_event *ev) {
 
 tcp_stack *wg_engine_tcp(wg_engine *e) { return e->tcp; }
 
+int wg_peer_abort_flows(wg_engine *e, uint32_t peer_id, uint32_t reason, double now) {
+    if (peer_id >= e->cfg.max_peers || !e->peers[peer_id].active) return WG_ENOPEER;
+    if (reason != TCP_CLOSE_PEER_GONE && reason != TCP_CLOSE_PRESSURE) return WG_EINVAL;
+    e->now = now;
+    /* Spliced connections hear of it through their CLOSED event (splice_claim_event); the run
+     * right after closes their sockets and queues their results with tcp_close = reason. */
+    int n = tcp_abort_peer(e->tcp, peer_id, reason, now);
+    splice_run(e->splice, now);
+    tcp_flush(e->tcp, now);
+    if (e->io_fd >= 0) wg_io_flush(e);
+    return n;
+}
+
 splice_table *wg_engine_splice(wg_engine *e) { return e->splice; }
 
 int wg_splice_service(wg_engine *e, double now) {
@@ -228,6 +264,19 @@ int hub_udp_input(wg_engine *e, uint32_t id, const wire_ip_repr *ip) {
     uint32_t payload_len = (uint32_t)(udp_len - 8);
     if (e->udp_count == WG_UDP_QUEUE_MAX || payload_len > WG_UDP_ARENA_SIZE - e->udp_arena_used)
         return WG_DROP_UDP_OVERFLOW;
+    /* Fair share: with k peers queuing (this one among them), each holds at most 1/(k+1) of
+     * the queue, so k * 1/(k+1) is the most they hold together and a newcomer always finds
+     * its 1/(k+2).  Two multiplications, no division, per datagram. */
+    peer *p = &e->peers[id];
+    uint64_t parts = (uint64_t)e->udp_peers + (p->udp_queued ? 1 : 2);
+    if ((uint64_t)(p->udp_queued + 1) * parts > WG_UDP_QUEUE_MAX ||
+        (uint64_t)(p->udp_bytes + payload_len) * parts > WG_UDP_ARENA_SIZE) {
+        p->udp_share_drops++;
+        return WG_DROP_UDP_PEER_SHARE;
+    }
+    if (!p->udp_queued) e->udp_peers++;
+    p->udp_queued++;
+    p->udp_bytes += payload_len;
     wg_udp_meta *m = &e->udp_meta[e->udp_count++];
     m->peer_id = (int32_t)id;
     m->src_ip = rd32be(ip->src);
@@ -255,6 +304,11 @@ int wg_udp_drain(wg_engine *e, wg_udp_meta *out, int max, const uint8_t **arena)
     int n = (int)e->udp_count < max ? (int)e->udp_count : max;
     memcpy(out, e->udp_meta, (size_t)n * sizeof *out);
     *arena = e->udp_arena;
+    for (uint32_t i = 0; i < e->udp_count; i++) { /* every share starts again */
+        peer *p = &e->peers[e->udp_meta[i].peer_id];
+        p->udp_queued = p->udp_bytes = 0;
+    }
+    e->udp_peers = 0;
     e->udp_count = 0;
     e->udp_arena_used = 0;
     return n;

@@ -12,6 +12,14 @@
  * the current ACK and window.  Timers (RTO / persist, delayed ACK, state timeouts) are folded
  * into one deadline per connection kept in a min-heap for tcp_tick / tcp_next_deadline.
  *
+ * TIME-WAIT lasts time_wait_ms (1 s by default), not RFC 9293's 2 MSL (4 min): the gateway
+ * opens thousands of connections a second and 2 MSL of them would not fit the table.  What the
+ * 2 MSL protects, old duplicates reaching a new incarnation of the same 4-tuple, is kept by the
+ * rules around it: a SYN reopens a 4-tuple in TIME-WAIT only with an initial sequence number
+ * above the old connection's last (RFC 1122 4.2.2.13), any other SYN gets a challenge ACK, and an
+ * RST never ends TIME-WAIT early (RFC 1337).  And the segments come through an authenticated
+ * WireGuard session, whose own replay window drops old duplicates of the tunnel's packets.
+ *
  * Memory: a connection is one struct (< 512 bytes); each ring buffer is allocated when data
  * first needs it and freed again when it drains, so idle connections stay small.
  *
@@ -80,14 +88,17 @@ typedef struct tcp_conn {
     uint8_t wscale_ok, snd_wscale, rcv_wscale, backoff, ack_listed, nooo;
     uint8_t probes_unanswered; /* zero-window probes since the peer last ACKed anything */
     uint8_t sack_ok, nsacked;
+    uint8_t sws_override;      /* the persist timer lets one short segment through */
+    uint8_t challenges;        /* challenge ACKs sent in the second from challenge_at */
     uint16_t snd_mss;
     int32_t heap_idx;
     struct tcp_conn *hnext;             /* hash chain; the reap list once unhashed */
     struct tcp_conn *ack_prev, *ack_next; /* connections owing an ACK */
     struct tcp_conn *tw_prev, *tw_next;   /* TIME-WAIT, oldest first */
-    double timer_at, rto_at, delack_at, state_at;
+    double timer_at, rto_at, delack_at, state_at, challenge_at;
     /* send side: the ring holds [snd_una, snd_una + slen) (data only; SYN/FIN are flags) */
     uint32_t iss, snd_una, snd_nxt, snd_max, snd_wnd, snd_wl1, snd_wl2;
+    uint32_t max_sndwnd;                /* the largest window the peer offered (SWS avoidance) */
     uint32_t cwnd, ssthresh, recover, dupacks, ca_acked;
     uint32_t rtx_next;                  /* SACK recovery: holes below this were resent */
     seq_range sacked[SACK_MAX];         /* what the peer SACKed above snd_una, sorted */
@@ -496,6 +507,26 @@ static void conn_emit(tcp_stack *s, tcp_conn *c, uint32_t seq, uint8_t flags, ui
 
 static void send_ack(tcp_stack *s, tcp_conn *c) { conn_emit(s, c, c->snd_nxt, F_ACK, 0, 0); }
 
+/* May the connection answer an unacceptable segment now?  At most TCP_CHALLENGE_ACKS_PER_S a
+ * second each (RFC 5961 7), so a flood of bad segments is not answered one for one. */
+static int challenge_allowed(tcp_stack *s, tcp_conn *c, double now) {
+    if (now - c->challenge_at >= 1.0 || now < c->challenge_at) {
+        c->challenge_at = now;
+        c->challenges = 0;
+    }
+    if (c->challenges >= TCP_CHALLENGE_ACKS_PER_S) {
+        s->st.challenge_acks_limited++;
+        return 0;
+    }
+    c->challenges++;
+    s->st.challenge_acks++;
+    return 1;
+}
+
+static void challenge_ack(tcp_stack *s, tcp_conn *c, double now) {
+    if (challenge_allowed(s, c, now)) send_ack(s, c);
+}
+
 static void ack_later(tcp_stack *s, tcp_conn *c, double now) {
     if (c->ack_listed) return;
     c->ack_listed = 1;
@@ -556,6 +587,8 @@ static void conn_output(tcp_stack *s, tcp_conn *c, double now) {
         st != TCP_ST_CLOSING && st != TCP_ST_LAST_ACK)
         return;
     uint32_t fin_seq = c->snd_una + c->slen;
+    int sws_wait = 0;
+    if (c->snd_wnd > c->max_sndwnd) c->max_sndwnd = c->snd_wnd;
     for (;;) {
         uint32_t limit = 0xffffffffu; /* resending after an RTO: stop at the next SACKed range */
         if (c->nsacked && SEQ_LT(c->snd_nxt, c->snd_max)) {
@@ -583,6 +616,14 @@ static void conn_output(tcp_stack *s, tcp_conn *c, double now) {
         if (c->snd_wnd < off) usable = 0; /* the peer's window counts from snd_una, SACK or not */
         else usable = min_u32(usable, c->snd_wnd - off);
         uint32_t n = min_u32(min_u32(min_u32(avail, usable), c->snd_mss), limit);
+        /* Sender SWS avoidance (RFC 1122 4.2.3.4): new data goes as a full segment, or as all
+         * that waits, or as at least half the largest window offered; a sliver of a window waits
+         * for the window to open (or, nothing in flight, for the persist timer below). */
+        if (n < c->snd_mss && n < avail && n < c->max_sndwnd / 2 && !c->sws_override &&
+            SEQ_GEQ(c->snd_nxt, c->snd_max)) {
+            sws_wait = 1;
+            break;
+        }
         int fin = c->fin_queued && n == avail && c->snd_nxt + n == fin_seq;
         if (n == 0 && !fin) break;
         uint8_t flags = F_ACK;
@@ -602,11 +643,13 @@ static void conn_output(tcp_stack *s, tcp_conn *c, double now) {
         if (SEQ_GT(c->snd_nxt, c->snd_max)) c->snd_max = c->snd_nxt;
         c->persist = 0;
         if (!c->rto_at) arm_rto(s, c, now);
+        c->sws_override = 0;
         if (fin) break;
     }
-    /* The peer's window is closed with data waiting and nothing in flight to be ACKed: probe. */
-    if (c->snd_wnd == 0 && c->snd_nxt == c->snd_una && (c->slen > 0 || c->fin_queued) &&
-        !c->rto_at) {
+    /* The peer's window is closed (or a sliver, held back above) with data waiting and nothing
+     * in flight to be ACKed: probe, or send the sliver when the timer fires. */
+    if ((c->snd_wnd == 0 || sws_wait) && c->snd_nxt == c->snd_una &&
+        (c->slen > 0 || c->fin_queued) && !c->rto_at) {
         c->persist = 1;
         arm_rto(s, c, now);
     }
@@ -1099,12 +1142,14 @@ static int conn_input(tcp_stack *s, tcp_conn *c, uint32_t peer_id, seg_repr *g, 
         conn_closed(s, c, TCP_CLOSE_NORMAL);
         return new_connection(s, peer_id, g, now);
     }
+    if (c->state == TCP_ST_TIME_WAIT && (fl & F_RST))
+        return drop(s, TCP_DROP_RST_IGNORED); /* RFC 1337: no TIME-WAIT assassination */
     if ((fl & F_SYN) && !(fl & F_RST)) {
         if (c->state == TCP_ST_SYN_RECEIVED && g->seq == c->irs) {
-            send_synack(s, c); /* our SYN-ACK was lost */
+            if (challenge_allowed(s, c, now)) send_synack(s, c); /* our SYN-ACK was lost */
             return drop(s, TCP_DROP_SYN_DUPLICATE);
         }
-        send_ack(s, c); /* RFC 5961 4.2 challenge ACK */
+        challenge_ack(s, c, now); /* RFC 5961 4.2 */
         return drop(s, TCP_DROP_SYN_DUPLICATE);
     }
 
@@ -1131,7 +1176,7 @@ static int conn_input(tcp_stack *s, tcp_conn *c, uint32_t peer_id, seg_repr *g, 
             probe = 1; /* the peer's FIN again (our ACK was lost): ACK it */
         } else {
             if (fl & F_RST) return drop(s, TCP_DROP_RST_IGNORED);
-            send_ack(s, c);
+            challenge_ack(s, c, now);
             return drop(s, TCP_DROP_OUT_OF_WINDOW);
         }
     }
@@ -1140,7 +1185,7 @@ static int conn_input(tcp_stack *s, tcp_conn *c, uint32_t peer_id, seg_repr *g, 
             conn_closed(s, c, TCP_CLOSE_RESET);
             return 0;
         }
-        send_ack(s, c); /* RFC 5961 3.2: in window but not exact */
+        challenge_ack(s, c, now); /* RFC 5961 3.2: in window but not exact */
         return drop(s, TCP_DROP_RST_IGNORED);
     }
     if (!(fl & F_ACK)) return drop(s, TCP_DROP_NO_ACK);
@@ -1188,7 +1233,7 @@ static int conn_input(tcp_stack *s, tcp_conn *c, uint32_t peer_id, seg_repr *g, 
         s->st.established++;
     }
     if (SEQ_GT(g->ack, c->snd_max)) {
-        send_ack(s, c);
+        challenge_ack(s, c, now);
         return drop(s, TCP_DROP_BAD_ACK);
     }
     if (SEQ_GEQ(g->ack, c->snd_una)) {
@@ -1610,6 +1655,21 @@ int tcp_remove_peer(tcp_stack *s, uint32_t peer_id, double now) {
     return n;
 }
 
+int tcp_abort_peer(tcp_stack *s, uint32_t peer_id, uint32_t reason, double now) {
+    if (!s || (reason != TCP_CLOSE_PEER_GONE && reason != TCP_CLOSE_PRESSURE)) return TCP_EINVAL;
+    s->now = now;
+    int n = 0;
+    for (uint32_t i = 0; i < s->cfg.max_conns; i++) {
+        tcp_conn *c = s->slots[i];
+        if (!c || c->peer_id != peer_id || c->state == TCP_ST_CLOSED) continue;
+        if (reason == TCP_CLOSE_PRESSURE) abort_conn(s, c, (int)reason);
+        else conn_closed(s, c, (int)reason);
+        n++;
+    }
+    reap(s);
+    return n;
+}
+
 int tcp_get_info(tcp_stack *s, uint32_t conn_id, tcp_conn_info *out) {
     tcp_conn *c = conn_by_id(s, conn_id);
     if (!c) return TCP_ENOCONN;
@@ -1655,6 +1715,15 @@ static void on_rto(tcp_stack *s, tcp_conn *c, double now) {
         s->st.retransmits++;
         send_synack(s, c);
         arm_rto(s, c, now);
+        return;
+    }
+    if (c->persist && c->snd_wnd > 0) {
+        /* A window too small to fill (SWS avoidance held it): the override timeout of RFC 1122
+         * 4.2.3.4 sends what fits, and the RTO (with its retry limit) takes over. */
+        c->persist = 0;
+        c->sws_override = 1;
+        conn_output(s, c, now);
+        c->sws_override = 0;
         return;
     }
     if (c->persist) {

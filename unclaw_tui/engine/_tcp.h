@@ -25,7 +25,10 @@
  * ACK policy: every second full-sized in-order segment, any out-of-order or hole-filling
  * segment, a FIN and a segment outside the window are ACKed at once; any other in-order data
  * is ACKed by tcp_flush (call it at the end of each input batch) or, failing that, by a
- * delayed-ACK timer of TCP_DELACK_MS.  Data is sent at once (no Nagle).
+ * delayed-ACK timer of TCP_DELACK_MS.  Data is sent at once (no Nagle), but not in slivers:
+ * sender silly-window avoidance (RFC 1122 4.2.3.4) holds a segment shorter than the MSS while
+ * more data waits behind it, until the window allows a full one or half the largest window the
+ * peer offered, or the persist timer fires with nothing in flight.
  *
  * Conventions as _wgstack.h: IPv4 addresses and ports in host byte order, times in seconds
  * (double, the caller's monotonic clock), negative TCP_E* codes on error.  This header is also
@@ -74,6 +77,8 @@
 #define TCP_CLOSE_SYN_TIMEOUT 6  /* the SYN was never accepted nor rejected */
 #define TCP_CLOSE_PEER_REMOVED 7 /* tcp_remove_peer */
 #define TCP_CLOSE_EVICTED 8      /* released while the peer stayed silent (FIN-WAIT-2 timeout) */
+#define TCP_CLOSE_PEER_GONE 9    /* tcp_abort_peer: the peer went away (nothing sent) */
+#define TCP_CLOSE_PRESSURE 10    /* tcp_abort_peer: its resources were needed (RST, RFC 6429) */
 
 /* Why an input segment was dropped; each is counted (tcp_drop_count). */
 #define TCP_DROP_MALFORMED 0       /* IP/TCP header too short or inconsistent */
@@ -94,6 +99,10 @@
 #define TCP_DROP__COUNT 15
 
 #define TCP_DELACK_MS 5
+/* ACKs a connection sends per second in answer to unacceptable segments (out of window, an
+ * inexact RST, a SYN, an ACK of unsent data, a repeated SYN): RFC 5961 section 7's limit, per
+ * connection so that one peer's flood cannot use up another's. */
+#define TCP_CHALLENGE_ACKS_PER_S 10
 
 typedef struct {
     uint32_t conn_id;
@@ -157,6 +166,8 @@ typedef struct {
     uint32_t half_open;
     uint32_t time_wait;
     uint64_t mem;                /* heap bytes held by connections (structs + buffers) */
+    uint64_t challenge_acks;     /* ACKs answering unacceptable segments (RFC 5961, RFC 9293) */
+    uint64_t challenge_acks_limited; /* ... not sent: over TCP_CHALLENGE_ACKS_PER_S */
 } tcp_stats;
 
 typedef struct tcp_stack tcp_stack;
@@ -194,6 +205,9 @@ int tcp_abort(tcp_stack *s, uint32_t conn_id, double now);          /* RST, then
 int tcp_release(tcp_stack *s, uint32_t conn_id, double now);
 /* Closes every connection of peer_id without sending anything; returns how many. */
 int tcp_remove_peer(tcp_stack *s, uint32_t peer_id, double now);
+/* Ends every connection of peer_id (TIME-WAIT and released ones included) with reason
+ * (TCP_CLOSE_PEER_GONE: nothing sent; TCP_CLOSE_PRESSURE: an RST each); returns how many. */
+int tcp_abort_peer(tcp_stack *s, uint32_t peer_id, uint32_t reason, double now);
 int tcp_get_info(tcp_stack *s, uint32_t conn_id, tcp_conn_info *out);
 
 /* Zero-copy access for an owner that moves bytes between a connection and a socket (the

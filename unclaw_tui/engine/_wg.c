@@ -130,12 +130,20 @@ static wg_event *event_push(wg_engine *e, uint32_t type, int32_t peer_id, uint32
     return ev;
 }
 
+/* The absolute ring position the next event_push takes (see peer.endpoint_ev_pos). */
+static uint64_t event_next_pos(const wg_engine *e) { return e->ev_popped + e->ev_count; }
+
+static void raise_owed_handshakes(wg_engine *e);
+
 int wg_next_event(wg_engine *e, wg_event *out) {
     if (e->ev_count == 0) return 0;
     wg_event *ev = &e->events[e->ev_head];
     memcpy(out, ev, offsetof(wg_event, data) + ev->len);
+    if (ev->type == WG_EV_HANDSHAKE_PACKET) e->ev_handshakes--;
     e->ev_head = (e->ev_head + 1) % EVENT_RING_SIZE;
     e->ev_count--;
+    e->ev_popped++;
+    if (e->owed_count) raise_owed_handshakes(e); /* the room just made */
     return 1;
 }
 
@@ -385,6 +393,7 @@ static void timers_session_derived(wg_engine *e, uint32_t id, double now) {
 static void timers_handshake_complete(wg_engine *e, uint32_t id) {
     /* Handshake retransmission lives in Python; here it only lifts the NEED_HANDSHAKE limit. */
     e->peers[id].need_handshake_signalled = false;
+    e->peers[id].need_handshake_owed = 0;
 }
 
 /* ---- Peers and keypairs ------------------------------------------------------------------- */
@@ -398,7 +407,28 @@ static void need_handshake(wg_engine *e, uint32_t id, uint32_t reason, double no
     if (p->need_handshake_signalled && now - p->need_handshake_at < REKEY_TIMEOUT) return;
     p->need_handshake_signalled = true;
     p->need_handshake_at = now;
-    event_push(e, WG_EV_NEED_HANDSHAKE, (int32_t)id, reason);
+    if (event_push(e, WG_EV_NEED_HANDSHAKE, (int32_t)id, reason)) return;
+    /* The ring is full: without this the peer would wait REKEY_TIMEOUT for the next try. */
+    p->need_handshake_owed = (uint8_t)reason;
+    if (!p->owed_listed) {
+        p->owed_listed = true;
+        e->owed[(e->owed_head + e->owed_count) % e->cfg.max_peers] = id;
+        e->owed_count++;
+    }
+}
+
+static void raise_owed_handshakes(wg_engine *e) {
+    while (e->owed_count && e->ev_count < EVENT_RING_SIZE) {
+        uint32_t id = e->owed[e->owed_head];
+        e->owed_head = (e->owed_head + 1) % e->cfg.max_peers;
+        e->owed_count--;
+        peer *p = &e->peers[id];
+        p->owed_listed = false;
+        if (!p->active || !p->need_handshake_owed) continue; /* removed, or a keypair came */
+        event_push(e, WG_EV_NEED_HANDSHAKE, (int32_t)id, p->need_handshake_owed);
+        p->need_handshake_owed = 0;
+        p->need_handshake_at = e->now;
+    }
 }
 
 static void keypair_destroy(wg_engine *e, keypair *kp, bool announce) {
@@ -527,9 +557,11 @@ int wg_peer_add(wg_engine *e, uint32_t peer_id, uint16_t persistent_keepalive_s)
     if (peer_id >= e->cfg.max_peers) return WG_EINVAL;
     peer *p = &e->peers[peer_id];
     if (p->active) return WG_EEXIST;
-    bool in_list = p->in_timer_list; /* a removed peer may still sit in the timer list */
+    /* a removed peer may still sit in the timer list and the owed FIFO */
+    bool in_list = p->in_timer_list, owed_listed = p->owed_listed;
     memset(p, 0, sizeof *p);
     p->in_timer_list = in_list;
+    p->owed_listed = owed_listed;
     p->active = true;
     p->persistent_keepalive = persistent_keepalive_s;
     return 0;
@@ -545,9 +577,10 @@ int wg_peer_remove(wg_engine *e, uint32_t peer_id) {
     route_remove_peer(&e->routes, peer_id);
     tcp_remove_peer(e->tcp, peer_id, e->now); /* CLOSED (PEER_REMOVED) events, nothing sent */
     hub_forget_peer(e, peer_id);
-    bool in_list = p->in_timer_list;
+    bool in_list = p->in_timer_list, owed_listed = p->owed_listed;
     memset(p, 0, sizeof *p);
     p->in_timer_list = in_list; /* wg_tick drops it from the list */
+    p->owed_listed = owed_listed; /* raise_owed_handshakes skips it */
     return 0;
 }
 
@@ -637,6 +670,7 @@ int wg_peer_get_stats(wg_engine *e, uint32_t peer_id, wg_peer_stats *out) {
     out->current_created = p->current ? p->current->created : 0;
     out->has_current = keypair_usable_for_send(p->current, e->now);
     out->staged = p->staged_count;
+    out->udp_share_drops = p->udp_share_drops;
     return 0;
 }
 
@@ -761,6 +795,28 @@ static void keypair_confirmed(wg_engine *e, uint32_t id, double now) {
     peer_send_staged(e, id, now);
 }
 
+/* The peer's ENDPOINT_CHANGED not read yet is brought up to date in place; only a peer
+ * without one takes a new slot, so a peer changing source port on every packet (roaming, or
+ * on purpose) takes one slot of the ring, not one a packet. */
+static void endpoint_changed(wg_engine *e, uint32_t id, const wg_endpoint *src) {
+    peer *p = &e->peers[id];
+    endpoint_copy(&p->endpoint, src);
+    if (p->endpoint_ev_queued && p->endpoint_ev_pos >= e->ev_popped) {
+        wg_event *queued = &e->events[p->endpoint_ev_pos % EVENT_RING_SIZE];
+        if (queued->type == WG_EV_ENDPOINT_CHANGED && queued->peer_id == (int32_t)id) {
+            queued->src = p->endpoint;
+            return;
+        }
+    }
+    uint64_t pos = event_next_pos(e);
+    wg_event *ev = event_push(e, WG_EV_ENDPOINT_CHANGED, (int32_t)id, 0);
+    p->endpoint_ev_queued = ev != NULL;
+    if (ev) {
+        ev->src = p->endpoint;
+        p->endpoint_ev_pos = pos;
+    }
+}
+
 static int transport_input(wg_engine *e, const uint8_t *data, size_t len, const wg_endpoint *src,
                            double now) {
     if (len < MSG_KEEPALIVE_SIZE) return WG_DROP_TRUNCATED;
@@ -784,11 +840,7 @@ static int transport_input(wg_engine *e, const uint8_t *data, size_t len, const 
     /* Authenticated from here on. */
     uint32_t id = kp->peer_id;
     peer *p = &e->peers[id];
-    if (!endpoint_equal(&p->endpoint, src)) {
-        endpoint_copy(&p->endpoint, src);
-        wg_event *ev = event_push(e, WG_EV_ENDPOINT_CHANGED, (int32_t)id, 0);
-        if (ev) ev->src = p->endpoint;
-    }
+    if (!endpoint_equal(&p->endpoint, src)) endpoint_changed(e, id, src);
     p->rx_bytes += len;
     p->rx_packets++;
     p->last_rx = now;
@@ -819,8 +871,10 @@ static int datagram_input(wg_engine *e, const uint8_t *data, size_t len, const w
     default: return WG_DROP_BAD_TYPE;
     }
     if (len != want) return WG_DROP_BAD_SIZE;
+    if (e->ev_handshakes >= EVENT_RING_HANDSHAKE_MAX) return WG_DROP_HANDSHAKE_FLOOD;
     wg_event *ev = event_push(e, WG_EV_HANDSHAKE_PACKET, -1, 0);
     if (ev) {
+        e->ev_handshakes++;
         endpoint_copy(&ev->src, src);
         ev->len = (uint32_t)len;
         memcpy(ev->data, data, len);
@@ -968,11 +1022,12 @@ bool dp_init(wg_engine *e) {
     e->out_bufs = malloc(OUTPUT_RING_SIZE * e->out_slot_size);
     e->out_meta = calloc(OUTPUT_RING_SIZE, sizeof *e->out_meta);
     e->events = calloc(EVENT_RING_SIZE, sizeof *e->events);
+    e->owed = calloc(cfg->max_peers, sizeof *e->owed);
     e->plain_cap = 65536;
     e->plain = malloc(e->plain_cap);
     e->tx_scratch = malloc(cfg->mtu);
     return e->peers && e->timer_list && e->indices.slots && e->routes.hosts && e->out_bufs &&
-           e->out_meta && e->events && e->plain && e->tx_scratch;
+           e->out_meta && e->events && e->owed && e->plain && e->tx_scratch;
 }
 
 void dp_free(wg_engine *e) {
@@ -996,6 +1051,7 @@ void dp_free(wg_engine *e) {
     free(e->out_bufs);
     free(e->out_meta);
     free(e->events);
+    free(e->owed);
     free(e->plain);
     free(e->tx_scratch);
 }

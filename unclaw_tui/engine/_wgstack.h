@@ -84,6 +84,9 @@ typedef struct {
 } wg_config;
 
 /* Events for Python, read with wg_next_event after wg_input / wg_io_recv / wg_tick. */
+/* Handshake messages (unauthenticated) take at most half the event ring; a NEED_HANDSHAKE the
+ * full ring refused is raised again as soon as wg_next_event makes room; a peer's
+ * ENDPOINT_CHANGED not yet read is updated in place by a newer one. */
 #define WG_EV_HANDSHAKE_PACKET 1 /* a message of type 1, 2 or 3: data/len/src. peer_id unknown (-1) */
 #define WG_EV_NEED_HANDSHAKE 2   /* peer_id: the data path wants a new handshake; arg = WG_NEED_* */
 #define WG_EV_KEYPAIR_CONFIRMED 3 /* peer_id: a responder keypair (arg = local index) became current */
@@ -125,7 +128,9 @@ typedef struct {
 #define WG_DROP_SEND_ERROR 15      /* the socket refused a datagram (error other than EAGAIN) */
 #define WG_DROP_UDP_OVERFLOW 16    /* UDP datagram queue (count or payload arena) full */
 #define WG_DROP_UDP_TOO_LARGE 17   /* a datagram for a peer larger than the tunnel MTU allows */
-#define WG_DROP__COUNT 18
+#define WG_DROP_UDP_PEER_SHARE 18  /* UDP datagram from a peer that holds its share of the queue */
+#define WG_DROP_HANDSHAKE_FLOOD 19 /* handshake message while they hold their half of the events */
+#define WG_DROP__COUNT 20
 
 typedef struct {
     wg_endpoint endpoint;
@@ -138,6 +143,7 @@ typedef struct {
     double current_created; /* time the current keypair was installed, 0 = none */
     uint32_t has_current;   /* a current keypair usable for sending */
     uint32_t staged;        /* inner packets waiting for a handshake */
+    uint64_t udp_share_drops; /* its UDP datagrams refused for holding its queue share */
 } wg_peer_stats;
 
 typedef struct {
@@ -174,6 +180,12 @@ int wg_peer_set_endpoint(wg_engine *e, uint32_t peer_id, const wg_endpoint *ep);
 int wg_peer_install_keypair(wg_engine *e, uint32_t peer_id, uint32_t local_index,
                             uint32_t remote_index, const uint8_t *send_key,
                             const uint8_t *recv_key, int is_initiator, double now);
+/* End every TCP connection and splice of a peer at once, reported as usual (TCP_EV_CLOSED
+ * with reason, splice_results with tcp_close = reason), for a peer that went away
+ * (TCP_CLOSE_PEER_GONE: nothing is sent, it would not arrive) or to free its resources under
+ * pressure (TCP_CLOSE_PRESSURE, RFC 6429: each connection gets an RST).  The peer stays.
+ * Returns how many connections ended; WG_ENOPEER, or WG_EINVAL for another reason. */
+int wg_peer_abort_flows(wg_engine *e, uint32_t peer_id, uint32_t reason, double now);
 /* Python gave up on handshaking (REKEY_ATTEMPT_TIME): drop the staged packets. */
 int wg_peer_drop_staged(wg_engine *e, uint32_t peer_id);
 int wg_peer_get_stats(wg_engine *e, uint32_t peer_id, wg_peer_stats *out);
@@ -247,13 +259,20 @@ typedef struct {
 int wg_fast_relay_allow(wg_engine *e, uint32_t peer_id, uint32_t ip, uint16_t port,
                         double expires, double connect_timeout);
 void wg_fast_relay_clear(wg_engine *e);
+/* The fast relay takes a SYN only while its peer has at most per_peer open connections and the
+ * engine at most total (this SYN's included; 0 = no bound); past either the SYN is raised as
+ * usual, so the owner decides it against its own budget (of descriptors) and can say why. */
+void wg_fast_relay_bound(wg_engine *e, uint32_t per_peer, uint32_t total);
 /* Pop up to max reports of connections the engine spliced itself, oldest first. */
 int wg_fast_relay_opened(wg_engine *e, wg_fast_open *out, int max);
 /* Reports waiting for the owner: wg_fast_relay_opened's plus splice_results'. */
 uint32_t wg_reports_waiting(wg_engine *e);
 
 /* UDP from peers.  Each datagram (valid header, length and checksum when nonzero; not to a
- * multicast or broadcast address) is queued with its payload in an arena. */
+ * multicast or broadcast address) is queued with its payload in an arena.  The queue is shared
+ * fairly: between drains, while k peers have datagrams queued, each may hold at most 1/(k+1)
+ * of the datagrams and of the arena (WG_DROP_UDP_PEER_SHARE past it), which always leaves a
+ * newcomer its own share, however hard the others flood. */
 typedef struct {
     int32_t peer_id;
     uint32_t src_ip, dst_ip;     /* src = the peer's tunnel-side address, dst = where it was sent */

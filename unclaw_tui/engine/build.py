@@ -1,7 +1,5 @@
-"""cffi builder for the C engine (the WireGuard data plane `_wg.c` + the engine hub `_hub.c` + the
-wire formats `_wire.c` + the userspace TCP `_tcp.c` + the relay's splices `_splice.c` + the
-engine's thread `_worker.c`), declared by `_tcp.h`, `_splice.h`, `_wgstack.h` (which includes
-both) and `_worker.h`; `_wire.h` and `_engine.h` are private to the C files.
+"""cffi builder for the C engine (SOURCES_REL), declared by HEADERS; `_wire.h` and `_engine.h`
+are private to the C files.
 
 Used by setup.py (`cffi_modules`) and, for development, in place:
 `python -m unclaw_tui.engine.build` puts `_wgstack_cffi*.so` beside this file.
@@ -17,25 +15,27 @@ from cffi import FFI
 
 ENGINE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = ENGINE_DIR.parent.parent
-# The cdef takes the headers in dependency order: _splice.h uses _tcp.h's types, _wgstack.h both,
-# _worker.h (the data plane's own thread) the engine.
+# The cdef takes the headers in dependency order: _splice.h uses _tcp.h's types, _wgstack.h
+# (which includes both) the two, _worker.h (the data plane's own thread) the engine.
 HEADERS = (
     ENGINE_DIR / "_tcp.h",
     ENGINE_DIR / "_splice.h",
     ENGINE_DIR / "_wgstack.h",
     ENGINE_DIR / "_worker.h",
+    ENGINE_DIR / "_dns.h",
 )
 # Relative to the repo root, the working directory of setuptools builds (and of __main__ below):
 # setuptools rejects absolute source paths, and distutils would mirror them under its tmpdir.
-SOURCES_REL = [
-    "unclaw_tui/engine/_wg.c",
-    "unclaw_tui/engine/_hub.c",
-    "unclaw_tui/engine/_wire.c",
-    "unclaw_tui/engine/_tcp.c",
-    "unclaw_tui/engine/_splice.c",
-    "unclaw_tui/engine/_worker.c",
-]
 ENGINE_DIR_REL = "unclaw_tui/engine"
+SOURCES_REL = [
+    f"{ENGINE_DIR_REL}/_wg.c",  # the WireGuard data plane
+    f"{ENGINE_DIR_REL}/_hub.c",  # the engine hub
+    f"{ENGINE_DIR_REL}/_wire.c",  # wire formats
+    f"{ENGINE_DIR_REL}/_tcp.c",  # the userspace TCP
+    f"{ENGINE_DIR_REL}/_splice.c",  # the relay's splices
+    f"{ENGINE_DIR_REL}/_worker.c",  # the engine's thread
+    f"{ENGINE_DIR_REL}/_dns.c",  # the DNS query shape check
+]
 
 
 def cdef_from_header(text: str) -> str:
@@ -70,7 +70,7 @@ ffibuilder = FFI()
 ffibuilder.cdef("\n".join(cdef_from_header(header.read_text()) for header in HEADERS))
 ffibuilder.set_source(
     "unclaw_tui.engine._wgstack_cffi",
-    '#include "_wgstack.h"\n#include "_worker.h"',
+    '#include "_wgstack.h"\n#include "_worker.h"\n#include "_dns.h"',
     sources=SOURCES_REL,
     include_dirs=[ENGINE_DIR_REL],
     extra_compile_args=compile_args,

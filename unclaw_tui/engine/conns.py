@@ -3,18 +3,14 @@
 It turns the engine's TCP events into `TcpConn` calls and its UDP queue into `UdpDatagram`s for
 `on_tcp` / `on_udp`, hands connections to C's splices and keeps their owners' completion
 callbacks, and reports the connections the engine relayed on its own (the fast relay) through
-`on_fast_relay`. Reports are taken from C under the engine lock and delivered after it is given
-back, so that building events for a batch of connections never keeps the engine's thread
-waiting. Everything here runs on the event loop's thread.
+`on_fast_relay`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from unclaw_tui.engine import _ffi
@@ -66,19 +62,9 @@ class ConnTable:
         """One engine call for a flow; its packets go out this loop turn."""
         return self._driver.call(fn)
 
-    def now(self) -> float:
-        return self._driver.now()
-
     @property
     def can_splice(self) -> bool:
         return self._engine.can_splice
-
-    def tcp_info(self, conn_id: int) -> _ffi.TcpInfo:
-        return self._engine.tcp_info(conn_id)
-
-    def splice_bytes(self, conn_id: int) -> tuple[int, int] | None:
-        """Live (up, down) bytes of a spliced connection."""
-        return self._engine.splice_bytes(conn_id)
 
     def splice_abort(self, conn_id: int) -> None:
         self._engine.splice_abort(conn_id, self._driver.now())
@@ -96,10 +82,8 @@ class ConnTable:
         """See `TcpConn.splice`, `TcpConn.splice_socket` and (accepted) `splice_accepted`."""
         now = self._driver.now()
         if isinstance(target, socket.socket):
-            if accepted:
-                self._engine.splice_adopt(conn.conn_id, target.fileno(), now)
-            else:
-                self._engine.splice_attach(conn.conn_id, target.fileno(), now)
+            hand_over = self._engine.splice_adopt if accepted else self._engine.splice_attach
+            hand_over(conn.conn_id, target.fileno(), now)
             target.detach()  # the fd is C's now
         else:
             self._engine.splice_connect(conn.conn_id, target, now + timeout, now)
@@ -125,6 +109,11 @@ class ConnTable:
             return  # gone meanwhile: nothing to approve
         expires = None if ttl is None else self._driver.now() + ttl
         self._engine.fast_relay_allow(peer_id, dst, expires, connect_timeout)
+
+    def fast_relay_bound(self, per_peer: int, total: int) -> None:
+        """The fast relay takes a SYN only while its peer has at most per_peer open connections
+        and the engine at most total; past either, `on_tcp` decides it (and can refuse it)."""
+        self._engine.fast_relay_bound(per_peer, total)
 
     def fast_relay_clear(self) -> None:
         """Every SYN goes to `on_tcp` again, until the next `fast_relay_allow`."""
@@ -184,20 +173,18 @@ class ConnTable:
         """Settle splices started this turn (a connect to a nearby host often completes inside
         connect() itself: the SYN-ACKs then leave in this turn, not the next) and take the
         reports waiting; True if there was anything to do."""
-        if self._splices_started:
-            self._splices_started = False
+        started, self._splices_started = self._splices_started, False
+        if started:
             self._engine.splice_service(now)
+        if started or reports:
             self.take_reports(now)
-            return True
-        if reports:
-            self.take_reports(now)
-            return True
-        return False
+        return started or reports
 
     def take_reports(self, now: float) -> None:
         """Move C's reports (fast-relayed connections opened, splices ended, in that order: a
         result may be of a connection opened in the same batch) to be delivered after the
-        engine lock is given back."""
+        engine lock is given back: building events for a batch of connections must not keep
+        the engine's thread waiting."""
         for opened in self._engine.fast_relay_opened():
             key = self._peer_key(opened.peer_id)
             if key is not None:  # always: the tunnel takes reports before removing a peer
@@ -213,17 +200,14 @@ class ConnTable:
         for report in reports:
             if isinstance(report, tuple):
                 opened, public_key = report
-                if self.on_fast_relay is None:
-                    continue
                 try:
-                    done = self.on_fast_relay(opened, public_key)
+                    if self.on_fast_relay is not None:
+                        done = self.on_fast_relay(opened, public_key)
+                        self._spliced[opened.conn_id] = (None, done)
                 except Exception:
                     log.exception("fast relay handler failed")
-                    continue
-                self._spliced[opened.conn_id] = (None, done)
                 continue
-            entry = self._spliced.pop(report.conn_id, None)
-            if entry is None:
+            if (entry := self._spliced.pop(report.conn_id, None)) is None:
                 continue
             conn, on_done = entry
             if conn is not None:
@@ -252,31 +236,3 @@ class ConnTable:
             self._engine.splice_abort(conn_id, now)
         self.take_reports(now)
         self.deliver_reports()
-
-    @property
-    def open_flows(self) -> int:
-        return len(self._conns)
-
-    @property
-    def connections(self) -> AsyncIterator[TcpConn]:
-        """Every TCP connection peers open, from now on (replaces `on_tcp`)."""
-        queue: asyncio.Queue[TcpConn] = asyncio.Queue()
-        self.on_tcp = queue.put_nowait
-        return _drain_queue(queue)
-
-    @property
-    def datagrams(self) -> AsyncIterator[UdpDatagram]:
-        """Every UDP datagram peers send, from now on (replaces `on_udp`)."""
-        queue: asyncio.Queue[UdpDatagram] = asyncio.Queue(maxsize=65536)
-
-        def offer(dgram: UdpDatagram) -> None:
-            with contextlib.suppress(asyncio.QueueFull):  # UDP: dropping is allowed
-                queue.put_nowait(dgram)
-
-        self.on_udp = offer
-        return _drain_queue(queue)
-
-
-async def _drain_queue(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
-    while True:
-        yield await queue.get()

@@ -3,16 +3,16 @@
 Two drivers, one seam (`Driver`):
 - `ThreadDriver` (production, where eventfd exists): C receives on a thread of its own
   (`_worker.h`): it waits on the UDP socket, the splices' sockets and the engine's timers, and
-  wakes this loop through an eventfd only when something waits for Python. Every use of the
-  engine from Python then holds the engine lock (`Engine.locked`, taken per call otherwise).
-  Its clock is CLOCK_MONOTONIC, the worker's.
+  wakes the event loop through an eventfd only when something waits for Python. Every use of
+  the engine from Python then holds the engine lock (`Engine.locked` around a sequence, else
+  per call). Its clock is CLOCK_MONOTONIC, the worker's.
 - `LoopDriver` (`--no-engine-thread`, and tests that need a fake clock): the event loop watches
   the UDP socket and the splices' epoll fd itself, and one timer armed at the earliest of C's
   deadline and Python's own drives the engine's timers.
 
-Either way, the driver calls `on_work(now)` (the tunnel's dispatch) when the engine has work for
-Python, under the engine lock, and `on_timer(now)` when Python's own deadline (`deadlines()`) is
-due. Nothing here runs per packet.
+Either way, all of the package's Python runs on the event loop's thread, and the driver calls
+`on_work(now)` (the tunnel's dispatch) when the engine has work for Python, under the engine
+lock, and `on_timer(now)` when Python's own deadline (`deadlines()`) is due.
 """
 
 from __future__ import annotations
@@ -66,8 +66,7 @@ class Driver:
     def stop(self) -> None:
         """From here on the engine is this thread's alone; no more callbacks."""
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self.cancel_timer()
 
     def call(self, fn: Callable[[_ffi.Engine, float], object]) -> object:
         """Run one engine call for a flow, then make sure its packets go out this loop turn."""
@@ -83,10 +82,12 @@ class Driver:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self.closed:
-            return
-        with self.engine.locked():
-            self._on_work(self.now())
+        self._work()
+
+    def _work(self) -> None:
+        if not self.closed:
+            with self.engine.locked():
+                self._on_work(self.now())
 
     def later(self, fn: Callable[[], object]) -> None:
         """Call fn on the loop, soon (once started)."""
@@ -144,9 +145,7 @@ class Driver:
 class ThreadDriver(Driver):
     """C's own thread receives and runs the engine's timers (see the module docstring)."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._notify_fd: int | None = None
+    _notify_fd: int | None = None  # the worker's eventfd, once started
 
     @staticmethod
     def available() -> bool:
@@ -186,22 +185,20 @@ class ThreadDriver(Driver):
         assert self._notify_fd is not None
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._notify_fd)
-        if self.closed:
-            return
-        with self.engine.locked():
-            self._on_work(self.now())
+        self._work()
 
 
 class LoopDriver(Driver):
     """The event loop receives and drives the engine's timers (see the module docstring)."""
+
+    _sock: socket.socket | None = None  # the UDP socket, once started
+    _splice_watched = False  # the splices' epoll fd is watched (from the first splice on)
 
     def __init__(
         self, *args: object, clock: Callable[[], float] | None = None, **kwargs: object
     ) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._clock = clock
-        self._sock: socket.socket | None = None
-        self._splice_watched = False
 
     def now(self) -> float:
         if self._clock is not None:

@@ -5,9 +5,8 @@ router accepts it (SYN-ACK) or rejects it (RST).  Accepted, it is an ordinary pa
 streams (`StreamReaderProtocol` over `TcpTransport`), so services treat it like a socket.
 Back-pressure both ways comes from the streams' own flow control: a reader that stops reading
 pauses the transport, which stops taking bytes from C, whose receive window to the peer then
-closes; a full C send buffer makes the transport buffer, which pauses `drain()`.
-
-Data moves in large chunks (one C call per readable event or per write), never per packet.
+closes; a full C send buffer makes the transport buffer, which pauses `drain()`.  Data moves
+in large chunks: one C call per readable event or per write.
 """
 
 from __future__ import annotations
@@ -52,7 +51,6 @@ class TcpConn:
         self._released = False
         self._spliced = False
         self._closed = asyncio.Event()
-        self._final_bytes: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -102,20 +100,20 @@ class TcpConn:
         then SYN-ACK, or RST if it failed; bytes then flow both ways without Python.
         `on_done` gets the `SpliceResult` once, when it ends.  OSError if no socket could even
         be started (the connection is still ours to reject)."""
-        if self._transport is not None or self._released:
-            raise RuntimeError("connection already answered")
-        self._conns.splice(self, dst, timeout, on_done)
-        self._spliced = True
-        self._released = True  # the handle belongs to C's splice table now
+        self._splice_unanswered(dst, timeout, on_done)
 
     def splice_socket(self, sock: socket.socket, on_done: SpliceDone) -> None:
         """As `splice`, for a host socket the caller already connected: C takes it over
         (the socket object is detached) and the SYN is answered at once."""
+        self._splice_unanswered(sock, 0.0, on_done)
+
+    def _splice_unanswered(
+        self, target: Endpoint | socket.socket, timeout: float, on_done: SpliceDone
+    ) -> None:
         if self._transport is not None or self._released:
             raise RuntimeError("connection already answered")
-        self._conns.splice(self, sock, 0.0, on_done)
-        self._spliced = True
-        self._released = True
+        self._conns.splice(self, target, timeout, on_done)
+        self._spliced = self._released = True  # the handle belongs to C's splice table now
 
     def detach_reading(self, reader: asyncio.StreamReader) -> bytes | None:
         """Stop reading from the peer into `reader` (from `accept`) and take back what it
@@ -123,15 +121,9 @@ class TcpConn:
         with nothing changed, when it cannot go to C: no splices, the peer's EOF already read,
         or bytes for the peer still queued.  Undo with `writer.transport.resume_reading()`."""
         t = self._transport
-        if (
-            t is None
-            or self._released
-            or not self._conns.can_splice
-            or t._eof_from_peer
-            or t._buffer
-            or t.is_closing()
-            or reader.at_eof()
-        ):
+        if t is None or not self.can_splice or reader.at_eof():
+            return None
+        if t._eof_from_peer or t._buffer or t.is_closing():
             return None
         t.pause_reading()
         # A StreamReader keeps what it was fed in `_buffer`; there is no public way to take it.
@@ -150,11 +142,9 @@ class TcpConn:
         if t is None or self._released:
             raise RuntimeError("connection not accepted here, or already released")
         self._conns.splice(self, sock, 0.0, on_done, accepted=True)
-        self._spliced = True
-        self._released = True  # the transport's close/abort no longer touch the handle
+        self._spliced = self._released = True  # close/abort no longer touch the handle
 
     def _spliced_done(self, result: _ffi.SpliceResult) -> None:
-        self._final_bytes = (result.bytes_up, result.bytes_down)
         self.close_reason = self.close_reason or splice_close_label(result)
         self._spliced = False
         self._closed.set()
@@ -164,25 +154,6 @@ class TcpConn:
     @property
     def closed(self) -> bool:
         return self._closed.is_set()
-
-    @property
-    def bytes_from_peer(self) -> int:
-        return self._bytes()[0]
-
-    @property
-    def bytes_to_peer(self) -> int:
-        return self._bytes()[1]
-
-    def _bytes(self) -> tuple[int, int]:
-        if self._final_bytes is not None:
-            return self._final_bytes
-        if self._spliced:
-            return self._conns.splice_bytes(self.conn_id) or (0, 0)
-        try:
-            info = self._conns.tcp_info(self.conn_id)
-        except _ffi.EngineError:
-            return (0, 0)
-        return (info.bytes_in, info.bytes_out)
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -216,7 +187,6 @@ class TcpConn:
         """Release the C handle (exactly once) and mark the connection closed."""
         if self._released:
             return
-        self._final_bytes = self._bytes()
         self._released = True
         self.close_reason = self.close_reason or reason
         self._conns.call(lambda e, now: e.tcp_release(self.conn_id, now))
@@ -279,17 +249,17 @@ class TcpTransport(asyncio.Transport):
     # -- writing ---------------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._eof_pending or self._eof_sent or self._closing or self._lost_called:
-            return  # like a closed socket transport: silently dropped
-        if not data:
-            return
+        if not data or self._eof_pending or self._eof_sent or self._closing or self._lost_called:
+            return  # after EOF or close, like a closed socket transport: silently dropped
         if self._buffer:
             self._buffer += data
         else:
             written = self._write_now(data)
             if written < len(data):
                 self._buffer += memoryview(data)[written:]
-        self._maybe_pause_protocol()
+        if not self._writing_paused and len(self._buffer) > WRITE_HIGH_WATER:
+            self._writing_paused = True
+            self._protocol.pause_writing()
 
     def _write_now(self, data: bytes | bytearray | memoryview) -> int:
         conn = self._conn
@@ -308,14 +278,6 @@ class TcpTransport(asyncio.Transport):
                 self._send_eof()
             if self._closing:
                 self._release()
-        self._maybe_resume_protocol()
-
-    def _maybe_pause_protocol(self) -> None:
-        if not self._writing_paused and len(self._buffer) > WRITE_HIGH_WATER:
-            self._writing_paused = True
-            self._protocol.pause_writing()
-
-    def _maybe_resume_protocol(self) -> None:
         if self._writing_paused and len(self._buffer) <= WRITE_LOW_WATER:
             self._writing_paused = False
             self._protocol.resume_writing()
@@ -427,10 +389,11 @@ class UdpDatagram:
                 raise
 
     def unreachable(self, *, admin: bool = False) -> None:
-        code = 13 if admin else 3
+        code = _ffi.ICMP_ADMIN_PROHIBITED if admin else _ffi.ICMP_PORT_UNREACHABLE
         peer = (self.peer_ip, self.src_port)
         dst = (self.dst_ip, self.dst_port)
-        self._conns.call(lambda e, now: e.icmp_unreachable(peer, dst, 17, code, now))
+        udp = socket.IPPROTO_UDP
+        self._conns.call(lambda e, now: e.icmp_unreachable(peer, dst, udp, code, now))
 
 
 TcpHandler = Callable[[TcpConn], None]

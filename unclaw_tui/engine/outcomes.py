@@ -1,5 +1,5 @@
-"""How a connection ends, in one table: the C engine's codes, their names, and the words the
-flow events use for them.
+"""How a connection ends, in one table: the C engine's codes, their names, the gateway's own
+refusals, and the words the flow events use for them.
 
 Pure Python (no compiled engine needed): `_ffi` checks at load that these values are the C
 headers' (`TCP_CLOSE_*` in _tcp.h, `SPLICE_*` in _splice.h).
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import NamedTuple
 
 
@@ -24,6 +24,8 @@ class CloseReason(IntEnum):
     SYN_TIMEOUT = 6
     PEER_REMOVED = 7
     EVICTED = 8
+    PEER_GONE = 9  # wg_peer_abort_flows: the peer went away
+    PRESSURE = 10  # wg_peer_abort_flows: its resources were needed (RFC 6429)
 
     @property
     def label(self) -> str:
@@ -45,6 +47,8 @@ _PEER_ERRORS = {
     CloseReason.SYN_TIMEOUT: "handshake timed out",
     CloseReason.PEER_REMOVED: "peer removed",
     CloseReason.EVICTED: "evicted",
+    CloseReason.PEER_GONE: "peer went away",
+    CloseReason.PRESSURE: "resource pressure",
 }
 
 
@@ -53,6 +57,21 @@ def close_reason(code: int) -> CloseReason | None:
         return CloseReason(code)
     except ValueError:
         return None
+
+
+class Refusal(Enum):
+    """Why the gateway refused a flow or ended it early on its own: the closing event's words
+    (`says`), the same whichever part of the gateway refused it."""
+
+    EGRESS = "refused by egress policy"
+    DESCRIPTORS = "over the peer's descriptor share"
+    SHARE = "over the peer's share"
+    VIP_NOT_GIVEN = "VIP not given to this peer"
+    PEER_SILENT = "peer silent"
+    PRESSURE = "ended under resource pressure"
+
+    def says(self, detail: str = "") -> str:
+        return f"{self.value}: {detail}" if detail else self.value
 
 
 class SpliceOutcome(IntEnum):

@@ -22,11 +22,8 @@ from unclaw_tui.engine.constants import (
 
 class LoadMonitor:
     """Under load while more than `threshold` handshake messages arrived within one second,
-    and for `hold` seconds after that was last seen.
-
-    wireguard-go calls itself under load when its handshake queue holds more than 128 messages
-    (1/8 of 1024) and stays so for 1 s.  We handle handshakes one at a time in the event loop,
-    so the arrival rate stands in for the queue depth.  Memory: `threshold + 1` timestamps.
+    and for `hold` seconds after that was last seen (see UNDER_LOAD_THRESHOLD: the arrival rate
+    stands in for wireguard-go's queue depth).  Memory: `threshold + 1` timestamps.
     """
 
     __slots__ = ("_arrivals", "_hold", "_threshold", "_under_load_until")
@@ -55,7 +52,7 @@ class SourceRateLimiter:
 
     IPv6 sources are grouped by /64, since one host usually holds a whole /64 (the Linux
     implementation does the same).  Sources idle for RATELIMIT_GC_TIME are forgotten, and at
-    most `max_entries` are tracked: a new source beyond that is refused until some expire.
+    most `max_entries` are tracked (see RATELIMIT_MAX_ENTRIES).
     """
 
     __slots__ = ("_burst_tokens", "_cost", "_entries", "_max_entries")

@@ -1,14 +1,5 @@
-"""A WireGuard interface in userspace: peers, their keys and handshakes, over the C data plane.
-
-The pipeline: a batch of datagrams is received in C (recvmmsg), decrypted, pings answered and
-replies queued; C raises the few events that need Python (handshake messages, "a handshake is
-needed", roaming, key expiry, new connections); one call flushes the batch (sendmmsg). Nothing
-here runs per data packet. Three parts, one concern each:
-- this module: peers, the Noise handshake (`noise.py`) and its timers, the tunnel's events;
-- `conns.py` (`ConnTable`): the connections and datagrams peers send, splices, the fast relay;
-- `driver.py`: who receives and runs C's timers (C's own thread in production, or the event
-  loop), and how this loop hears that work waits for it (`_on_engine_work`).
-"""
+"""A WireGuard interface in userspace over the C data plane: peers, the Noise handshake
+(`noise.py`) and its timers, and the tunnel's events (the package docstring has the rest)."""
 
 from __future__ import annotations
 
@@ -20,7 +11,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from unclaw_tui.engine import _ffi, constants
 from unclaw_tui.engine.conns import ConnTable
@@ -71,7 +62,6 @@ class _Peer:
     # Our own initiation attempt (gateway as initiator), per the whitepaper's timer rules.
     attempt_started: float | None = None
     next_retransmit: float | None = None
-    last_initiation_sent: float = field(default=-1e9)
 
 
 class Tunnel:
@@ -142,43 +132,38 @@ class Tunnel:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        sock, family = self._bind()
+        sock = self._bind()
         self._sock = sock
         self.listen_port = sock.getsockname()[1]
-        self._engine.io_attach(sock.fileno(), family)
+        self._engine.io_attach(sock.fileno(), 6 if sock.family == socket.AF_INET6 else 4)
         await self._driver.start(sock)
 
-    def _bind(self) -> tuple[socket.socket, int]:
+    def _bind(self) -> socket.socket:
         host = self.listen_host
         if host in ("", "::") and socket.has_ipv6:
             try:
-                sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                family = 6
-                sock.bind(("::", self.listen_port))
+                sock = self._bind_to(socket.AF_INET6, "::")
             except OSError:
-                sock.close()
-                sock, family = self._bind_v4("0.0.0.0")
-        elif ":" in host:
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-            family = 6
-            sock.bind((host, self.listen_port))
+                sock = self._bind_to(socket.AF_INET, "0.0.0.0")
         else:
-            sock, family = self._bind_v4(host or "0.0.0.0")
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = self._bind_to(family, host or "0.0.0.0")
         sock.setblocking(False)
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
-        return sock, family
+        return sock
 
-    def _bind_v4(self, host: str) -> tuple[socket.socket, int]:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    def _bind_to(self, family: socket.AddressFamily, host: str) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
+            if host == "::":  # IPv4 clients too
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((host, self.listen_port))
         except OSError:
             sock.close()
             raise
-        return sock, 4
+        return sock
 
     def close(self) -> None:
         if self._closed:
@@ -207,46 +192,33 @@ class Tunnel:
             raise ValueError(f"too many peers (max {self._max_peers})")
         nets = tuple(str(ipaddress.ip_network(n, strict=False)) for n in allowed_ips)
         with self._engine.locked():  # the worker never sees a peer half set up
-            self._add_peer(public_key, preshared_key, nets, persistent_keepalive, endpoint)
-
-    def _add_peer(
-        self,
-        public_key: bytes,
-        preshared_key: bytes | None,
-        nets: tuple[str, ...],
-        persistent_keepalive: int,
-        endpoint: Endpoint | None,
-    ) -> None:
-        peer_id = self._free_ids.pop()
-        self._engine.peer_add(peer_id, persistent_keepalive)
-        try:
-            for net in nets:
-                self._engine.peer_add_allowed_ip(peer_id, net)
-            if endpoint is not None:
-                self._engine.peer_set_endpoint(peer_id, endpoint)
-            self._core.add_peer(public_key, preshared_key)
-        except Exception:
-            self._engine.peer_remove(peer_id)
-            self._free_ids.append(peer_id)
-            raise
-        peer = _Peer(peer_id, public_key, nets)
-        self._peers[public_key] = peer
-        self._by_id[peer_id] = peer
-        # C keeps the counts of a reused peer id: only what happens from now on is this peer's.
-        self._limit_hits_seen[peer_id] = self._engine.tcp_peer_limit_hits(peer_id)
+            peer_id = self._free_ids.pop()
+            self._engine.peer_add(peer_id, persistent_keepalive)
+            try:
+                for net in nets:
+                    self._engine.peer_add_allowed_ip(peer_id, net)
+                if endpoint is not None:
+                    self._engine.peer_set_endpoint(peer_id, endpoint)
+                self._core.add_peer(public_key, preshared_key)
+            except Exception:
+                self._engine.peer_remove(peer_id)
+                self._free_ids.append(peer_id)
+                raise
+            peer = _Peer(peer_id, public_key, nets)
+            self._peers[public_key] = peer
+            self._by_id[peer_id] = peer
+            # C keeps the counts of a reused peer id: only what happens from now on counts.
+            self._limit_hits_seen[peer_id] = self._engine.tcp_peer_limit_hits(peer_id)
 
     def remove_peer(self, public_key: bytes) -> None:
         with self._engine.locked():
-            self._remove_peer(public_key)
-
-    def _remove_peer(self, public_key: bytes) -> None:
-        self.conns.abort_peer(public_key)  # while its id still names it
-        peer = self._peers.pop(public_key)
-        del self._by_id[peer.peer_id]
-        self._initiating.pop(peer.peer_id, None)
-        self._engine.peer_remove(peer.peer_id)
-        self._core.remove_peer(public_key)
-        self._free_ids.append(peer.peer_id)
+            self.conns.abort_peer(public_key)  # while its id still names it
+            peer = self._peers.pop(public_key)
+            del self._by_id[peer.peer_id]
+            self._initiating.pop(peer.peer_id, None)
+            self._engine.peer_remove(peer.peer_id)
+            self._core.remove_peer(public_key)
+            self._free_ids.append(peer.peer_id)
 
     def peer_info(self, public_key: bytes) -> PeerInfo:
         peer = self._peers[public_key]
@@ -274,8 +246,7 @@ class Tunnel:
 
     def drop_counts(self) -> dict[str, int]:
         counts = {k: v for k, v in self._engine.drop_counts().items() if v}
-        for reason, n in self.handshake_drops.items():
-            counts[f"handshake_{reason}"] = n
+        counts.update((f"handshake_{reason}", n) for reason, n in self.handshake_drops.items())
         return counts
 
     def limit_hits(self) -> list[tuple[bytes, str, int]]:
@@ -298,9 +269,7 @@ class Tunnel:
         return hits
 
     def engine_stats(self) -> dict[str, int]:
-        stats = dict(self._engine.stats())
-        stats["cookie_replies_sent"] = self.cookies_sent
-        return stats
+        return {**self._engine.stats(), "cookie_replies_sent": self.cookies_sent}
 
     @property
     def under_load(self) -> bool:
@@ -371,13 +340,12 @@ class Tunnel:
                 log.exception("flow handling failed")
         reports = bool(pending.fast_opened or pending.splice_results)
         handled = self.conns.service_splices(now, reports=reports) or handled
-        if handled:  # handlers may have queued packets and moved deadlines
+        if handled or pending.outputs:
             self._engine.io_flush()
-            self._driver.rearm(self._driver.engine_deadline())
-        else:
-            if pending.outputs:
-                self._engine.io_flush()
-            self._driver.rearm(pending.next_deadline or None)
+        # Handlers may have queued packets and moved deadlines: then ask C again.
+        self._driver.rearm(
+            self._driver.engine_deadline() if handled else pending.next_deadline or None
+        )
 
     # -- events from C ---------------------------------------------------------------------
 
@@ -470,7 +438,6 @@ class Tunnel:
         )
 
     def _handshake_complete(self, peer: _Peer, *, initiator: bool) -> None:
-        peer.attempt_started = None
         self._set_retransmit(peer, None)
         peer.last_handshake_wall = self._wall()
         st = self._engine.peer_stats(peer.peer_id)
@@ -487,30 +454,27 @@ class Tunnel:
     # -- our own handshakes (gateway as initiator) -----------------------------------------
 
     def _want_handshake(self, peer: _Peer, now: float) -> None:
-        if peer.attempt_started is not None:
-            return
-        if self._engine.peer_stats(peer.peer_id).endpoint is None:
-            return  # never heard from it: nowhere to send an initiation
-        peer.attempt_started = now
-        self._send_initiation(peer, now)
+        if peer.attempt_started is None:
+            peer.attempt_started = now
+            self._send_initiation(peer, now)
 
     def _send_initiation(self, peer: _Peer, now: float) -> None:
         endpoint = self._engine.peer_stats(peer.peer_id).endpoint
-        if endpoint is None:
-            peer.attempt_started = None
+        if endpoint is None:  # never heard from it: nowhere to send an initiation
             self._set_retransmit(peer, None)
             return
         message = self._core.create_initiation(peer.public_key, self._allocate_index(), now)
         self._engine.send_raw(message, endpoint)
-        peer.last_initiation_sent = now
         self._set_retransmit(
             peer,
             now + constants.REKEY_TIMEOUT + random.uniform(0, constants.REKEY_TIMEOUT_JITTER_MAX),
         )
 
     def _set_retransmit(self, peer: _Peer, at: float | None) -> None:
+        """Arm the next retransmission of our initiation; None ends the attempt."""
         peer.next_retransmit = at
         if at is None:
+            peer.attempt_started = None
             self._initiating.pop(peer.peer_id, None)
         else:
             self._initiating[peer.peer_id] = peer
@@ -521,7 +485,6 @@ class Tunnel:
                 continue
             assert peer.attempt_started is not None
             if now - peer.attempt_started >= constants.REKEY_ATTEMPT_TIME:
-                peer.attempt_started = None
                 self._set_retransmit(peer, None)
                 self._engine.peer_drop_staged(peer.peer_id)
                 self._on_event(HandshakeFailed(peer.public_key))

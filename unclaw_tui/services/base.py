@@ -6,7 +6,8 @@ them and the gateway sends every flow whose route has a service to it (the rest 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from unclaw_tui.config import Settings
@@ -15,6 +16,9 @@ if TYPE_CHECKING:
     from unclaw_tui.events import Event
     from unclaw_tui.flow import Flow, FlowRegistry
     from unclaw_tui.state import StateDir
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 class Service(Protocol):
@@ -54,3 +58,11 @@ class GatewayServices(Protocol):
         ...
 
     def peer_name(self, public_key: bytes) -> str: ...
+
+
+def lru_put(cache: OrderedDict[K, V], key: K, value: V, limit: int) -> None:
+    """Store `key` as the most recently used entry, dropping the least recent past `limit`."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > limit:
+        cache.popitem(last=False)

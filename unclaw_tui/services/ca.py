@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from unclaw_tui.services.base import lru_put
 from unclaw_tui.state import StateError, locked, write_atomic
 
 CA_KEY_FILE = "ca.key"
@@ -53,13 +54,22 @@ class Leaf:
     cert: x509.Certificate
     cert_pem: bytes  # leaf then CA: the chain a server presents
 
-    @property
-    def not_valid_after(self) -> datetime.datetime:
-        return self.cert.not_valid_after_utc
-
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
+
+
+def _key_usage(**granted: bool) -> x509.KeyUsage:
+    """A KeyUsage extension allowing only the `granted` uses."""
+    uses = "digital_signature content_commitment key_encipherment data_encipherment key_agreement"
+    uses += " key_cert_sign crl_sign encipher_only decipher_only"
+    return x509.KeyUsage(**{use: granted.get(use, False) for use in uses.split()})
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _random_serial() -> int:
@@ -92,20 +102,7 @@ def make_ca_certificate(
         .not_valid_before(now - BACKDATE)
         .not_valid_after(now + CA_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -131,11 +128,7 @@ class CertificateAuthority:
         self.cache_size = cache_size
         # One key pair for every leaf (see the module docstring).
         self.leaf_key = ec.generate_private_key(ec.SECP256R1())
-        self.leaf_key_pem = self.leaf_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        self.leaf_key_pem = _key_pem(self.leaf_key)
         self._leaves: OrderedDict[str, Leaf] = OrderedDict()
         self._contexts: OrderedDict[tuple[str, str | None], tuple[Leaf, ssl.SSLContext]] = (
             OrderedDict()
@@ -154,14 +147,7 @@ class CertificateAuthority:
                 if not key_path.exists() and not cert_path.exists():
                     key = ec.generate_private_key(ec.SECP256R1())
                     cert = make_ca_certificate(key)
-                    write_atomic(
-                        key_path,
-                        key.private_bytes(
-                            serialization.Encoding.PEM,
-                            serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption(),
-                        ),
-                    )
+                    write_atomic(key_path, _key_pem(key))
                     write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
                     return cls(key, cert, cert_path=cert_path)
         except OSError as exc:
@@ -196,14 +182,9 @@ class CertificateAuthority:
         name = name.lower().rstrip(".")
         leaf = self._leaves.get(name)
         now = _now()
-        if leaf is not None and leaf.not_valid_after - now > datetime.timedelta(days=1):
-            self._leaves.move_to_end(name)
-            return leaf
-        leaf = self._mint(name, now)
-        self._leaves[name] = leaf
-        self._leaves.move_to_end(name)
-        while len(self._leaves) > self.cache_size:
-            self._leaves.popitem(last=False)
+        if leaf is None or leaf.cert.not_valid_after_utc - now <= datetime.timedelta(days=1):
+            leaf = self._mint(name, now)
+        lru_put(self._leaves, name, leaf, self.cache_size)
         return leaf
 
     def cached_names(self) -> list[str]:
@@ -226,20 +207,7 @@ class CertificateAuthority:
             .not_valid_before(now - BACKDATE)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(digital_signature=True), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.SubjectAlternativeName([san]), critical=False)
             .add_extension(
@@ -258,9 +226,8 @@ class CertificateAuthority:
 
         Cached per (name, alpn) like the leaves: building one costs a file round trip, since
         `ssl` loads certificates and keys only from files."""
-        name = name.lower().rstrip(".")
-        key = (name, alpn)
         leaf = self.leaf(name)
+        key = (leaf.name, alpn)
         cached = self._contexts.get(key)
         if cached is not None and cached[0] is leaf:  # a renewed leaf needs a new context
             self._contexts.move_to_end(key)
@@ -278,8 +245,5 @@ class CertificateAuthority:
             ctx.load_cert_chain(pem)
         if alpn is not None:
             ctx.set_alpn_protocols([alpn])
-        self._contexts[key] = (leaf, ctx)
-        self._contexts.move_to_end(key)
-        while len(self._contexts) > SERVER_CONTEXT_CACHE_SIZE:
-            self._contexts.popitem(last=False)
+        lru_put(self._contexts, key, (leaf, ctx), SERVER_CONTEXT_CACHE_SIZE)
         return ctx

@@ -55,15 +55,14 @@ class _Malformed(Exception):
 class _Reader:
     """Bounds-checked reads over a bytes object; any overrun raises _Malformed."""
 
-    __slots__ = ("data", "end", "pos")
+    __slots__ = ("data", "pos")
 
-    def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
+    def __init__(self, data: bytes) -> None:
         self.data = data
-        self.pos = pos
-        self.end = len(data) if end is None else end
+        self.pos = 0
 
     def left(self) -> int:
-        return self.end - self.pos
+        return len(self.data) - self.pos
 
     def take(self, n: int, what: str) -> bytes:
         if n > self.left():
@@ -80,12 +79,7 @@ class _Reader:
 
     def sub(self, length_size: int, what: str) -> _Reader:
         """A reader over the next length-prefixed vector, skipped in this one."""
-        n = self.uint(length_size, f"{what} length")
-        if n > self.left():
-            raise _Malformed(f"{what} overruns its container")
-        inner = _Reader(self.data, self.pos, self.pos + n)
-        self.pos += n
-        return inner
+        return _Reader(self.take(self.uint(length_size, f"{what} length"), what))
 
 
 def parse(data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> Result:

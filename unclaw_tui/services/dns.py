@@ -37,9 +37,9 @@ import logging
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from dnslib import (
     PTR,
@@ -53,9 +53,11 @@ from dnslib import (
 
 from unclaw_tui.config import VIP_NETWORK
 from unclaw_tui.decision import Moment, Question
+from unclaw_tui.engine import MAX_DNS_QUERY_LEN, DnsQueryShape, DnsVerdict, check_dns_query
 from unclaw_tui.events import DnsQuery
 from unclaw_tui.flow import Flow, PeerGone
 from unclaw_tui.router import Route
+from unclaw_tui.services import dnswire
 from unclaw_tui.services import vips as vip_store
 from unclaw_tui.services.upstream import (
     EDNS_PAYLOAD,
@@ -64,7 +66,6 @@ from unclaw_tui.services.upstream import (
     resolv_conf_servers,
 )
 from unclaw_tui.services.vips import VIP_TTL, VipAllocator, normalize_hostname
-from unclaw_tui.state import StateError
 
 if TYPE_CHECKING:
     from unclaw_tui.engine import UdpDatagram
@@ -82,7 +83,10 @@ _NO_ANSWER_TYPES = frozenset({QTYPE.AAAA, QTYPE_SVCB, QTYPE_HTTPS})
 TCP_QUERY_TIMEOUT = 5.0  # seconds to send the rest of a query once it started
 TCP_WRITE_TIMEOUT = 10.0
 TCP_MAX_QUERIES = 1000
-MAX_UDP_INFLIGHT = 1024  # queries being answered at once; past it UDP queries are dropped
+MAX_INFLIGHT = 1024  # queries being answered at once; past it UDP queries are dropped
+# One peer's share of them: a peer asking for names whose servers never answer waits for its
+# own queries only.  Past it a UDP query is dropped, a TCP one answered SERVFAIL.
+PEER_INFLIGHT = 128
 MALFORMED_EVENT_INTERVAL = 1.0  # seconds between malformed-input events per peer
 
 
@@ -111,24 +115,32 @@ class Outcome:
     error: str | None = None  # why the answer is a failure (SERVFAIL), for the event
 
 
-def parse_query(data: bytes) -> DNSRecord | str:
-    """The query, or why it is unusable."""
-    if len(data) < 12:
-        return "shorter than a DNS header"
+# Queries of the wrong shape that still get an answer (the rest are dropped as malformed).
+_SHAPE_RCODES = {DnsVerdict.OPCODE: RCODE.NOTIMP, DnsVerdict.COUNTS: RCODE.FORMERR}
+
+
+def parse_query(data: bytes) -> DNSRecord | DnsQueryShape | str:
+    """The query; or, for one of the wrong shape, what the engine's shape check found (no
+    parser meets a message that is not one plain question: see engine/_dns.h); or why a query
+    of the right shape is still unusable."""
+    shape = check_dns_query(data)
+    if shape.verdict != DnsVerdict.OK:
+        return shape
     try:
-        request = DNSRecord.parse(data)
+        return dnswire.parse(data)
     except Exception as exc:  # dnslib raises a zoo of types on arbitrary bytes
         return f"unparsable ({type(exc).__name__})"
-    if request.header.qr:
-        return "a response, not a query"
-    return request
+
+
+def shape_reply(shape: DnsQueryShape, rcode: int) -> bytes:
+    """Our reply to a query no parser read: its id, opcode and RD, no question."""
+    header = DNSHeader(id=shape.id, qr=1, opcode=shape.opcode, rd=(shape.flags >> 8) & 1, ra=1)
+    header.rcode = rcode
+    return DNSRecord(header).pack()
 
 
 def _client_opt(request: DNSRecord) -> RR | None:
-    for rr in request.ar:
-        if rr.rtype == QTYPE.OPT:
-            return rr
-    return None
+    return next((rr for rr in request.ar if rr.rtype == QTYPE.OPT), None)
 
 
 def udp_limit(request: DNSRecord) -> int:
@@ -165,10 +177,8 @@ def fit(reply: DNSRecord, limit: int | None) -> bytes:
     cut = DNSRecord(
         DNSHeader(id=h.id, qr=1, opcode=h.opcode, aa=h.aa, tc=1, rd=h.rd, ra=h.ra, rcode=h.rcode),
         questions=list(reply.questions),
+        ar=[rr for rr in reply.ar if rr.rtype == QTYPE.OPT],
     )
-    for rr in reply.ar:
-        if rr.rtype == QTYPE.OPT:
-            cut.add_ar(rr)
     return cut.pack()
 
 
@@ -208,21 +218,23 @@ class DnsAnswerer:
         request = parse_query(data)
         if isinstance(request, str):
             return Outcome(None, malformed=request, rcode="MALFORMED")
+        if isinstance(request, DnsQueryShape):
+            rcode = _SHAPE_RCODES.get(request.verdict)
+            if rcode is None:
+                return Outcome(None, malformed=request.refusal, rcode="MALFORMED")
+            return Outcome(
+                shape_reply(request, rcode), rcode=RCODE.get(rcode), error=request.refusal
+            )
         limit = udp_limit(request) if udp else None
-        if request.header.opcode != 0:
-            return self._local(request, limit, RCODE.NOTIMP)
-        if len(request.questions) != 1:
-            return self._local(request, limit, RCODE.FORMERR)
         q = request.q
         refused = refusal(normalize_hostname(str(q.qname)))
         if refused is not None:
-            reply = local_reply(request, RCODE.REFUSED)
-            return self._outcome(request, fit(reply, limit), RCODE.REFUSED, [], error=refused)
+            return self._outcome(request, limit, RCODE.REFUSED, error=refused)
         qtype = q.qtype
         if qtype == QTYPE.A and q.qclass == 1:
             return await self._answer_a(request, limit)
         if qtype in _NO_ANSWER_TYPES and q.qclass == 1:
-            return self._local(request, limit, RCODE.NOERROR)
+            return self._outcome(request, limit, RCODE.NOERROR)
         if qtype == QTYPE.PTR:
             vip = vip_of_ptr(str(q.qname), self.vips.network)
             if vip is not None:
@@ -231,27 +243,24 @@ class DnsAnswerer:
 
     # -- the cases -------------------------------------------------------------------------
 
-    def _local(
-        self, request: DNSRecord, limit: int | None, rcode: int, answers: list[str] | None = None
-    ) -> Outcome:
-        reply = local_reply(request, rcode)
-        return self._outcome(request, fit(reply, limit), rcode, answers or [])
-
     def _outcome(
         self,
         request: DNSRecord,
-        reply: bytes,
+        limit: int | None,
         rcode: int,
-        answers: list[str],
+        reply: DNSRecord | None = None,
+        answers: list[str] | None = None,
         upstream: UpstreamAnswer | None = None,
         error: str | None = None,
     ) -> Outcome:
+        """`reply` (by default an empty answer of ours) fit to `limit`, and what the event
+        says about it."""
         q = request.questions[0] if request.questions else None
         return Outcome(
-            reply,
+            fit(local_reply(request, rcode) if reply is None else reply, limit),
             qname=normalize_hostname(str(q.qname)) if q else "",
             qtype=qtype_name(q.qtype) if q else "",
-            answers=answers,
+            answers=answers or [],
             rcode=RCODE.get(rcode),
             upstream_ms=None if upstream is None else upstream.ms,
             cached=upstream is not None and upstream.cached,
@@ -281,27 +290,22 @@ class DnsAnswerer:
             for rr in response.auth:
                 if rr.rtype == QTYPE.SOA:
                     reply.add_auth(rr)
-        return self._outcome(request, fit(reply, limit), rcode, answers, found)
+        return self._outcome(request, limit, rcode, reply, answers, found)
 
     def _failed(
-        self,
-        request: DNSRecord,
-        limit: int | None,
-        found: UpstreamAnswer,
-        error: str | None = None,
+        self, request: DNSRecord, limit: int | None, found: UpstreamAnswer, error: str | None = None
     ) -> Outcome:
-        reply = local_reply(request, RCODE.SERVFAIL)
         if error is None and found.error is None:
             error = f"upstream answered {RCODE.get(found.rcode)}"
-        return self._outcome(request, fit(reply, limit), RCODE.SERVFAIL, [], found, error)
+        return self._outcome(request, limit, RCODE.SERVFAIL, upstream=found, error=error)
 
     def _answer_vip_ptr(self, request: DNSRecord, limit: int | None, vip: str) -> Outcome:
         hostname = self.vips.hostname_for(vip)
         if hostname is None:
-            return self._local(request, limit, RCODE.NXDOMAIN)
+            return self._outcome(request, limit, RCODE.NXDOMAIN)
         reply = local_reply(request)
         reply.add_answer(RR(request.q.qname, QTYPE.PTR, ttl=VIP_TTL, rdata=PTR(hostname + ".")))
-        return self._outcome(request, fit(reply, limit), RCODE.NOERROR, [hostname])
+        return self._outcome(request, limit, RCODE.NOERROR, reply, [hostname])
 
     async def _forward(self, data: bytes, request: DNSRecord, limit: int | None) -> Outcome:
         found = await self.upstream.forward(data, request)
@@ -311,7 +315,7 @@ class DnsAnswerer:
         response.header.id = request.header.id
         response.questions = list(request.questions)  # the client's spelling (0x20 case)
         answers = [str(rr.rdata) for rr in response.rr]
-        return self._outcome(request, fit(response, limit), found.rcode, answers, found)
+        return self._outcome(request, limit, found.rcode, response, answers, found)
 
 
 # --- the service: UDP and TCP glue, events, the VIP map's persistence -------------------------
@@ -336,9 +340,12 @@ class DnsService:
             vips = VipAllocator(VIP_NETWORK)
             vip_store.load(gateway.state, vips)
         self.vips = vips
-        self.answerer = DnsAnswerer(self.upstream, self.vips, in_use=self._vip_in_use)
+        self.answerer = DnsAnswerer(  # a VIP is in use while flows to it are open
+            self.upstream, self.vips, in_use=lambda ip: gateway.flows.count_to(ip) > 0
+        )
         self.counts: Counter[str] = Counter()  # "queries", "malformed", "overload", ...
         self._tasks: set[asyncio.Task[None]] = set()
+        self._inflight: Counter[bytes] = Counter()  # queries being answered, by peer
         self._malformed_reported: dict[str, float] = {}
         self._saved_changes = self.vips.changes
         self._save_task: asyncio.Task[None] | None = None
@@ -355,23 +362,32 @@ class DnsService:
     async def resolve(self, hostname: str) -> list[str]:
         return await self.upstream.resolve_a(normalize_hostname(hostname))
 
-    def _vip_in_use(self, ip: str) -> bool:
-        return self.gateway.flows.count_to(ip) > 0
-
     # -- UDP ---------------------------------------------------------------------------------
 
     def handle_udp(self, dgram: UdpDatagram) -> None:
         if self._closed:
             return
-        if len(self._tasks) >= MAX_UDP_INFLIGHT:
+        peer = dgram.peer_public_key
+        if len(self._tasks) >= MAX_INFLIGHT or self._inflight[peer] >= PEER_INFLIGHT:
             self.counts["overload"] += 1
             return
-        self._spawn(self._udp_query(dgram))
+        self._inflight[peer] += 1
+        task = asyncio.ensure_future(self._udp_query(dgram))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _udp_query(self, dgram: UdpDatagram) -> None:
-        outcome = await self._answer(dgram.data, dgram.peer_public_key, dgram.peer_ip, udp=True)
+        try:
+            outcome = await self._answer(dgram.data, dgram.peer_public_key, dgram.peer_ip, udp=True)
+        finally:
+            self._done(dgram.peer_public_key)
         if outcome.reply is not None and not self._closed:
             dgram.reply(outcome.reply)
+
+    def _done(self, peer: bytes) -> None:
+        self._inflight[peer] -= 1
+        if not self._inflight[peer]:
+            del self._inflight[peer]
 
     # -- TCP ---------------------------------------------------------------------------------
 
@@ -396,6 +412,10 @@ class DnsService:
                     error = f"idle for {idle_timeout:g} s"
                     break
                 (length,) = struct.unpack("!H", head)
+                if length > MAX_DNS_QUERY_LEN:  # refused before a byte of it is read
+                    error = f"query of {length} bytes (at most {MAX_DNS_QUERY_LEN})"
+                    self._report_malformed(flow.peer_key, flow.peer_ip, error)
+                    break
                 try:
                     query = await asyncio.wait_for(reader.readexactly(length), TCP_QUERY_TIMEOUT)
                 except (asyncio.IncompleteReadError, TimeoutError):
@@ -403,7 +423,15 @@ class DnsService:
                     self._report_malformed(flow.peer_key, flow.peer_ip, error)
                     break
                 flow.bytes_up += 2 + length
-                outcome = await self._answer(query, flow.peer_key, flow.peer_ip, udp=False)
+                if self._inflight[flow.peer_key] >= PEER_INFLIGHT:
+                    self.counts["overload"] += 1
+                    outcome = Outcome(shape_reply(check_dns_query(query), RCODE.SERVFAIL))
+                else:
+                    self._inflight[flow.peer_key] += 1
+                    try:
+                        outcome = await self._answer(query, flow.peer_key, flow.peer_ip, udp=False)
+                    finally:
+                        self._done(flow.peer_key)
                 if outcome.reply is None:
                     error = f"malformed query: {outcome.malformed}"
                     break
@@ -412,19 +440,18 @@ class DnsService:
                 await asyncio.wait_for(writer.drain(), TCP_WRITE_TIMEOUT)
         except (OSError, RuntimeError, TimeoutError) as exc:
             error = error or (str(exc) or type(exc).__name__)
-        except asyncio.CancelledError:
-            error = "cancelled"
-            raise
-        finally:
-            if error is None:
-                writer.close()
-            else:
-                flow.abort()
-            flow.close(error)
+        # Anything else (a cancel too) ends the flow in FlowRegistry.serve.
+        if error is None:
+            writer.close()
+        else:
+            flow.abort()
+        flow.close(error)
 
     # -- common ------------------------------------------------------------------------------
 
     async def _answer(self, data: bytes, peer_key: bytes, peer_ip: str, *, udp: bool) -> Outcome:
+        """The answer and its event.  The caller holds one of the peer's PEER_INFLIGHT places
+        (UDP takes it in handle_udp, before the task exists; TCP around this call)."""
         self.counts["queries"] += 1
         try:
             outcome = await self.answerer.answer(
@@ -439,6 +466,11 @@ class DnsService:
             self._report_malformed(peer_key, peer_ip, outcome.malformed)
             return outcome
         self.counts[outcome.rcode] += 1
+        self._publish(peer_key, peer_ip, outcome)
+        return outcome
+
+    def _publish(self, peer_key: bytes, peer_ip: str, outcome: Outcome) -> None:
+        ms = outcome.upstream_ms
         self.gateway.publish(
             DnsQuery(
                 peer=self.gateway.peer_name(peer_key),
@@ -447,12 +479,11 @@ class DnsService:
                 qtype=outcome.qtype,
                 answers=outcome.answers,
                 rcode=outcome.rcode,
-                upstream_ms=None if outcome.upstream_ms is None else round(outcome.upstream_ms, 1),
+                upstream_ms=None if ms is None else round(ms, 1),
                 cached=outcome.cached,
                 error=outcome.error,
             )
         )
-        return outcome
 
     def _refusal(self, peer_key: bytes, name: str) -> str | None:
         question = Question(Moment.QUERY, peer_key, "udp", hostname=name)
@@ -468,21 +499,7 @@ class DnsService:
             self._malformed_reported.clear()
         self._malformed_reported[peer_ip] = now
         log.debug("malformed DNS input from %s: %s", peer_ip, why)
-        self.gateway.publish(
-            DnsQuery(
-                peer=self.gateway.peer_name(peer_key),
-                peer_ip=peer_ip,
-                qname="",
-                qtype="",
-                rcode="MALFORMED",
-                error=why,
-            )
-        )
-
-    def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(job)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._publish(peer_key, peer_ip, Outcome(None, rcode="MALFORMED", error=why))
 
     # -- persistence of the VIP map ----------------------------------------------------------
 
@@ -495,10 +512,7 @@ class DnsService:
     async def _save_changes(self) -> None:
         while self.vips.changes != self._saved_changes:
             changes = self.vips.changes
-            try:
-                await asyncio.to_thread(vip_store.save, self.gateway.state, self.vips.to_json())
-            except StateError as exc:
-                log.error("cannot save the VIP map: %s", exc)
+            if not await asyncio.to_thread(vip_store.save, self.gateway.state, self.vips.to_json()):
                 return
             self._saved_changes = changes
             # A burst of new names is written once a second, not once per name: each write
@@ -514,10 +528,7 @@ class DnsService:
                 await self._save_task
         if len(self.vips):
             # Also keeps the last-used times, so LRU reuse after a restart is still fair.
-            try:
-                vip_store.save(self.gateway.state, self.vips.to_json())
-            except StateError as exc:
-                log.error("cannot save the VIP map: %s", exc)
+            vip_store.save(self.gateway.state, self.vips.to_json())
 
 
 def create(gateway: GatewayServices) -> dict[Route, Service]:

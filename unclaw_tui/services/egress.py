@@ -58,10 +58,6 @@ class Rule:
     kind: Kind
     reason: str  # why the destination is refused; unused for ALLOW
 
-    @property
-    def refuses(self) -> bool:
-        return self.kind != Kind.ALLOW
-
 
 DEFAULT_REFUSALS: tuple[tuple[str, str], ...] = (
     ("0.0.0.0/8", "unspecified"),
@@ -79,14 +75,14 @@ DEFAULT_REFUSALS: tuple[tuple[str, str], ...] = (
 )
 
 
-def parse_cidr(text: str) -> IPNetwork:
-    """A network from "a.b.c.d/n", "v6/n" or a bare address (a /32 or /128).
+def parse_cidr(text: str | IPNetwork) -> IPNetwork:
+    """A network from "a.b.c.d/n", "v6/n" or a bare address (a /32 or /128); a network as is.
 
     Host bits are allowed and dropped ("192.168.1.5/24" is 192.168.1.0/24): that is how people
     write an interface's subnet.
     """
     try:
-        return ipaddress.ip_network(text.strip(), strict=False)
+        return ipaddress.ip_network(text.strip() if isinstance(text, str) else text, strict=False)
     except ValueError:
         raise ValueError(
             f"invalid CIDR {text!r}: expected a network like 192.168.1.0/24 or 2001:db8::/32"
@@ -109,7 +105,7 @@ class RuleTable:
     """
 
     def __init__(self, rules: Iterable[Rule]) -> None:
-        # version -> prefix lengths in use, longest first; (version, prefixlen) -> {net int: rule}
+        # (version, prefixlen) -> {net int: rule}
         self._by_length: dict[tuple[int, int], dict[int, Rule]] = {}
         for rule in rules:
             key = (rule.network.version, rule.network.prefixlen)
@@ -119,11 +115,10 @@ class RuleTable:
             # Same network: the higher kind wins; equal kinds keep the first rule.
             if current is None or rule.kind > current.kind:
                 slot[net] = rule
-        self._lengths: dict[int, list[int]] = {4: [], 6: []}
-        for version, prefixlen in self._by_length:
-            self._lengths[version].append(prefixlen)
-        for lengths in self._lengths.values():
-            lengths.sort(reverse=True)
+        # version -> prefix lengths in use, longest first
+        self._lengths = {
+            v: sorted((n for w, n in self._by_length if w == v), reverse=True) for v in (4, 6)
+        }
 
     def match(self, addr: IPAddress) -> Rule | None:
         bits = addr.max_prefixlen
@@ -153,10 +148,10 @@ class EgressPolicy:
     ) -> None:
         """host_addresses=None reads this host's addresses now and again every
         `refresh_interval` seconds (on the next check); a given set is used as is."""
-        self.allow = [_network(n) for n in allow]
-        self.deny = [_network(n) for n in deny]
-        self.tunnel_net = _network(tunnel_net)
-        self.vip_net = _network(vip_net)
+        self.allow = [parse_cidr(n) for n in allow]
+        self.deny = [parse_cidr(n) for n in deny]
+        self.tunnel_net = parse_cidr(tunnel_net)
+        self.vip_net = parse_cidr(vip_net)
         self._static_hosts = host_addresses is not None
         self._host_source = host_address_source
         self._clock = clock
@@ -218,12 +213,8 @@ class EgressPolicy:
         except ValueError:
             return "invalid address"
         rule = self._table.match(addr)
-        verdict = rule.reason if rule is not None and rule.refuses else None
+        verdict = rule.reason if rule is not None and rule.kind != Kind.ALLOW else None
         if len(verdicts) >= VERDICT_CACHE:
             verdicts.clear()
         verdicts[ip] = verdict
         return verdict
-
-
-def _network(value: str | IPNetwork) -> IPNetwork:
-    return parse_cidr(value) if isinstance(value, str) else value

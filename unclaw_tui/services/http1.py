@@ -66,7 +66,7 @@ class _Malformed(Exception):
 
 class _Framer:
     """Splits one direction's bytes into message heads and ends. After yielding a `_Head` it
-    waits for the caller to choose the body framing (`expect_*`, `stop`) before going on."""
+    waits for the caller to choose the body framing (`expect`, `stop`) before going on."""
 
     def __init__(self, max_head: int) -> None:
         self.max_head = max_head
@@ -74,21 +74,13 @@ class _Framer:
         self.buf = bytearray()
         self.left = 0
         self.body = 0
-        self._head: _Head | None = None
-        self._ended = False
 
-    # The caller's choices after a head.
-    def expect_none(self) -> None:
-        self.state = _State.END_PENDING
-
-    def expect_length(self, n: int) -> None:
-        self.state, self.left = (_State.BODY, n) if n else (_State.END_PENDING, 0)
-
-    def expect_chunked(self) -> None:
-        self.state = _State.CHUNK_SIZE
-
-    def expect_until_close(self) -> None:
-        self.state = _State.UNTIL_CLOSE
+    def expect(self, framing: _State, length: int = 0) -> None:
+        """The body after a head: END_PENDING (none), BODY (`length` bytes), CHUNK_SIZE
+        (chunked) or UNTIL_CLOSE."""
+        if framing is _State.BODY and not length:
+            framing = _State.END_PENDING
+        self.state, self.left = framing, length
 
     def stop(self) -> None:
         self.state = _State.STOPPED
@@ -134,23 +126,20 @@ class _Framer:
             if pos < len(data):
                 self.buf += data[pos:]
                 pos = len(data)
-            if not self._step():
+            item = self._step()
+            if item is False:
                 if len(self.buf) > self.max_head:
                     raise _Malformed("head or chunk line too long")
                 return
-            if self._head is not None:
-                head, self._head = self._head, None
-                yield head
-            elif self._ended:
-                self._ended = False
-                self.state = _State.HEAD
-                yield self._end()
+            if item is not True:
+                yield item
             # What followed the parsed line goes round again (it may be body bytes).
             data, pos = bytes(self.buf), 0
             self.buf.clear()
 
-    def _step(self) -> bool:
-        """Parse one unit from the buffer, leaving the rest in it; False: need more bytes."""
+    def _step(self) -> _Head | _End | bool:
+        """Parse one unit from the buffer, leaving the rest in it: what it completed, else
+        True; False: need more bytes."""
         buf = self.buf
         state = self.state
         if state is _State.HEAD:
@@ -159,9 +148,9 @@ class _Framer:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 return False
-            self._head = _parse_head(bytes(buf[:end]))
+            head = _parse_head(bytes(buf[:end]))
             del buf[: end + 4]
-            return True
+            return head
         end = buf.find(b"\r\n")
         if state is _State.CHUNK_CRLF:
             if len(buf) < 2:
@@ -190,16 +179,13 @@ class _Framer:
             return True
         # TRAILERS: until an empty line
         if not line:
-            self._ended = True
+            self.state = _State.HEAD
+            return self._end()
         return True
 
 
 def _parse_head(raw: bytes) -> _Head:
-    try:
-        text = raw.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes anything
-        raise _Malformed("undecodable head") from None
-    lines = text.split("\r\n")
+    lines = raw.decode("latin-1").split("\r\n")  # latin-1 decodes any bytes
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
@@ -310,9 +296,9 @@ class Http1Observer:
         host = head.headers.get("host") or self.default_host
         self._pending.append(_Pending(method, host, target[:MAX_PATH], now))
         if _is_chunked(head.headers):
-            self._requests.expect_chunked()
+            self._requests.expect(_State.CHUNK_SIZE)
         else:
-            self._requests.expect_length(_content_length(head.headers) or 0)
+            self._requests.expect(_State.BODY, _content_length(head.headers) or 0)
 
     def _on_response_head(self, head: _Head, now: float, done: list[Exchange]) -> None:
         parts = head.start_line.split(" ", 2)
@@ -329,21 +315,18 @@ class Http1Observer:
             self._stop("upgraded")
             return
         if 100 <= status < 200:
-            self._responses.expect_none()  # interim: the real response follows
+            self._responses.expect(_State.END_PENDING)  # interim: the real response follows
             return
         request.status = status
+        headers = head.headers
         if request.method == "HEAD" or status in (204, 304):
-            self._responses.expect_none()
-        elif _is_chunked(head.headers):
-            self._responses.expect_chunked()
-        elif "transfer-encoding" in head.headers:
-            self._responses.expect_until_close()
+            self._responses.expect(_State.END_PENDING)
+        elif _is_chunked(headers):
+            self._responses.expect(_State.CHUNK_SIZE)
+        elif "transfer-encoding" in headers or (length := _content_length(headers)) is None:
+            self._responses.expect(_State.UNTIL_CLOSE)
         else:
-            length = _content_length(head.headers)
-            if length is None:
-                self._responses.expect_until_close()
-            else:
-                self._responses.expect_length(length)
+            self._responses.expect(_State.BODY, length)
 
     def _on_response_end(self, end: _End, now: float, done: list[Exchange]) -> None:
         if not self._pending:

@@ -1,15 +1,16 @@
 """The relay: a peer's TCP connections and UDP flows, carried on from this host's own sockets.
 
 TCP needs nothing of its own here: the gateway carries every connection that no service takes
-to its destination (`flow.carry`), once the decision point allowed it. The SYN is answered only
-once the destination accepted (refused, unreachable or timed out: RST, so the client sees
-"connection refused" at once instead of hanging), then bytes flow both ways with half-close,
-in C, or in Python when the engine has no splices.
+to its destination once the decision point allowed it (`flow.carry` says how).
 
 UDP (`UdpRelay`): a connected host socket per (peer, peer source port, destination) flow,
 created on the flow's first datagram, which is when the decision point is asked; replies go
 back from the original destination. Flows end after an idle timeout; each peer has a bounded
-number of flows (past it the least recently active one is closed). The flow bookkeeping is the
+number of flows (past it the least recently active one is closed), and each flow's host socket
+counts against the peer's share of the gateway's descriptors (budget.py), together with its TCP
+connections: past the share a new flow replaces the peer's least recently active one here, and
+with none to replace it is refused (ICMP administratively prohibited, and a closing event saying
+why). The flow bookkeeping is the
 sans-IO `UdpFlowTable`. Refusals are reported once per flow per idle period, not per datagram.
 """
 
@@ -24,6 +25,7 @@ from unclaw_tui.config import DEFAULT_MAX_FLOWS_PER_PEER, DEFAULT_UDP_IDLE_TIMEO
 from unclaw_tui.decision import Moment, Question
 from unclaw_tui.engine import describe_os_error
 from unclaw_tui.router import Route
+from unclaw_tui.services.base import lru_put
 
 if TYPE_CHECKING:  # tests pass stand-ins for UdpDatagram with the methods used here
     from unclaw_tui.decision import DecisionPoint
@@ -100,6 +102,17 @@ class UdpFlowTable(Generic[K, V]):
         flows[key] = _Entry(value, now)
         self._peer_of[key] = peer
         return evicted
+
+    def pop_oldest(self, peer: bytes) -> V | None:
+        """Remove and return the peer's least recently active flow (None: it has none)."""
+        flows = self._by_peer.get(peer)
+        if not flows:
+            return None
+        key, entry = flows.popitem(last=False)
+        del self._peer_of[key]
+        if not flows:
+            del self._by_peer[peer]
+        return entry.value
 
     def pop(self, key: K) -> V | None:
         peer = self._peer_of.pop(key, None)
@@ -199,11 +212,7 @@ class UdpRelay:
         return self.flows.count(peer_public_key)
 
     def handle(
-        self,
-        dgram: UdpDatagram,
-        *,
-        addresses: tuple[str, ...] = (),
-        hostname: str | None = None,
+        self, dgram: UdpDatagram, *, addresses: tuple[str, ...] = (), hostname: str | None = None
     ) -> None:
         """Relay one datagram from a peer (creating its flow on first use).
 
@@ -238,6 +247,19 @@ class UdpRelay:
             dgram.unreachable(admin=True)
             self._report_refusal(key, dgram, verdict.refusal, now, hostname)
             return
+        # Past the peer's descriptor share: the new flow takes the socket of the peer's least
+        # recently active one, if it has one here (a flow evicted below frees its own anyway).
+        peer = dgram.peer_public_key
+        if self.flows.count(peer) < self.flows.max_per_peer and (
+            why := self._registry.descriptors.refusal(peer)
+        ):
+            oldest = self.flows.pop_oldest(peer)
+            if oldest is None:
+                self._registry.descriptors.refused += 1
+                dgram.unreachable(admin=True)
+                self._report_refusal(key, dgram, why, now, hostname)
+                return
+            self._finish(oldest, why, remove=False)
         entry = _UdpFlow(
             key=key,
             flow=self._new_flow(dgram, hostname),
@@ -246,6 +268,7 @@ class UdpRelay:
         )
         for _key, old in self.flows.add(dgram.peer_public_key, key, entry, now):
             self._finish(old, "closed: flow limit per peer reached", remove=False)
+        self._registry.hold_descriptor(entry.flow, force=True)  # checked above
         entry.flow.open()
         entry.pending.append(dgram.data)
         entry.opening = loop.create_task(self._open(entry))
@@ -327,36 +350,25 @@ class UdpRelay:
         entry.flow.close(error)
 
     def _report_refusal(
-        self,
-        key: FlowKey,
-        dgram: UdpDatagram,
-        reason: str,
-        now: float,
-        hostname: str | None = None,
+        self, key: FlowKey, dgram: UdpDatagram, reason: str, now: float, hostname: str | None
     ) -> None:
         seen = self._refused.get(key)
         if seen is not None and now - seen < self.flows.idle_timeout:
             return
-        self._refused[key] = now
-        self._refused.move_to_end(key)
-        while len(self._refused) > UDP_REFUSALS_REMEMBERED:
-            self._refused.popitem(last=False)
+        lru_put(self._refused, key, now, UDP_REFUSALS_REMEMBERED)
         self._new_flow(dgram, hostname).close(reason)
 
     # -- idle timer: one timer for the next flow to go idle ----------------------------------
 
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
-        deadline = self.flows.next_deadline()
-        if deadline is None or self._closed:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            return
-        if self._timer is not None and self._timer.when() <= deadline:
-            return  # fires early at worst, then re-arms for the later deadline
+        deadline = None if self._closed else self.flows.next_deadline()
         if self._timer is not None:
+            if deadline is not None and self._timer.when() <= deadline:
+                return  # fires early at worst, then re-arms for the later deadline
             self._timer.cancel()
-        self._timer = loop.call_at(deadline, self._sweep, loop, deadline)
+            self._timer = None
+        if deadline is not None:
+            self._timer = loop.call_at(deadline, self._sweep, loop, deadline)
 
     def _sweep(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         self._timer = None

@@ -12,10 +12,10 @@ Per connection (`TlsService.handle_tcp`):
    destination closed meanwhile (a slow hello) is opened anew. The hostname: the SNI, else the
    VIP's hostname (`gateway.resolver`), else none. The decision point is asked again with the
    SNI (and the VIP's hostname beside it, so another SNI cannot dodge a verdict).
-3. Passthrough (the hostname matches `settings.passthrough`, or a client rejected our
-   certificate for it before and `settings.auto_passthrough` is on): replay the bytes read so
-   far to the destination, then carry the encrypted bytes untouched (`flow.carry`: in C where
-   the engine can take the connection, else in Python).
+3. Passthrough (the hostname matches `settings.passthrough`, or a client of the same peer
+   rejected our certificate for it before and `settings.auto_passthrough` is on: autopass.py):
+   replay the bytes read so far to the destination, then carry the encrypted bytes untouched
+   (`flow.carry`: in C where the engine can take the connection, else in Python).
 4. Intercept (the default): TLS to the destination first, offering the client's ALPN list,
    with SNI and full verification against the system store (`SSL_CERT_FILE` honoured). A
    failed verification closes the client's connection and says why. Then terminate the
@@ -49,16 +49,17 @@ import re
 import socket
 import ssl
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from unclaw_tui.config import DEFAULT_HELLO_TIMEOUT
 from unclaw_tui.decision import Moment, Question
-from unclaw_tui.engine import describe_os_error
+from unclaw_tui.engine import describe_os_error, unb64
 from unclaw_tui.events import HttpRequest, TlsHost
 from unclaw_tui.flow import Flow, PeerGone, carry
 from unclaw_tui.pump import (
+    CLOSE_WAIT,
+    DEFAULT_CONNECT_TIMEOUT,
     MIN_READ_SIZE,
     ConnectFailed,
     Side,
@@ -66,7 +67,8 @@ from unclaw_tui.pump import (
     reset_host_connection,
 )
 from unclaw_tui.router import Route
-from unclaw_tui.services import clienthello
+from unclaw_tui.services import autopass, clienthello
+from unclaw_tui.services.autopass import AutoPassthrough
 from unclaw_tui.services.ca import CertificateAuthority
 from unclaw_tui.services.http1 import Exchange, Http1Observer
 from unclaw_tui.state import StateError
@@ -81,13 +83,9 @@ MAX_HELLO = clienthello.DEFAULT_MAX_SIZE
 # The whole ClientHello (--hello-timeout): a slow client cannot hold us longer.
 HELLO_TIMEOUT = DEFAULT_HELLO_TIMEOUT
 HANDSHAKE_TIMEOUT = 10.0  # the client's side of the handshake, after its hello
-CONNECT_TIMEOUT = 10.0  # upstream TCP connect plus TLS handshake, per address
-CLOSE_TIMEOUT = 5.0
-UPSTREAM_CONTEXTS = 32  # cached client contexts, one per distinct ALPN offer
-AUTO_PASSTHROUGH_HOSTS = 4096
-# The auto-passthrough hosts, kept in the state dir so a restart does not break those clients
-# again: {"hosts": [...]}, least recently rejected first.
-PASSTHROUGH_FILE = "auto-passthrough.json"
+CONNECT_TIMEOUT = DEFAULT_CONNECT_TIMEOUT  # upstream TCP connect plus TLS handshake, per address
+UPSTREAM_CONTEXTS = 32
+AUTO_PASSTHROUGH_SAVE_INTERVAL = 1.0  # seconds between writes of the list
 READ_SIZE = MIN_READ_SIZE
 HTTP1_ALPN = (None, "http/1.1", "http/1.0")
 
@@ -160,14 +158,12 @@ class ClientTls:
         self._shut = False
 
     def _flush(self) -> bool:
-        data = self._out.read()
-        if data:
+        if data := self._out.read():
             self.writer.write(data)
         return bool(data)
 
     async def _fill(self) -> None:
-        data = await self.reader.read(READ_SIZE)
-        if data:
+        if data := await self.reader.read(READ_SIZE):
             self._in.write(data)
         else:
             self._in.write_eof()
@@ -176,22 +172,16 @@ class ClientTls:
         while True:
             try:
                 self.ssl.do_handshake()
+                break
             except ssl.SSLWantReadError:
-                if self._flush():
-                    self.sent_certificate = True
+                self.sent_certificate |= self._flush()
                 await self.writer.drain()
                 await self._fill()
-                continue
             except ssl.SSLError:
                 self._flush()  # our alert, if OpenSSL made one
                 raise
-            self._flush()
-            await self.writer.drain()
-            return
-
-    @property
-    def alpn(self) -> str | None:
-        return self.ssl.selected_alpn_protocol()
+        self._flush()
+        await self.writer.drain()
 
     # -- the stream face -------------------------------------------------------------------
 
@@ -199,20 +189,18 @@ class ClientTls:
         while True:
             try:
                 data = self.ssl.read(n)
+                self._flush()
+                return data
             except ssl.SSLWantReadError:
                 self._flush()
                 await self._fill()
-                continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""  # close_notify, or a TCP EOF without one: either way the end
-            self._flush()
-            return data
 
     def write(self, data: bytes) -> None:
-        if self._shut:
-            return
-        self.ssl.write(data)
-        self._flush()
+        if not self._shut:
+            self.ssl.write(data)
+            self._flush()
 
     async def drain(self) -> None:
         await self.writer.drain()
@@ -258,11 +246,10 @@ class _UpstreamWriter:
     def can_write_eof(self) -> bool:
         return True
 
-    def write_eof(self) -> None:
-        self.writer.close()
-
     def close(self) -> None:
         self.writer.close()
+
+    write_eof = close
 
     async def wait_closed(self) -> None:
         with contextlib.suppress(ssl.SSLError):
@@ -272,7 +259,7 @@ class _UpstreamWriter:
 class _Tap:
     """A reader that shows every chunk (and the EOF, as b"") to a callback on its way."""
 
-    def __init__(self, inner: Any, on_data: Callable[[bytes], None]) -> None:
+    def __init__(self, inner: Any, on_data: Callable[[bytes], object]) -> None:
         self.inner = inner
         self.on_data = on_data
 
@@ -370,15 +357,19 @@ class TlsService:
     ) -> None:
         self.gateway = gateway
         self.ca = ca
-        self._make_upstream_context = upstream_context or default_upstream_context
-        self._upstream_contexts: OrderedDict[tuple[str, ...], ssl.SSLContext] = OrderedDict()
+        # One client context per distinct ALPN offer, the least recently used dropped first.
+        self.upstream_context = functools.lru_cache(UPSTREAM_CONTEXTS)(
+            upstream_context or default_upstream_context
+        )
         self.hello_timeout = hello_timeout
         self.handshake_timeout = handshake_timeout
         self.connect_timeout = connect_timeout
-        # Hosts whose clients rejected our certificate (auto-passthrough), least recent first.
-        self.rejected_hosts: OrderedDict[str, None] = OrderedDict()
+        # Hosts each peer's clients rejected our certificate for (autopass.py).
+        self.auto_passthrough = AutoPassthrough()
+        self._saved_changes = 0
+        self._save_task: asyncio.Task[None] | None = None
         if gateway.settings.auto_passthrough:
-            self._load_rejected_hosts()
+            self._load_auto_passthrough()
 
     # -- Service -------------------------------------------------------------------------------
 
@@ -386,7 +377,14 @@ class TlsService:
         dgram.unreachable()  # the router sends only TCP here
 
     async def close(self) -> None:
-        self._upstream_contexts.clear()
+        self.upstream_context.cache_clear()
+        if self._save_task is not None:
+            self._save_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._save_task
+        if self.auto_passthrough.changes != self._saved_changes:
+            with contextlib.suppress(Exception):
+                self._write_auto_passthrough(self.auto_passthrough.to_json())
 
     async def handle_tcp(self, flow: Flow) -> None:
         # What escapes ends the flow in FlowRegistry.serve (RST, the error in its closing event).
@@ -395,48 +393,51 @@ class TlsService:
 
     # -- policy --------------------------------------------------------------------------------
 
-    def is_passthrough(self, hostname: str | None) -> bool:
+    def is_passthrough(self, hostname: str | None, peer_key: bytes) -> bool:
         if hostname is None:
             return False
-        if hostname in self.rejected_hosts:
+        if self.auto_passthrough.has(peer_key, hostname):
             return True
         return any(fnmatch.fnmatchcase(hostname, p) for p in self.gateway.settings.passthrough)
 
-    def _remember_rejection(self, hostname: str) -> None:
-        self.rejected_hosts[hostname] = None
-        self.rejected_hosts.move_to_end(hostname)
-        while len(self.rejected_hosts) > AUTO_PASSTHROUGH_HOSTS:
-            self.rejected_hosts.popitem(last=False)
-        hosts = list(self.rejected_hosts)
-        # fsync and the state dir's lock may block: off the loop (a new host is rare).
-        saving = asyncio.get_running_loop().run_in_executor(None, self._save_rejected, hosts)
-        saving.add_done_callback(_log_failure)
+    def _remember_rejection(self, peer_key: bytes, hostname: str) -> None:
+        self.auto_passthrough.add(peer_key, hostname)
+        if self._save_task is None or self._save_task.done():
+            self._save_task = asyncio.ensure_future(self._save_auto_passthrough())
 
-    def _save_rejected(self, hosts: list[str]) -> None:
+    async def _save_auto_passthrough(self) -> None:
+        """Writes the list while it changes, at most once per AUTO_PASSTHROUGH_SAVE_INTERVAL;
+        the document is taken on the loop (small: bounded per peer), written off it (the
+        state dir's lock and fsync may block)."""
+        while self.auto_passthrough.changes != self._saved_changes:
+            changes = self.auto_passthrough.changes
+            doc = self.auto_passthrough.to_json()
+            try:
+                await asyncio.to_thread(self._write_auto_passthrough, doc)
+            except Exception as exc:
+                log.warning("auto-passthrough hosts not saved: %s", exc)
+                return
+            self._saved_changes = changes
+            await asyncio.sleep(AUTO_PASSTHROUGH_SAVE_INTERVAL)
+
+    def _write_auto_passthrough(self, doc: dict[str, Any]) -> None:
         state = self.gateway.state
         with state.locked():
-            state.write_json(PASSTHROUGH_FILE, {"hosts": hosts})
+            state.write_json(autopass.FILE, doc)
 
-    def _load_rejected_hosts(self) -> None:
+    def _load_auto_passthrough(self) -> None:
+        state = self.gateway.state
         try:
-            doc = self.gateway.state.read_json(PASSTHROUGH_FILE)
+            doc = state.read_json(autopass.FILE)
+            peers = [unb64(p.public_key) for p in state.peers()]
         except StateError as exc:
             log.warning("auto-passthrough hosts not loaded: %s", exc)
             return
-        hosts = doc.get("hosts") if isinstance(doc, dict) else None
-        for host in hosts[-AUTO_PASSTHROUGH_HOSTS:] if isinstance(hosts, list) else ():
-            if isinstance(host, str) and host:
-                self.rejected_hosts[host] = None
-
-    def upstream_context(self, alpn: tuple[str, ...]) -> ssl.SSLContext:
-        ctx = self._upstream_contexts.get(alpn)
-        if ctx is None:
-            ctx = self._make_upstream_context(alpn)
-            self._upstream_contexts[alpn] = ctx
-            while len(self._upstream_contexts) > UPSTREAM_CONTEXTS:
-                self._upstream_contexts.popitem(last=False)
-        self._upstream_contexts.move_to_end(alpn)
-        return ctx
+        for problem in self.auto_passthrough.load(doc, peers):
+            log.warning("%s: skipped %s", autopass.FILE, problem)
+        self._saved_changes = self.auto_passthrough.changes
+        if isinstance(doc, dict) and "peers" not in doc:  # version 1: write the new form
+            self._saved_changes -= 1
 
     # -- one connection ------------------------------------------------------------------------
 
@@ -451,103 +452,78 @@ class TlsService:
         # while the ClientHello arrives, so neither mode waits a round trip to the host after it.
         upstream = _EarlyUpstream(functools.partial(self._open_upstream, flow, vip_host))
         try:
-            await self._serve_hello(flow, reader, writer, vip_host, upstream)
+            hello, seen = await self._read_hello(reader)
+            if isinstance(hello, str):
+                flow.open(vip_host)
+                _tls_event(self.gateway, flow, None, "rejected", error=hello)
+                await _close_client(writer, flow)
+                return
+            gateway = self.gateway
+            sni = hello.sni
+            hostname = sni or vip_host
+            flow.open(hostname)
+            hello_question = Question.about(flow, Moment.HELLO, hostname=sni, vip_hostname=vip_host)
+            verdict = gateway.decisions.decide(hello_question)
+            if verdict.refusal is not None:
+                _tls_event(gateway, flow, sni, "rejected", error=verdict.refusal)
+                flow.abort()
+                return
+            passthrough = self.is_passthrough(hostname, flow.peer_key)
+            offered = ",".join(hello.alpn) or None
+            try:
+                sock = await upstream.take()
+            except _Refused as exc:
+                _tls_event(gateway, flow, sni, "rejected", error=str(exc))
+                flow.abort()
+                return
+            except ConnectFailed as exc:
+                if passthrough:
+                    _tls_event(gateway, flow, sni, "passthrough", alpn=offered, error=str(exc))
+                    flow.abort()
+                else:
+                    _tls_event(gateway, flow, sni, "intercepted", error=f"upstream: {exc}")
+                    await _close_client(writer, flow)
+                return
+            if passthrough:
+                _tls_event(gateway, flow, sni, "passthrough", alpn=offered)
+                # The ClientHello (and anything read with it) goes ahead untouched, then the rest.
+                carry(flow, sock, streams=(reader, writer), first=seen)
+                await flow.ended()
+            else:
+                await self._intercept(flow, hello, hostname, sock, reader, writer, seen)
         finally:
             upstream.discard()
 
-    async def _serve_hello(
-        self,
-        flow: Flow,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        vip_host: str | None,
-        upstream: _EarlyUpstream,
-    ) -> None:
-        gateway = self.gateway
-        hello, seen = await self._read_hello(reader)
-        if isinstance(hello, clienthello.NotTls):
-            flow.open(vip_host)
-            error = f"not a TLS ClientHello: {hello.reason}"
-            _tls_event(gateway, flow, None, "rejected", error=error)
-            await _close_client(writer, flow)
-            return
-        sni = hello.sni
-        if sni is not None and not (valid_hostname(sni) or _is_ip(sni)):
-            flow.open(vip_host)
-            _tls_event(gateway, flow, None, "rejected", error="invalid SNI")
-            await _close_client(writer, flow)
-            return
-        hostname = sni or vip_host
-        flow.open(hostname)
-        hello_question = Question.about(flow, Moment.HELLO, hostname=sni, vip_hostname=vip_host)
-        verdict = gateway.decisions.decide(hello_question)
-        if verdict.refusal is not None:
-            _tls_event(gateway, flow, sni, "rejected", error=verdict.refusal)
-            flow.abort()
-            return
-        passthrough = self.is_passthrough(hostname)
-        offered = ",".join(hello.alpn) or None
-        try:
-            sock = await upstream.take()
-        except _Refused as exc:
-            _tls_event(gateway, flow, sni, "rejected", error=str(exc))
-            flow.abort()
-            return
-        except ConnectFailed as exc:
-            if passthrough:
-                _tls_event(gateway, flow, sni, "passthrough", alpn=offered, error=str(exc))
-                flow.abort()
-            else:
-                _tls_event(gateway, flow, sni, "intercepted", error=f"upstream: {exc}")
-                await _close_client(writer, flow)
-            return
-        if passthrough:
-            _tls_event(gateway, flow, sni, "passthrough", alpn=offered)
-            # The ClientHello (and anything read with it) goes ahead untouched, then the rest.
-            carry(flow, sock, streams=(reader, writer), first=seen)
-            await flow.ended()
-        else:
-            await self._intercept(flow, hello, hostname, sock, reader, writer, seen)
-
     async def _read_hello(
         self, reader: asyncio.StreamReader
-    ) -> tuple[clienthello.ClientHello | clienthello.NotTls, bytes]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.hello_timeout
+    ) -> tuple[clienthello.ClientHello | str, bytes]:
+        """The ClientHello and the bytes read with it, or why the connection is rejected."""
+        deadline = asyncio.get_running_loop().time() + self.hello_timeout
         parser = clienthello.HelloParser(MAX_HELLO)
         buf = parser.data
         result = parser.feed(b"")
-        while True:
-            if not isinstance(result, clienthello.NeedMore):
-                return result, bytes(buf)
-            left = deadline - loop.time()
+        while isinstance(result, clienthello.NeedMore):
             try:
-                if left <= 0:
-                    raise TimeoutError
-                data = await asyncio.wait_for(reader.read(max(1, MAX_HELLO - len(buf))), left)
+                async with asyncio.timeout_at(deadline):
+                    data = await reader.read(max(1, MAX_HELLO - len(buf)))
             except TimeoutError:
                 what = "incomplete" if buf else "none"
-                return clienthello.NotTls(f"{what} within {self.hello_timeout:g} s"), bytes(buf)
+                result = clienthello.NotTls(f"{what} within {self.hello_timeout:g} s")
             except OSError as exc:
-                return clienthello.NotTls(_describe(exc)), bytes(buf)
-            if not data:
-                what = "truncated" if buf else "closed before sending anything"
-                return clienthello.NotTls(what), bytes(buf)
-            result = parser.feed(data)  # each record walked once, however the bytes arrive
+                result = clienthello.NotTls(_describe(exc))
+            else:  # each record is walked once, however the bytes arrive
+                end = "truncated" if buf else "closed before sending anything"
+                result = parser.feed(data) if data else clienthello.NotTls(end)
+        if isinstance(result, clienthello.NotTls):
+            return f"not a TLS ClientHello: {result.reason}", bytes(buf)
+        if result.sni is not None and not (valid_hostname(result.sni) or _is_ip(result.sni)):
+            return "invalid SNI", bytes(buf)
+        return result, bytes(buf)
 
     async def _open_upstream(self, flow: Flow, vip_host: str | None) -> socket.socket:
-        """A TCP connection to the first allowed destination that answers; `_Refused` if the
-        decision point allows none, `ConnectFailed` (the last reason) if none answers."""
-        failure = "no address"
-        for ip in await self._destinations(flow, vip_host):
-            try:
-                return await connect_socket(ip, flow.dst_port, timeout=self.connect_timeout)
-            except ConnectFailed as exc:
-                failure = str(exc)
-        raise ConnectFailed(failure)
-
-    async def _destinations(self, flow: Flow, vip_host: str | None) -> tuple[str, ...]:
-        """The real addresses to connect to, in order, each allowed by the decision point."""
+        """A TCP connection to the first destination (the VIP's real addresses, else the
+        original one) that the decision point allows and that answers; `_Refused` if it allows
+        none, `ConnectFailed` (the last reason) if none answers."""
         if vip_host is not None and self.gateway.resolver is not None:
             candidates = tuple(await self.gateway.resolver.resolve(vip_host))
             if not candidates:
@@ -558,26 +534,13 @@ class TlsService:
         verdict = self.gateway.decisions.decide(question)
         if verdict.refusal is not None:
             raise _Refused(verdict.refusal)
-        return verdict.addresses
-
-    async def _upstream_tls(
-        self, sock: socket.socket, ctx: ssl.SSLContext, server_name: str
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """TLS over the connected socket, with SNI and full verification."""
-        try:
-            return await asyncio.wait_for(
-                asyncio.open_connection(
-                    sock=sock,
-                    ssl=ctx,
-                    server_hostname=server_name,
-                    ssl_handshake_timeout=self.connect_timeout,
-                    limit=self.gateway.settings.tcp_buffer,
-                ),
-                self.connect_timeout,
-            )
-        except BaseException:
-            sock.close()  # the transport closes it too, once it exists: a second close is a no-op
-            raise
+        failure = "no address"
+        for ip in verdict.addresses:
+            try:
+                return await connect_socket(ip, flow.dst_port, timeout=self.connect_timeout)
+            except ConnectFailed as exc:
+                failure = str(exc)
+        raise ConnectFailed(failure)
 
     async def _intercept(
         self,
@@ -592,21 +555,24 @@ class TlsService:
         sni = hello.sni
         offer = tuple(p for p in hello.alpn if 0 < len(p.encode("latin-1")) < 256)
         server_name = hostname or flow.dst_ip
-        try:
-            ctx = self.upstream_context(offer)
-            up_reader, up_writer = await self._upstream_tls(sock, ctx, server_name)
-        except ssl.SSLCertVerificationError as exc:
-            _tls_event(
-                self.gateway,
-                flow,
-                sni,
-                "intercepted",
-                error=f"upstream certificate rejected: {_describe(exc)}",
+        try:  # TLS over the connected socket, with SNI and full verification
+            up_reader, up_writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    sock=sock,
+                    ssl=self.upstream_context(offer),
+                    server_hostname=server_name,
+                    ssl_handshake_timeout=self.connect_timeout,
+                    limit=self.gateway.settings.tcp_buffer,
+                ),
+                self.connect_timeout,
             )
-            await _close_client(writer, flow)
-            return
-        except (OSError, ssl.SSLError) as exc:
-            _tls_event(self.gateway, flow, sni, "intercepted", error=f"upstream: {_describe(exc)}")
+        except BaseException as exc:
+            sock.close()  # the transport closes it too, once it exists: a second close is a no-op
+            if not isinstance(exc, OSError):  # ssl.SSLError and TimeoutError are OSErrors
+                raise
+            verify = isinstance(exc, ssl.SSLCertVerificationError)
+            what = "upstream certificate rejected" if verify else "upstream"
+            _tls_event(self.gateway, flow, sni, "intercepted", error=f"{what}: {_describe(exc)}")
             await _close_client(writer, flow)
             return
         upstream_ssl = up_writer.get_extra_info("ssl_object")
@@ -619,7 +585,7 @@ class TlsService:
             if rejection is not None:
                 error = f"client rejected our certificate ({rejection})"
                 if hostname is not None and self.gateway.settings.auto_passthrough:
-                    self._remember_rejection(hostname)
+                    self._remember_rejection(flow.peer_key, hostname)
             else:
                 error = f"client handshake failed: {_describe(exc)}"
             _tls_event(self.gateway, flow, sni, "intercepted", alpn=alpn, error=error)
@@ -631,8 +597,16 @@ class TlsService:
         host_reader: Any = up_reader
         observer: Http1Observer | None = None
         if alpn in HTTP1_ALPN:
-            observer = Http1Observer(default_host=hostname or flow.dst_ip)
-            peer_reader, host_reader = self._observe(flow, observer, client, up_reader)
+            observer = watch = Http1Observer(default_host=hostname or flow.dst_ip)
+
+            def from_upstream(data: bytes) -> None:
+                now = time.monotonic()
+                self._publish_http(
+                    flow, watch.response_data(data, now) if data else watch.response_eof(now)
+                )
+
+            peer_reader = _Tap(client, lambda data: watch.request_data(data, time.monotonic()))
+            host_reader = _Tap(up_reader, from_upstream)
         try:
             await flow.pump(
                 Side("peer", peer_reader, cast(asyncio.StreamWriter, client), flow.abort),
@@ -647,19 +621,6 @@ class TlsService:
         finally:
             if observer is not None:
                 self._publish_http(flow, observer.close(time.monotonic()))
-
-    def _observe(
-        self, flow: Flow, observer: Http1Observer, client: ClientTls, upstream: Any
-    ) -> tuple[_Tap, _Tap]:
-        def from_client(data: bytes) -> None:
-            observer.request_data(data, time.monotonic())
-
-        def from_upstream(data: bytes) -> None:
-            now = time.monotonic()
-            done = observer.response_data(data, now) if data else observer.response_eof(now)
-            self._publish_http(flow, done)
-
-        return _Tap(client, from_client), _Tap(upstream, from_upstream)
 
     def _publish_http(self, flow: Flow, exchanges: list[Exchange]) -> None:
         for x in exchanges:
@@ -682,11 +643,8 @@ def _client_rejection(exc: BaseException, sent_certificate: bool) -> str | None:
     """Why the client refused our certificate, or None if it failed for another reason."""
     if isinstance(exc, ssl.SSLError) and exc.reason in _REJECTION_ALERTS:
         return _REJECTION_ALERTS[exc.reason]
-    if sent_certificate and isinstance(
-        exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionResetError
-    ):
-        return "closed the connection after our certificate"
-    if sent_certificate and isinstance(exc, ssl.SSLError) and "EOF" in str(exc):
+    closed = isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionResetError)
+    if sent_certificate and (closed or (isinstance(exc, ssl.SSLError) and "EOF" in str(exc))):
         return "closed the connection after our certificate"
     return None
 
@@ -695,7 +653,7 @@ async def _close_client(writer: asyncio.StreamWriter, flow: Flow) -> None:
     """A clean close (FIN); an abort (RST) if it does not finish in time."""
     writer.close()
     try:
-        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_WAIT)
     except (OSError, TimeoutError):
         flow.abort()
 
@@ -706,11 +664,6 @@ def default_upstream_context(alpn: tuple[str, ...]) -> ssl.SSLContext:
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx
-
-
-def _log_failure(future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and (exc := future.exception()) is not None:
-        log.warning("auto-passthrough hosts not saved: %s", exc)
 
 
 def create(gateway: GatewayServices) -> dict[Route, Service]:

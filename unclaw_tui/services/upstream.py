@@ -12,6 +12,11 @@ identical questions share one upstream exchange. When every server fails, an ans
 ran out less than a day ago is served stale, with a 30 s TTL (RFC 8767): names the peers
 already use keep working while the upstream is away, and the event says so.
 
+Each exchange holds one socket (UDP, then TCP if truncated) and at most `max_sockets` are in
+flight at once (the gateway sets it from its descriptor budget, budget.py): past it a question
+waits for a socket within its own time bound, so queries, whoever sends them, cannot take the
+descriptors the peers' flows and the gateway's own work need.
+
 The egress policy does not apply to these servers: the operator configured them (and the
 default, /etc/resolv.conf, is often a loopback address the policy refuses to peers).
 """
@@ -31,6 +36,9 @@ from pathlib import Path
 
 from dnslib import EDNS0, QTYPE, RCODE, DNSError, DNSQuestion, DNSRecord
 
+from unclaw_tui.services import dnswire
+from unclaw_tui.services.base import lru_put
+
 Server = tuple[str, int]
 
 UPSTREAM_TIMEOUT = 2.0  # seconds for one question, all servers together
@@ -40,8 +48,10 @@ MAX_TTL = 3600  # cap, so a bad upstream cannot pin an answer for days
 MAX_NEGATIVE_TTL = 300
 STALE_MAX_AGE = 86_400.0  # serve-stale (RFC 8767): how long past its TTL an answer may be used
 STALE_TTL = 30  # the TTL a stale answer is given (RFC 8767 4: 30 s)
+MAX_SOCKETS = 1024  # exchanges in flight at once, until the gateway's budget says otherwise
 
 _OPT = QTYPE.OPT
+_ECS = 8  # the EDNS client-subnet option
 
 
 def resolv_conf_servers(path: Path = Path("/etc/resolv.conf")) -> list[Server]:
@@ -98,42 +108,26 @@ class DnsCache:
         ttl = _answer_ttl(response)
         if ttl <= 0:
             return
-        self._entries[key] = (response.pack(), now, now + ttl)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        lru_put(self._entries, key, (response.pack(), now, now + ttl), self.max_entries)
 
-    def get(self, key: Hashable, now: float) -> DNSRecord | None:
-        """A fresh answer (TTLs lowered by its age here), or None."""
+    def get(self, key: Hashable, now: float, *, stale: bool = False) -> DNSRecord | None:
+        """A fresh answer (TTLs lowered by its age here), or None. `stale`: for when the
+        upstream cannot be reached (RFC 8767), an answer past its TTL by less than
+        STALE_MAX_AGE too, with every TTL at most STALE_TTL."""
         hit = self._entries.get(key)
         if hit is None:
             return None
         packed, stored, expires = hit
-        if now >= expires:
-            if now >= expires + STALE_MAX_AGE:
-                del self._entries[key]
-            return None  # kept a while for get_stale
-        response = DNSRecord.parse(packed)
-        age = int(now - stored)
-        for rr in (*response.rr, *response.auth, *response.ar):
-            if rr.rtype != _OPT:
-                rr.ttl = max(0, rr.ttl - age)
-        return response
-
-    def get_stale(self, key: Hashable, now: float) -> DNSRecord | None:
-        """An answer past its TTL by less than STALE_MAX_AGE, with every TTL set to STALE_TTL;
-        for when the upstream cannot be reached (RFC 8767)."""
-        hit = self._entries.get(key)
-        if hit is None:
-            return None
-        packed, _stored, expires = hit
         if now >= expires + STALE_MAX_AGE:
             del self._entries[key]
             return None
-        response = DNSRecord.parse(packed)
+        if now >= expires and not stale:
+            return None  # kept a while for stale use
+        response = dnswire.parse(packed)
+        age = int(now - stored)
         for rr in (*response.rr, *response.auth, *response.ar):
             if rr.rtype != _OPT:
-                rr.ttl = min(rr.ttl, STALE_TTL)
+                rr.ttl = min(rr.ttl, STALE_TTL) if stale else max(0, rr.ttl - age)
         return response
 
 
@@ -170,6 +164,7 @@ class UpstreamClient:
         timeout: float = UPSTREAM_TIMEOUT,
         cache: DnsCache | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_sockets: int = MAX_SOCKETS,
     ) -> None:
         self.servers = list(servers)
         self.timeout = timeout
@@ -177,12 +172,21 @@ class UpstreamClient:
         self.clock = clock
         self._inflight: dict[Hashable, asyncio.Future[UpstreamAnswer]] = {}
         self.exchanges = 0  # questions that went upstream (not cached, not shared)
+        self.limit_sockets(max_sockets)
+
+    def limit_sockets(self, max_sockets: int) -> None:
+        """At most this many exchanges hold a socket at once (set before any is in flight)."""
+        if max_sockets < 1:
+            raise ValueError("max_sockets must be at least 1")
+        self.max_sockets = max_sockets
+        self._sockets = asyncio.Semaphore(max_sockets)
+        self.sockets_in_use = 0
+        self.sockets_peak = 0  # the most in use at once
 
     async def lookup(self, qname: str, qtype: int) -> UpstreamAnswer:
         """Our own question (recursion desired, EDNS, no DNSSEC)."""
         key = ("lookup", qname.rstrip(".").lower(), qtype)
-        request = DNSRecord(q=DNSQuestion(qname, qtype))
-        request.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
+        request = DNSRecord(q=DNSQuestion(qname, qtype), ar=[EDNS0(udp_len=EDNS_PAYLOAD)])
         return await self._ask(key, request.pack(), qname, qtype)
 
     async def forward(self, query: bytes, request: DNSRecord) -> UpstreamAnswer:
@@ -190,8 +194,11 @@ class UpstreamClient:
         (the caller puts the client's back)."""
         q = request.q
         h = request.header
-        do = any(rr.rtype == _OPT and rr.ttl & 0x8000 for rr in request.ar)
-        key = ("forward", str(q.qname).lower(), q.qtype, q.qclass, h.rd, h.cd, bool(do))
+        opts = [rr for rr in request.ar if rr.rtype == _OPT]
+        do = any(rr.ttl & 0x8000 for rr in opts)
+        # An answer tailored to the client's subnet (RFC 7871) is only for that subnet.
+        subnet = b"".join(o.data for rr in opts for o in rr.rdata if o.code == _ECS)
+        key = ("forward", str(q.qname).lower(), q.qtype, q.qclass, h.rd, h.cd, do, subnet)
         return await self._ask(key, query, str(q.qname), q.qtype)
 
     async def resolve_a(self, hostname: str) -> list[str]:
@@ -217,7 +224,7 @@ class UpstreamClient:
             answer = await self._exchange(query, qname, qtype)
             if answer.response is not None:
                 self.cache.put(key, answer.response, self.clock())
-            elif (stale := self.cache.get_stale(key, self.clock())) is not None:
+            elif (stale := self.cache.get(key, self.clock(), stale=True)) is not None:
                 answer = UpstreamAnswer(
                     stale,
                     stale.header.rcode,
@@ -279,19 +286,33 @@ class UpstreamClient:
         def matches(data: bytes) -> bool:
             return len(data) >= 12 and struct.unpack_from("!H", data)[0] == ident
 
-        loop = asyncio.get_running_loop()
-        transport, protocol = await loop.create_datagram_endpoint(
-            lambda: _UdpExchange(matches), remote_addr=server
-        )
-        try:
-            transport.sendto(packet)
-            data = await protocol.done
-        finally:
-            transport.close()
-        response = _check(data, want)
-        if response.header.tc:
-            response = _check(await _tcp_exchange(server, packet, matches), want)
-        return response
+        # Waiting here counts against the question's time bound (the caller's wait_for).
+        async with self._sockets:
+            self.sockets_in_use += 1
+            self.sockets_peak = max(self.sockets_peak, self.sockets_in_use)
+            try:
+                return await _udp_then_tcp(server, packet, matches, want)
+            finally:
+                self.sockets_in_use -= 1
+
+
+async def _udp_then_tcp(
+    server: Server, packet: bytes, matches: Callable[[bytes], bool], want: tuple[str, int]
+) -> DNSRecord:
+    """One exchange with one server: one socket at a time (UDP, then TCP if truncated)."""
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: _UdpExchange(matches), remote_addr=server
+    )
+    try:
+        transport.sendto(packet)
+        data = await protocol.done
+    finally:
+        transport.close()
+    response = _check(data, want)
+    if response.header.tc:
+        response = _check(await _tcp_exchange(server, packet, matches), want)
+    return response
 
 
 async def _tcp_exchange(server: Server, packet: bytes, matches: Callable[[bytes], bool]) -> bytes:
@@ -314,7 +335,7 @@ async def _tcp_exchange(server: Server, packet: bytes, matches: Callable[[bytes]
 
 def _check(data: bytes, want: tuple[str, int]) -> DNSRecord:
     try:
-        response = DNSRecord.parse(data)
+        response = dnswire.parse(data)
     except (DNSError, ValueError, IndexError, struct.error) as exc:
         raise _Unusable(f"unparsable answer ({exc})") from None
     if not response.header.qr:

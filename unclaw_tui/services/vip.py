@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 from unclaw_tui.decision import Moment, Question
 from unclaw_tui.flow import carry
@@ -26,11 +25,9 @@ from unclaw_tui.router import Route
 from unclaw_tui.services.relay import UdpRelay
 
 if TYPE_CHECKING:
-    import socket
-
     from unclaw_tui.engine import UdpDatagram
     from unclaw_tui.flow import Flow
-    from unclaw_tui.services.base import GatewayServices
+    from unclaw_tui.services.base import GatewayServices, Resolver
 
 QUIC_PORT = 443
 MAX_ADDRESSES_TRIED = 4
@@ -38,15 +35,10 @@ MIN_CONNECT_TIMEOUT = 3.0  # per address, when several share DEFAULT_CONNECT_TIM
 MAX_UDP_RESOLVING = 256  # datagrams waiting for their hostname's addresses; past it, dropped
 
 
-class VipResolver(Protocol):
-    def hostname_for_vip(self, ip: str) -> str | None: ...
-    async def resolve(self, hostname: str) -> list[str]: ...
-
-
 class VipService:
     """Route.VIP's service (see the module docstring)."""
 
-    def __init__(self, gateway: GatewayServices, resolver: VipResolver) -> None:
+    def __init__(self, gateway: GatewayServices, resolver: Resolver) -> None:
         self.gateway = gateway
         self.resolver = resolver
         s = gateway.settings
@@ -70,17 +62,12 @@ class VipService:
             self.counts["unknown_vip"] += 1
             flow.refuse("unknown VIP")
             return
-        sock = await self._connect(flow, hostname)
-        if sock is not None:
-            carry(flow, sock)  # a spliced connection needs no task of ours: not waited for
-
-    async def _connect(self, flow: Flow, hostname: str) -> socket.socket | None:
-        """A socket connected to the first real address of `hostname` that the decision point
-        allows and that accepts; None, with the flow refused and saying why, if there is none."""
+        # Carried to the first real address of the hostname that the decision point allows
+        # and that accepts; else refused, saying why.
         addresses = (await self.resolver.resolve(hostname))[:MAX_ADDRESSES_TRIED]
         if not addresses:
             flow.refuse(f"{hostname} does not resolve upstream")
-            return None
+            return
         question = Question.about(flow, Moment.FLOW, hostname=hostname, addresses=tuple(addresses))
         verdict = self.gateway.decisions.decide(question)
         errors = [f"{ip}: {why}" for ip, why in verdict.refused]
@@ -88,11 +75,13 @@ class VipService:
             timeout = max(MIN_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT / len(verdict.addresses))
             for ip in verdict.addresses:
                 try:
-                    return await connect_socket(ip, flow.dst_port, timeout=timeout)
+                    sock = await connect_socket(ip, flow.dst_port, timeout=timeout)
                 except ConnectFailed as exc:
                     errors.append(f"{ip}: {exc}")
+                    continue
+                carry(flow, sock)  # a spliced connection needs no task of ours: not waited for
+                return
         flow.refuse("; ".join(errors))
-        return None
 
     # -- UDP ---------------------------------------------------------------------------------
 
@@ -114,7 +103,9 @@ class VipService:
         if len(self._resolving) >= MAX_UDP_RESOLVING:
             self.counts["udp_dropped"] += 1
             return
-        self._spawn(self._udp_first(dgram, hostname))
+        task = asyncio.ensure_future(self._udp_first(dgram, hostname))
+        self._resolving.add(task)
+        task.add_done_callback(self._resolving.discard)
 
     async def _udp_first(self, dgram: UdpDatagram, hostname: str) -> None:
         addresses = await self.resolver.resolve(hostname)
@@ -124,11 +115,6 @@ class VipService:
             dgram.unreachable()
             return
         self.udp.handle(dgram, addresses=tuple(addresses), hostname=hostname)
-
-    def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(job)
-        self._resolving.add(task)
-        task.add_done_callback(self._resolving.discard)
 
     async def close(self) -> None:
         self._closed = True

@@ -19,7 +19,7 @@ import contextlib
 import ipaddress
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -77,12 +77,10 @@ class VipAllocator:
         return None if entry is None else str(ipaddress.IPv4Address(entry.ip))
 
     def hostname_for(self, ip: str) -> str | None:
-        try:
-            key = int(ipaddress.IPv4Address(ip))
-        except ValueError:
-            return None
-        entry = self._by_ip.get(key)
-        return None if entry is None else entry.hostname
+        with contextlib.suppress(ValueError):
+            entry = self._by_ip.get(int(ipaddress.IPv4Address(ip)))
+            return None if entry is None else entry.hostname
+        return None
 
     def touch(self, ip: str, now: float) -> None:
         """A flow or an answer used this VIP: it becomes the most recently used."""
@@ -109,10 +107,6 @@ class VipAllocator:
             self.changes += 1
         self._use(entry, now)
         return str(ipaddress.IPv4Address(entry.ip))
-
-    def entries(self) -> Iterator[VipEntry]:
-        """Every mapping, least recently used first."""
-        return iter(list(self._lru.values()))
 
     # -- persistence (the document; the IO is the service's) -------------------------------
 
@@ -226,7 +220,13 @@ def load(state: StateDir, allocator: VipAllocator) -> None:
         )
 
 
-def save(state: StateDir, doc: dict[str, Any]) -> None:
-    """Write vips.json atomically with mode 0600 (blocking: fsync and the state dir lock)."""
-    with state.locked():
-        state.write_json(VIPS_FILE, doc)
+def save(state: StateDir, doc: dict[str, Any]) -> bool:
+    """Write vips.json atomically with mode 0600 (blocking: fsync and the state dir lock).
+    A failure is logged, and False: the map lives on in memory."""
+    try:
+        with state.locked():
+            state.write_json(VIPS_FILE, doc)
+    except StateError as exc:
+        log.error("cannot save the VIP map: %s", exc)
+        return False
+    return True
