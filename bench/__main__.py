@@ -4,6 +4,7 @@
     python -m bench --only conns,dns    # some parts, the summary rebuilt from all results
     python -m bench --summary-only      # rebuild summary.md / summary.png from the results
     python -m bench --only soak         # the 10-minute soak (never in the default run)
+    python -m bench --only isolation    # the isolation bench, ~5 min (not in the default run)
 
 Parts (each also runs alone: `python -m bench.<part> --help`):
 
@@ -15,6 +16,7 @@ Parts (each also runs alone: `python -m bench.<part> --help`):
     scale       1,000 peers (300 handshaking) and 10,000 idle connections   (bench.scale)
     tui         throughput with the TUI running vs --no-ui                  (bench.tui)
     soak        10 min of mixed load from 3 peers: RSS, descriptors, errors (bench.soak)
+    isolation   one peer's abuse vs another peer's handshakes, DNS, connects (bench.isolation)
 
 Needs root (network namespaces), wireguard-go, wg, iperf3.  Traffic stays inside namespaces
 the bench creates; every namespace and process is removed afterwards.  Each part writes
@@ -30,7 +32,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from bench import cmem, conns, dns, scale, soak, throughput, tls, tui
+from bench import cmem, conns, dns, isolation, scale, soak, throughput, tls, tui
 from bench.common import (
     RESULTS_DIR,
     Figure,
@@ -54,10 +56,12 @@ PARTS: dict[str, tuple[str, Callable[[], list[Figure]]]] = {
               lambda: scale.run(peers=999, n_handshakes=300, conns=10_000)),
     "tui": ("The TUI's cost", lambda: tui.run(rounds=4, seconds=4, streams_text="1,4")),
 }  # fmt: skip
-# Selectable with --only, never in the default run: ten minutes on its own.
+# Selectable with --only, never in the default run: each takes minutes on its own.
 EXTRA_PARTS: dict[str, tuple[str, Callable[[], list[Figure]]]] = {
     "soak": ("Soak: 10 minutes of mixed load from 3 peers", lambda: soak.run(seconds=600)),
-}
+    "isolation": ("Isolation: one peer's abuse against another peer's figures",
+                  lambda: isolation.run(seconds=15)),
+}  # fmt: skip
 
 
 LOWER_IS_BETTER = {"ms", "s", "s/GiB", "MiB", "KiB", "B", "%"}

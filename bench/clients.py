@@ -9,6 +9,11 @@
     python -m bench.clients tls-server --port 443 --ca-dir DIR
     python -m bench.clients tls-client HOST PORT --bind IP --sni NAME --cafile F --seconds 5
     python -m bench.clients handshakes GATEWAY PORT --peers peers.json --count 300
+    python -m bench.clients churn-client HOST PORT --bind IP --count 3000  # open, 1 KiB, close
+    python -m bench.clients dns-flood SERVER --bind IP --pattern crafted --rate 5 --seconds 30
+    python -m bench.clients dns-probe SERVER --bind IP --seconds 15 --interval 0.05
+    python -m bench.clients connect-probe HOST PORT --bind IP --seconds 15 --interval 0.05
+    python -m bench.clients handshake-probe GATEWAY PORT --key K --gateway-key G --seconds 15
 
 Servers print `ready` once bound and run until killed (a bench kills them by PID).  Clients
 print one JSON object (the last line of stdout).  Every client loop is bounded in count and
@@ -165,7 +170,13 @@ def hold_server(port: int, max_seconds: float) -> None:
 
 
 async def hold_client(
-    host: str, port: int, bind: str, count: int, hold: float, concurrency: int
+    host: str,
+    port: int,
+    bind: str,
+    count: int,
+    hold: float,
+    concurrency: int,
+    timeout: float = IO_TIMEOUT,
 ) -> dict[str, Any]:
     """Open `count` connections (at most `concurrency` connecting at once), print a `ready` JSON
     line when done, then hold them until stdin closes or `hold` seconds pass."""
@@ -178,7 +189,7 @@ async def hold_client(
         async with limit:
             try:
                 _, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port, local_addr=(bind, 0)), IO_TIMEOUT
+                    asyncio.open_connection(host, port, local_addr=(bind, 0)), timeout
                 )
                 writers.append(writer)
             except (OSError, TimeoutError) as exc:
@@ -200,8 +211,19 @@ async def hold_client(
 # --- DNS ----------------------------------------------------------------------------------------
 
 
-async def dns_server(port: int) -> None:
+def _under(name: str, suffix: str) -> bool:
+    return bool(suffix) and (name == suffix or name.endswith("." + suffix))
+
+
+async def dns_server(port: int, silent_suffix: str = "", uncached_suffix: str = "") -> None:
+    """An A record (198.18.0.2) for any name -- so every domain is a wildcard domain -- with a
+    TTL of 300, or of 0 for names under `uncached_suffix` (no resolver may cache them, so each
+    query of one goes upstream again); no answer at all for names under `silent_suffix` (a
+    server that never answers)."""
     from dnslib import QTYPE, RR, A, DNSRecord
+
+    silent = silent_suffix.strip(".").lower()
+    uncached = uncached_suffix.strip(".").lower()
 
     class Answer(asyncio.DatagramProtocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -212,9 +234,13 @@ async def dns_server(port: int) -> None:
                 request = DNSRecord.parse(data)
             except Exception:
                 return
+            name = str(request.q.qname).rstrip(".").lower()
+            if _under(name, silent):
+                return
             reply = request.reply()
             if request.q.qtype == QTYPE.A:
-                reply.add_answer(RR(request.q.qname, QTYPE.A, ttl=300, rdata=A("198.18.0.2")))
+                ttl = 0 if _under(name, uncached) else 300
+                reply.add_answer(RR(request.q.qname, QTYPE.A, ttl=ttl, rdata=A("198.18.0.2")))
             self.transport.sendto(reply.pack(), addr)  # type: ignore[attr-defined]
 
     loop = asyncio.get_running_loop()
@@ -413,6 +439,414 @@ def handshakes(
     }
 
 
+# --- isolation: one peer's abuse (or its ordinary twin) and the other peer's probes -------------
+
+PROBE_TIMEOUT = 3.0  # a probe that gets no usable answer in this long counts as this long
+TCP_FLOOD_CONCURRENCY = 8  # DNS-over-TCP queries of dns-flood in flight at once
+WILDCARD_DOMAIN = "wild.bench.test"
+UNCACHED_DOMAIN = "uncached.bench.test"  # dns-server answers it with TTL 0 (in bench.isolation)
+UNCACHED_NAMES = 1000
+
+
+def crafted_query(size: int, labels: int = 2, ident: int = 0x1234) -> bytes:
+    """A DNS query of at most `size` bytes built to make an unbounded parser work hard.
+
+    Question k's name is `labels` one-letter labels followed by a compression pointer to
+    question k-1's name, and the header announces every question: decoding question k walks k
+    pointers and copies ~k*labels labels, so a parser that follows pointers to any depth and
+    parses every announced question does O(n^2) work (issue 13 item 1: with dnslib about
+    0.1 s for 1.4 KB, about 5 s for 9 KB)."""
+    import struct
+
+    body = bytearray()
+    starts: list[int] = []
+    while True:
+        name = b"\x01a" * labels
+        name += struct.pack("!H", 0xC000 | starts[-1]) if starts else b"\x00"
+        question = name + struct.pack("!HH", 1, 1)  # A, IN
+        if 12 + len(body) + len(question) > size:
+            break
+        starts.append(12 + len(body))
+        body += question
+    header = struct.pack("!HHHHHH", ident, 0x0100, len(starts), 0, 0, 0)
+    return header + bytes(body)
+
+
+def padded_query(name: str, size: int, ident: int = 0x1234) -> bytes:
+    """An ordinary A query for `name`, padded to `size` bytes with the EDNS(0) Padding option
+    (RFC 7830): the same bytes on the wire as a crafted query, none of its cost."""
+    from dnslib import EDNS0, DNSRecord, EDNSOption
+
+    query = DNSRecord.question(name, "A")
+    query.header.id = ident
+    bare = len(query.pack()) + 11 + 4  # the OPT record and the option's own header
+    query.add_ar(EDNS0(udp_len=1232, opts=[EDNSOption(12, bytes(max(0, size - bare)))]))
+    return query.pack()
+
+
+FLOOD_PATTERNS = {
+    # pattern: (transport, what each query is)
+    "crafted": ("udp", "a crafted query (compression-pointer chains), --size bytes"),
+    "padded": ("udp", "an A query for one of 4 names, padded to --size bytes"),
+    "crafted-tcp": ("tcp", "a crafted query over DNS-over-TCP, --size bytes, a connection each"),
+    "padded-tcp": ("tcp", "an A query for one of 4 names over TCP, padded, a connection each"),
+    "silent": ("udp", "an A query for a new name under --silent-suffix (never answered)"),
+    "answered": (
+        "udp",
+        f"an A query for one of {UNCACHED_NAMES} names under {UNCACHED_DOMAIN}, in turn (the "
+        "upstream answers them with TTL 0: each query goes upstream, no new name is made)",
+    ),
+    "wildcard": ("udp", f"an A query for a new name under {WILDCARD_DOMAIN}"),
+    "same": ("udp", f"an A query for one of 4 names under {WILDCARD_DOMAIN}"),
+}
+
+
+def _reply_kind(data: bytes) -> str:
+    """A reply's outcome from its header alone (the flood must not spend its CPU on parsing)."""
+    if len(data) < 12:
+        return "short"
+    rcode = data[3] & 0x0F
+    answers = int.from_bytes(data[6:8], "big")
+    if rcode == 0:
+        return "answered" if answers else "empty"
+    return {2: "servfail", 1: "formerr", 3: "nxdomain", 4: "notimp", 5: "refused"}.get(
+        rcode, f"rcode{rcode}"
+    )
+
+
+async def dns_flood(
+    server: str,
+    port: int,
+    bind: str,
+    pattern: str,
+    rate: float,
+    seconds: float,
+    warmup: float,
+    size: int,
+    silent_suffix: str,
+) -> dict[str, Any]:
+    """Queries of one pattern at `rate` per second until stdin closes or `seconds` pass; prints
+    a `ready` line after `warmup` seconds (the steady state, e.g. upstream queries in flight),
+    then the counts as JSON.  At most rate x seconds queries, each bounded in time."""
+    transport_kind = FLOOD_PATTERNS[pattern][0]
+    run = secrets.token_hex(3)
+    loop = asyncio.get_running_loop()
+    replies: dict[str, int] = {}
+    tcp_errors: dict[str, int] = {}
+    tcp_limit = asyncio.Semaphore(TCP_FLOOD_CONCURRENCY)
+    tcp_tasks: set[asyncio.Task[None]] = set()
+    skipped = 0
+
+    def query(i: int) -> bytes:
+        ident = i & 0xFFFF
+        if pattern in ("crafted", "crafted-tcp"):
+            return crafted_query(size, ident=ident)
+        if pattern in ("padded", "padded-tcp"):
+            return padded_query(f"n{i % 4}-{run}.{WILDCARD_DOMAIN}", size, ident)
+        from dnslib import DNSRecord
+
+        name = {
+            "silent": f"s{i}-{run}.{silent_suffix.strip('.')}",
+            "answered": f"a{i % UNCACHED_NAMES}-{run}.{UNCACHED_DOMAIN}",
+            "wildcard": f"w{i}-{run}.{WILDCARD_DOMAIN}",
+            "same": f"n{i % 4}-{run}.{WILDCARD_DOMAIN}",
+        }[pattern]
+        q = DNSRecord.question(name, "A")
+        q.header.id = ident
+        return q.pack()
+
+    class Replies(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            kind = _reply_kind(data)
+            replies[kind] = replies.get(kind, 0) + 1
+
+    async def over_tcp(data: bytes) -> None:
+        writer = None
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(server, port, local_addr=(bind, 0)), IO_TIMEOUT
+            )
+            writer.write(len(data).to_bytes(2, "big") + data)
+            length = int.from_bytes(
+                await asyncio.wait_for(reader.readexactly(2), IO_TIMEOUT), "big"
+            )
+            reply = await asyncio.wait_for(reader.readexactly(length), IO_TIMEOUT)
+            kind = _reply_kind(reply)
+            replies[kind] = replies.get(kind, 0) + 1
+        except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            tcp_errors[type(exc).__name__] = tcp_errors.get(type(exc).__name__, 0) + 1
+        finally:
+            tcp_limit.release()
+            if writer is not None:
+                writer.close()
+
+    udp, _ = await loop.create_datagram_endpoint(
+        Replies, local_addr=(bind, 0), remote_addr=(server, port)
+    )
+    stop = loop.run_in_executor(None, sys.stdin.read)
+    t0 = time.monotonic()
+    end = t0 + seconds
+    ready_at: float | None = t0 + warmup
+    sent = 0
+    limit = int(rate * seconds)
+    while sent < limit and not stop.done() and time.monotonic() < end:
+        now = time.monotonic()
+        due = min(limit, int((now - t0) * rate) + 1)
+        while sent < due:
+            data = query(sent)
+            sent += 1
+            if transport_kind == "udp":
+                udp.sendto(data)
+            elif tcp_limit.locked():
+                skipped += 1  # the gateway is not taking them: do not pile up connections
+            else:
+                await tcp_limit.acquire()
+                task = asyncio.create_task(over_tcp(data))
+                tcp_tasks.add(task)
+                task.add_done_callback(tcp_tasks.discard)
+        if ready_at is not None and now >= ready_at:
+            _ready_line({"sent": sent})
+            ready_at = None
+        # Short naps at low rates, so that a closed stdin is noticed soon.
+        next_due = min(t0 + (sent + 1) / rate, end, time.monotonic() + 0.2)
+        await asyncio.sleep(max(0.0, next_due - time.monotonic()))
+    if ready_at is not None:
+        _ready_line({"sent": sent})
+    # The rate's worth of queries is sent; hold on (answers still arriving) until told to stop.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(stop), max(0.0, end - time.monotonic()))
+    elapsed = time.monotonic() - t0
+    for task in list(tcp_tasks):
+        task.cancel()
+    udp.close()
+    return {
+        "pattern": pattern,
+        "sent": sent,
+        "skipped": skipped,
+        "seconds": elapsed,
+        "rate": sent / elapsed if elapsed > 0 else 0.0,
+        "replies": replies,
+        "tcp_errors": tcp_errors,
+    }
+
+
+def _ready_line(info: dict[str, Any]) -> None:
+    sys.stdout.write("ready " + json.dumps(info) + "\n")
+    sys.stdout.flush()
+
+
+async def churn_client(
+    host: str, port: int, bind: str, count: int, hold: float, concurrency: int, timeout: float
+) -> dict[str, Any]:
+    """The ordinary twin of hold-client: the same `count` connections opened at the same
+    concurrency, each a 1 KiB request and response (to rr-server) and closed; then a `ready`
+    line and, like hold-client, wait for stdin to close (or `hold` seconds)."""
+    done = 0
+    errors: dict[str, int] = {}
+    limit = asyncio.Semaphore(concurrency)
+    request = bytes(REQUEST_SIZE)
+
+    async def one() -> None:
+        nonlocal done
+        async with limit:
+            writer = None
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port, local_addr=(bind, 0)), timeout
+                )
+                writer.write(request)
+                await asyncio.wait_for(reader.readexactly(RESPONSE_SIZE), timeout)
+                await asyncio.wait_for(reader.read(1), timeout)  # the server's FIN: see rr-client
+                done += 1
+            except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            finally:
+                if writer is not None:
+                    writer.close()
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(one() for _ in range(count)))
+    result = {"opened": done, "errors": errors, "seconds": time.monotonic() - t0}
+    _ready_line(result)
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.read), hold)
+    return result
+
+
+def _probe_summary(
+    latencies: list[float], failures: dict[str, int], timeout: float, prefix: str = ""
+) -> dict[str, Any]:
+    """Percentiles over every probe, a failed one counted as `timeout` (it did not work, and a
+    percentile over the successes alone would hide that), and over the successes alone."""
+    every = latencies + [timeout] * sum(failures.values())
+    all_pct = _percentiles_ms(every)
+    ok_pct = _percentiles_ms(latencies)
+    return {
+        f"{prefix}probes": len(every),
+        f"{prefix}ok": len(latencies),
+        f"{prefix}failures": failures,
+        f"{prefix}p50_ms": all_pct["p50_ms"],
+        f"{prefix}p99_ms": all_pct["p99_ms"],
+        f"{prefix}ok_p50_ms": ok_pct["p50_ms"],
+        f"{prefix}ok_p99_ms": ok_pct["p99_ms"],
+        f"{prefix}max_ms": max(every) * 1000 if every else None,
+    }
+
+
+def _pace(t0: float, i: int, interval: float) -> None:
+    """Sleep until the i-th slot (a late probe does not queue up more behind it)."""
+    pause = t0 + i * interval - time.monotonic()
+    if pause > 0:
+        time.sleep(pause)
+
+
+def dns_probe(
+    server: str, port: int, bind: str, seconds: float, interval: float, timeout: float
+) -> dict[str, Any]:
+    """A new name every `interval` (so each goes to the upstream), one try each: a probe works
+    when an A record comes back within `timeout`."""
+    from dnslib import DNSRecord
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((bind, 0))
+    sock.connect((server, port))
+    run = secrets.token_hex(3)
+    latencies: list[float] = []
+    failures: dict[str, int] = {}
+    t0 = time.monotonic()
+    i = 0
+    while time.monotonic() < t0 + seconds and i < int(seconds / interval) + 1:
+        query = DNSRecord.question(f"v{i}-{run}.victim.bench.test", "A")
+        start = time.perf_counter()
+        sock.send(query.pack())
+        why = "lost"
+        while (left := timeout - (time.perf_counter() - start)) > 0:
+            sock.settimeout(left)
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:
+                break
+            except OSError as exc:  # e.g. ICMP unreachable
+                why = type(exc).__name__
+                break
+            if len(data) >= 2 and data[:2] == query.pack()[:2]:
+                why = _reply_kind(data)
+                break
+        if why == "answered":
+            latencies.append(time.perf_counter() - start)
+        else:
+            failures[why] = failures.get(why, 0) + 1
+        i += 1
+        _pace(t0, i, interval)
+    sock.close()
+    return _probe_summary(latencies, failures, timeout)
+
+
+def connect_probe(
+    host: str, port: int, bind: str, seconds: float, interval: float, timeout: float
+) -> dict[str, Any]:
+    """A new TCP connection every `interval` to rr-server: connect (timed: the connect time),
+    1 KiB request, 1 KiB response (timed from the connect's start: the exchange time), wait for
+    the server's FIN, close.  Failed probes count as `timeout`."""
+    connects: list[float] = []
+    exchanges: list[float] = []
+    failures: dict[str, int] = {}
+    request = bytes(REQUEST_SIZE)
+    t0 = time.monotonic()
+    i = 0
+    while time.monotonic() < t0 + seconds and i < int(seconds / interval) + 1:
+        start = time.perf_counter()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.bind((bind, 0))
+            sock.connect((host, port))
+            connected = time.perf_counter() - start
+            sock.sendall(request)
+            got = 0
+            while got < RESPONSE_SIZE:
+                chunk = sock.recv(RESPONSE_SIZE - got)
+                if not chunk:
+                    raise ConnectionError("short response")
+                got += len(chunk)
+            connects.append(connected)
+            exchanges.append(time.perf_counter() - start)
+            sock.recv(1)  # the server's FIN (see rr-client)
+        except OSError as exc:
+            failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
+        finally:
+            sock.close()
+        i += 1
+        _pace(t0, i, interval)
+    out = _probe_summary(connects, failures, timeout)
+    exchange = _percentiles_ms(exchanges)
+    return {**out, "exchange_p50_ms": exchange["p50_ms"], "exchange_p99_ms": exchange["p99_ms"]}
+
+
+def handshake_probe(
+    gateway: str,
+    port: int,
+    private_key: str,
+    preshared_key: str,
+    gateway_key: str,
+    seconds: float,
+    interval: float,
+    timeout: float,
+) -> dict[str, Any]:
+    """A fresh WireGuard handshake every `interval` from one peer's key (HandshakeCore, the
+    gateway's own implementation, as initiator): the time from the initiation to the gateway's
+    response.  A cookie reply (the gateway under load) is taken and the initiation sent again
+    with its mac2, as wireguard-go does; that time counts too."""
+    from unclaw_tui.engine.noise import HandshakeCore, unb64
+
+    gw_key = unb64(gateway_key)
+    core = HandshakeCore(unb64(private_key))
+    core.add_peer(gw_key, unb64(preshared_key) if preshared_key else None)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect((gateway, port))
+    latencies: list[float] = []
+    failures: dict[str, int] = {}
+    cookies = 0
+    t0 = time.monotonic()
+    i = 0
+    while time.monotonic() < t0 + seconds and i < int(seconds / interval) + 1:
+        index = secrets.randbits(32)
+        msg = core.create_initiation(gw_key, index, time.monotonic())
+        start = time.perf_counter()
+        sock.send(msg)
+        why = "lost"
+        while (left := timeout - (time.perf_counter() - start)) > 0:
+            sock.settimeout(left)
+            try:
+                data = sock.recv(2048)
+            except TimeoutError:
+                break
+            except OSError as exc:
+                why = type(exc).__name__
+                break
+            if len(data) >= 12 and data[0] == 2 and data[8:12] == msg[4:8]:
+                why = "ok"
+                break
+            if len(data) >= 8 and data[0] == 3 and data[4:8] == msg[4:8]:
+                cookies += 1
+                try:
+                    core.consume_cookie_reply(data, time.monotonic())
+                except Exception:  # a cookie we cannot use: keep waiting for a response
+                    continue
+                index = secrets.randbits(32)
+                msg = core.create_initiation(gw_key, index, time.monotonic())
+                sock.send(msg)
+        if why == "ok":
+            latencies.append(time.perf_counter() - start)
+        else:
+            failures[why] = failures.get(why, 0) + 1
+        i += 1
+        _pace(t0, i, interval)
+    sock.close()
+    return {**_probe_summary(latencies, failures, timeout), "cookie_replies": cookies}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.clients")
     kinds = parser.add_subparsers(dest="kind", required=True)
@@ -423,6 +857,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--max-seconds", type=float, default=900)
         if kind == "tls-server":
             p.add_argument("--ca-dir", required=True)
+        if kind == "dns-server":
+            p.add_argument("--silent-suffix", default="", help="never answer names under it")
+            p.add_argument("--uncached-suffix", default="", help="answer with TTL 0 under it")
     p = kinds.add_parser("rr-client")
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -437,6 +874,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--hold", type=float, default=120)
     p.add_argument("--concurrency", type=int, default=200)
+    p.add_argument("--timeout", type=float, default=IO_TIMEOUT, help="per connection attempt")
     p = kinds.add_parser("dns-client")
     p.add_argument("server")
     p.add_argument("--port", type=int, default=53)
@@ -458,6 +896,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=300)
     p.add_argument("--rate", type=float, default=100)
     p.add_argument("--max-seconds", type=float, default=30)
+    p = kinds.add_parser("churn-client")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--bind", required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--hold", type=float, default=120)
+    p.add_argument("--concurrency", type=int, default=200)
+    p.add_argument("--timeout", type=float, default=IO_TIMEOUT, help="per connection")
+    p = kinds.add_parser("dns-flood")
+    p.add_argument("server")
+    p.add_argument("--port", type=int, default=53)
+    p.add_argument("--bind", required=True)
+    p.add_argument("--pattern", choices=sorted(FLOOD_PATTERNS), required=True)
+    p.add_argument("--rate", type=float, required=True, help="queries per second")
+    p.add_argument("--seconds", type=float, default=60, help="the most it runs")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds before `ready`")
+    p.add_argument("--size", type=int, default=1392, help="crafted/padded query bytes")
+    p.add_argument("--silent-suffix", default="noanswer.bench.test")
+    for kind in ("dns-probe", "connect-probe", "handshake-probe"):
+        p = kinds.add_parser(kind)
+        p.add_argument("target")
+        p.add_argument("port", type=int)
+        if kind == "handshake-probe":
+            p.add_argument("--key", required=True, help="the probing peer's private key")
+            p.add_argument("--psk", default="", help="its preshared key")
+            p.add_argument("--gateway-key", required=True, help="the gateway's public key")
+        else:
+            p.add_argument("--bind", required=True)
+        p.add_argument("--seconds", type=float, default=15)
+        p.add_argument("--interval", type=float, default=0.05)
+        p.add_argument("--timeout", type=float, default=PROBE_TIMEOUT)
     args = parser.parse_args(argv)
 
     out: Any = None
@@ -466,7 +935,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.kind == "hold-server":
         hold_server(args.port, args.max_seconds)
     elif args.kind == "dns-server":
-        _run(dns_server(args.port))
+        _run(dns_server(args.port, args.silent_suffix, args.uncached_suffix))
     elif args.kind == "tls-server":
         _run(tls_server(args.port, args.ca_dir))
     elif args.kind == "rr-client":
@@ -477,8 +946,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     elif args.kind == "hold-client":
         out = _run(
-            hold_client(args.host, args.port, args.bind, args.count, args.hold, args.concurrency)
-        )
+            hold_client(
+                args.host, args.port, args.bind, args.count, args.hold, args.concurrency,
+                args.timeout,
+            )
+        )  # fmt: skip
     elif args.kind == "dns-client":
         out = dns_client(args.server, args.port, args.bind, args.count, args.mode)
     elif args.kind == "tls-client":
@@ -487,6 +959,33 @@ def main(argv: list[str] | None = None) -> int:
                 args.host, args.port, args.bind, args.sni, args.cafile, args.seconds,
                 args.concurrency,
             )
+        )  # fmt: skip
+    elif args.kind == "churn-client":
+        out = _run(
+            churn_client(
+                args.host, args.port, args.bind, args.count, args.hold, args.concurrency,
+                args.timeout,
+            )
+        )  # fmt: skip
+    elif args.kind == "dns-flood":
+        out = _run(
+            dns_flood(
+                args.server, args.port, args.bind, args.pattern, args.rate, args.seconds,
+                args.warmup, args.size, args.silent_suffix,
+            )
+        )  # fmt: skip
+    elif args.kind == "dns-probe":
+        out = dns_probe(
+            args.target, args.port, args.bind, args.seconds, args.interval, args.timeout
+        )
+    elif args.kind == "connect-probe":
+        out = connect_probe(
+            args.target, args.port, args.bind, args.seconds, args.interval, args.timeout
+        )
+    elif args.kind == "handshake-probe":
+        out = handshake_probe(
+            args.target, args.port, args.key, args.psk, args.gateway_key, args.seconds,
+            args.interval, args.timeout,
         )  # fmt: skip
     else:
         out = handshakes(

@@ -134,10 +134,13 @@ def _start_reference(s: FlowsSetup) -> GatewayPath:
 
 
 def _start_ours(
-    s: FlowsSetup, *gateway_args: str, env: dict[str, str] | None = None
+    s: FlowsSetup,
+    *gateway_args: str,
+    env: dict[str, str] | None = None,
+    nofile: int | None = None,
 ) -> tuple[GatewayPath, GatewayProcess]:
     config = s.add_peer("bench")
-    gw = s.start_gateway(*gateway_args, env=env)
+    gw = s.start_gateway(*gateway_args, env=env, nofile=nofile)
     client = s.client(config, f"{OURS_CLIENT_IP}/32")
     ping = client.ping("10.77.0.1", count=3)
     if ping.returncode != 0:
@@ -145,9 +148,26 @@ def _start_ours(
     return GatewayPath("ours", OURS_CLIENT_IP, gw.proc.pid, client, config), gw
 
 
+def nofile_of(pid: int) -> tuple[int, int]:
+    """A process's open-file limit (soft, hard), from /proc/<pid>/limits."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open-file limit for pid {pid}")
+
+
+def open_fds(pid: int) -> int:
+    """Descriptors a process has open (/proc/<pid>/fd)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 @contextlib.contextmanager
 def bench_env(
-    *gateway_args: str, gateway_env: dict[str, str] | None = None, keep_events: bool = False
+    *gateway_args: str,
+    gateway_env: dict[str, str] | None = None,
+    keep_events: bool = False,
+    gateway_nofile: int | None = None,
 ) -> Iterator[BenchEnv]:
     """Both gateways up in one topology; everything removed afterwards (processes by PID).
 
@@ -155,7 +175,9 @@ def bench_env(
     gateway prints every event as JSON, as `--no-ui --json` does for a user; the bench reads
     them all but parses and keeps them only with `keep_events`: at thousands of connections
     a second, parsing two JSON events per connection in this process took CPU from the same
-    two cores the gateways and the load share, a cost the reference never pays."""
+    two cores the gateways and the load share, a cost the reference never pays.
+    `gateway_nofile` starts our gateway under that open-file limit, soft and hard (a process
+    may raise its soft limit to the hard one, never past it), through prlimit."""
     missing = missing_requirements()
     if missing:
         raise SystemExit("bench needs: " + ", ".join(missing))
@@ -163,7 +185,7 @@ def bench_env(
     with topology() as topo:
         s = make_flows_setup(topo)
         reference = _start_reference(s)
-        ours, gw = _start_ours(s, *gateway_args, env=gateway_env)
+        ours, gw = _start_ours(s, *gateway_args, env=gateway_env, nofile=gateway_nofile)
         gw.keep_events = keep_events
         yield BenchEnv(s, ours, reference, gw)
 
