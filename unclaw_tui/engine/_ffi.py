@@ -537,8 +537,8 @@ class Engine:
         )
 
     def peer_abort_flows(self, peer_id: int, reason: CloseReason, now: float) -> int:
-        """End every TCP connection and splice of the peer (reason PEER_GONE: silently;
-        PRESSURE: with an RST each), reported as usual; returns how many connections ended."""
+        """End the peer's TCP connections and splices (PEER_GONE: all, silently; PRESSURE: those
+        its zero window holds open, an RST each), reported as usual; returns how many."""
         return _check(
             lib.wg_peer_abort_flows(self._e, _u32(peer_id, "peer_id"), int(reason), float(now)),
             "peer_abort_flows",
