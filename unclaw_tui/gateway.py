@@ -120,6 +120,7 @@ class GatewayProtocol(Protocol):
 # How often the state dir is polled for peers added or removed by the CLI, and stats written.
 PEERS_POLL_INTERVAL = 0.5
 STATS_WRITE_INTERVAL = 2.0
+PRESSURE_INTERVAL = 1.0  # seconds between two reliefs of one peer's zero-window connections
 # Spliced connections appear in snapshots while their bytes moved this recently: long enough
 # that a console polling a few times a second sees each one's final live count.
 FLOW_BYTES_WINDOW = 3.0
@@ -140,6 +141,7 @@ class Gateway:
         self._by_key: dict[bytes, PeerRecord] = {}
         self._baseline: dict[str, PeerRuntime] = {}  # stats from earlier runs, by public key
         self._silenced: set[bytes] = set()  # peers whose flows were ended for their silence
+        self._relieved: dict[bytes, float] = {}  # peer -> when its zero-window flows last ended
         self._peers_signature: tuple[int, int, int] = (0, 0, 0)
         self._tasks: list[asyncio.Task[None]] = []
         self.router = Router()  # DNS and TLS routes are enabled as those services land
@@ -350,6 +352,8 @@ class Gateway:
         self._baseline[record.public_key] = self._peer_runtime(record)
         self.tunnel.remove_peer(key)
         self._by_key.pop(key, None)
+        self._relieved.pop(key, None)
+        self._silenced.discard(key)
         if self._records.get(record.name) is record:
             del self._records[record.name]
         else:
@@ -465,6 +469,7 @@ class Gateway:
             why = self.flows.hold_descriptor(flow)
             if why is not None:
                 flow.refuse(why)
+                self._relieve(conn.peer_public_key)
                 return
         service = self.services.get(verdict.route)
         if service is None:
@@ -472,6 +477,20 @@ class Gateway:
             carry(flow, (conn.dst_ip, conn.dst_port))
         else:
             self.flows.serve(flow, service.handle_tcp(flow))
+
+    def _relieve(self, peer_key: bytes) -> None:
+        """A peer at its descriptor share: the connections its zero window holds open end (RST,
+        "resource pressure": RFC 6429), at most once per PRESSURE_INTERVAL, so that what it
+        still reads can go on.  After this decision, not inside it (the engine is mid-batch)."""
+        now = time.monotonic()
+        if now - self._relieved.get(peer_key, -PRESSURE_INTERVAL) < PRESSURE_INTERVAL:
+            return
+        self._relieved[peer_key] = now
+        tunnel = self._tunnel
+        if tunnel is not None:
+            asyncio.get_running_loop().call_soon(
+                tunnel.end_peer_flows, peer_key, CloseReason.PRESSURE
+            )
 
     def _on_fast_relay(self, opened: FastOpen, peer_public_key: bytes) -> SpliceDone:
         return self.flows.fast_relayed(opened, peer_public_key, route=Route.RELAY)

@@ -109,16 +109,24 @@ def syn_burst(host: str, port: int, count: int, fast: float, wait: float) -> dic
     return outcome
 
 
-def hold_connections(host: str, port: int, count: int, hold: float) -> dict[str, Any]:
-    """Connect one at a time (so no more than one is half-open), keep them all, then close."""
+def hold_connections(
+    host: str, port: int, count: int, hold: float, request: bytes = b""
+) -> dict[str, Any]:
+    """Connect one at a time (so no more than one is half-open), keep them all, then close.
+    With `request`, send it on each and never read: a small receive buffer fills at once and
+    the connection sits on a zero window (a client that stopped reading)."""
     held: list[socket.socket] = []
     outcome = {"connected": 0, "refused": 0, "other": 0}
     try:
         for _ in range(count):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.settimeout(5.0)
+            if request:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             try:
                 sock.connect((host, port))
+                if request:
+                    sock.sendall(request)
             except ConnectionRefusedError:
                 outcome["refused"] += 1
                 sock.close()
@@ -157,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     keep.add_argument("port", type=int)
     keep.add_argument("--count", type=int, default=16)
     keep.add_argument("--hold", type=float, default=2.0)
+    keep.add_argument("--request", default="", help="sent on each connection, never read after")
     args = parser.parse_args(argv)
     if args.kind == "handshake":
         result = handshake_flood(
@@ -168,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             min(args.seconds, 60.0),
         )
     elif args.kind == "hold":
-        result = hold_connections(args.host, args.port, min(args.count, 4096), min(args.hold, 30))
+        result = hold_connections(
+            args.host, args.port, min(args.count, 4096), min(args.hold, 30), args.request.encode()
+        )
     else:
         result = syn_burst(args.host, args.port, min(args.count, 4096), args.fast, args.wait)
     print(json.dumps(result), flush=True)

@@ -102,3 +102,51 @@ def test_one_peers_idle_connections_take_its_share_only(flows_setup: FlowsSetup)
     wait_for(lambda: len(phone_tcp("tcp_closed")) >= HELD, "the phone's connections closed", 20)
     again = s.run_client("connect", HOST_ADDR, str(HTTP_PORT))
     assert again["result"] == "connected", again
+
+
+def test_at_its_share_a_peers_zero_window_connections_end_under_pressure(
+    flows_setup: FlowsSetup,
+) -> None:
+    # RFC 6429: connections a peer keeps open only by never reading (its zero window answers
+    # every probe) are what a peer at its descriptor share loses first.  Fails before: they
+    # stayed, and the peer's share stayed full.
+    s = flows_setup
+    config = s.add_peer("phone")
+    s.start_host("http", HTTP_PORT)
+    gw = s.start_gateway(nofile=LIMIT)
+    share = gw.wait_event(lambda e: e["type"] == "gateway_started", 5)["descriptors"]["per_peer"]
+    client = s.client(config)
+    assert client.ping("10.77.0.1", count=1, timeout=10).returncode == 0
+    stuck_count = 10
+    request = "GET /bytes/100000000 HTTP/1.1\r\nHost: x\r\n\r\n"
+    stuck = spawn_json(
+        s, s.client_ns, "tests.interop.flood", "hold", HOST_ADDR, str(HTTP_PORT),
+        "--count", str(stuck_count), "--hold", "30", "--request", request,
+    )  # fmt: skip
+    idle = None
+    try:
+
+        def phone(kind: str) -> list[dict[str, object]]:
+            return [e for e in gw.drain() if e["type"] == kind and e["peer"] == "phone"]
+
+        wait_for(lambda: len(phone("tcp_opened")) >= stuck_count, "the stuck ones opened", 20)
+        # Then idle connections past the share: the first refusal relieves the pressure.
+        idle = spawn_json(
+            s, s.client_ns, "tests.interop.flood", "hold", HOST_ADDR, str(HTTP_PORT),
+            "--count", str(share + 10), "--hold", "10",
+        )  # fmt: skip
+
+        def pressured() -> list[dict[str, object]]:
+            return [e for e in phone("tcp_closed") if "resource pressure" in str(e["error"])]
+
+        wait_for(lambda: len(pressured()) >= stuck_count, "the stuck connections ended", 30)
+        ended = {e["conn_id"] for e in pressured()}
+        stuck_ids = {e["conn_id"] for e in phone("tcp_opened")[:stuck_count]}
+        assert ended == stuck_ids, (ended, stuck_ids)  # those, and no idle one
+        result = result_of(idle, 40)
+        assert result["connected"] >= share - stuck_count, result
+    finally:
+        for proc in (stuck, idle):
+            if proc is not None:
+                proc.kill()
+                proc.wait(10)

@@ -69,6 +69,8 @@ SOA_RR = RR("example.test.", QTYPE.SOA, ttl=60,
 class FakeUpstream:
     """Canned upstream answers; records what was asked."""
 
+    max_sockets = 1024
+
     def __init__(self) -> None:
         self.lookups: dict[tuple[str, int], UpstreamAnswer] = {}
         self.forwards: dict[tuple[str, int], UpstreamAnswer] = {}
@@ -822,7 +824,8 @@ async def test_one_peers_unanswered_queries_do_not_take_another_peers_share(
     service = DnsService(gateway, upstream=upstream)  # type: ignore[arg-type]
     for i in range(dns.MAX_INFLIGHT):
         service.handle_udp(FakeDatagram(query(f"n{i}.stuck.test"), src_port=1000 + i % 60000))
-    assert service.counts["overload"] == dns.MAX_INFLIGHT - dns.PEER_INFLIGHT
+    assert service.counts["overload"] == dns.MAX_INFLIGHT - service.peer_share
+    assert service.peer_share == dns.PEER_INFLIGHT  # 1,024 sockets: a quarter is over 128
     other = FakeDatagram(query("example.test"))
     other.peer_public_key = bytes(32)
     other.peer_ip = "10.77.0.3"
@@ -1039,4 +1042,16 @@ async def test_a_new_name_is_written_soon_while_answer_times_wait(
     # ...and a new name is written at once all the same, the renewal with it.
     await service._answer(query("www.example.test"), PEER_KEY, "10.77.0.2", udp=True)
     await until(lambda: "www.example.test" in path.read_text(), "the new name written", 3)
+    await service.close()
+
+
+async def test_a_peers_share_is_a_quarter_of_the_upstream_sockets(gateway: FakeGateway) -> None:
+    # Fails with a share above the sockets: a peer's stuck queries held every upstream socket
+    # (under a 1,024-descriptor limit the budget gives DNS 112), and others' queries waited.
+    upstream = NeverAnswers()
+    upstream.max_sockets = 16
+    service = DnsService(gateway, upstream=upstream)  # type: ignore[arg-type]
+    for i in range(50):
+        service.handle_udp(FakeDatagram(query(f"n{i}.stuck.test"), src_port=1000 + i))
+    assert service.peer_share == 4 and service.counts["overload"] == 46
     await service.close()

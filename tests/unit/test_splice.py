@@ -402,3 +402,13 @@ def test_adopt_wants_an_accepted_connection_not_yet_spliced(
             engine.splice_adopt(conn, sock.fileno(), client.now)
     finally:
         sock.close()
+
+
+def test_splice_calls_after_close_raise_instead_of_reaching_freed_memory(engine: Engine) -> None:
+    # Fails before: the splice table's pointer outlived the engine that owned it.
+    assert engine.can_splice
+    engine.close()
+    with pytest.raises(_ffi.EngineError):
+        engine.splice_connect(1, ("127.0.0.1", 9), 1.0, 0.0)
+    assert engine.splice_bytes(1) is None and not engine.splice_abort(1, 0.0)
+    assert engine.splice_results(0.0) == [] and engine.splice_fd() == -1

@@ -1454,3 +1454,21 @@ def test_random_segments_on_a_connection_never_crash(steps: list[dict[str, Any]]
     st_ = stack.stats()
     assert st_.conns == 0 and st_.mem == 0 and st_.open == 0 and st_.half_open == 0
     assert lib.tcp_next_deadline(stack.ptr) == 0
+
+
+def test_pressure_ends_only_connections_a_zero_window_holds_open(stack: Stack) -> None:
+    # RFC 6429: under resource pressure a connection kept open only by the peer's zero window
+    # (it answers the probes, so RFC 1122 4.2.2.17 alone would keep it forever) may be aborted;
+    # the peer's other connections stay.  Fails when pressure ends every connection of the peer.
+    peer, stuck, synack = connect(stack, Peer(sport=40100))
+    stack.input(peer.seg(ack=synack.seq + 1, wnd=0))
+    assert stack.write(stuck, b"waiting") == 7
+    _other, idle, _ = connect(stack, Peer(sport=40101))
+    stack.take()
+    stack.take_events()
+    assert lib.tcp_abort_peer(stack.ptr, 0, lib.TCP_CLOSE_PRESSURE, stack.now) == 1
+    assert stack.take_events() == [(lib.TCP_EV_CLOSED, stuck, lib.TCP_CLOSE_PRESSURE)]
+    (rst,) = stack.take()
+    assert rst.flags & RST and rst.dport == 40100
+    assert stack.info(idle).state == lib.TCP_ST_ESTABLISHED
+    assert lib.tcp_abort_peer(stack.ptr, 0, lib.TCP_CLOSE_PEER_GONE, stack.now) == 1  # the rest

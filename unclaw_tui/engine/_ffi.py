@@ -389,6 +389,7 @@ class Engine:
     def close(self) -> None:
         self.worker_stop()
         if self._engine is not None:
+            self._splice = ffi.NULL  # freed with the engine: later calls find no splice
             ffi.release(self._engine)  # runs wg_engine_free now, which zeroes every key
             self._engine = None
 
@@ -486,6 +487,8 @@ class Engine:
     def _splice_call(self, fn: Callable[..., int], conn_id: int, *args: Any) -> None:
         """`fn(splice table, conn_id, *args)`; EngineError (TCP_E*) when the connection cannot
         be spliced, OSError (-errno) when no socket could be started."""
+        if self._splice == ffi.NULL:
+            raise EngineError(TCP_ENOCONN, f"{fn.__name__}: no splices (closed)", _TCP_ERROR_NAMES)
         code = fn(self._splice, _u32(conn_id, "conn_id"), *args)
         if code in (TCP_ENOCONN, TCP_ESTATE, TCP_EINVAL):
             raise EngineError(code, fn.__name__, _TCP_ERROR_NAMES)
@@ -537,8 +540,8 @@ class Engine:
         )
 
     def peer_abort_flows(self, peer_id: int, reason: CloseReason, now: float) -> int:
-        """End every TCP connection and splice of the peer (reason PEER_GONE: silently;
-        PRESSURE: with an RST each), reported as usual; returns how many connections ended."""
+        """End the peer's TCP connections and splices (PEER_GONE: all, silently; PRESSURE: those
+        its zero window holds open, an RST each), reported as usual; returns how many."""
         return _check(
             lib.wg_peer_abort_flows(self._e, _u32(peer_id, "peer_id"), int(reason), float(now)),
             "peer_abort_flows",
@@ -784,6 +787,8 @@ class Engine:
     def splice_bytes(self, conn_id: int) -> tuple[int, int] | None:
         """Live (up, down) byte counts of a spliced connection, None if it is not spliced."""
         counts = ffi.new("uint64_t[2]")
+        if self._splice == ffi.NULL:
+            return None
         if lib.splice_bytes(self._splice, _u32(conn_id, "conn_id"), counts, counts + 1) != 0:
             return None
         return counts[0], counts[1]
@@ -799,6 +804,8 @@ class Engine:
 
     def splice_abort(self, conn_id: int, now: float) -> bool:
         """Reset both sides of a spliced connection now; False if it was not spliced."""
+        if self._splice == ffi.NULL:
+            return False
         return lib.splice_abort(self._splice, _u32(conn_id, "conn_id"), now) == 0
 
     def splice_active(self) -> int:

@@ -1662,8 +1662,14 @@ int tcp_abort_peer(tcp_stack *s, uint32_t peer_id, uint32_t reason, double now) 
     for (uint32_t i = 0; i < s->cfg.max_conns; i++) {
         tcp_conn *c = s->slots[i];
         if (!c || c->peer_id != peer_id || c->state == TCP_ST_CLOSED) continue;
-        if (reason == TCP_CLOSE_PRESSURE) abort_conn(s, c, (int)reason);
-        else conn_closed(s, c, (int)reason);
+        if (reason == TCP_CLOSE_PRESSURE) {
+            /* RFC 6429: only what the peer's zero window holds open (it answers our probes, so
+             * RFC 1122 4.2.2.17 would keep it forever); its other connections stay. */
+            if (!c->persist || c->snd_wnd) continue;
+            abort_conn(s, c, (int)reason);
+        } else {
+            conn_closed(s, c, (int)reason);
+        }
         n++;
     }
     reap(s);

@@ -78,7 +78,7 @@
 #define TCP_CLOSE_PEER_REMOVED 7 /* tcp_remove_peer */
 #define TCP_CLOSE_EVICTED 8      /* released while the peer stayed silent (FIN-WAIT-2 timeout) */
 #define TCP_CLOSE_PEER_GONE 9    /* tcp_abort_peer: the peer went away (nothing sent) */
-#define TCP_CLOSE_PRESSURE 10    /* tcp_abort_peer: its resources were needed (RST, RFC 6429) */
+#define TCP_CLOSE_PRESSURE 10    /* tcp_abort_peer: held by a zero window, resources needed (RST, RFC 6429) */
 
 /* Why an input segment was dropped; each is counted (tcp_drop_count). */
 #define TCP_DROP_MALFORMED 0       /* IP/TCP header too short or inconsistent */
@@ -205,8 +205,9 @@ int tcp_abort(tcp_stack *s, uint32_t conn_id, double now);          /* RST, then
 int tcp_release(tcp_stack *s, uint32_t conn_id, double now);
 /* Closes every connection of peer_id without sending anything; returns how many. */
 int tcp_remove_peer(tcp_stack *s, uint32_t peer_id, double now);
-/* Ends every connection of peer_id (TIME-WAIT and released ones included) with reason
- * (TCP_CLOSE_PEER_GONE: nothing sent; TCP_CLOSE_PRESSURE: an RST each); returns how many. */
+/* TCP_CLOSE_PEER_GONE: ends every connection of peer_id (TIME-WAIT and released ones included),
+ * sending nothing.  TCP_CLOSE_PRESSURE: ends, with an RST each, only those the peer's zero
+ * window holds open (RFC 6429).  Returns how many. */
 int tcp_abort_peer(tcp_stack *s, uint32_t peer_id, uint32_t reason, double now);
 int tcp_get_info(tcp_stack *s, uint32_t conn_id, tcp_conn_info *out);
 

@@ -180,10 +180,11 @@ int wg_peer_set_endpoint(wg_engine *e, uint32_t peer_id, const wg_endpoint *ep);
 int wg_peer_install_keypair(wg_engine *e, uint32_t peer_id, uint32_t local_index,
                             uint32_t remote_index, const uint8_t *send_key,
                             const uint8_t *recv_key, int is_initiator, double now);
-/* End every TCP connection and splice of a peer at once, reported as usual (TCP_EV_CLOSED
- * with reason, splice_results with tcp_close = reason), for a peer that went away
- * (TCP_CLOSE_PEER_GONE: nothing is sent, it would not arrive) or to free its resources under
- * pressure (TCP_CLOSE_PRESSURE, RFC 6429: each connection gets an RST).  The peer stays.
+/* End a peer's TCP connections and splices at once, reported as usual (TCP_EV_CLOSED with
+ * reason, splice_results with tcp_close = reason): every one of a peer that went away
+ * (TCP_CLOSE_PEER_GONE: nothing is sent, it would not arrive), or, to free its resources under
+ * pressure, those its zero window holds open (TCP_CLOSE_PRESSURE, RFC 6429: an RST each).
+ * The peer stays.
  * Returns how many connections ended; WG_ENOPEER, or WG_EINVAL for another reason. */
 int wg_peer_abort_flows(wg_engine *e, uint32_t peer_id, uint32_t reason, double now);
 /* Python gave up on handshaking (REKEY_ATTEMPT_TIME): drop the staged packets. */

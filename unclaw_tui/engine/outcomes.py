@@ -40,7 +40,7 @@ class CloseReason(IntEnum):
     PEER_REMOVED = 7
     EVICTED = 8
     PEER_GONE = 9  # wg_peer_abort_flows: the peer went away
-    PRESSURE = 10  # wg_peer_abort_flows: its resources were needed (RFC 6429)
+    PRESSURE = 10  # wg_peer_abort_flows: held by a zero window, its resources needed (RFC 6429)
 
     @property
     def label(self) -> str:

@@ -213,8 +213,9 @@ class Tunnel:
             self._limit_hits_seen[peer_id] = self._engine.tcp_peer_limit_hits(peer_id)
 
     def end_peer_flows(self, public_key: bytes, reason: CloseReason) -> int:
-        """End a peer's connections and splices in C (silently for PEER_GONE, RST for
-        PRESSURE); each ends with its usual report.  Returns how many."""
+        """End a peer's connections and splices in C (PEER_GONE: all, silently; PRESSURE: those
+        its zero window holds open, an RST each); each ends with its usual report.  Returns
+        how many."""
         with self._engine.locked():
             peer = self._peers.get(public_key)
             if peer is None:

@@ -89,9 +89,12 @@ TCP_QUERY_TIMEOUT = 5.0  # seconds to send the rest of a query once it started
 TCP_WRITE_TIMEOUT = 10.0
 TCP_MAX_QUERIES = 1000
 MAX_INFLIGHT = 1024  # queries being answered at once; past it UDP queries are dropped
-# One peer's share of them: a peer asking for names whose servers never answer waits for its
-# own queries only.  Past it a UDP query is dropped, a TCP one answered SERVFAIL.
+# One peer's share of them, and of the upstream client's sockets (a quarter, as a peer's share
+# of the descriptors): a peer asking for names whose servers never answer waits for its own
+# queries only.  Past it a UDP query is dropped, a TCP one answered SERVFAIL.
 PEER_INFLIGHT = 128
+PEER_INFLIGHT_MIN = 4
+PEER_SOCKETS_DIVISOR = 4
 MALFORMED_EVENT_INTERVAL = 1.0  # seconds between malformed-input events per peer
 
 
@@ -101,6 +104,8 @@ def qtype_name(qtype: int) -> str:
 
 
 class Upstream(Protocol):
+    max_sockets: int  # exchanges in flight at once
+
     async def lookup(self, qname: str, qtype: int) -> UpstreamAnswer: ...
     async def forward(self, query: bytes, request: DNSRecord) -> UpstreamAnswer: ...
 
@@ -368,6 +373,12 @@ class DnsService:
         self._changed = asyncio.Event()  # a mapping or grant changed (not only answer times)
         self._closed = False
 
+    @property
+    def peer_share(self) -> int:
+        """Queries one peer may have in flight (see PEER_INFLIGHT)."""
+        by_sockets = self.upstream.max_sockets // PEER_SOCKETS_DIVISOR
+        return min(PEER_INFLIGHT, max(PEER_INFLIGHT_MIN, by_sockets))
+
     # -- Resolver ----------------------------------------------------------------------------
 
     def hostname_for_vip(self, ip: str, peer: bytes) -> str | None:
@@ -384,7 +395,7 @@ class DnsService:
         if self._closed:
             return
         peer = dgram.peer_public_key
-        if len(self._tasks) >= MAX_INFLIGHT or self._inflight[peer] >= PEER_INFLIGHT:
+        if len(self._tasks) >= MAX_INFLIGHT or self._inflight[peer] >= self.peer_share:
             self.counts["overload"] += 1
             return
         self._inflight[peer] += 1
@@ -439,7 +450,7 @@ class DnsService:
                     self._report_malformed(flow.peer_key, flow.peer_ip, error)
                     break
                 flow.bytes_up += 2 + length
-                if self._inflight[flow.peer_key] >= PEER_INFLIGHT:
+                if self._inflight[flow.peer_key] >= self.peer_share:
                     self.counts["overload"] += 1
                     outcome = Outcome(shape_reply(check_dns_query(query), RCODE.SERVFAIL))
                 else:
@@ -466,7 +477,7 @@ class DnsService:
     # -- common ------------------------------------------------------------------------------
 
     async def _answer(self, data: bytes, peer_key: bytes, peer_ip: str, *, udp: bool) -> Outcome:
-        """The answer and its event.  The caller holds one of the peer's PEER_INFLIGHT places
+        """The answer and its event.  The caller holds one of the peer's `peer_share` places
         (UDP takes it in handle_udp, before the task exists; TCP around this call)."""
         self.counts["queries"] += 1
         try:
