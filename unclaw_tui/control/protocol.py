@@ -388,7 +388,6 @@ class ServerSession:
         self._decoder = LineDecoder(max_message)
         self._in_flight: set[RequestId] = set()
         self.closed = False
-        self.requests = 0  # dispatched, for the server's bookkeeping
 
     def start(self) -> list[Command]:
         return [Send(hello_line(self.server_version))]
@@ -424,7 +423,6 @@ class ServerSession:
                 commands.append(Send(error_line(request.id, ErrorCode.BUSY, message)))
             else:
                 self._in_flight.add(request.id)
-                self.requests += 1
                 commands.append(Dispatch(request))
         return commands
 
