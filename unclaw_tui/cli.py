@@ -1,7 +1,9 @@
 """Command line: run the gateway (TUI or headless), or manage peers in the state dir.
 
 Every user error prints one line `unclaw-tui: error: <reason>` on stderr and exits 2 with
-nothing written: arguments are validated before the state dir is created or touched.
+nothing written: arguments are validated before the state dir is created or touched.  A
+command that asks a running gateway (`status`) exits 3 when none runs on the state dir, and 1
+when the gateway answers with an error or not at all.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import itertools
 import json
 import os
 import sys
@@ -32,7 +35,9 @@ from unclaw_tui.state import (
 )
 
 PROG = "unclaw-tui"
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_NO_GATEWAY = 3
 
 
 class UsageError(Exception):
@@ -122,9 +127,12 @@ COMMANDS = {
     "peer show": "print a peer's client config",
     "peer remove": "remove a peer",
     "ca": "print the local CA certificate (PEM) to install on devices, and its path",
+    "status": "ask the running gateway for its version, uptime, peers and open flows",
 }
 RUN = ("",)  # `unclaw-tui` itself, which runs the gateway
 EVERYWHERE = ("", *COMMANDS)
+# Commands that save --listen-port, --endpoint and --address (not those asking a gateway).
+SAVING = tuple(command for command in EVERYWHERE if command != "status")
 
 
 def _opt(flag: str, where: tuple[str, ...], help: str, **kwargs: Any) -> tuple[Any, ...]:
@@ -141,16 +149,17 @@ OPTIONS = (
     _opt("--state-dir", EVERYWHERE,
          f"state directory: keys, peers, stats (default {config.default_state_dir()})",
          type=Path, metavar="DIR"),
-    _opt("--listen-port", EVERYWHERE,
+    _opt("--listen-port", SAVING,
          f"UDP port the gateway listens on (saved; default {config.DEFAULT_LISTEN_PORT})",
          type=_int_range("listen port", 1, 65535), metavar="N"),
-    _opt("--endpoint", EVERYWHERE, "address written into client configs (saved; default: "
+    _opt("--endpoint", SAVING, "address written into client configs (saved; default: "
          "this host's primary IPv4 address and the listen port)",
          type=_checked(wgquick.validate_endpoint), metavar="HOST[:PORT]"),
-    _opt("--address", EVERYWHERE,
+    _opt("--address", SAVING,
          f"the gateway's tunnel address (saved; default {config.DEFAULT_ADDRESS})",
          type=_checked(lambda text: str(validate_address(text))), metavar="A.B.C.D/N"),
-    _opt("--json", ("", "peer list"), "machine-readable output (events, peer list)",
+    _opt("--json", ("", "peer list", "status"),
+         "machine-readable output (events, peer list, status)",
          action="store_true"),
     _opt("--no-ui", RUN, "run headless, no console UI", action="store_true"),
     # The gateway run's own flags: this run only, never saved.
@@ -459,6 +468,68 @@ def _cmd_ca(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _duration(seconds: float) -> str:
+    """An uptime in its two largest units: "2d 0h", "3h 12m", "4m 5s", "9s"."""
+    left = max(0, int(seconds))
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for (unit, size), (next_unit, next_size) in itertools.pairwise(units):
+        if left >= size:
+            return f"{left // size}{unit} {left % size // next_size}{next_unit}"
+    return f"{left}s"
+
+
+def _print_status(state_dir: Path, result: dict[str, Any], out: TextIO) -> None:
+    def get(key: str) -> Any:
+        return result.get(key, "?")
+
+    rows = (
+        ("gateway", f"running on {state_dir} (pid {get('pid')})"),
+        ("version", str(get("version"))),
+        ("uptime", _duration(result["uptime"]) if _is_number(result.get("uptime")) else "?"),
+        ("listen port", f"{get('listen_port')} (endpoint {get('endpoint')})"),
+        ("public key", str(get("public_key"))),
+        ("peers", f"{get('peers')} ({get('peers_online')} online)"),
+        ("open flows", str(get("open_flows"))),
+    )
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        out.write(f"{label.ljust(width)}  {value}\n")
+    if result.get("under_load"):
+        out.write(f"{'':{width}}  UNDER LOAD (handshake flood: cookies required)\n")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    """The running gateway's status, through its control socket."""
+    from unclaw_tui.control.client import ClientError, ControlClient, GatewayNotRunning
+    from unclaw_tui.control.protocol import ControlError
+
+    given = [f"--{key.replace('_', '-')}" for key in SETTING_KEYS if getattr(args, key, None)]
+    if given:
+        raise UsageError(f"status takes no {given[0]}: it asks the running gateway")
+    path = args.state_dir if args.state_dir is not None else config.default_state_dir()
+    path = path.expanduser()
+    try:
+        with ControlClient.connect(path) as gateway:
+            result = gateway.call("status")
+    except GatewayNotRunning as exc:
+        return _fail(str(exc), EXIT_NO_GATEWAY)
+    except ClientError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    except ControlError as exc:
+        return _fail(f"the gateway answered: {exc.message} ({exc.code})", EXIT_FAILURE)
+    if not isinstance(result, dict):
+        return _fail(f"the gateway's status is not an object: {result!r:.80}", EXIT_FAILURE)
+    if args.json:
+        out.write(json.dumps(result, indent=2) + "\n")
+    else:
+        _print_status(path, result, out)
+    return 0
+
+
 def _prepare_run(args: argparse.Namespace) -> tuple[config.Settings, Callable[[], None]]:
     """Create/validate the state dir and identity; the settings, and what saves the explicit
     ones: called once the gateway has started, so a start that fails (the port is in use)
@@ -484,14 +555,15 @@ PEER_COMMANDS = {
 }
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, status: int = EXIT_USAGE) -> int:
     sys.stderr.write(f"{PROG}: error: {' '.join(message.split())}\n")
     sys.stderr.flush()
-    return EXIT_USAGE
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 user error)."""
+    """Entry point; returns the exit status (0 ok, 2 user error, 3 no gateway running for a
+    command that needs one, 1 the gateway failed)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -504,6 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings, on_started = _prepare_run(args)
         elif args.command == "ca":
             return _cmd_ca(args, sys.stdout)
+        elif args.command == "status":
+            return _cmd_status(args, sys.stdout)
         else:
             return PEER_COMMANDS[args.peer_command](args, sys.stdout)
     except (UsageError, StateError, ValueError) as exc:
