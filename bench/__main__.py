@@ -17,6 +17,7 @@ Parts (each also runs alone: `python -m bench.<part> --help`):
     tui         throughput with the TUI running vs --no-ui                  (bench.tui)
     soak        10 min of mixed load from 3 peers: RSS, descriptors, errors (bench.soak)
     isolation   one peer's abuse vs another peer's handshakes, DNS, connects (bench.isolation)
+    policy      rule decision cost with 10 and 10,000 rules, in-process     (bench.policy)
 
 Needs root (network namespaces), wireguard-go, wg, iperf3.  Traffic stays inside namespaces
 the bench creates; every namespace and process is removed afterwards.  Each part writes
@@ -32,7 +33,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from bench import cmem, conns, dns, isolation, scale, soak, throughput, tls, tui
+from bench import cmem, conns, dns, isolation, policy, scale, soak, throughput, tls, tui
 from bench.common import (
     RESULTS_DIR,
     Figure,
@@ -55,6 +56,7 @@ PARTS: dict[str, tuple[str, Callable[[], list[Figure]]]] = {
     "scale": ("Scale: 1,000 peers, 10,000 idle connections",
               lambda: scale.run(peers=999, n_handshakes=300, conns=10_000)),
     "tui": ("The TUI's cost", lambda: tui.run(rounds=4, seconds=4, streams_text="1,4")),
+    "policy": ("Policy: decision cost with 10,000 rules", lambda: policy.run(rules=10_000)),
 }  # fmt: skip
 # Selectable with --only, never in the default run: each takes minutes on its own.
 EXTRA_PARTS: dict[str, tuple[str, Callable[[], list[Figure]]]] = {
