@@ -29,6 +29,7 @@ from tests.unit.test_wgstack import (
 from tests.unit.test_wgstack_flows import Client, establish, trim, udp4
 from unclaw_tui.engine import _ffi
 from unclaw_tui.engine._ffi import Engine
+from unclaw_tui.engine.conns import TCP_EVENTS_PER_TURN
 from unclaw_tui.engine.outcomes import CloseReason, Refusal, SpliceEnd, splice_error
 
 UDP_QUEUE_MAX = 8192
@@ -246,3 +247,18 @@ def test_close_reason_table_names_the_new_reasons() -> None:
     # The engine's words for them are the gateway's refusals' (one table).
     assert CloseReason.PEER_GONE.peer_error == Refusal.PEER_SILENT.value == "peer silent"
     assert CloseReason.PRESSURE.peer_error == Refusal.PRESSURE.value == "resource pressure"
+
+
+def test_tcp_events_are_taken_a_turn_at_a_time_and_the_rest_stay_pending(
+    engine: Engine, client: Client
+) -> None:
+    # The dispatch takes at most TCP_EVENTS_PER_TURN a turn (a burst of one peer's SYNs must
+    # not hold every peer's handshakes behind it); what it leaves is not lost.
+    for sport in range(41000, 41005):
+        client.send(Peer(sport=sport).syn())
+    first = engine.tcp_events(limit=2)
+    rest = engine.tcp_events(limit=10)
+    assert len(first) == 2 and len(rest) == 3 and engine.tcp_events() == []
+    assert {ev for ev, _conn, _arg in first + rest} == {_ffi.TCP_EV_SYN}
+    assert len({conn for _ev, conn, _arg in first + rest}) == 5
+    assert TCP_EVENTS_PER_TURN >= 16

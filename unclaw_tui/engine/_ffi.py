@@ -635,9 +635,14 @@ class Engine:
 
     # TCP: connections peers open, driven through the engine's stack (handles are conn ids)
 
-    def tcp_events(self) -> list[tuple[int, int, int]]:
-        """Every pending (TCP_EV_*, conn_id, arg) event; arg is TCP_CLOSE_* for CLOSED."""
+    def tcp_events(self, limit: int | None = None) -> list[tuple[int, int, int]]:
+        """Every pending (TCP_EV_*, conn_id, arg) event, or the first `limit` (the rest stay
+        pending in C); arg is TCP_CLOSE_* for CLOSED."""
         e = self._e
+        if limit is not None:
+            batch = min(limit, _TCP_EVENT_BATCH)
+            n = _check(lib.wg_tcp_events(e, self._tcp_events, batch), "tcp_events")
+            return [(ev.type, ev.conn_id, ev.arg) for ev in self._tcp_events[0:n]]
         return _pop_all(
             lambda buf, n: _check(lib.wg_tcp_events(e, buf, n), "tcp_events"),
             self._tcp_events,

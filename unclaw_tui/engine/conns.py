@@ -26,6 +26,8 @@ from unclaw_tui.engine.flows import (
 
 log = logging.getLogger(__name__)
 
+TCP_EVENTS_PER_TURN = 64  # each a decision and its events in Python: about 5-10 ms a turn
+
 Endpoint = tuple[str, int]
 
 
@@ -127,7 +129,12 @@ class ConnTable:
     # -- from the engine (called by the tunnel's dispatch, under the engine lock) ----------
 
     def drain(self, *, tcp: bool, udp: bool) -> None:
-        for ev_type, conn_id, arg in self._engine.tcp_events() if tcp else ():
+        # At most TCP_EVENTS_PER_TURN TCP events a turn, the rest on the next (flush_soon):
+        # a burst of one peer's SYNs must not keep every peer's handshakes waiting behind it.
+        events = self._engine.tcp_events(TCP_EVENTS_PER_TURN) if tcp else []
+        if len(events) == TCP_EVENTS_PER_TURN:
+            self._driver.flush_soon()
+        for ev_type, conn_id, arg in events:
             if ev_type == _ffi.TCP_EV_SYN:
                 self._new_conn(conn_id)
                 continue
