@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from unclaw_tui import config, wgquick
+from unclaw_tui import config, version, wgquick
 from unclaw_tui.services.egress import parse_cidr
 from unclaw_tui.state import (
     SETTING_KEYS,
@@ -48,15 +48,6 @@ class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # argparse prints the whole usage block; one line is easier to read and to script.
         raise UsageError(" ".join(message.split()))
-
-
-def _version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("unclaw-tui")
-    except metadata.PackageNotFoundError:
-        return "0.1.0"
 
 
 # --- argument types: raise ArgumentTypeError so argparse reports them as usage errors ---------
@@ -145,7 +136,7 @@ def _opt(flag: str, where: tuple[str, ...], help: str, **kwargs: Any) -> tuple[A
 # here, so that only values typed on the command line are saved in the state dir.
 OPTIONS = (
     _opt("--version", RUN, "show the version and exit", action="version",
-         version=f"{PROG} {_version()}"),
+         version=f"{PROG} {version()}"),
     _opt("--state-dir", EVERYWHERE,
          f"state directory: keys, peers, stats (default {config.default_state_dir()})",
          type=Path, metavar="DIR"),

@@ -12,9 +12,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from unclaw_tui import version
 from unclaw_tui.budget import DescriptorBudget, raise_descriptor_limit
 from unclaw_tui.bus import EventBus, Subscription
 from unclaw_tui.config import Settings
+from unclaw_tui.control.server import ControlServer
+from unclaw_tui.control.status import status
 from unclaw_tui.decision import DecisionPoint, Moment, Question
 from unclaw_tui.engine import (
     CloseReason,
@@ -144,6 +147,7 @@ class Gateway:
         self._relieved: dict[bytes, float] = {}  # peer -> when its zero-window flows last ended
         self._peers_signature: tuple[int, int, int] = (0, 0, 0)
         self._tasks: list[asyncio.Task[None]] = []
+        self.control: ControlServer | None = None  # control.sock, served from start() on
         self.router = Router()  # DNS and TLS routes are enabled as those services land
         self.policy = EgressPolicy(
             allow=[str(n) for n in settings.allow],
@@ -183,6 +187,21 @@ class Gateway:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+
+        s = self.settings
+        # First: a second gateway on this state dir stops here, before it touches anything.
+        self.control = ControlServer(s.state_dir, version())
+        self.control.register(
+            "status", lambda params: status(self.snapshot(), version(), time.time())
+        )
+        await self.control.start()
+        try:
+            await self._start_tunnel()
+        except BaseException:
+            await self.control.stop()
+            raise
+
+    async def _start_tunnel(self) -> None:
         from unclaw_tui.engine import Tunnel
 
         s = self.settings
@@ -224,6 +243,8 @@ class Gateway:
         )
 
     async def stop(self) -> None:
+        if self.control is not None:
+            await self.control.stop()  # no command arrives during the teardown
         self._udp_relay.close()
         for service in self.services.values():
             await service.close()

@@ -148,6 +148,9 @@ async def run_headless(
     events = gateway.bus.subscribe(PRINT_BACKLOG)
     try:
         await gateway.start()
+    except StateError as exc:  # the control socket: another gateway runs on this state dir
+        print(f"unclaw-tui: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(
             f"unclaw-tui: error: cannot listen on UDP port {settings.listen_port}: "

@@ -2,8 +2,9 @@
 consoles in other processes) reach a running gateway's memory.
 
 Asyncio IO around `protocol.ServerSession`; it runs on the gateway's event loop, so handlers
-may use the gateway directly.  Who may connect: the socket is mode 0600 in a 0700 state dir,
-and each connection's peer credentials (SO_PEERCRED) must be the gateway's own uid or root.
+may use the gateway directly.  Who may connect: the socket is mode 0600 (from its creation)
+in a state dir nobody else may write, and each connection's peer credentials (SO_PEERCRED)
+must be the gateway's own uid or root.
 Bounded: connections (max_connections), idle time (idle_timeout without a request, or a
 client that does not read its answers), message size and requests in flight (protocol.py).
 
@@ -131,16 +132,9 @@ class ControlServer:
         self._unlink_ours()
 
     def _bind(self) -> socket.socket:
-        try:
-            StateDir(self.state_dir, create=False)  # exists, ours, not group/world-writable
-            mode = stat.S_IMODE(os.stat(self.state_dir).st_mode)
-        except OSError as exc:
-            raise ControlSocketError(f"cannot access {self.state_dir}: {exc.strerror}") from None
-        if mode & 0o077:
-            raise ControlSocketError(
-                f"state dir {self.state_dir} is mode {mode:04o}; its control socket needs it "
-                f"private: run chmod 700 {self.state_dir}"
-            )
+        # Exists, ours, not group/world-writable (so nobody else can replace the socket);
+        # the socket itself is 0600 from its creation and checks who connects.
+        StateDir(self.state_dir, create=False)
         # Under the dir's lock, so two gateways starting at once cannot both find the old
         # socket stale and both bind: the second sees the first's live socket.
         try:
