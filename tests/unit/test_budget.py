@@ -125,8 +125,11 @@ def test_raise_descriptor_limit_raises_the_soft_limit_to_the_hard_one() -> None:
 
 def _nofile(soft: int, hard: int):  # type: ignore[no-untyped-def]
     _soft, current_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if current_hard != resource.RLIM_INFINITY and current_hard < hard:
-        pytest.skip(f"the hard descriptor limit here is {current_hard}, below {hard}")
+    if current_hard != resource.RLIM_INFINITY and current_hard < hard and os.geteuid() != 0:
+        why = f"the hard descriptor limit here is {current_hard}, below {hard}, and we are not root"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)  # CI runs as root: a missing privilege fails there, never skips
+        pytest.skip(why)
     return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
