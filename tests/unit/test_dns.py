@@ -1055,3 +1055,12 @@ async def test_a_peers_share_is_a_quarter_of_the_upstream_sockets(gateway: FakeG
         service.handle_udp(FakeDatagram(query(f"n{i}.stuck.test"), src_port=1000 + i))
     assert service.peer_share == 4 and service.counts["overload"] == 46
     await service.close()
+
+
+def test_a_big_vip_map_is_written_less_often() -> None:
+    # A wildcard domain grows the map; each write's encoding holds the interpreter lock (about
+    # 0.4 s for a full pool), so the pause after it grows with it: writing takes at most a
+    # 1/SAVE_DUTY share of the time.  Fails when the pause is a flat second.
+    assert dns.save_pause(0.001) == dns.VIP_SAVE_INTERVAL
+    assert dns.save_pause(0.4) == pytest.approx(0.4 * dns.SAVE_DUTY)
+    assert 0.4 / (0.4 + dns.save_pause(0.4)) <= 1 / dns.SAVE_DUTY

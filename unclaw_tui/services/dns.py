@@ -79,6 +79,9 @@ VIP_SAVE_INTERVAL = 1.0  # seconds between writes of the VIP map, at least
 # ... and between writes for answer times alone (a name asked again): its map is unchanged, and
 # the file may lag by this much (vips.TIMES_LAG covers it on load).
 VIP_TIMES_SAVE_INTERVAL = 60.0
+# A write takes the interpreter lock for its encoding (65,024 names: about 0.4 s), so a big map
+# is written less often: at most 1/SAVE_DUTY of the time goes to writing it.
+SAVE_DUTY = 20
 
 UDP_MIN_PAYLOAD = 512
 QTYPE_SVCB = 64
@@ -339,6 +342,13 @@ class DnsAnswerer:
 # --- the service: UDP and TCP glue, events, the VIP map's persistence -------------------------
 
 
+def save_pause(write_seconds: float) -> float:
+    """How long to wait after a write of the VIP map that took `write_seconds` (see SAVE_DUTY):
+    a peer that grows the map (a wildcard domain) cannot make its writes take every other
+    peer's share of the interpreter."""
+    return max(VIP_SAVE_INTERVAL, SAVE_DUTY * write_seconds)
+
+
 class DnsService:
     """Route.DNS's service, and the gateway's `resolver` (VIP <-> hostname, real addresses)."""
 
@@ -553,13 +563,14 @@ class DnsService:
             changes, touches = self.vips.changes, self.vips.touches
             # A copy on the loop (dict copies in C); encoding and writing in a thread.
             snap = self.vips.snapshot()
+            started = loop.time()
             if not await asyncio.to_thread(vip_store.save, self.gateway.state, snap):
                 return
             self._saved_changes, self._saved_touches = changes, touches
             self._saved_at = loop.time()
             # A burst of new names is written once a second, not once per name: each write
             # encodes the whole map and fsyncs (profiled: most of a cold lookup's time).
-            await self._pause(VIP_SAVE_INTERVAL, self._closing)
+            await self._pause(save_pause(self._saved_at - started), self._closing)
 
     async def _pause(self, seconds: float, event: asyncio.Event) -> None:
         """Sleep, cut short by `event` (close sets both: it writes what is left itself)."""
