@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.interop.harness import HOST_ADDR, FlowsSetup
+from tests.interop.harness import HOST_ADDR, FlowsSetup, Namespace
 
 pytestmark = pytest.mark.interop
 
@@ -23,8 +23,13 @@ HTTP_PORT = 80
 
 
 def dig(s: FlowsSetup, *args: str) -> tuple[str, list[str]]:
-    """dig through the tunnel at the gateway: (status, answer lines)."""
-    res = s.client_ns.run(
+    """dig from the client namespace through the tunnel at the gateway."""
+    return dig_in(s.client_ns, *args)
+
+
+def dig_in(ns: Namespace, *args: str) -> tuple[str, list[str]]:
+    """dig through the tunnel at the gateway from ns: (status, answer lines)."""
+    res = ns.run(
         "dig", "@10.77.0.1", "+time=3", "+tries=2", "+noall", "+comments", "+answer", *args,
         check=False, timeout=20,
     )  # fmt: skip

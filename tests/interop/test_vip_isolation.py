@@ -25,30 +25,14 @@ from tests.interop.harness import (
     replace_endpoint,
     run_json,
 )
+from tests.interop.test_dns import a_record
+from tests.interop.test_dns import dig_in as dig
 from unclaw_tui.engine.outcomes import Refusal
 
 pytestmark = pytest.mark.interop
 
 VIP_NET = "10.78.0.0/16"
 HTTP_PORT = 80
-
-
-def dig(ns: Namespace, *args: str) -> tuple[str, list[str]]:
-    """dig through the tunnel at the gateway: (status, answer lines)."""
-    res = ns.run(
-        "dig", "@10.77.0.1", "+time=3", "+tries=2", "+noall", "+comments", "+answer", *args,
-        check=False, timeout=20,
-    )  # fmt: skip
-    status = re.search(r"status: (\w+)", res.stdout)
-    assert status, f"dig {args}: {res.stdout}{res.stderr}"
-    answers = [line for line in res.stdout.splitlines() if line and not line.startswith(";")]
-    return status.group(1), answers
-
-
-def a_record(answers: list[str]) -> str:
-    addrs = [line.split()[-1] for line in answers if line.split()[3] == "A"]
-    assert len(addrs) == 1, answers
-    return addrs[0]
 
 
 def second_client(s: FlowsSetup, config: str) -> tuple[Namespace, WgClient, str]:

@@ -481,6 +481,21 @@ async def settle(tasks: set[asyncio.Task[None]]) -> None:
     await until(lambda: not tasks, "every DNS task done")
 
 
+class _UdpEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.transport.sendto(data, addr)
+
+
+async def udp_echo() -> tuple[asyncio.DatagramTransport, int]:
+    """A UDP echo server on 127.0.0.2 (a VIP's "real address" in these tests) and its port."""
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=("127.0.0.2", 0))
+    return transport, transport.get_extra_info("sockname")[1]
+
+
 async def test_service_udp_answers_publishes_and_persists(gateway: FakeGateway) -> None:
     services = create(gateway)
     service = services[Route.DNS]
@@ -609,16 +624,7 @@ async def test_vip_tcp_reaches_the_real_address_next_on_failure(
 
 
 async def test_vip_udp_relayed_quic_dropped_unknown_unreachable(gateway: FakeGateway) -> None:
-    class Echo(asyncio.DatagramProtocol):
-        def connection_made(self, transport: Any) -> None:
-            self.transport = transport
-
-        def datagram_received(self, data: bytes, addr: Any) -> None:
-            self.transport.sendto(data, addr)
-
-    loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.2", 0))
-    port = transport.get_extra_info("sockname")[1]
+    transport, port = await udp_echo()
     # The first address is refused by the decision point: the flow goes to the second.
     gateway.set_policy(
         EgressPolicy(allow=["127.0.0.0/8"], deny=["127.0.0.9/32"], host_addresses=[])
@@ -891,18 +897,9 @@ async def test_vip_tcp_and_udp_answer_only_the_peer_given_it(
         await writer.drain()
         writer.close()
 
-    class Echo(asyncio.DatagramProtocol):
-        def connection_made(self, transport: Any) -> None:
-            self.transport = transport
-
-        def datagram_received(self, data: bytes, addr: Any) -> None:
-            self.transport.sendto(data, addr)
-
     server = await asyncio.start_server(echo, "127.0.0.2", 0)
     port = server.sockets[0].getsockname()[1]
-    loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.2", 0))
-    uport = transport.get_extra_info("sockname")[1]
+    transport, uport = await udp_echo()
     dns_service = DnsService(gateway)
     gateway.resolver = dns_service
 
@@ -948,16 +945,7 @@ async def test_vip_udp_resolving_places_are_shared_per_peer(gateway: FakeGateway
     # answer took all of them, and the other peer's first datagram was dropped.
     from unclaw_tui.services import vip as vip_module
 
-    class Echo(asyncio.DatagramProtocol):
-        def connection_made(self, transport: Any) -> None:
-            self.transport = transport
-
-        def datagram_received(self, data: bytes, addr: Any) -> None:
-            self.transport.sendto(data, addr)
-
-    loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.2", 0))
-    port = transport.get_extra_info("sockname")[1]
+    transport, port = await udp_echo()
     never = asyncio.Event()
 
     class SlowResolver:
