@@ -51,6 +51,14 @@ class PeerRecord:
     preshared_key: str = field(repr=False)
     ip: str
     created: float
+    # What a flow no rule decides gets (issue 14): allow, deny, or ask the operator; for ask,
+    # `fallback` (allow or deny) when no answer comes in time.
+    policy: str = "allow"
+    fallback: str = "deny"
+
+
+PEER_POLICIES = ("allow", "deny", "ask")
+PEER_FALLBACKS = ("allow", "deny")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +177,10 @@ def _parse_peer(item: Any, index: int) -> PeerRecord:
         raise StateError(f"{PEERS_FILE} is malformed: {where} has an invalid ip") from None
     created = item.get("created")
     _require(_is_number(created), PEERS_FILE, f"{where} has an invalid 'created'")
+    policy = item.get("policy", "allow")
+    _require(policy in PEER_POLICIES, PEERS_FILE, f"{where} has an invalid 'policy'")
+    fallback = item.get("fallback", "deny")
+    _require(fallback in PEER_FALLBACKS, PEERS_FILE, f"{where} has an invalid 'fallback'")
     return PeerRecord(
         name=name,
         public_key=_checked_key(item.get("public_key"), PEERS_FILE, f"{where} public_key"),
@@ -176,6 +188,8 @@ def _parse_peer(item: Any, index: int) -> PeerRecord:
         preshared_key=_checked_key(item.get("preshared_key"), PEERS_FILE, f"{where} preshared_key"),
         ip=str(ip),
         created=float(created),
+        policy=policy,
+        fallback=fallback,
     )
 
 

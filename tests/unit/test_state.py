@@ -221,7 +221,10 @@ def test_add_peer_assigns_lowest_free_ip_and_persists(state: StateDir) -> None:
         "preshared_key",
         "ip",
         "created",
+        "policy",
+        "fallback",
     }
+    assert (doc["peers"][0]["policy"], doc["peers"][0]["fallback"]) == ("allow", "deny")
 
 
 def test_auto_ip_skips_gateway_wherever_it_is(state: StateDir) -> None:
@@ -509,4 +512,18 @@ def test_unreadable_file_is_a_state_error(state: StateDir, monkeypatch: pytest.M
 
     monkeypatch.setattr(Path, "read_text", denied)
     with pytest.raises(StateError, match=r"cannot read .*peers\.json: Permission denied"):
+        state.peers()
+
+
+def test_peer_policy_defaults_for_old_files_and_bad_values_name_the_peer(tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "s")
+    state.add_peer("phone", None, NET, GW)
+    doc = json.loads((state.path / "peers.json").read_text())
+    del doc["peers"][0]["policy"], doc["peers"][0]["fallback"]  # a file from before issue 14
+    state.write_json("peers.json", doc)
+    (record,) = state.peers()
+    assert (record.policy, record.fallback) == ("allow", "deny")
+    doc["peers"][0]["policy"] = "maybe"
+    state.write_json("peers.json", doc)
+    with pytest.raises(StateError, match="peer 'phone' has an invalid 'policy'"):
         state.peers()
