@@ -141,6 +141,10 @@ class FlowEvent(Event):
     dst_port: int
     hostname: str | None = None  # from the VIP map or the TLS SNI
     route: str = "relay"
+    # The policy's answer (issue 14): "allow" or "deny" (held flows: "ask" until answered),
+    # and the id of the rule that gave it, or "default" (the peer's policy).
+    verdict: str = "allow"
+    rule: str = "default"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -236,3 +240,97 @@ class LimitHit(Event):
     limit: str
     value: int
     refused: int
+
+
+# Policy events (issue 14).  A rule is given in its file form (policy/rules.py `rule_to_doc`):
+# id, action, what, who, port, proto, until, note.  `by` says who made the change: "cli",
+# "console", "prompt", "file" (rules.json edited by hand), "control".
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyDecision(Event):
+    """A flow denied, held for a prompt, or decided by a rule that is not the default: one
+    event per such decision (an ordinary allowed flow says its verdict on tcp_opened only)."""
+
+    type: ClassVar[str] = "policy_decision"
+    peer: str
+    peer_public_key: str
+    hostname: str | None = None
+    dst_ip: str = ""
+    dst_port: int = 0
+    proto: str = "tcp"
+    verdict: str  # allow / deny / ask / intercept / passthrough
+    rule: str = "default"
+    reason: str = ""  # e.g. "rule r7", "peer policy deny", "prompt p3 timed out: fallback deny"
+    conn_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuleAdded(Event):
+    type: ClassVar[str] = "rule_added"
+    rule: dict[str, Any]
+    by: str = "cli"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuleRemoved(Event):
+    type: ClassVar[str] = "rule_removed"
+    rule: dict[str, Any]
+    by: str = "cli"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuleExpired(Event):
+    """A timed rule's time ran out, or a `once` rule decided its flow."""
+
+    type: ClassVar[str] = "rule_expired"
+    rule: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RulesRejected(Event):
+    """rules.json, edited by hand, has a bad rule: the last good set stays in force."""
+
+    type: ClassVar[str] = "rules_rejected"
+    file: str
+    line: int | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PromptOpened(Event):
+    """A flow of a peer whose policy is `ask` met no rule: it is held until the operator
+    answers (console, `unclaw-tui decide ID`) or `--prompt-timeout` applies the fallback."""
+
+    type: ClassVar[str] = "prompt_opened"
+    id: str
+    peer: str
+    peer_public_key: str
+    hostname: str | None = None
+    dst_ip: str
+    dst_port: int
+    proto: str
+    route: str = "relay"
+    timeout: float = 0.0  # seconds until the fallback applies
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PromptAnswered(Event):
+    type: ClassVar[str] = "prompt_answered"
+    id: str
+    peer: str
+    access: str  # allow / deny
+    duration: str  # once / restart / always / 15m ...
+    scope: str  # port / host / domain
+    rule: str | None = None  # the rule the answer made (None for once)
+    by: str = "console"
+    flows: int = 0  # held flows it released or refused
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PromptTimedOut(Event):
+    type: ClassVar[str] = "prompt_timed_out"
+    id: str
+    peer: str
+    fallback: str  # allow / deny: what the held flows got
+    flows: int = 0

@@ -44,6 +44,8 @@ from unclaw_tui.events import (
     UnderLoad,
 )
 from unclaw_tui.flow import FlowRegistry, carry
+from unclaw_tui.policy import Rule
+from unclaw_tui.policy.views import PromptView, RuleView
 from unclaw_tui.router import Route, Router
 from unclaw_tui.services import registry
 from unclaw_tui.services.base import Resolver
@@ -76,6 +78,8 @@ class PeerSnapshot:
     rx_packets: int
     tx_packets: int
     open_connections: int = 0
+    policy: str = "allow"  # the peer's default: allow / deny / ask
+    fallback: str = "deny"  # ask's answer when no one answers in time
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +95,7 @@ class GatewaySnapshot:
     under_load: bool = False
     # Live (bytes_up, bytes_down) of open TCP connections that moved bytes lately, by conn_id.
     flow_bytes: dict[int, tuple[int, int]] = field(default_factory=dict)
+    prompts_open: int = 0  # prompts waiting for the operator (the status bar's count)
 
     @property
     def peers_online(self) -> int:
@@ -116,6 +121,40 @@ class GatewayProtocol(Protocol):
 
     def client_config(self, name: str) -> str:
         """The peer's wg-quick config text. Raises KeyError if unknown."""
+
+    # --- policy (issue 14): the same calls serve the console and the control socket ---------
+
+    def set_peer_policy(
+        self, name: str, policy: str | None = None, fallback: str | None = None
+    ) -> PeerSnapshot:
+        """A peer's default (allow/deny/ask) and ask's fallback (allow/deny), persisted, live
+        at once.  KeyError if unknown, ValueError for a bad value."""
+
+    def rules(self) -> list[RuleView]:
+        """Every rule in force, built-in ones first, with their hits."""
+
+    def add_rule(self, rule: Rule, by: str = "console") -> RuleView:
+        """Add a rule (always/timed ones persisted in rules.json), live at once; flows it now
+        denies are closed.  ValueError if the id is taken."""
+
+    def remove_rule(self, rule_id: str, by: str = "console") -> Rule:
+        """KeyError if unknown; ValueError for a built-in rule (it comes from a flag)."""
+
+    def prompts(self) -> list[PromptView]:
+        """Open prompts, oldest first."""
+
+    def answer_prompt(
+        self,
+        prompt_id: str,
+        access: str,
+        duration: str = "always",
+        scope: str = "host",
+        by: str = "console",
+    ) -> str | None:
+        """Answer a prompt: access allow/deny, duration as the CLI's DURATION, scope
+        port/host/domain; its held flows go on or are refused at once.  Returns the id of the
+        rule made (None for once).  KeyError if no such prompt is open (answered or timed out
+        already), ValueError for a bad value."""
 
 
 # --- the real gateway --------------------------------------------------------------------
@@ -339,6 +378,8 @@ class Gateway:
             created=record.created,
             **asdict(self._peer_runtime(record, infos)),
             open_connections=self.flows.count(record.public_key),
+            policy=record.policy,
+            fallback=record.fallback,
         )
 
     def _reconcile_peers(self, *, announce: bool) -> None:
