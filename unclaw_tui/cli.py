@@ -200,6 +200,10 @@ OPTIONS = (
     _opt("--passthrough", RUN,
          "relay TLS to hosts matching this glob untouched, e.g. '*.bank.example' (repeatable)",
          type=_host_glob, action="append", default=[], metavar="PATTERN"),
+    _opt("--capture-bodies", RUN,
+         "keep the first BYTES of each intercepted request and response body in the request "
+         "record (default: none)",
+         type=_int_range("capture size", 0, config.MAX_CAPTURE_BODIES), default=0, metavar="BYTES"),
     _opt("--auto-passthrough", RUN,
          "pass a host through from then on once a client rejected our certificate for it",
          action="store_true"),
@@ -268,6 +272,7 @@ RUN_ONLY = (
     "allow", "deny", "tcp_buffer", "max_flows_per_peer", "udp_idle_timeout", "upstream_dns",
     "passthrough", "auto_passthrough", "max_conns_per_peer", "max_half_open_per_peer",
     "hello_timeout", "dns_tcp_idle_timeout", "silent_peer_after", "engine_thread", "fast_relay",
+    "capture_bodies",
 )  # fmt: skip
 
 

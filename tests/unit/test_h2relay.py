@@ -20,7 +20,9 @@ from unclaw_tui.services.requests import MASK, RequestLog, RequestRecord, mask_v
 AUTHORITY = b"example.test"
 
 
-def request(path: bytes = b"/", method: bytes = b"GET", **extra: bytes) -> list[tuple[bytes, bytes]]:
+def request(
+    path: bytes = b"/", method: bytes = b"GET", **extra: bytes
+) -> list[tuple[bytes, bytes]]:
     headers = [(b":method", method), (b":scheme", b"https"), (b":authority", AUTHORITY)]
     headers.append((b":path", path))
     headers += [(k.replace("_", "-").encode(), v) for k, v in extra.items()]
@@ -104,12 +106,16 @@ class Transcript:
 
     def body_at_client(self, stream_id: int) -> bytes:
         return b"".join(
-            e.data for e in self.at(side="client", kind=h2e.DataReceived) if e.stream_id == stream_id
+            e.data
+            for e in self.at(side="client", kind=h2e.DataReceived)
+            if e.stream_id == stream_id
         )
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+    return (
+        len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+    )
 
 
 # --- the ordinary exchange ---------------------------------------------------------------------
@@ -122,7 +128,10 @@ def test_a_get_is_relayed_and_reported_with_masked_secrets() -> None:
     t.now = 0.010
     t.pump()
     (got,) = t.server_requests()
-    assert (b":path", b"/hello?x=1") in got.headers and (b"authorization", b"Bearer s3cret") in got.headers
+    assert (b":path", b"/hello?x=1") in got.headers and (
+        b"authorization",
+        b"Bearer s3cret",
+    ) in got.headers
     assert not t.records  # not before the response ended
     t.now = 0.030
     t.respond(got.stream_id, b"hello", headers=[(b"set-cookie", b"sid=xyz; Path=/")])
@@ -135,7 +144,11 @@ def test_a_get_is_relayed_and_reported_with_masked_secrets() -> None:
     assert (r.status, r.stream_id, r.request_bytes, r.response_bytes, r.error) == (
         200, 1, 0, 5, None,
     )  # fmt: skip
-    assert r.sent_ms == 0.0 and r.first_byte_ms == pytest.approx(20.0) and r.done_ms == pytest.approx(20.0)
+    assert (
+        r.sent_ms == 0.0
+        and r.first_byte_ms == pytest.approx(20.0)
+        and r.done_ms == pytest.approx(20.0)
+    )
     assert ("authorization", f"Bearer {MASK}") in r.request_headers
     assert ("cookie", f"a={MASK}; b={MASK}") in r.request_headers
     assert ("set-cookie", f"sid={MASK}; Path=/") in r.response_headers
@@ -148,7 +161,9 @@ def test_a_get_is_relayed_and_reported_with_masked_secrets() -> None:
 
 def test_request_body_and_trailers_and_grpc_status() -> None:
     t = Transcript()
-    t.client.send_headers(1, request(b"/pkg.Svc/Get", b"POST", content_type=b"application/grpc", te=b"trailers"))
+    t.client.send_headers(
+        1, request(b"/pkg.Svc/Get", b"POST", content_type=b"application/grpc", te=b"trailers")
+    )
     t.client.send_data(1, b"\x00\x00\x00\x00\x02hi", end_stream=True)
     t.pump()
     (got,) = t.server_requests()
@@ -169,7 +184,9 @@ def test_request_body_and_trailers_and_grpc_status() -> None:
 
 def test_trailers_only_grpc_response_and_informational_head() -> None:
     t = Transcript()
-    t.client.send_headers(1, request(b"/pkg.Svc/Fail", b"POST", content_type=b"application/grpc"), end_stream=True)
+    t.client.send_headers(
+        1, request(b"/pkg.Svc/Fail", b"POST", content_type=b"application/grpc"), end_stream=True
+    )
     t.pump()
     t.server.send_headers(1, [(b":status", b"103"), (b"link", b"</a.css>; rel=preload")])
     t.respond(1, headers=[(b"content-type", b"application/grpc"), (b"grpc-status", b"7")])
@@ -395,6 +412,8 @@ def test_an_oversized_header_list_ends_the_connection() -> None:
         ("client", b"\x00" * 9 + b"this is no frame at all"),
         ("destination", frame(1, 4, 2, b"\x88")),  # a stream the client side never opened
         ("destination", frame(6, 0, 1, b"12345678")),  # PING on a stream
+        ("destination", PREFACE + b"\x00" * 64),  # a frame of 5 MB declared: refused at once
+        ("client", frame(0, 0, 1, b"").replace(b"\x00\x00\x00", b"\x01\x00\x00", 1)),
     ],
 )
 def test_malformed_frames_end_the_connection_with_a_reason(side: str, bad: bytes) -> None:

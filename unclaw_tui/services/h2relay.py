@@ -28,7 +28,8 @@ Abuse, bounded per connection: header lists by SETTINGS_MAX_HEADER_LIST_SIZE (h2
 decoder enforces it: a connection error), a header block's HEADERS + CONTINUATION frames by
 `max_header_block` bytes (the frame walk below; h2 alone would buffer 64 frames of up to the
 frame size), control frames (PING, SETTINGS, PRIORITY, RST_STREAM, empty DATA) by a token
-bucket, and streams reset by the client before their response ended, or refused, by another
+bucket, frames by SETTINGS_MAX_FRAME_SIZE before any is buffered (h2 would take in all of a
+frame's declared length first), and streams reset by the client before their response ended, or refused, by another
 (Rapid Reset, CVE-2023-44487): past either the connection ends with GOAWAY(ENHANCE_YOUR_CALM).
 A malformed frame from either side (h2's ProtocolError, or anything else h2 raises on it) ends
 the connection: GOAWAY to both, `error` says which side and why. Nothing raises to the caller.
@@ -57,6 +58,7 @@ DEFAULT_CONNECTION_WINDOW = 1024 * 1024
 DEFAULT_MAX_HEADER_LIST = 64 * 1024
 DEFAULT_MAX_HEADER_BLOCK = 64 * 1024  # HEADERS + CONTINUATION bytes of one block (compressed)
 H2_DEFAULT_WINDOW = 65535  # RFC 9113 6.9.2: every window starts here
+MAX_FRAME = 16384  # SETTINGS_MAX_FRAME_SIZE: we keep the default, advertised to both sides
 MAX_PATH = 2048  # longer paths are cut in the record
 
 # Frame types and flags (RFC 9113 section 6) the frame walk needs.
@@ -129,6 +131,8 @@ class _FrameWalk:
             kind, flags = self.head[3], self.head[4]
             self.head.clear()
             self.skip = length
+            if length > MAX_FRAME:  # h2 would buffer the whole frame before saying so
+                return f"h2 protocol error: a frame of {length} bytes (at most {MAX_FRAME})"
             if kind in (_HEADERS, _PUSH):
                 self.block = None if flags & _END_HEADERS else length
             elif kind == _CONT and self.block is not None:
@@ -280,7 +284,10 @@ class H2Relay:
         conn = self.peer if from_peer else self.dest
         exceeded = walk.feed(data, now)
         if exceeded is not None:
-            conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+            malformed = exceeded.startswith("h2 protocol error")
+            conn.close_connection(
+                ErrorCodes.FRAME_SIZE_ERROR if malformed else ErrorCodes.ENHANCE_YOUR_CALM
+            )
             self._shutdown(now, f"{side}: {exceeded}", f"{side}: {exceeded}", ErrorCodes.CANCEL)
             return
         try:
@@ -428,9 +435,7 @@ class H2Relay:
         if not self._resets.take(now):
             self._calm(now, "client: too many streams refused or reset (Rapid Reset)")
 
-    def _data(
-        self, st: _Stream | None, event: h2e.DataReceived, *, up: bool, now: float
-    ) -> None:
+    def _data(self, st: _Stream | None, event: h2e.DataReceived, *, up: bool, now: float) -> None:
         src = self.peer if up else self.dest
         data = event.data or b""
         counted = event.flow_controlled_length or 0

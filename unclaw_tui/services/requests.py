@@ -26,7 +26,6 @@ MASK = "•••"
 MAX_KEPT_HEADER_BYTES = 8 * 1024
 DEFAULT_MAX_RECORDS = 1024
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
-MAX_CAPTURE_BODIES = 16 * 1024 * 1024  # --capture-bodies' upper bound, per body
 
 Headers = tuple[tuple[str, str], ...]
 
