@@ -193,6 +193,9 @@ def test_trailers_only_grpc_response_and_informational_head() -> None:
     assert [e.headers[0] for e in t.at("client", h2e.InformationalResponseReceived)] == [
         (b":status", b"103")
     ]
+    (head,) = t.at("client", h2e.ResponseReceived)
+    assert head.stream_ended is not None  # END_STREAM stayed on the HEADERS frame
+    assert not t.at("client", h2e.DataReceived)
     (r,) = t.records
     assert (r.status, r.grpc_status, r.grpc_message) == (200, 7, None)
 

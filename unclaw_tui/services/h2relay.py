@@ -29,8 +29,9 @@ decoder enforces it: a connection error), a header block's HEADERS + CONTINUATIO
 `max_header_block` bytes (the frame walk below; h2 alone would buffer 64 frames of up to the
 frame size), control frames (PING, SETTINGS, PRIORITY, RST_STREAM, empty DATA) by a token
 bucket, frames by SETTINGS_MAX_FRAME_SIZE before any is buffered (h2 would take in all of a
-frame's declared length first), and streams reset by the client before their response ended, or refused, by another
-(Rapid Reset, CVE-2023-44487): past either the connection ends with GOAWAY(ENHANCE_YOUR_CALM).
+frame's declared length first), and streams reset by the client before their response ended,
+or refused, by another (Rapid Reset, CVE-2023-44487): past a budget the connection ends with
+GOAWAY(ENHANCE_YOUR_CALM).
 A malformed frame from either side (h2's ProtocolError, or anything else h2 raises on it) ends
 the connection: GOAWAY to both, `error` says which side and why. Nothing raises to the caller.
 """
@@ -149,8 +150,8 @@ class _FrameWalk:
         return None
 
 
-# Queued items toward one side, in order.
-_DATA_ITEM, _HEADERS_ITEM, _TRAILERS_ITEM, _END_ITEM = range(4)
+# Queued items toward one side, in order (last headers: trailers, or a head ending the stream).
+_DATA_ITEM, _HEADERS_ITEM, _LAST_HEADERS_ITEM, _END_ITEM = range(4)
 
 
 @dataclass(slots=True)
@@ -312,14 +313,14 @@ class H2Relay:
 
     def _on_peer_event(self, event: h2e.Event, now: float) -> None:
         if isinstance(event, h2e.RequestReceived):
-            self._open(event.stream_id, event.headers or [], now)
+            self._open(event.stream_id, event.headers or [], now, event.stream_ended is not None)
         elif isinstance(event, h2e.DataReceived):
             st = self.streams.get(event.stream_id)
             self._data(st, event, up=True, now=now)
         elif isinstance(event, h2e.TrailersReceived):
             st = self.streams.get(event.stream_id)
             if st is not None and st.dest_id is not None:
-                st.to_dest.append((_TRAILERS_ITEM, list(event.headers or [])))
+                st.to_dest.append((_LAST_HEADERS_ITEM, list(event.headers or [])))
                 st.up_end_queued = True
                 self._flush(st, up=True, now=now)
         elif isinstance(event, h2e.StreamEnded):
@@ -351,9 +352,15 @@ class H2Relay:
             if st is None:
                 return
             headers = list(event.headers or [])
+            kind = _HEADERS_ITEM
             if isinstance(event, h2e.ResponseReceived):
                 self._response_head(st, headers, now)
-            st.to_peer.append((_HEADERS_ITEM, headers))
+                if event.stream_ended is not None:
+                    # END_STREAM stays on the HEADERS frame: a gRPC trailers-only response
+                    # must not become headers plus an empty DATA frame.
+                    kind = _LAST_HEADERS_ITEM
+                    st.down_end_queued = True
+            st.to_peer.append((kind, headers))
             self._flush(st, up=False, now=now)
         elif isinstance(event, h2e.DataReceived):
             self._data(self._by_dest.get(event.stream_id), event, up=False, now=now)
@@ -362,7 +369,7 @@ class H2Relay:
             if st is not None:
                 trailers = list(event.headers or [])
                 self._response_trailers(st, trailers)
-                st.to_peer.append((_TRAILERS_ITEM, trailers))
+                st.to_peer.append((_LAST_HEADERS_ITEM, trailers))
                 st.down_end_queued = True
                 self._flush(st, up=False, now=now)
         elif isinstance(event, h2e.StreamEnded):
@@ -392,7 +399,9 @@ class H2Relay:
 
     # -- streams -----------------------------------------------------------------------------
 
-    def _open(self, peer_id: int, headers: list[tuple[bytes, bytes]], now: float) -> None:
+    def _open(
+        self, peer_id: int, headers: list[tuple[bytes, bytes]], now: float, ended: bool
+    ) -> None:
         self.streams_seen += 1
         pseudo = {_text(n): _text(v) for n, v in headers if n.startswith(b":")}
         record = RequestRecord(
@@ -416,7 +425,7 @@ class H2Relay:
             return
         try:
             dest_id = self.dest.get_next_available_stream_id()
-            self.dest.send_headers(dest_id, headers)
+            self.dest.send_headers(dest_id, headers, end_stream=ended)
         except TooManyStreamsError:
             self._refuse(st, now, "refused: the destination's stream limit")
             return
@@ -425,6 +434,9 @@ class H2Relay:
             self._record(st, now, f"not relayed: {exc}")
             return
         st.dest_id = dest_id
+        if ended:  # END_STREAM on the HEADERS frame went with them (a GET, say)
+            st.up_end_queued = st.request_done = True
+            record.sent_ms = 0.0
         self.streams[peer_id] = st
         self._by_dest[dest_id] = st
 
@@ -494,7 +506,7 @@ class H2Relay:
             elif kind == _HEADERS_ITEM:
                 out.send_headers(out_id, item)  # type: ignore[arg-type]
             else:
-                if kind == _TRAILERS_ITEM:
+                if kind == _LAST_HEADERS_ITEM:
                     out.send_headers(out_id, item, end_stream=True)  # type: ignore[arg-type]
                 else:
                     out.end_stream(out_id)
