@@ -425,3 +425,25 @@ def test_rules_from_answers_live_for_their_duration() -> None:
         assert rule.lifetime is parse_duration(duration).lifetime
         assert rule.persistent is (rule.lifetime in (Lifetime.ALWAYS, Lifetime.TIMED))
         assert rule.created == T0 + 5
+
+
+def test_a_retransmitted_syn_takes_no_second_place_in_the_share() -> None:
+    t = Transcript(per_peer_held=2)
+    assert t.ask(key(), hold="a") == "opened p1 phone->api.example.com:443/tcp [a]"
+    for _ in range(5):
+        assert t.ask(key(), hold="a") == "joined p1 phone->api.example.com:443/tcp [a]"
+    assert t.ask(key(), hold="b") == "joined p1 phone->api.example.com:443/tcp [a b]"
+    assert t.ask(key(), hold="b") == "joined p1 phone->api.example.com:443/tcp [a b]"
+    assert t.ask(key(), hold="c").startswith("refused (on p1)")
+
+
+def test_the_two_rules_of_a_domain_answer_never_share_an_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The random ids come out as raaaaa, raaaaa, rbbbbb: the second rule must skip the first's.
+    letters = iter("aaaaa" + "aaaaa" + "bbbbb")
+    monkeypatch.setattr("unclaw_tui.policy.rules.secrets.choice", lambda _: next(letters))
+    book = PromptBook(TIMEOUT)
+    book.ask(key(), "phone", "tls", T0)
+    answered = book.answer("p1", "allow", "always", "domain", T0)
+    assert [r.id for r in answered.rules] == ["raaaaa", "rbbbbb"]
