@@ -237,6 +237,33 @@ class HttpRequest(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class WebSocketClosed(Event):
+    """A WebSocket connection (an HTTP/1.1 Upgrade inside intercepted TLS, its request reported
+    with protocol "ws" and status 101) ended. "up" is from the peer to the destination;
+    messages and payload bytes of data frames (as sent: compressed when permessage-deflate
+    was agreed); never any payload."""
+
+    type: ClassVar[str] = "websocket_closed"
+    peer: str
+    host: str
+    path: str
+    conn_id: int | None = None
+    peer_public_key: str = ""
+    messages_up: int = 0
+    messages_down: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    # The first Close frame's code and reason (1005: a Close without a code; 1006: the
+    # connection ended with no Close), and who sent it: "peer", "destination", or "gateway"
+    # when a malformed frame made the gateway close both sides.
+    close_code: int | None = None
+    close_reason: str = ""
+    closed_by: str | None = None
+    ms: float = 0.0  # from the 101 to the end
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitHit(Event):
     """A per-peer limit refused new connections: `limit` is "tcp_conns_per_peer" or
     "tcp_half_open_per_peer", `value` its setting, `refused` the SYNs refused (with an RST)

@@ -87,6 +87,7 @@ class _Framer:
         self.body = 0
         self.capture = capture
         self.captured = bytearray()
+        self.leftover = b""  # what was buffered past the last head when it stopped
 
     def _keep(self, data: bytes, start: int, end: int) -> None:
         room = self.capture - len(self.captured)
@@ -102,6 +103,9 @@ class _Framer:
 
     def stop(self) -> None:
         self.state = _State.STOPPED
+        # Called while `feed` yields a head: the buffer holds what came after it (an upgraded
+        # connection's first bytes in the new protocol).
+        self.leftover = bytes(self.buf)
         self.buf.clear()
 
     def eof(self) -> Iterator[_End]:
@@ -350,6 +354,7 @@ class Http1Observer:
         if status == 101 or (request.method == "CONNECT" and 200 <= status < 300):
             # The connection becomes something else: report this exchange and go quiet.
             self._pending.popleft()
+            request.first_byte, request.response_headers = now, head.pairs
             done.append(_exchange(request, status, 0, now))
             self._stop("upgraded")
             return
@@ -377,6 +382,16 @@ class Http1Observer:
             return  # the end of an interim response
         self._pending.popleft()
         done.append(_exchange(request, request.status, end.body_bytes, now, end.captured))
+
+    @property
+    def upgraded(self) -> bool:
+        return self.stopped_reason == "upgraded"
+
+    def leftovers(self) -> tuple[bytes, bytes]:
+        """After an upgrade: the bytes each way (request, response) that came after the heads
+        in what was fed (the new protocol's first bytes; the response's are the end of the
+        chunk that brought the 101)."""
+        return self._requests.leftover, self._responses.leftover
 
     def _stop(self, reason: str) -> None:
         self.active = False

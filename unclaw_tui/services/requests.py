@@ -77,7 +77,7 @@ class RequestRecord:
     are milliseconds from then: the request fully sent on to the destination, the response
     head back, the whole exchange done (None when it did not happen)."""
 
-    protocol: str  # "h2" or "http/1.1"
+    protocol: str  # "h2", "http/1.1", or "ws" (an HTTP/1.1 Upgrade to WebSocket, status 101)
     method: str
     scheme: str
     authority: str
@@ -103,6 +103,9 @@ class RequestRecord:
     request_body: bytes | None = None  # the first --capture-bodies bytes, when on
     response_body: bytes | None = None
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    id: int = 0  # given by the RequestLog that keeps it: 1, 2, ... in arrival order
+    # A WebSocket's counts and close (websocket.WebSocketSummary), set when it ended.
+    websocket: Any = None
 
     @property
     def grpc(self) -> bool:
@@ -138,6 +141,8 @@ class RequestRecord:
                 value = [list(pair) for pair in value]
             elif isinstance(value, bytes):
                 value = value.decode("latin-1")
+            elif hasattr(value, "to_dict"):
+                value = value.to_dict()
             out[name] = value
         return out
 
@@ -162,6 +167,7 @@ class RequestLog:
             self._ring.append((record, size))
             self._bytes += size
             self.added += 1
+            record.id = self.added
             # The newest always stays (a record is bounded by itself: headers and captures).
             while len(self._ring) > 1 and (
                 len(self._ring) > self.max_records or self._bytes > self.max_bytes
@@ -177,6 +183,23 @@ class RequestLog:
         if peer is not None:
             records = [r for r in records if r.peer_public_key == peer]
         return records if limit is None else records[-limit:] if limit > 0 else []
+
+    def get(self, request_id: int) -> RequestRecord | None:
+        """The record with this id, while the ring still has it."""
+        with self._lock:
+            if not self._ring or not 0 < request_id <= self.added:
+                return None
+            # Ids are consecutive in the ring: index from the oldest one kept.
+            index = request_id - self._ring[0][0].id
+            return self._ring[index][0] if 0 <= index < len(self._ring) else None
+
+    def after(
+        self, request_id: int, limit: int | None = None, peer: str | None = None
+    ) -> list[RequestRecord]:
+        """The records newer than `request_id` (oldest first, at most `limit`): a reader's
+        way to page through or follow the ring."""
+        records = [r for r in self.recent(None, peer) if r.id > request_id]
+        return records if limit is None else records[:limit]
 
     @property
     def bytes(self) -> int:
