@@ -18,9 +18,9 @@ from tests.unit.test_tls import Harness, make_harness, our_ca_context, pki  # no
 from unclaw_tui.events import HttpRequest, TcpClosed, WebSocketClosed
 
 
-async def start_ws_origin(pki: Pki, compression: str | None = "deflate") -> tuple[Any, int]:
+async def start_ws_origin(certs: Pki, compression: str | None = "deflate") -> tuple[Any, int]:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(*pki.trusted)
+    ctx.load_cert_chain(*certs.trusted)
 
     async def echo(ws: ServerConnection) -> None:
         async for message in ws:
