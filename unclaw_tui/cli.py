@@ -119,11 +119,14 @@ COMMANDS = {
     "peer remove": "remove a peer",
     "ca": "print the local CA certificate (PEM) to install on devices, and its path",
     "status": "ask the running gateway for its version, uptime, peers and open flows",
+    "requests": "list the requests a running gateway saw inside intercepted TLS, or export "
+    "them as HAR",
 }
 RUN = ("",)  # `unclaw-tui` itself, which runs the gateway
 EVERYWHERE = ("", *COMMANDS)
 # Commands that save --listen-port, --endpoint and --address (not those asking a gateway).
-SAVING = tuple(command for command in EVERYWHERE if command != "status")
+ASKING = ("status", "requests")  # commands that ask the running gateway
+SAVING = tuple(command for command in EVERYWHERE if command not in ASKING)
 
 
 def _opt(flag: str, where: tuple[str, ...], help: str, **kwargs: Any) -> tuple[Any, ...]:
@@ -149,8 +152,8 @@ OPTIONS = (
     _opt("--address", SAVING,
          f"the gateway's tunnel address (saved; default {config.DEFAULT_ADDRESS})",
          type=_checked(lambda text: str(validate_address(text))), metavar="A.B.C.D/N"),
-    _opt("--json", ("", "peer list", "status"),
-         "machine-readable output (events, peer list, status)",
+    _opt("--json", ("", "peer list", "status", "requests"),
+         "machine-readable output (events, peer list, status, requests)",
          action="store_true"),
     _opt("--no-ui", RUN, "run headless, no console UI", action="store_true"),
     # The gateway run's own flags: this run only, never saved.
@@ -217,6 +220,12 @@ OPTIONS = (
          action="store_true"),
     _opt("--png", ("peer show",), "write the QR code as a PNG", type=Path, metavar="FILE"),
     _opt("--path", ("ca",), "print only the certificate's path", action="store_true"),
+    _opt("--peer", ("requests",), "only this peer's requests (its name or public key)",
+         metavar="PEER"),
+    _opt("--har", ("requests",), "write them as HAR 1.2 to FILE ('-': standard output)",
+         metavar="FILE"),
+    _opt("--limit", ("requests",), "the most recent N only (default: all the gateway keeps)",
+         type=_int_range("limit", 1, 1_000_000), metavar="N"),
 )  # fmt: skip
 
 
@@ -529,6 +538,86 @@ def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+# --- requests: what a running gateway saw inside intercepted TLS ---------------------------------
+
+
+def _peer_key(path: Path, peer: str) -> str:
+    """A peer's public key from its name (in the state dir) or the key itself."""
+    state = _open_existing(path)
+    if state is not None:
+        for record in state.peers():
+            if peer in (record.name, record.public_key):
+                return record.public_key
+    raise UsageError(f"unknown peer {peer!r}")
+
+
+def _cmd_requests(args: argparse.Namespace, out: TextIO) -> int:
+    """The running gateway's recent requests (masked), as a table, JSON lines or HAR."""
+    from unclaw_tui.control.client import ClientError, ControlClient, GatewayNotRunning
+    from unclaw_tui.control.protocol import ControlError
+    from unclaw_tui.control.requests import fetch_all
+    from unclaw_tui.services import har
+    from unclaw_tui.state import write_atomic
+
+    given = [f"--{key.replace('_', '-')}" for key in SETTING_KEYS if getattr(args, key, None)]
+    if given:
+        raise UsageError(f"requests takes no {given[0]}: it asks the running gateway")
+    if args.har is not None and args.json:
+        raise UsageError("--har and --json: choose one")
+    path = args.state_dir if args.state_dir is not None else config.default_state_dir()
+    path = path.expanduser()
+    target = None if args.har in (None, "-") else Path(args.har).expanduser()
+    if target is not None and not target.parent.is_dir():
+        raise UsageError(f"--har: no directory {str(target.parent)!r}")
+    peer = _peer_key(path, args.peer) if args.peer is not None else None
+    try:
+        with ControlClient.connect(path) as gateway:
+            records, dropped = fetch_all(gateway.call, peer=peer, limit=args.limit)
+    except GatewayNotRunning as exc:
+        return _fail(str(exc), EXIT_NO_GATEWAY)
+    except ClientError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    except ControlError as exc:
+        return _fail(f"the gateway answered: {exc.message} ({exc.code})", EXIT_FAILURE)
+    if args.har is not None:
+        text = har.dumps(records, comment=f"{PROG} requests from {path}")
+        if target is None:
+            out.write(text)
+        else:
+            write_atomic(target, text.encode())  # 0600: headers may say more than they should
+        return 0
+    if args.json:
+        from unclaw_tui.control.requests import to_wire
+
+        for record in records:
+            out.write(json.dumps(to_wire(record)) + "\n")
+        return 0
+    _print_requests(records, out)
+    if dropped:
+        out.write(f"({dropped} older requests no longer kept by the gateway)\n")
+    return 0
+
+
+def _print_requests(records: list[Any], out: TextIO) -> None:
+    headers = ("TIME", "PEER", "PROTO", "METHOD", "URL", "STATUS", "SIZE", "MS")
+    cells = []
+    for r in records:
+        proto = "grpc" if r.grpc and r.protocol == "h2" else r.protocol
+        status = "-" if r.status is None else str(r.status)
+        if r.grpc_status is not None:
+            status += f" grpc {r.grpc_status}"
+        elif r.error:
+            status += f" ({r.error})"
+        cells.append((
+            time.strftime("%H:%M:%S", time.localtime(r.started_at)), r.peer, proto, r.method,
+            f"{r.authority}{r.path}"[:80], status, _human_bytes(r.response_bytes),
+            f"{r.done_ms:.0f}",
+        ))  # fmt: skip
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(headers)]
+    for line in (headers, *cells):
+        out.write("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() + "\n")
+
+
 def _prepare_run(args: argparse.Namespace) -> tuple[config.Settings, Callable[[], None]]:
     """Create/validate the state dir and identity; the settings, and what saves the explicit
     ones: called once the gateway has started, so a start that fails (the port is in use)
@@ -577,6 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_ca(args, sys.stdout)
         elif args.command == "status":
             return _cmd_status(args, sys.stdout)
+        elif args.command == "requests":
+            return _cmd_requests(args, sys.stdout)
         else:
             return PEER_COMMANDS[args.peer_command](args, sys.stdout)
     except (UsageError, StateError, ValueError) as exc:

@@ -16,6 +16,7 @@ from unclaw_tui import version
 from unclaw_tui.budget import DescriptorBudget, raise_descriptor_limit
 from unclaw_tui.bus import EventBus, Subscription
 from unclaw_tui.config import Settings
+from unclaw_tui.control.requests import register as register_requests
 from unclaw_tui.control.server import ControlServer
 from unclaw_tui.control.status import status
 from unclaw_tui.decision import DecisionPoint, Moment, Question
@@ -157,6 +158,17 @@ class GatewayProtocol(Protocol):
         rule made (None for once).  KeyError if no such prompt is open (answered or timed out
         already), ValueError for a bad value."""
 
+    # --- requests seen inside intercepted TLS (issue 15) ------------------------------------
+
+    def requests(self, limit: int | None = None, peer: str | None = None) -> list[RequestRecord]:
+        """The most recent requests (at most `limit`), oldest first, secret header values
+        masked; `peer` (a public key, base64) keeps one peer's.  Each has an `id`."""
+
+    def reveal(self, request_id: int, where: str, index: int) -> str | None:
+        """The original value of a masked header of a request still kept: `where` is
+        "request", "response" or "trailers", `index` the header's place in that list.  None
+        if that header was not masked; KeyError if the request is no longer kept."""
+
 
 # --- the real gateway --------------------------------------------------------------------
 
@@ -237,6 +249,7 @@ class Gateway:
         self.control.register(
             "status", lambda params: status(self.snapshot(), version(), time.time())
         )
+        register_requests(self.control, self.request_log)
         await self.control.start()
         try:
             await self._start_tunnel()
@@ -335,6 +348,12 @@ class Gateway:
         """The most recent requests seen inside intercepted TLS, oldest first (secrets masked
         in their fields); `peer` (a public key, base64) keeps one peer's."""
         return self.request_log.recent(limit, peer)
+
+    def reveal(self, request_id: int, where: str, index: int) -> str | None:
+        record = self.request_log.get(request_id)
+        if record is None:
+            raise KeyError(f"request {request_id} is no longer kept")
+        return record.reveal(where, index)
 
     def snapshot(self) -> GatewaySnapshot:
         tunnel = self._tunnel

@@ -29,6 +29,7 @@ from unclaw_tui.gateway import GatewaySnapshot, PeerSnapshot
 
 if TYPE_CHECKING:
     from unclaw_tui.gateway import Gateway
+    from unclaw_tui.services.requests import RequestRecord
 
 T = TypeVar("T")
 
@@ -151,6 +152,18 @@ class ThreadedGateway:
 
     def client_config(self, name: str) -> str:
         return self._command(lambda gw: gw.client_config(name))
+
+    def requests(self, limit: int | None = None, peer: str | None = None) -> list[RequestRecord]:
+        # Read straight from the ring (it has its own lock): no trip to the gateway's thread,
+        # so a console refreshing its Requests pane never waits behind the event loop.
+        gateway = self._gateway
+        return [] if gateway is None else gateway.request_log.recent(limit, peer)
+
+    def reveal(self, request_id: int, where: str, index: int) -> str | None:
+        gateway = self._gateway
+        if gateway is None:
+            raise KeyError(f"request {request_id} is no longer kept")
+        return gateway.reveal(request_id, where, index)
 
     def _command(self, fn: Callable[[Gateway], T]) -> T:
         loop = self._loop

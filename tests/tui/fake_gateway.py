@@ -15,6 +15,8 @@ from tests.helpers import FakeClock
 from unclaw_tui import events as ev
 from unclaw_tui.bus import EventBus, Subscription
 from unclaw_tui.gateway import GatewaySnapshot, PeerSnapshot
+from unclaw_tui.services.requests import RequestLog, RequestRecord, keep_headers
+from unclaw_tui.services.websocket import WebSocketSummary
 from unclaw_tui.widgets.model import PeersModel
 
 # 2026-01-01 12:00:00 UTC: every rendered time derives from this in tests.
@@ -43,6 +45,7 @@ class FakeGateway:
         self.started_at = self.clock() - 3723.0  # up 01:02:03
         self._network = ipaddress.IPv4Network("10.77.0.0/16")
         self._next_host = 2
+        self.request_log = RequestLog()  # what requests() answers; see demo_requests
 
     # -- lifecycle (the real Gateway has these too) --------------------------------------
 
@@ -120,6 +123,16 @@ class FakeGateway:
             "Endpoint = 203.0.113.10:51820\n"
             "PersistentKeepalive = 25\n"
         )
+
+    def requests(self, limit: int | None = None, peer: str | None = None) -> list[RequestRecord]:
+        return self.request_log.recent(limit, peer)
+
+    def reveal(self, request_id: int, where: str, index: int) -> str | None:
+        self.calls.append(("reveal", str(request_id), where, str(index)))
+        record = self.request_log.get(request_id)
+        if record is None:
+            raise KeyError(f"request {request_id} is no longer kept")
+        return record.reveal(where, index)
 
     # -- test helpers ------------------------------------------------------------------------
 
@@ -329,3 +342,152 @@ def seed_rates(model: PeersModel, gw: FakeGateway) -> None:
                 )
             )
         model.update(replace(final, peers=tuple(peers)), t)
+
+
+def demo_requests(gw: FakeGateway) -> list[RequestRecord]:
+    """Requests of the demo peers at fixed times, one of each kind: HTTP/1.1 with an
+    Authorization and cookies (masked; `reveal` gives them back), an HTTP/2 page, a failed
+    gRPC call, a WebSocket, a request without a response. Added to `gw.request_log`."""
+    now = gw.clock()
+    phone, laptop = gw.peers["phone"], gw.peers["laptop"]
+
+    def make(
+        peer: PeerSnapshot,
+        ago: float,
+        protocol: str,
+        method: str,
+        path: str,
+        req: list[tuple[str, str]],
+        res: list[tuple[str, str]],
+        **fields: object,
+    ) -> RequestRecord:
+        r = RequestRecord(
+            protocol=protocol,
+            method=method,
+            scheme="https",
+            authority=str(fields.pop("authority", "api.example.com")),
+            path=path,
+            peer=peer.name,
+            peer_public_key=peer.public_key,
+            started_at=now - ago,
+            **fields,
+        )  # type: ignore[arg-type]
+        r.request_headers, _ = keep_headers(req, r.secrets, "request")
+        r.response_headers, _ = keep_headers(res, r.secrets, "response")
+        gw.request_log.add(r)
+        return r
+
+    out = [
+        make(
+            phone,
+            40,
+            "http/1.1",
+            "GET",
+            "/v1/me?fields=name",
+            [
+                ("host", "api.example.com"),
+                ("authorization", "Bearer eyJhbGciOi.demo.token"),
+                ("cookie", "sid=1f2e3d; theme=dark"),
+                ("accept", "application/json"),
+            ],
+            [("content-type", "application/json"), ("set-cookie", "sid=9a8b7c; Path=/; Secure")],
+            conn_id=11,
+            status=200,
+            response_bytes=512,
+            sent_ms=0.4,
+            first_byte_ms=38.2,
+            done_ms=39.0,
+        ),
+        make(
+            laptop,
+            30,
+            "h2",
+            "GET",
+            "/",
+            [
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":authority", "www.example.org"),
+                (":path", "/"),
+                ("user-agent", "curl/8.5.0"),
+            ],
+            [(":status", "200"), ("content-type", "text/html")],
+            authority="www.example.org",
+            conn_id=12,
+            stream_id=1,
+            status=200,
+            response_bytes=48_213,
+            sent_ms=0.1,
+            first_byte_ms=61.5,
+            done_ms=140.2,
+        ),
+        make(
+            laptop,
+            20,
+            "h2",
+            "POST",
+            "/shop.Cart/Add",
+            [
+                (":method", "POST"),
+                (":path", "/shop.Cart/Add"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ],
+            [(":status", "200"), ("content-type", "application/grpc")],
+            authority="grpc.example.net",
+            conn_id=13,
+            stream_id=3,
+            status=200,
+            request_bytes=21,
+            response_bytes=0,
+            grpc_status=5,
+            grpc_message="no such item",
+            sent_ms=0.2,
+            first_byte_ms=9.9,
+            done_ms=10.1,
+        ),
+        make(
+            phone,
+            15,
+            "ws",
+            "GET",
+            "/live",
+            [
+                ("host", "chat.example.com"),
+                ("upgrade", "websocket"),
+                ("connection", "Upgrade"),
+                ("sec-websocket-version", "13"),
+            ],
+            [("upgrade", "websocket"), ("connection", "Upgrade")],
+            authority="chat.example.com",
+            conn_id=14,
+            status=101,
+            first_byte_ms=22.0,
+            done_ms=22.0,
+        ),
+        make(
+            phone,
+            5,
+            "http/1.1",
+            "POST",
+            "/upload",
+            [("host", "api.example.com")],
+            [],
+            conn_id=15,
+            request_bytes=1_000_000,
+            error="no response",
+            done_ms=5000.0,
+        ),
+    ]
+    out[2].response_trailers = (("grpc-status", "5"), ("grpc-message", "no such item"))
+    out[3].websocket = WebSocketSummary(
+        messages_up=12,
+        messages_down=30,
+        bytes_up=1_024,
+        bytes_down=20_480,
+        close_code=1000,
+        close_reason="bye",
+        closed_by="peer",
+        duration_ms=14_000.0,
+    )
+    return out

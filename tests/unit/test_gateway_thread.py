@@ -70,3 +70,38 @@ async def test_a_start_failure_is_reported_to_the_caller(tmp_path: Path) -> None
     with pytest.raises(Exception, match="state"):
         await gateway.start()
     await gateway.stop()
+
+
+async def test_requests_and_reveal_from_the_console_thread(tmp_path: Path) -> None:
+    """The console's Requests pane: the ring read from another thread, a masked header's
+    value given back on request, KeyError once the request has left the ring."""
+    from unclaw_tui.services.requests import RequestRecord, keep_headers
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = config.Settings(
+        state_dir=tmp_path / "state", listen_port=port, endpoint=f"127.0.0.1:{port}"
+    )
+    gateway = ThreadedGateway(settings, snapshot_interval=0.05)
+    assert gateway.requests() == []  # not started: nothing, no error
+    await gateway.start()
+    try:
+        log = gateway.gateway.request_log
+        log.max_records = 3
+        for i in range(5):
+            r = RequestRecord(protocol="h2", method="GET", scheme="https", authority="a.test",
+                              path=f"/{i}", peer_public_key="k" if i % 2 else "other")  # fmt: skip
+            r.request_headers, _ = keep_headers(
+                [("authorization", f"Bearer token-{i}")], r.secrets, "request"
+            )
+            log.add(r)
+        assert [r.path for r in gateway.requests()] == ["/2", "/3", "/4"]
+        assert [r.id for r in gateway.requests(limit=1, peer="k")] == [4]
+        assert gateway.requests()[0].request_headers == (("authorization", "Bearer •••"),)
+        assert gateway.reveal(3, "request", 0) == "Bearer token-2"
+        assert gateway.reveal(3, "response", 0) is None
+        with pytest.raises(KeyError):
+            gateway.reveal(1, "request", 0)  # gone from the ring
+    finally:
+        await gateway.stop()
