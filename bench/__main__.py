@@ -12,6 +12,7 @@ Parts (each also runs alone: `python -m bench.<part> --help`):
     conns       new TCP connections/s with 1 KiB request/response, p50/p99  (bench.conns)
     dns         DNS latency through the tunnel, cached and cold             (bench.dns)
     tls         intercepted HTTPS vs passthrough: requests/s, handshake     (bench.tls)
+    h2          intercepted HTTP/2 vs passthrough vs HTTP/1.1; memory/stream (bench.h2)
     cmem        C core bytes per idle connection and per idle peer          (bench.cmem)
     scale       1,000 peers (300 handshaking) and 10,000 idle connections   (bench.scale)
     tui         throughput with the TUI running vs --no-ui                  (bench.tui)
@@ -33,7 +34,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from bench import cmem, conns, dns, isolation, policy, scale, soak, throughput, tls, tui
+from bench import cmem, conns, dns, h2, isolation, policy, scale, soak, throughput, tls, tui
 from bench.common import (
     RESULTS_DIR,
     Figure,
@@ -51,6 +52,8 @@ PARTS: dict[str, tuple[str, Callable[[], list[Figure]]]] = {
     "conns": ("New TCP connections per second", lambda: conns.run(rounds=3, seconds=5)),
     "dns": ("DNS latency through the tunnel", lambda: dns.run(rounds=3, count=300)),
     "tls": ("TLS: intercepted vs passthrough", lambda: tls.run(rounds=3, seconds=4)),
+    "h2": ("HTTP/2: intercepted vs passthrough vs HTTP/1.1; memory per open stream",
+           lambda: h2.run(rounds=3, seconds=5)),
     "cmem": ("C core memory per idle connection and peer",
              lambda: cmem.run(conns=10_000, peers=1_000)),
     "scale": ("Scale: 1,000 peers, 10,000 idle connections",
