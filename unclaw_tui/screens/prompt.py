@@ -116,9 +116,7 @@ class PromptScreen(ModalScreen[bool]):
             yield Static("", id="prompt-choices")
             yield Label("", id="error")
             yield Label(
-                "a/d choose · 1-5 how long · p/h/o scope · enter answers · "
-                "←/→ other prompts · escape later (w reopens)",
-                classes="hint",
+                "enter answers · ←/→ other prompts · escape: later (w reopens)", classes="hint"
             )
 
     def on_mount(self) -> None:
@@ -193,15 +191,15 @@ class PromptScreen(ModalScreen[bool]):
                 text.append(f" {key} ", style="bold").append(f"{label} ")
             text.append(" ")
 
-        text.append("Access  ", style="dim")
+        text.append("Access ", style="dim")
         option("a", "allow", self.access == "allow")
         option("d", "deny", self.access == "deny")
         if self.access is None:
             text.append("← choose", style="yellow")
-        text.append("\nFor     ", style="dim")
+        text.append("\nFor    ", style="dim")
         for key, word, label in DURATIONS:
             option(key, label, self.duration == word)
-        text.append("\nScope   ", style="dim")
+        text.append("\nScope  ", style="dim")
         domain = domain_of(prompt)
         target = prompt.hostname or prompt.dst_ip
         option("p", f"port {prompt.dst_port}/{prompt.proto}", self.scope == "port")
