@@ -109,6 +109,14 @@ def _dns_server(text: str) -> tuple[str, int]:
     return host, 53 if port is None else port
 
 
+def _rule_target(text: str) -> Any:
+    """A rule's TARGET (policy.parse_target); an IPv6 address may come in brackets."""
+    stripped = text.strip()
+    if stripped.startswith("[") and stripped.endswith("]"):
+        stripped = stripped[1:-1]
+    return parse_target(stripped)
+
+
 def _host_glob(text: str) -> str:
     pattern = text.strip().lower().rstrip(".")
     if not pattern or any(c.isspace() or c in "/:@" for c in pattern):
@@ -240,10 +248,11 @@ OPTIONS = (
          "for --policy ask: the answer when nobody answers in time (default deny)",
          choices=PEER_FALLBACKS, metavar="allow|deny"),
     _opt("action", ("rule add",), "allow, deny (access) or intercept, passthrough (TLS mode)",
-         choices=tuple(Action), type=str.lower, metavar="allow|deny|intercept|passthrough"),
+         choices=tuple(a.value for a in Action), type=str.lower,
+         metavar="allow|deny|intercept|passthrough"),
     _opt("target", ("rule add",),
          "a hostname, a glob like '*.example.com', an IP or a CIDR",
-         type=_checked(parse_target), metavar="TARGET"),
+         type=_checked(_rule_target), metavar="TARGET"),
     _opt("--peer", ("rule add",), "only for this peer (a name or a public key; default: all)",
          type=_checked(parse_who), metavar="NAME"),
     _opt("--port", ("rule add",), "only this port or range (default: any)",
@@ -402,13 +411,13 @@ def _policy_text(policy: str, fallback: str) -> str:
 
 def _print_table(rows: list[dict[str, Any]], out: TextIO) -> None:
     now = time.time()
-    headers = ("NAME", "IP", "POLICY", "PUBLIC KEY", "ENDPOINT", "HANDSHAKE", "RX", "TX")
+    headers = ("NAME", "IP", "PUBLIC KEY", "POLICY", "ENDPOINT", "HANDSHAKE", "RX", "TX")
     cells = [
         (
             row["name"],
             row["ip"],
-            _policy_text(row["policy"], row["fallback"]),
             row["public_key"],
+            _policy_text(row["policy"], row["fallback"]),
             row["endpoint"] or "-",
             _ago(row["last_handshake"], now),
             _human_bytes(row["rx_bytes"]),
