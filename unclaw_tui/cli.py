@@ -527,8 +527,9 @@ def _cmd_peer_remove(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_ca(args: argparse.Namespace, out: TextIO) -> int:
     """The TLS interception CA, made in the state dir if it has none yet."""
     from unclaw_tui.services.ca import CertificateAuthority  # cryptography: only on demand
+    from unclaw_tui.services.ca_page import url_for
 
-    path, existing, explicit, _settings = _prepare(args)
+    path, existing, explicit, settings = _prepare(args)
     state = existing or StateDir(path)
     _persist(state, explicit)
     ca = CertificateAuthority.load_or_create(state.path)  # a CAError is a StateError
@@ -539,6 +540,8 @@ def _cmd_ca(args: argparse.Namespace, out: TextIO) -> int:
     out.write(ca.cert_pem.decode("ascii"))
     # The PEM alone on stdout (so `unclaw-tui ca > ca.pem` works); where it lives on stderr.
     sys.stderr.write(f"# {ca.cert_path}\n")
+    page = url_for(str(settings.gateway_ip))
+    sys.stderr.write(f"# devices connected to the gateway can fetch it from {page}\n")
     return 0
 
 

@@ -187,7 +187,8 @@ class Gateway:
         self._peers_signature: tuple[int, int, int] = (0, 0, 0)
         self._tasks: list[asyncio.Task[None]] = []
         self.control: ControlServer | None = None  # control.sock, served from start() on
-        self.router = Router()  # DNS and TLS routes are enabled as those services land
+        # DNS, TLS and the CA page's routes are enabled as those services land.
+        self.router = Router(gateway_ip=str(settings.gateway_ip))
         self.policy = EgressPolicy(
             allow=[str(n) for n in settings.allow],
             deny=[str(n) for n in settings.deny],
@@ -525,9 +526,10 @@ class Gateway:
         if verdict.refusal is not None:
             flow.refuse(verdict.refusal)
             return
-        # Every route but DNS (answered here) takes a host socket: the relay's, TLS's upstream,
-        # a VIP's real address. Counted before any is made, refused past the peer's share.
-        if verdict.route is not Route.DNS:
+        # Every route but DNS and the CA page (answered here) takes a host socket: the relay's,
+        # TLS's upstream, a VIP's real address. Counted before any is made, refused past the
+        # peer's share.
+        if verdict.route not in (Route.DNS, Route.PAGE):
             why = self.flows.hold_descriptor(flow)
             if why is not None:
                 flow.refuse(why)
