@@ -26,6 +26,7 @@ unknown names, rules and prompts with `not_found`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -216,7 +217,7 @@ def rule_remove(gateway: GatewayProtocol, params: dict[str, Any]) -> dict[str, A
     return rule_doc(gateway.remove_rule(rule_id, by=_by(params)))
 
 
-def rule_test(gateway: GatewayProtocol, params: dict[str, Any]) -> dict[str, Any]:
+async def rule_test(gateway: GatewayProtocol, params: dict[str, Any]) -> dict[str, Any]:
     peer = _find_peer(gateway, _text(params, "peer") or "")
     port = params.get("port")
     if port is not None:
@@ -228,10 +229,14 @@ def rule_test(gateway: GatewayProtocol, params: dict[str, Any]) -> dict[str, Any
         proto=_text(params, "proto", "tcp") or "tcp",
     )
     # The gateway's own rule set (file, this run's once/restart rules, the flags'), judged by
-    # the same Policy.decide: built anew per question, which costs a CLI's patience, not a
-    # flow's.
-    policy = Policy(view.rule for view in gateway.rules())
-    return verdict_for(policy, peer, query, time.time())
+    # the same Policy.decide, on a Policy built for the question: 0.2 s for 10,000 rules, so
+    # in a thread, where the event loop gets the GIL back every few milliseconds.
+    rules = [view.rule for view in gateway.rules()]
+    return await asyncio.to_thread(_judge, rules, peer, query, time.time())
+
+
+def _judge(rules: list[Rule], peer: PeerSnapshot, query: FlowQuery, now: float) -> dict[str, Any]:
+    return verdict_for(Policy(rules), peer, query, now)
 
 
 def prompts_list(gateway: GatewayProtocol, params: dict[str, Any]) -> dict[str, Any]:
