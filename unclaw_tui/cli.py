@@ -2,8 +2,9 @@
 
 Every user error prints one line `unclaw-tui: error: <reason>` on stderr and exits 2 with
 nothing written: arguments are validated before the state dir is created or touched.  A
-command that asks a running gateway (`status`) exits 3 when none runs on the state dir, and 1
-when the gateway answers with an error or not at all.
+command that asks a running gateway (`status`, `prompts`, `decide`, `rule add --for
+once|restart`) exits 3 when none runs on the state dir, and 1 when the gateway answers with an
+error or not at all; `rule remove` of an unknown rule exits 1 too.
 """
 
 from __future__ import annotations
