@@ -691,6 +691,8 @@ def _probe_summary(
         f"{prefix}ok_p50_ms": ok_pct["p50_ms"],
         f"{prefix}ok_p99_ms": ok_pct["p99_ms"],
         f"{prefix}max_ms": max(every) * 1000 if every else None,
+        # Every probe's time (a failure as `timeout`), so rounds of one figure can be pooled.
+        f"{prefix}samples_ms": [round(x * 1000, 3) for x in every],
     }
 
 

@@ -6,6 +6,7 @@ through to the relay, so DNS and TLS can land later without any caller deciding 
 
 TCP destination                      | route
 -------------------------------------|------
+the gateway's tunnel address, 80     | PAGE (the CA page, services/ca_page.py)
 any IP, port 443 or 8443             | TLS (SNI; a VIP's hostname is known even without SNI)
 any IP, port 53                      | DNS over TCP
 a VIP (the VIP net), any other port  | VIP (per-hostname handler)
@@ -33,6 +34,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 TLS_PORTS = frozenset({443, 8443})
 DNS_PORT = 53
+PAGE_PORT = 80
 
 _DEFAULT_VIP_NETWORK = ipaddress.ip_network(VIP_NETWORK)
 
@@ -44,6 +46,7 @@ class Route(StrEnum):
     DNS = "dns"
     VIP = "vip"
     RELAY = "relay"
+    PAGE = "page"
 
 
 @functools.lru_cache(maxsize=4096)  # per connection otherwise: parsing is not free
@@ -61,12 +64,15 @@ def route(
     *,
     vip_hostname: str | None = None,
     vip_network: IPNetwork = _DEFAULT_VIP_NETWORK,
+    gateway_ip: str | None = None,
 ) -> Route:
     """The handler for a flow to dst_ip:dst_port (the table of the module docstring).
     `vip_hostname` is the VIP map's hostname for dst_ip when the caller looked it up: a mapped
     address is a VIP even outside `vip_network` (a map kept from a run with another VIP net)."""
     if proto not in ("tcp", "udp"):
         raise ValueError(f"unknown protocol {proto!r}")
+    if proto == "tcp" and dst_port == PAGE_PORT and dst_ip == gateway_ip:
+        return Route.PAGE
     if proto == "tcp" and dst_port in TLS_PORTS:
         return Route.TLS
     if dst_port == DNS_PORT:
@@ -84,9 +90,11 @@ class Router:
         enabled: Iterable[Route] = (Route.RELAY,),
         *,
         vip_network: IPNetwork | str = _DEFAULT_VIP_NETWORK,
+        gateway_ip: str | None = None,
     ) -> None:
         self.enabled: frozenset[Route] = frozenset(enabled) | {Route.RELAY}
         self.vip_network: IPNetwork = ipaddress.ip_network(vip_network)
+        self.gateway_ip = gateway_ip  # the tunnel address the CA page is served on
 
     def enable(self, *routes: Route) -> None:
         self.enabled = self.enabled | set(routes)
@@ -95,6 +103,11 @@ class Router:
         self, proto: Proto, dst_ip: str, dst_port: int, *, vip_hostname: str | None = None
     ) -> Route:
         chosen = route(
-            proto, dst_ip, dst_port, vip_hostname=vip_hostname, vip_network=self.vip_network
+            proto,
+            dst_ip,
+            dst_port,
+            vip_hostname=vip_hostname,
+            vip_network=self.vip_network,
+            gateway_ip=self.gateway_ip,
         )
         return chosen if chosen in self.enabled else Route.RELAY

@@ -72,7 +72,7 @@ def test_enable_later_and_relay_always_on() -> None:
 
 
 def test_route_values_are_the_event_strings() -> None:
-    assert [str(r) for r in Route] == ["tls", "dns", "vip", "relay"]
+    assert [str(r) for r in Route] == ["tls", "dns", "vip", "relay", "page"]
 
 
 def test_vip_network_is_configurable_and_a_known_hostname_marks_a_vip() -> None:

@@ -6,6 +6,7 @@ rules.py      the Rule, its file form, precedence, built-in rules from the flags
 index.py      the matching index (hosts by suffix, CIDRs by prefix length)
 matcher.py    Policy.decide -> Verdict, denies_name; the order, as a table
 domains.py    the registrable domain (packaged Public Suffix List) for a `domain` scope
+prompts.py    the prompt book: first contacts of `ask` peers, held until answered or timed out
 hits.py       hit counts, written apart from the rules
 store.py      rules.json and rule-hits.json in the state dir
 """
@@ -14,6 +15,15 @@ from unclaw_tui.policy.domains import domain_scope, registrable_domain
 from unclaw_tui.policy.durations import Duration, Lifetime, parse_duration
 from unclaw_tui.policy.hits import HitLog
 from unclaw_tui.policy.matcher import Access, Mode, Policy, Verdict
+from unclaw_tui.policy.prompts import (
+    Answered,
+    Asked,
+    Prompt,
+    PromptBook,
+    PromptKey,
+    PromptNotOpen,
+    Scope,
+)
 from unclaw_tui.policy.rules import (
     DEFAULT_RULE,
     EVERY_PEER,
@@ -32,6 +42,8 @@ __all__ = [
     "EVERY_PEER",
     "Access",
     "Action",
+    "Answered",
+    "Asked",
     "Dimension",
     "Duration",
     "HitLog",
@@ -39,11 +51,16 @@ __all__ = [
     "Mode",
     "Policy",
     "Ports",
+    "Prompt",
+    "PromptBook",
+    "PromptKey",
+    "PromptNotOpen",
     "Proto",
     "Reload",
     "Rule",
     "RuleStore",
     "RulesFileError",
+    "Scope",
     "Target",
     "TargetKind",
     "Verdict",
