@@ -10,7 +10,7 @@ from tests.tui.fake_gateway import FakeGateway, fake_key
 from tests.tui.screen_text import screen_text
 from unclaw_tui import events as ev
 from unclaw_tui.app import UnclawApp
-from unclaw_tui.policy import Lifetime
+from unclaw_tui.policy import Lifetime, make_rule
 from unclaw_tui.screens.confirm_remove import ConfirmScreen
 from unclaw_tui.screens.dashboard import DashboardScreen
 from unclaw_tui.screens.peer_policy import PeerPolicyScreen
@@ -203,6 +203,24 @@ async def test_rules_screen_lists_rules_with_hits_and_expiry(gateway: FakeGatewa
         assert table.cell_text("r2", "until") == "expired"
         await pilot.press("escape")
         assert isinstance(app.screen, DashboardScreen)
+
+
+async def test_a_long_rule_list_goes_in_by_chunks(gateway: FakeGateway) -> None:
+    now = gateway.clock()
+    for i in range(1_500):
+        gateway.put_rule(make_rule("deny", f"h{i}.example.com", now=now, rule_id=f"x{i}"))
+    app = make_app(gateway)
+    async with app.run_test(size=BIG) as pilot:
+        await pilot.pause()
+        screen = RulesScreen(gateway, gateway.clock)  # type: ignore[arg-type]
+        await app.push_screen(screen)
+        table = screen.table
+        assert 0 < table.row_count < 1_504  # a first screenful at once, not all
+        gateway.remove_rule("x1400")  # a change while the rest goes in
+        screen.refresh_rules()
+        await until(lambda: table.row_count == 1_503, "every rule", timeout=20)
+        assert table.shown_keys() == [view.rule.id for view in gateway.rules()]
+        assert "Rules: 1503 (1 built-in" in screen_text(app)
 
 
 async def test_rules_screen_removes_a_rule_after_asking(gateway: FakeGateway) -> None:
