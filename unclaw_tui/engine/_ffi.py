@@ -23,6 +23,9 @@ from unclaw_tui.engine._wgstack_cffi import ffi, lib
 from unclaw_tui.engine.outcomes import CloseReason, SpliceOutcome
 
 Endpoint = tuple[str, int]  # (host, port); IPv6 host without brackets
+# Our side of an endpoint: (the local address a datagram arrived on, its interface index), to
+# send the answers from; None: the kernel picks (see wg_endpoint in _wgstack.h).
+Local = tuple[str, int]
 
 EV_HANDSHAKE_PACKET: int = lib.WG_EV_HANDSHAKE_PACKET
 EV_NEED_HANDSHAKE: int = lib.WG_EV_NEED_HANDSHAKE
@@ -134,6 +137,7 @@ class EngineEvent:
     arg: int
     src: Endpoint | None
     data: bytes
+    local: Local | None = None  # where src's datagram arrived; answers leave from there
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +153,7 @@ class PeerStats:
     has_current: bool
     staged: int
     udp_share_drops: int = 0  # UDP datagrams refused: the peer held its share of the queue
+    local: Local | None = None  # our address the peer last wrote to
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +235,7 @@ def _peer_stats(out: Any) -> PeerStats:
         has_current=bool(out.has_current),
         staged=out.staged,
         udp_share_drops=out.udp_share_drops,
+        local=_local_from_c(out.endpoint),
     )
 
 
@@ -266,8 +272,8 @@ def _parse_endpoint(
     return addr, port
 
 
-def _endpoint_to_c(endpoint: Endpoint, out: Any) -> Any:
-    """Fill the `wg_endpoint *` out, and return it."""
+def _endpoint_to_c(endpoint: Endpoint, out: Any, local: Local | None = None) -> Any:
+    """Fill the `wg_endpoint *` out (with our side, local, when known), and return it."""
     addr, port = _parse_endpoint(endpoint, "endpoint")
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped  # the engine reports v4-mapped sources as IPv4 too
@@ -275,7 +281,31 @@ def _endpoint_to_c(endpoint: Endpoint, out: Any) -> Any:
     packed = addr.packed
     out.addr[0 : len(packed)] = packed
     out.port = port
+    out.local[0:16] = bytes(16)
+    out.ifindex = 0
+    if local is not None:
+        try:
+            laddr = ipaddress.ip_address(local[0])
+            ifindex = _u32(local[1], "ifindex")
+        except (TypeError, ValueError, IndexError) as exc:
+            raise EngineError(EINVAL, f"bad local address {local!r}") from exc
+        if isinstance(laddr, ipaddress.IPv6Address) and laddr.ipv4_mapped is not None:
+            laddr = laddr.ipv4_mapped
+        if laddr.version != addr.version:
+            raise EngineError(EINVAL, f"local address {local!r} is not of {endpoint!r}'s family")
+        out.local[0 : len(laddr.packed)] = laddr.packed
+        out.ifindex = ifindex
     return out
+
+
+def _local_from_c(ep: Any) -> Local | None:
+    size = {4: 4, 6: 16}.get(ep.family)
+    if size is None:
+        return None
+    packed = bytes(ep.local[0:size])
+    if not any(packed):
+        return None
+    return str(ipaddress.ip_address(packed)), int(ep.ifindex)
 
 
 def _endpoint_from_c(ep: Any) -> Endpoint | None:
@@ -517,8 +547,12 @@ class Engine:
         packed = net.network_address.packed
         self._peer_call(lib.wg_peer_add_allowed_ip, peer_id, net.version, packed, net.prefixlen)
 
-    def peer_set_endpoint(self, peer_id: int, endpoint: Endpoint) -> None:
-        self._peer_call(lib.wg_peer_set_endpoint, peer_id, _endpoint_to_c(endpoint, self._endpoint))
+    def peer_set_endpoint(
+        self, peer_id: int, endpoint: Endpoint, local: Local | None = None
+    ) -> None:
+        """Without local, an unchanged endpoint keeps the local side its packets taught C."""
+        ep = _endpoint_to_c(endpoint, self._endpoint, local)
+        self._peer_call(lib.wg_peer_set_endpoint, peer_id, ep)
 
     def install_keypair(
         self,
@@ -569,15 +603,18 @@ class Engine:
 
     # The sans-IO core
 
-    def input(self, data: bytes, src: Endpoint, now: float) -> None:
+    def input(self, data: bytes, src: Endpoint, now: float, local: Local | None = None) -> None:
         if not isinstance(data, bytes):
             raise EngineError(EINVAL, "data must be bytes")  # the batch path is io_recv
-        self._call(lib.wg_input, data, len(data), _endpoint_to_c(src, self._endpoint), now)
+        ep = _endpoint_to_c(src, self._endpoint, local)
+        self._call(lib.wg_input, data, len(data), ep, now)
 
-    def send_raw(self, data: bytes, dst: Endpoint) -> None:
+    def send_raw(self, data: bytes, dst: Endpoint, local: Local | None = None) -> None:
+        """Queue data for dst, leaving from our address local (None: the kernel picks)."""
         if not isinstance(data, bytes) or not data:
             raise EngineError(EINVAL, "data must be non-empty bytes")
-        self._call(lib.wg_send_raw, data, len(data), _endpoint_to_c(dst, self._endpoint))
+        ep = _endpoint_to_c(dst, self._endpoint, local)
+        self._call(lib.wg_send_raw, data, len(data), ep)
 
     def send_inner(self, packet: bytes, now: float) -> None:
         if not isinstance(packet, bytes) or not packet:
@@ -614,12 +651,23 @@ class Engine:
             out.append((ffi.buffer(buf, n)[:], endpoint))
         return out
 
+    def outputs_local(self) -> list[tuple[bytes, Endpoint, Local | None]]:
+        """outputs(), each with the local address it is to leave from."""
+        e, buf, dst = self._e, self._out_buf, self._out_dst
+        out: list[tuple[bytes, Endpoint, Local | None]] = []
+        while (n := _check(lib.wg_next_output(e, buf, _OUTPUT_BUF_SIZE, dst), "outputs")) > 0:
+            endpoint = _endpoint_from_c(dst)
+            assert endpoint is not None
+            out.append((ffi.buffer(buf, n)[:], endpoint, _local_from_c(dst)))
+        return out
+
     def events(self) -> list[EngineEvent]:
         e, ev = self._e, self._event
         out: list[EngineEvent] = []
         while lib.wg_next_event(e, ev):
             data = ffi.buffer(ev.data, ev.len)[:]
-            out.append(EngineEvent(ev.type, ev.peer_id, ev.arg, _endpoint_from_c(ev.src), data))
+            src, local = _endpoint_from_c(ev.src), _local_from_c(ev.src)
+            out.append(EngineEvent(ev.type, ev.peer_id, ev.arg, src, data, local))
         return out
 
     def drop_counts(self) -> dict[str, int]:

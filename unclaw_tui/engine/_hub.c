@@ -29,6 +29,9 @@
 #include <sys/uio.h>
 
 #define IO_BATCH 64
+/* Room for one IP_PKTINFO or IPV6_PKTINFO (the larger), with a spare: a datagram's ancillary
+ * data; a cmsg that does not fit is cut off (MSG_CTRUNC) and only costs the local address. */
+#define IO_CMSG_SPACE (CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(struct in_pktinfo)))
 #define IO_RX_BUF_SIZE 65536u /* a whole UDP datagram, so nothing is silently truncated */
 #define ICMP_DEST_UNREACHABLE 3
 
@@ -504,7 +507,78 @@ int wg_io_attach(wg_engine *e, int fd, int family) {
     }
     e->io_fd = fd;
     e->io_family = family;
+    /* Learn each datagram's local address, to answer from it.  Best effort: without it replies
+     * leave from the address the route picks, as before. */
+    int on = 1;
+    if (family == 4) {
+        (void)setsockopt(fd, IPPROTO_IP, IP_PKTINFO, &on, sizeof on);
+    } else {
+        /* IPv4 datagrams on the dual-stack socket come with a v4-mapped IPV6_PKTINFO */
+        (void)setsockopt(fd, IPPROTO_IPV6, IPV6_RECVPKTINFO, &on, sizeof on);
+    }
     return 0;
+}
+
+static const uint8_t v4mapped_prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+
+/* ep's local side from a received datagram's ancillary data (IP_PKTINFO / IPV6_PKTINFO). */
+static void endpoint_local_from_cmsg(struct msghdr *mh, wg_endpoint *ep) {
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c)) {
+        if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO && ep->family == 4 &&
+            c->cmsg_len >= CMSG_LEN(sizeof(struct in_pktinfo))) {
+            struct in_pktinfo pi;
+            memcpy(&pi, CMSG_DATA(c), sizeof pi);
+            memcpy(ep->local, &pi.ipi_addr, 4);
+            ep->ifindex = (uint32_t)pi.ipi_ifindex;
+            return;
+        }
+        if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO &&
+            c->cmsg_len >= CMSG_LEN(sizeof(struct in6_pktinfo))) {
+            struct in6_pktinfo pi;
+            memcpy(&pi, CMSG_DATA(c), sizeof pi);
+            const uint8_t *a = (const uint8_t *)&pi.ipi6_addr;
+            bool mapped = !memcmp(a, v4mapped_prefix, 12);
+            if ((ep->family == 4) != mapped) return; /* does not match the source's family */
+            memcpy(ep->local, mapped ? a + 12 : a, mapped ? 4 : 16);
+            ep->ifindex = pi.ipi6_ifindex;
+            return;
+        }
+    }
+}
+
+/* The ancillary data that makes a datagram to dst leave from dst's local side: writes it at
+ * buf (IO_CMSG_SPACE bytes, aligned) and returns its length; 0 when the kernel is to pick. */
+static size_t endpoint_local_to_cmsg(const wg_engine *e, const wg_endpoint *dst, uint8_t *buf) {
+    static const uint8_t zero[16];
+    size_t alen = wire_addr_len(dst->family);
+    if (memcmp(dst->local, zero, alen) == 0) return 0;
+    struct msghdr mh = {.msg_control = buf, .msg_controllen = IO_CMSG_SPACE};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    memset(buf, 0, IO_CMSG_SPACE);
+    if (e->io_family == 4) {
+        struct in_pktinfo pi = {0};
+        memcpy(&pi.ipi_spec_dst, dst->local, 4); /* the source; routing still picks the way */
+        c->cmsg_level = IPPROTO_IP;
+        c->cmsg_type = IP_PKTINFO;
+        c->cmsg_len = CMSG_LEN(sizeof pi);
+        memcpy(CMSG_DATA(c), &pi, sizeof pi);
+        return CMSG_SPACE(sizeof pi);
+    }
+    struct in6_pktinfo pi = {0};
+    uint8_t *a = (uint8_t *)&pi.ipi6_addr;
+    if (dst->family == 4) {
+        memcpy(a, v4mapped_prefix, 12);
+        memcpy(a + 12, dst->local, 4);
+    } else {
+        memcpy(a, dst->local, 16);
+        /* a link-local source is only meaningful on its own link */
+        if (a[0] == 0xfe && (a[1] & 0xc0) == 0x80) pi.ipi6_ifindex = dst->ifindex;
+    }
+    c->cmsg_level = IPPROTO_IPV6;
+    c->cmsg_type = IPV6_PKTINFO;
+    c->cmsg_len = CMSG_LEN(sizeof pi);
+    memcpy(CMSG_DATA(c), &pi, sizeof pi);
+    return CMSG_SPACE(sizeof pi);
 }
 
 static bool sockaddr_to_endpoint(const struct sockaddr_storage *ss, wg_endpoint *ep) {
@@ -569,10 +643,12 @@ int wg_io_flush(wg_engine *e) {
         struct mmsghdr msgs[IO_BATCH];
         struct iovec iov[IO_BATCH];
         struct sockaddr_storage addrs[IO_BATCH];
+        _Alignas(struct cmsghdr) uint8_t ctl[IO_BATCH][IO_CMSG_SPACE];
         unsigned n = 0;
         while (n < IO_BATCH && n < e->out_count) {
             uint32_t slot = (e->out_head + n) % OUTPUT_RING_SIZE;
-            socklen_t alen = endpoint_to_sockaddr(e, &e->out_meta[slot].dst, &addrs[n]);
+            const wg_endpoint *dst = &e->out_meta[slot].dst;
+            socklen_t alen = endpoint_to_sockaddr(e, dst, &addrs[n]);
             if (!alen) break;
             iov[n].iov_base = e->out_bufs + (size_t)slot * e->out_slot_size;
             iov[n].iov_len = e->out_meta[slot].len;
@@ -581,6 +657,11 @@ int wg_io_flush(wg_engine *e) {
             msgs[n].msg_hdr.msg_namelen = alen;
             msgs[n].msg_hdr.msg_iov = &iov[n];
             msgs[n].msg_hdr.msg_iovlen = 1;
+            size_t clen = endpoint_local_to_cmsg(e, dst, ctl[n]);
+            if (clen) {
+                msgs[n].msg_hdr.msg_control = ctl[n];
+                msgs[n].msg_hdr.msg_controllen = clen;
+            }
             n++;
         }
         if (n == 0) { /* the head datagram's address is unusable on this socket */
@@ -592,6 +673,13 @@ int wg_io_flush(wg_engine *e) {
         if (r < 0) {
             if (errno == EINTR) continue;
             if (errno_is_again(errno)) break;
+            wg_endpoint *head = &e->out_meta[e->out_head].dst;
+            if ((errno == EINVAL || errno == EADDRNOTAVAIL) && memcmp(head->local, (uint8_t[16]){0}, 16)) {
+                /* our address went away (or moved): send it from whatever the route picks */
+                memset(head->local, 0, sizeof head->local);
+                head->ifindex = 0;
+                continue;
+            }
             count_drop(e, WG_DROP_SEND_ERROR);
             output_pop(e);
             continue;
@@ -611,6 +699,7 @@ int wg_io_recv(wg_engine *e, double now, int max_datagrams) {
         struct mmsghdr msgs[IO_BATCH];
         struct iovec iov[IO_BATCH];
         struct sockaddr_storage addrs[IO_BATCH];
+        _Alignas(struct cmsghdr) uint8_t ctl[IO_BATCH][IO_CMSG_SPACE];
         unsigned want = (unsigned)(max_datagrams - total < IO_BATCH ? max_datagrams - total : IO_BATCH);
         for (unsigned i = 0; i < want; i++) {
             iov[i].iov_base = e->io_rx_bufs + (size_t)i * IO_RX_BUF_SIZE;
@@ -620,6 +709,8 @@ int wg_io_recv(wg_engine *e, double now, int max_datagrams) {
             msgs[i].msg_hdr.msg_namelen = sizeof addrs[i];
             msgs[i].msg_hdr.msg_iov = &iov[i];
             msgs[i].msg_hdr.msg_iovlen = 1;
+            msgs[i].msg_hdr.msg_control = ctl[i];
+            msgs[i].msg_hdr.msg_controllen = IO_CMSG_SPACE;
         }
         int r = recvmmsg(e->io_fd, msgs, want, MSG_DONTWAIT, NULL);
         if (r < 0) {
@@ -633,6 +724,7 @@ int wg_io_recv(wg_engine *e, double now, int max_datagrams) {
                 continue;
             }
             if (!sockaddr_to_endpoint(&addrs[i], &src)) continue;
+            endpoint_local_from_cmsg(&msgs[i].msg_hdr, &src);
             wg_input(e, iov[i].iov_base, msgs[i].msg_len, &src, now);
         }
         total += r;

@@ -106,6 +106,17 @@ static bool endpoint_equal(const wg_endpoint *a, const wg_endpoint *b) {
     return memcmp(a->addr, b->addr, wire_addr_len(a->family)) == 0;
 }
 
+/* Our side of two endpoints is the same (the remote sides are compared by endpoint_equal). */
+static bool endpoint_local_equal(const wg_endpoint *a, const wg_endpoint *b) {
+    return a->ifindex == b->ifindex && memcmp(a->local, b->local, wire_addr_len(a->family)) == 0;
+}
+
+static bool endpoint_has_local(const wg_endpoint *ep) {
+    static const uint8_t zero[16];
+    return (ep->family == 4 || ep->family == 6) &&
+           memcmp(ep->local, zero, wire_addr_len(ep->family)) != 0;
+}
+
 /* Copy only the meaningful bytes so endpoints compare and print the same way everywhere. */
 static void endpoint_copy(wg_endpoint *dst, const wg_endpoint *src) {
     memset(dst, 0, sizeof *dst);
@@ -113,6 +124,8 @@ static void endpoint_copy(wg_endpoint *dst, const wg_endpoint *src) {
     dst->family = src->family;
     dst->port = src->port;
     memcpy(dst->addr, src->addr, wire_addr_len(src->family));
+    memcpy(dst->local, src->local, wire_addr_len(src->family));
+    dst->ifindex = src->ifindex;
 }
 
 /* ---- Events ------------------------------------------------------------------------------- */
@@ -595,6 +608,9 @@ int wg_peer_set_endpoint(wg_engine *e, uint32_t peer_id, const wg_endpoint *ep) 
     peer *p = peer_get(e, peer_id);
     if (!p) return WG_ENOPEER;
     if (!ep || (ep->family != 0 && ep->family != 4 && ep->family != 6)) return WG_EINVAL;
+    /* The same remote side without a local one (the owner knew only the address): keep the
+     * local side the peer's packets taught us. */
+    if (!endpoint_has_local(ep) && endpoint_equal(&p->endpoint, ep)) return 0;
     endpoint_copy(&p->endpoint, ep);
     return 0;
 }
@@ -840,7 +856,10 @@ static int transport_input(wg_engine *e, const uint8_t *data, size_t len, const 
     /* Authenticated from here on. */
     uint32_t id = kp->peer_id;
     peer *p = &e->peers[id];
-    if (!endpoint_equal(&p->endpoint, src)) endpoint_changed(e, id, src);
+    if (!endpoint_equal(&p->endpoint, src))
+        endpoint_changed(e, id, src);
+    else if (!endpoint_local_equal(&p->endpoint, src))
+        endpoint_copy(&p->endpoint, src); /* the peer now writes to another of our addresses */
     p->rx_bytes += len;
     p->rx_packets++;
     p->last_rx = now;

@@ -63,11 +63,17 @@ typedef void (*wg_memzero_fn)(void *pnt, size_t len);
 #define WG_EMSGSIZE -7 /* a packet to build would exceed the tunnel MTU */
 #define WG_ENOMEM -8
 
-/* A UDP endpoint. family is 4 or 6 (0: none); addr holds 4 or 16 bytes in network order. */
+/* A UDP endpoint. family is 4 or 6 (0: none); addr holds 4 or 16 bytes in network order.
+ * local is our side of it, the address (same family) a datagram from it arrived on and the one
+ * a datagram to it leaves from (IP_PKTINFO / IPV6_PKTINFO, as the kernel's WireGuard and
+ * wireguard-go do: a client behind NAT or on a connected socket drops replies from another
+ * address); all zero: the kernel picks.  ifindex: the interface it arrived on (0: unknown). */
 typedef struct {
     uint8_t family;
     uint8_t addr[16];
     uint16_t port; /* host byte order */
+    uint8_t local[16];
+    uint32_t ifindex;
 } wg_endpoint;
 
 typedef struct {
