@@ -322,8 +322,22 @@ def _ipv4_str(addr: int) -> str:
 
 
 def _flow(c: Any) -> tuple[Endpoint, Endpoint]:
-    """(src, dst) of a C struct's IPv4 src_ip, src_port, dst_ip, dst_port."""
+    """(src, dst) of a C struct's src_ip, src_port, dst_ip, dst_port (IPv4), or of its
+    src_addr / dst_addr when it has a family and that is 6."""
+    if getattr(c, "family", 4) == 6:
+        src = str(ipaddress.IPv6Address(bytes(c.src_addr[0:16])))
+        dst = str(ipaddress.IPv6Address(bytes(c.dst_addr[0:16])))
+        return (src, c.src_port), (dst, c.dst_port)
     return (_ipv4_str(c.src_ip), c.src_port), (_ipv4_str(c.dst_ip), c.dst_port)
+
+
+def _addr_pair(a: Endpoint, b: Endpoint) -> tuple[int, bytes, int, bytes, int]:
+    """(family, a's packed address, a's port, b's, b's) of two endpoints of one family."""
+    a_addr, a_port = _parse_endpoint(a, "endpoint")
+    b_addr, b_port = _parse_endpoint(b, "endpoint")
+    if a_addr.version != b_addr.version:
+        raise EngineError(EINVAL, f"{a!r} and {b!r} are not of one family")
+    return a_addr.version, a_addr.packed, a_port, b_addr.packed, b_port
 
 
 def _ipv4_endpoint_to_c(endpoint: Endpoint, what: str) -> tuple[int, int]:
@@ -369,9 +383,11 @@ class Engine:
         tcp_max_conns: int = 0,
         tcp_max_conns_per_peer: int = 0,
         tcp_max_half_open_per_peer: int = 0,
+        tunnel_ip6: str | None = None,
     ) -> None:
         """TCP settings 0 take the engine's defaults (256 KiB buffers each way, 65536
-        connections, 4096 per peer, 256 half-open per peer)."""
+        connections, 4096 per peer, 256 half-open per peer).  tunnel_ip6: the gateway's IPv6
+        tunnel address (ICMPv6 echo to it is answered), None for none."""
         self._engine: Any = None
         self._worker: Any = None
         self._lock_owner: int | None = None
@@ -381,6 +397,11 @@ class Engine:
         cfg = ffi.new("wg_config *")
         cfg.tunnel_ip = ip
         cfg.tunnel_prefix_len = prefix_len
+        if tunnel_ip6 is not None:
+            try:
+                cfg.tunnel_ip6 = list(ipaddress.IPv6Address(tunnel_ip6).packed)
+            except ValueError as exc:
+                raise EngineError(EINVAL, f"bad tunnel_ip6 {tunnel_ip6!r}") from exc
         cfg.mtu = mtu
         cfg.max_peers = max_peers
         cfg.staged_per_peer = staged_per_peer
@@ -880,26 +901,31 @@ class Engine:
 
     def udp_send(self, src: Endpoint, dst: Endpoint, data: bytes, now: float) -> None:
         """A datagram to a peer: src = (the original destination ip, port), dst = (the peer's
-        tunnel ip, port).  EngineError(EMSGSIZE) when it would not fit in the MTU."""
-        src_ip, src_port = _ipv4_endpoint_to_c(src, "src")
-        dst_ip, dst_port = _ipv4_endpoint_to_c(dst, "dst")
+        tunnel ip, port), both IPv4 or both IPv6.  EngineError(EMSGSIZE) when it would not fit
+        in the MTU."""
+        family, src_addr, src_port, dst_addr, dst_port = _addr_pair(src, dst)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise EngineError(EINVAL, "data must be bytes")
         source = data if isinstance(data, bytes) else ffi.from_buffer(data)
-        self._call(lib.wg_udp_send, src_ip, src_port, dst_ip, dst_port, source, len(source), now)
+        self._call(
+            lib.wg_udp_send_addr,
+            family, src_addr, src_port, dst_addr, dst_port, source, len(source), now,
+        )  # fmt: skip
 
     def icmp_unreachable(
         self, peer: Endpoint, dst: Endpoint, proto: int, code: int, now: float
     ) -> None:
         """ICMP destination unreachable (code: ICMP_PORT_UNREACHABLE, ICMP_ADMIN_PROHIBITED,
         ICMP_HOST_UNREACHABLE...) to the peer's (ip, port), as if from dst, about its proto flow."""
-        peer_ip, peer_port = _ipv4_endpoint_to_c(peer, "peer")
-        dst_ip, dst_port = _ipv4_endpoint_to_c(dst, "dst")
+        family, peer_ip, peer_port, dst_ip, dst_port = _addr_pair(peer, dst)
         if not isinstance(proto, int) or not 0 <= proto < 256:
             raise EngineError(EINVAL, "proto must be 0..255")
         if not isinstance(code, int) or not 0 <= code < 16:
             raise EngineError(EINVAL, "code must be 0..15")
-        self._call(lib.wg_icmp_unreachable, peer_ip, peer_port, dst_ip, dst_port, proto, code, now)
+        self._call(
+            lib.wg_icmp_unreachable_addr,
+            family, peer_ip, peer_port, dst_ip, dst_port, proto, code, now,
+        )  # fmt: skip
 
     # The IO helper over a UDP socket Python owns
 

@@ -62,6 +62,7 @@ static const char *const drop_reason_names[WG_DROP__COUNT] = {
     [WG_DROP_UDP_TOO_LARGE] = "udp_too_large",
     [WG_DROP_UDP_PEER_SHARE] = "udp_peer_share",
     [WG_DROP_HANDSHAKE_FLOOD] = "handshake_flood",
+    [WG_DROP_IPV6_EXT] = "ipv6_ext",
 };
 
 /* ---- Fast relay: SYNs to approved destinations spliced without the owner ------------------ */
@@ -141,6 +142,7 @@ static bool fast_report_room(wg_engine *e) {
 static bool fast_relay_take(wg_engine *e, uint32_t conn_id) {
     tcp_conn_info info;
     if (tcp_get_info(e->tcp, conn_id, &info) != 0) return false;
+    if (info.family != 4) return false; /* approvals are of IPv4 destinations (yet) */
     if (!fast_relay_approved(e, info.peer_id, info.dst_ip, info.dst_port) ||
         !fast_relay_room(e, info.peer_id) || !fast_report_room(e))
         return false;
@@ -258,12 +260,15 @@ static bool ipv4_is_group(const wg_engine *e, uint32_t addr) {
 int hub_udp_input(wg_engine *e, uint32_t id, const wire_ip_repr *ip) {
     const uint8_t *udp = ip->payload;
     size_t udp_len = ip->payload_len >= 8 ? rd16be(udp + 4) : 0;
+    bool v6 = ip->family == 6;
     if (udp_len < 8 || udp_len > ip->payload_len || rd16be(udp + 2) == 0) return WG_DROP_BAD_IP;
+    if (v6 && rd16be(udp + 6) == 0) return WG_DROP_BAD_IP; /* IPv6 UDP must carry one (RFC 8200 8.1) */
     if (rd16be(udp + 6) != 0 && /* zero: no checksum (RFC 768) */
-        csum_finish(csum_add(wire_pseudo_sum(4, ip->src, ip->dst, ip->proto, udp_len), udp, udp_len)))
+        csum_finish(csum_add(wire_pseudo_sum(ip->family, ip->src, ip->dst, ip->proto, udp_len), udp, udp_len)))
         return WG_DROP_BAD_IP;
-    uint32_t dst = rd32be(ip->dst);
-    if (ipv4_is_group(e, dst)) return WG_DROP_UNHANDLED; /* mDNS, SSDP, broadcasts: no flow */
+    uint32_t dst = v6 ? 0 : rd32be(ip->dst);
+    /* mDNS, SSDP, broadcasts, IPv6 multicast: no flow */
+    if (v6 ? !wire_addr_unicast(6, ip->dst) : ipv4_is_group(e, dst)) return WG_DROP_UNHANDLED;
     uint32_t payload_len = (uint32_t)(udp_len - 8);
     if (e->udp_count == WG_UDP_QUEUE_MAX || payload_len > WG_UDP_ARENA_SIZE - e->udp_arena_used)
         return WG_DROP_UDP_OVERFLOW;
@@ -282,8 +287,13 @@ int hub_udp_input(wg_engine *e, uint32_t id, const wire_ip_repr *ip) {
     p->udp_bytes += payload_len;
     wg_udp_meta *m = &e->udp_meta[e->udp_count++];
     m->peer_id = (int32_t)id;
-    m->src_ip = rd32be(ip->src);
+    m->family = ip->family;
+    m->src_ip = v6 ? 0 : rd32be(ip->src);
     m->dst_ip = dst;
+    memset(m->src_addr, 0, sizeof m->src_addr);
+    memset(m->dst_addr, 0, sizeof m->dst_addr);
+    memcpy(m->src_addr, ip->src, wire_addr_len(ip->family));
+    memcpy(m->dst_addr, ip->dst, wire_addr_len(ip->family));
     m->src_port = rd16be(udp);
     m->dst_port = rd16be(udp + 2);
     m->offset = e->udp_arena_used;
@@ -317,25 +327,42 @@ int wg_udp_drain(wg_engine *e, wg_udp_meta *out, int max, const uint8_t **arena)
     return n;
 }
 
-int wg_udp_send(wg_engine *e, uint32_t src_ip, uint16_t src_port, uint32_t dst_ip,
-                uint16_t dst_port, const uint8_t *data, size_t len, double now) {
-    if (!data && len) return WG_EINVAL;
-    if (len > (size_t)e->cfg.mtu - 28) {
+/* An IPv6 packet the engine builds to the peer owning its destination. */
+static bool ipv6_send(wg_engine *e, wire_ip_repr *ip, uint8_t *pkt, double now) {
+    wire_ip_emit(ip, pkt);
+    return dp_route_send(e, 6, ip->dst, pkt, 40 + ip->payload_len, now);
+}
+
+int wg_udp_send_addr(wg_engine *e, uint8_t family, const uint8_t *src, uint16_t src_port,
+                     const uint8_t *dst, uint16_t dst_port, const uint8_t *data, size_t len,
+                     double now) {
+    if ((!data && len) || !src || !dst || (family != 4 && family != 6)) return WG_EINVAL;
+    size_t hlen = family == 4 ? 20 : 40;
+    if (len > (size_t)e->cfg.mtu - hlen - 8) {
         count_drop(e, WG_DROP_UDP_TOO_LARGE);
         return WG_EMSGSIZE;
     }
     e->now = now;
-    wire_ip_repr ip = wire_ipv4_repr(src_ip, dst_ip, WIRE_PROTO_UDP, 8 + len);
-    uint8_t *udp = e->tx_scratch + 20;
+    wire_ip_repr ip = wire_ip_repr_of(family, src, dst, WIRE_PROTO_UDP, 8 + len);
+    uint8_t *udp = e->tx_scratch + hlen;
     wr16be(udp, src_port);
     wr16be(udp + 2, dst_port);
     wr16be(udp + 4, (uint16_t)(8 + len));
     wr16be(udp + 6, 0);
     if (len) memcpy(udp + 8, data, len);
-    uint16_t sum = csum_finish(csum_add(wire_pseudo_sum(4, ip.src, ip.dst, WIRE_PROTO_UDP, 8 + len), udp, 8 + len));
+    uint16_t sum = csum_finish(csum_add(wire_pseudo_sum(family, ip.src, ip.dst, WIRE_PROTO_UDP, 8 + len), udp, 8 + len));
     wr16be(udp + 6, sum ? sum : 0xffff); /* a computed zero is sent as all ones (RFC 768) */
-    if (ipv4_send(e, &ip, e->tx_scratch, now)) e->stats.udp_tx++;
+    bool sent = family == 4 ? ipv4_send(e, &ip, e->tx_scratch, now) : ipv6_send(e, &ip, e->tx_scratch, now);
+    if (sent) e->stats.udp_tx++;
     return 0;
+}
+
+int wg_udp_send(wg_engine *e, uint32_t src_ip, uint16_t src_port, uint32_t dst_ip,
+                uint16_t dst_port, const uint8_t *data, size_t len, double now) {
+    uint8_t src[4], dst[4];
+    wr32be(src, src_ip);
+    wr32be(dst, dst_ip);
+    return wg_udp_send_addr(e, 4, src, src_port, dst, dst_port, data, len, now);
 }
 
 int wg_icmp_unreachable(wg_engine *e, uint32_t peer_ip, uint16_t peer_port, uint32_t dst_ip,
@@ -356,6 +383,42 @@ int wg_icmp_unreachable(wg_engine *e, uint32_t peer_ip, uint16_t peer_port, uint
     if (proto == WIRE_PROTO_UDP) wr16be(ports + 4, 8); /* length; checksum 0 = none */
     wr16be(icmp + 2, csum_finish(csum_add(0, icmp, 8 + 28)));
     if (ipv4_send(e, &ip, e->tx_scratch, now)) e->stats.icmp_unreachables++;
+    return 0;
+}
+
+#define ICMPV6_DEST_UNREACHABLE 1
+
+int wg_icmp_unreachable_addr(wg_engine *e, uint8_t family, const uint8_t *peer_ip,
+                             uint16_t peer_port, const uint8_t *dst_ip, uint16_t dst_port,
+                             uint8_t proto, uint8_t code, double now) {
+    if (!peer_ip || !dst_ip) return WG_EINVAL;
+    if (family == 4)
+        return wg_icmp_unreachable(e, rd32be(peer_ip), peer_port, rd32be(dst_ip), dst_port, proto,
+                                   code, now);
+    if (family != 6) return WG_EINVAL;
+    uint8_t code6; /* RFC 4443 3.1 for RFC 792's */
+    switch (code) {
+    case 3: code6 = 4; break;  /* port unreachable */
+    case 13: code6 = 1; break; /* administratively prohibited */
+    case 1: code6 = 3; break;  /* host / address unreachable */
+    default: return WG_EINVAL;
+    }
+    e->now = now;
+    size_t l4 = proto == WIRE_PROTO_TCP ? 20 : 8;
+    wire_ip_repr ip = wire_ip_repr_of(6, dst_ip, peer_ip, WIRE_PROTO_ICMPV6, 8 + 40 + l4);
+    uint8_t *icmp = e->tx_scratch + 40;
+    memset(icmp, 0, 8 + 40 + l4);
+    icmp[0] = ICMPV6_DEST_UNREACHABLE;
+    icmp[1] = code6;
+    /* The packet that "failed": the client's own, as it would have looked. */
+    wire_ip_repr orig = wire_ip_repr_of(6, peer_ip, dst_ip, proto, l4);
+    uint8_t *ports = icmp + 8 + wire_ip_emit(&orig, icmp + 8);
+    wr16be(ports, peer_port);
+    wr16be(ports + 2, dst_port);
+    if (proto == WIRE_PROTO_UDP) wr16be(ports + 4, 8);
+    uint32_t sum = wire_pseudo_sum(6, ip.src, ip.dst, WIRE_PROTO_ICMPV6, 8 + 40 + l4);
+    wr16be(icmp + 2, csum_finish(csum_add(sum, icmp, 8 + 40 + l4)));
+    if (ipv6_send(e, &ip, e->tx_scratch, now)) e->stats.icmp_unreachables++;
     return 0;
 }
 
