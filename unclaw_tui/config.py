@@ -25,6 +25,7 @@ DEFAULT_DNS_TCP_IDLE_TIMEOUT = 10.0
 # A peer that sent nothing, not even a handshake, for this long (3 x REJECT_AFTER_TIME: its
 # keys are gone too) has left: its flows end and give their descriptors back.
 DEFAULT_SILENT_PEER_AFTER = 540.0
+MAX_CAPTURE_BODIES = 16 * 1024 * 1024  # --capture-bodies: bytes kept per body at most
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -71,6 +72,9 @@ class Settings:
     # New connections to a destination the relay already accepted are relayed by the engine
     # without asking Python again, and reported afterwards (off: every SYN is decided in Python).
     fast_relay: bool = True
+    # Intercepted HTTP: keep the first this many bytes of each request and response body in
+    # the request record (0: none, only sizes).
+    capture_bodies: int = 0
 
     @property
     def gateway_ip(self) -> ipaddress.IPv4Address:

@@ -214,7 +214,9 @@ class TlsHost(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HttpRequest(Event):
-    """An HTTP request seen inside an intercepted TLS connection."""
+    """An HTTP request seen inside an intercepted TLS connection: an HTTP/1.x exchange or an
+    HTTP/2 stream. No header values (the request record in services/requests.py has them,
+    secrets masked)."""
 
     type: ClassVar[str] = "http_request"
     peer: str
@@ -226,6 +228,12 @@ class HttpRequest(Event):
     ms: float = 0.0
     conn_id: int | None = None  # the TCP connection it came on
     peer_public_key: str = ""
+    protocol: str = "http/1.1"  # or "h2"
+    stream_id: int | None = None  # HTTP/2: the client's stream id
+    request_bytes: int = 0  # request body bytes
+    grpc_status: int | None = None  # gRPC: from the trailers (or a trailers-only response)
+    grpc_message: str | None = None
+    error: str | None = None  # reset, refused, or cut short with its connection
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -16,6 +16,7 @@ from unclaw_tui import version
 from unclaw_tui.budget import DescriptorBudget, raise_descriptor_limit
 from unclaw_tui.bus import EventBus, Subscription
 from unclaw_tui.config import Settings
+from unclaw_tui.control.commands import register_policy_commands
 from unclaw_tui.control.server import ControlServer
 from unclaw_tui.control.status import status
 from unclaw_tui.decision import DecisionPoint, Moment, Question
@@ -51,6 +52,7 @@ from unclaw_tui.services import registry
 from unclaw_tui.services.base import Resolver
 from unclaw_tui.services.egress import EgressPolicy
 from unclaw_tui.services.relay import UdpRelay
+from unclaw_tui.services.requests import RequestLog, RequestRecord
 from unclaw_tui.services.upstream import UpstreamClient
 from unclaw_tui.state import COUNTERS, PeerRecord, PeerRuntime, StateDir
 from unclaw_tui.wgquick import client_config, format_endpoint, resolve_endpoint
@@ -197,6 +199,8 @@ class Gateway:
         self.decisions = DecisionPoint(self.router, self.policy)
         self.flows = FlowRegistry(self.publish, self.peer_name, buffer_size=settings.tcp_buffer)
         self.resolver: Resolver | None = None
+        # Requests seen inside intercepted TLS, the most recent (services/requests.py).
+        self.request_log = RequestLog()
         self._udp_relay = UdpRelay(
             self.flows,
             self.decisions,
@@ -227,13 +231,13 @@ class Gateway:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-
         s = self.settings
         # First: a second gateway on this state dir stops here, before it touches anything.
         self.control = ControlServer(s.state_dir, version())
         self.control.register(
             "status", lambda params: status(self.snapshot(), version(), time.time())
         )
+        register_policy_commands(self.control, self)
         await self.control.start()
         try:
             await self._start_tunnel()
@@ -327,6 +331,11 @@ class Gateway:
         return client_config(
             record, self.identity.public_key, self.endpoint, str(self.settings.gateway_ip)
         )
+
+    def requests(self, limit: int | None = None, peer: str | None = None) -> list[RequestRecord]:
+        """The most recent requests seen inside intercepted TLS, oldest first (secrets masked
+        in their fields); `peer` (a public key, base64) keeps one peer's."""
+        return self.request_log.recent(limit, peer)
 
     def snapshot(self) -> GatewaySnapshot:
         tunnel = self._tunnel

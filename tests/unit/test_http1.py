@@ -177,3 +177,25 @@ def test_any_bytes_never_raise(steps: list[tuple[str, bytes]]) -> None:
     obs = Http1Observer(max_head=512)
     feed_all(obs, steps)
     obs.close(5.0)
+
+
+def test_exchange_details_for_the_request_record() -> None:
+    obs = Http1Observer(default_host="example.test", capture_bodies=3)
+    assert (
+        obs.request_data(
+            b"POST /up HTTP/1.1\r\nHost: a.test\r\nAuthorization: Bearer x\r\nContent-Length: 5\r\n"
+            b"\r\nhello",
+            1.0,
+        )
+        == []
+    )
+    assert obs.response_data(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nab", 1.25) == []
+    (x,) = obs.response_data(b"cd", 1.5)
+    assert (x.status, x.request_bytes, x.bytes, x.sent_ms, x.first_byte_ms, x.ms) == (
+        201, 5, 4, 0.0, 250.0, 500.0,
+    )  # fmt: skip
+    assert x.request_headers == (
+        ("host", "a.test"), ("authorization", "Bearer x"), ("content-length", "5"),
+    )  # fmt: skip
+    assert x.response_headers == (("content-length", "4"),)
+    assert (x.request_body, x.response_body) == (b"hel", b"abc")

@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h2.events
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from h2.config import H2Configuration
+from h2.connection import H2Connection
 
 from tests.helpers import TEST_CA_NAME, Pki, make_pki, until
 from unclaw_tui.config import Settings
@@ -355,22 +358,36 @@ async def test_intercept_with_http_events(make_harness: Any, pki: Pki) -> None:
     h.check_flow_pairs()
 
 
-async def test_h2_is_relayed_without_http_events(make_harness: Any, pki: Pki) -> None:
+async def test_h2_to_a_destination_speaking_something_else_ends_with_a_reason(
+    make_harness: Any, pki: Pki
+) -> None:
+    """ALPN said h2 but the origin only echoes: its "frames" (our own preface) are malformed,
+    so the connection ends with GOAWAY and says why; the stream in flight is reported cut."""
     h: Harness = await make_harness()
     origin = await start_origin(pki.trusted, ["h2", "http/1.1"])
     h.dst = ("127.0.0.1", origin.port)
     reader, writer = await h.open(our_ca_context(h, ["h2", "http/1.1"]))
     assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
-    payload = os.urandom(300_000)
-    writer.write(payload)
-    echoed = await asyncio.wait_for(reader.readexactly(len(payload)), 10)
-    assert echoed == payload
+    conn = H2Connection(H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(
+        1,
+        [(":method", "GET"), (":scheme", "https"), (":authority", "example.test"), (":path", "/")],
+        end_stream=True,
+    )
+    writer.write(conn.data_to_send())
+    seen: list[Any] = []
+    while data := await asyncio.wait_for(reader.read(65536), 10):
+        seen += conn.receive_data(data)
     await close_writer(writer)
     await h.settle()
     origin.server.close()
-    assert origin.alpn_seen == ["h2"]
-    assert [e.alpn for e in h.gateway.of(TlsHost)] == ["h2"]
-    assert h.gateway.of(HttpRequest) == []
+    assert any(isinstance(e, h2.events.ConnectionTerminated) for e in seen)
+    (closed,) = h.gateway.of(TcpClosed)
+    assert closed.error.startswith("destination: h2 protocol error"), closed.error
+    (request,) = h.gateway.of(HttpRequest)
+    assert (request.protocol, request.stream_id, request.status) == ("h2", 1, None)
+    assert request.error == closed.error
     h.check_flow_pairs()
 
 

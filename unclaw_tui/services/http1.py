@@ -1,9 +1,10 @@
 """Sans-IO observer of HTTP/1.x inside a relayed connection: one `Exchange` per request.
 
 The relay feeds it the bytes going each way (`request_data`, `response_data`) with the time,
-and gets back the exchanges that completed: method, Host, path, status, response body bytes
-and milliseconds from the request head to the end of the response. Only heads, chunk-size
-lines and trailers are buffered, each bounded (`max_head`); bodies are counted, never kept.
+and gets back the exchanges that completed: method, Host, path, status, the headers both ways,
+body bytes both ways and the times (from the request head: request body sent, response head,
+response end). Only heads, chunk-size lines and trailers are buffered, each bounded
+(`max_head`); bodies are counted, and kept only up to `capture_bodies` bytes each.
 
 Framing follows RFC 9112 section 6: chunked, Content-Length, or (responses only) until the
 connection closes; HEAD requests and 1xx/204/304 responses have no body. Interim 1xx responses
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, auto
 
 DEFAULT_MAX_HEAD = 64 * 1024
@@ -32,6 +33,14 @@ class Exchange:
     status: int | None  # None when no response came
     bytes: int  # response body bytes
     ms: float
+    # The details, for the request record (left out of ==: the transcripts compare the above).
+    request_bytes: int = field(default=0, compare=False)
+    sent_ms: float | None = field(default=None, compare=False)  # the request's end went by
+    first_byte_ms: float | None = field(default=None, compare=False)  # the final head came
+    request_headers: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    response_headers: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    request_body: bytes | None = field(default=None, compare=False)  # first capture bytes
+    response_body: bytes | None = field(default=None, compare=False)
 
 
 # --- message framing ---------------------------------------------------------------------------
@@ -53,11 +62,13 @@ class _State(Enum):
 class _Head:
     start_line: str
     headers: dict[str, str]  # lower-case names; repeated names joined with ", "
+    pairs: tuple[tuple[str, str], ...] = ()  # as they came
 
 
 @dataclass(frozen=True, slots=True)
 class _End:
     body_bytes: int
+    captured: bytes | None = None
 
 
 class _Malformed(Exception):
@@ -68,12 +79,19 @@ class _Framer:
     """Splits one direction's bytes into message heads and ends. After yielding a `_Head` it
     waits for the caller to choose the body framing (`expect`, `stop`) before going on."""
 
-    def __init__(self, max_head: int) -> None:
+    def __init__(self, max_head: int, capture: int = 0) -> None:
         self.max_head = max_head
         self.state = _State.HEAD
         self.buf = bytearray()
         self.left = 0
         self.body = 0
+        self.capture = capture
+        self.captured = bytearray()
+
+    def _keep(self, data: bytes, start: int, end: int) -> None:
+        room = self.capture - len(self.captured)
+        if room > 0:
+            self.captured += data[start : min(end, start + room)]
 
     def expect(self, framing: _State, length: int = 0) -> None:
         """The body after a head: END_PENDING (none), BODY (`length` bytes), CHUNK_SIZE
@@ -92,8 +110,9 @@ class _Framer:
             yield self._end()
 
     def _end(self) -> _End:
-        end = _End(self.body)
+        end = _End(self.body, bytes(self.captured) if self.capture else None)
         self.body = 0
+        self.captured.clear()
         return end
 
     def feed(self, data: bytes) -> Iterator[_Head | _End]:
@@ -108,9 +127,11 @@ class _Framer:
                 continue
             if state is _State.UNTIL_CLOSE:
                 self.body += len(data) - pos
+                self._keep(data, pos, len(data))
                 return
             if state in (_State.BODY, _State.CHUNK_DATA):
                 n = min(self.left, len(data) - pos)
+                self._keep(data, pos, pos + n)
                 pos += n
                 self.left -= n
                 self.body += n
@@ -187,6 +208,7 @@ class _Framer:
 def _parse_head(raw: bytes) -> _Head:
     lines = raw.decode("latin-1").split("\r\n")  # latin-1 decodes any bytes
     headers: dict[str, str] = {}
+    pairs: list[tuple[str, str]] = []
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if not sep or not name or name != name.strip():
@@ -194,7 +216,8 @@ def _parse_head(raw: bytes) -> _Head:
         key = name.lower()
         value = value.strip()
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    return _Head(lines[0], headers)
+        pairs.append((key, value))
+    return _Head(lines[0], headers, tuple(pairs))
 
 
 def _content_length(headers: dict[str, str]) -> int | None:
@@ -224,16 +247,28 @@ class _Pending:
     host: str | None
     path: str
     started: float
+    headers: tuple[tuple[str, str], ...] = ()
     status: int | None = None
+    request_bytes: int = 0
+    sent: float | None = None
+    first_byte: float | None = None
+    response_headers: tuple[tuple[str, str], ...] = ()
+    request_body: bytes | None = None
 
 
 class Http1Observer:
     """Watches one connection's HTTP/1.x traffic (see the module docstring)."""
 
-    def __init__(self, *, default_host: str | None = None, max_head: int = DEFAULT_MAX_HEAD):
+    def __init__(
+        self,
+        *,
+        default_host: str | None = None,
+        max_head: int = DEFAULT_MAX_HEAD,
+        capture_bodies: int = 0,
+    ) -> None:
         self.default_host = default_host
-        self._requests = _Framer(max_head)
-        self._responses = _Framer(max_head)
+        self._requests = _Framer(max_head, capture_bodies)
+        self._responses = _Framer(max_head, capture_bodies)
         self._pending: deque[_Pending] = deque()
         self.active = True
         self.stopped_reason: str | None = None
@@ -247,6 +282,10 @@ class Http1Observer:
             for item in self._requests.feed(data):
                 if isinstance(item, _Head):
                     self._on_request_head(item, now)
+                elif self._pending:  # the request's end: the newest request is complete
+                    last = self._pending[-1]
+                    last.request_bytes, last.sent = item.body_bytes, now
+                    last.request_body = item.captured
         except _Malformed as exc:
             self._stop(f"request: {exc}")
         return []
@@ -294,7 +333,7 @@ class Http1Observer:
         if len(self._pending) >= MAX_PENDING:
             raise _Malformed("too many requests without a response")
         host = head.headers.get("host") or self.default_host
-        self._pending.append(_Pending(method, host, target[:MAX_PATH], now))
+        self._pending.append(_Pending(method, host, target[:MAX_PATH], now, head.pairs))
         if _is_chunked(head.headers):
             self._requests.expect(_State.CHUNK_SIZE)
         else:
@@ -318,6 +357,8 @@ class Http1Observer:
             self._responses.expect(_State.END_PENDING)  # interim: the real response follows
             return
         request.status = status
+        request.first_byte = now
+        request.response_headers = head.pairs
         headers = head.headers
         if request.method == "HEAD" or status in (204, 304):
             self._responses.expect(_State.END_PENDING)
@@ -335,7 +376,7 @@ class Http1Observer:
         if request.status is None:
             return  # the end of an interim response
         self._pending.popleft()
-        done.append(_exchange(request, request.status, end.body_bytes, now))
+        done.append(_exchange(request, request.status, end.body_bytes, now, end.captured))
 
     def _stop(self, reason: str) -> None:
         self.active = False
@@ -344,12 +385,25 @@ class Http1Observer:
         self._responses.stop()
 
 
-def _exchange(p: _Pending, status: int | None, body: int, now: float) -> Exchange:
+def _exchange(
+    p: _Pending, status: int | None, body: int, now: float, captured: bytes | None = None
+) -> Exchange:
     return Exchange(
         method=p.method,
         host=p.host,
         path=p.path,
         status=status,
         bytes=body,
-        ms=round(max(0.0, now - p.started) * 1000, 3),
+        ms=_ms(p.started, now),
+        request_bytes=p.request_bytes,
+        sent_ms=None if p.sent is None else _ms(p.started, p.sent),
+        first_byte_ms=None if p.first_byte is None else _ms(p.started, p.first_byte),
+        request_headers=p.headers,
+        response_headers=p.response_headers,
+        request_body=p.request_body,
+        response_body=captured,
     )
+
+
+def _ms(start: float, end: float) -> float:
+    return round(max(0.0, end - start) * 1000, 3)

@@ -24,8 +24,9 @@ Per connection (`TlsService.handle_tcp`):
    the protocol upstream chose, so both sides speak the same one. The client side runs on
    `ssl.SSLObject` over memory BIOs (`ClientTls`): the ClientHello already read is simply
    written into the incoming BIO first. Decrypted bytes are spliced both ways with
-   back-pressure; HTTP/1.x inside is watched by the sans-IO `Http1Observer` (one `http_request`
-   event per request, byte counts only), HTTP/2 is relayed without HTTP events.
+   back-pressure by `inspector.relay`: HTTP/2 through the sans-IO `H2Relay` (h2relay.py),
+   HTTP/1.x watched by the sans-IO `Http1Observer`; one `http_request` event and one request
+   record (requests.py) per request or stream.
 
 Events per connection: the flow's one `TcpOpened`/`TcpClosed` pair (route "tls", the
 hostname), opened once the ClientHello is in (or has failed), and one `TlsHost` with the outcome:
@@ -49,7 +50,6 @@ import logging
 import re
 import socket
 import ssl
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -57,22 +57,20 @@ from unclaw_tui.config import DEFAULT_HELLO_TIMEOUT
 from unclaw_tui.decision import Moment, Question
 from unclaw_tui.engine import describe_os_error, unb64
 from unclaw_tui.engine.outcomes import Refusal
-from unclaw_tui.events import HttpRequest, TlsHost
+from unclaw_tui.events import TlsHost
 from unclaw_tui.flow import Flow, PeerGone, carry
 from unclaw_tui.pump import (
     CLOSE_WAIT,
     DEFAULT_CONNECT_TIMEOUT,
     MIN_READ_SIZE,
     ConnectFailed,
-    Side,
     connect_socket,
     reset_host_connection,
 )
 from unclaw_tui.router import Route, is_vip
-from unclaw_tui.services import autopass, clienthello
+from unclaw_tui.services import autopass, clienthello, inspector
 from unclaw_tui.services.autopass import AutoPassthrough
 from unclaw_tui.services.ca import CertificateAuthority
-from unclaw_tui.services.http1 import Exchange, Http1Observer
 from unclaw_tui.state import StateError
 
 if TYPE_CHECKING:
@@ -89,7 +87,6 @@ CONNECT_TIMEOUT = DEFAULT_CONNECT_TIMEOUT  # upstream TCP connect plus TLS hands
 UPSTREAM_CONTEXTS = 32
 AUTO_PASSTHROUGH_SAVE_INTERVAL = 1.0  # seconds between writes of the list
 READ_SIZE = MIN_READ_SIZE
-HTTP1_ALPN = (None, "http/1.1", "http/1.0")
 
 # OpenSSL's names for the alerts a client sends when it does not trust our certificate.
 _REJECTION_ALERTS = {
@@ -256,19 +253,6 @@ class _UpstreamWriter:
     async def wait_closed(self) -> None:
         with contextlib.suppress(ssl.SSLError):
             await self.writer.wait_closed()
-
-
-class _Tap:
-    """A reader that shows every chunk (and the EOF, as b"") to a callback on its way."""
-
-    def __init__(self, inner: Any, on_data: Callable[[bytes], object]) -> None:
-        self.inner = inner
-        self.on_data = on_data
-
-    async def read(self, n: int = READ_SIZE) -> bytes:
-        data: bytes = await self.inner.read(n)
-        self.on_data(data)
-        return data
 
 
 def _tls_event(
@@ -602,50 +586,10 @@ class TlsService:
             await _close_client(writer, flow)
             return
         _tls_event(self.gateway, flow, sni, "intercepted", alpn=alpn)
-        peer_reader: Any = client
-        host_reader: Any = up_reader
-        observer: Http1Observer | None = None
-        if alpn in HTTP1_ALPN:
-            observer = watch = Http1Observer(default_host=hostname or flow.dst_ip)
-
-            def from_upstream(data: bytes) -> None:
-                now = time.monotonic()
-                self._publish_http(
-                    flow, watch.response_data(data, now) if data else watch.response_eof(now)
-                )
-
-            peer_reader = _Tap(client, lambda data: watch.request_data(data, time.monotonic()))
-            host_reader = _Tap(up_reader, from_upstream)
-        try:
-            await flow.pump(
-                Side("peer", peer_reader, cast(asyncio.StreamWriter, client), flow.abort),
-                Side(
-                    "destination",
-                    host_reader,
-                    cast(asyncio.StreamWriter, _UpstreamWriter(up_writer)),
-                    lambda: reset_host_connection(up_writer),
-                ),
-                read_size=READ_SIZE,
-            )
-        finally:
-            if observer is not None:
-                self._publish_http(flow, observer.close(time.monotonic()))
-
-    def _publish_http(self, flow: Flow, exchanges: list[Exchange]) -> None:
-        for x in exchanges:
-            self.gateway.publish(
-                HttpRequest(
-                    peer=flow.peer,
-                    method=x.method,
-                    host=x.host or "",
-                    path=x.path,
-                    status=x.status,
-                    bytes=x.bytes,
-                    ms=x.ms,
-                    conn_id=flow.conn_id,
-                    peer_public_key=flow.peer_public_key,
-                )
-            )
+        # HTTP/2, HTTP/1.x or other: relayed and its requests reported by the inspector.
+        await inspector.relay(
+            self.gateway, flow, alpn, server_name, client, up_reader, _UpstreamWriter(up_writer)
+        )
 
 
 def _client_rejection(exc: BaseException, sent_certificate: bool) -> str | None:
