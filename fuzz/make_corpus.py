@@ -53,6 +53,9 @@ def inner(packet: bytes, flags: int = 0) -> bytes:
     return bytes([1, flags]) + u16(len(packet)) + packet
 
 
+_OVER_IPV6 = False  # conversations() again with every segment over IPv6 (see main)
+
+
 def tcpseg(
     tflags: int,
     *,
@@ -66,7 +69,7 @@ def tcpseg(
     v6: bool = False,
     bad_checksum: bool = False,
 ) -> bytes:
-    flags = peer | (2 if v6 else 0) | (4 if bad_checksum else 0)
+    flags = peer | (2 if v6 or _OVER_IPV6 else 0) | (4 if bad_checksum else 0)
     return (
         bytes([2, flags, flow, tflags])
         + struct.pack("<hhH", seq, ack, win)
@@ -239,6 +242,18 @@ def inner_packets() -> Iterator[tuple[str, bytes]]:
     yield "ipv6_icmp_echo", ipv6(2, gw6, 58, b"\x80\0\0\0\0\1\0\1ping")
     yield "ipv6_hop_by_hop", ipv6(2, out6, 0, b"\x06\0" + bytes(6) + tcp_syn6)
     yield "ipv6_short", ipv6(2, out6, 17, b"")[:30]
+    udp6 = struct.pack("!HHHH", 40000, 53, 8 + len(DNS_QUERY), 0) + DNS_QUERY
+    dest_opts = b"\x11\0" + bytes(6)  # next: UDP
+    yield "ipv6_dest_options", ipv6(2, out6, 60, dest_opts + udp6)
+    yield "ipv6_routing_then_options", ipv6(2, out6, 43, b"\x3c\0" + bytes(6) + dest_opts + udp6)
+    yield "ipv6_ext_chain_long", ipv6(2, out6, 60, (b"\x3c\0" + bytes(6)) * 9 + dest_opts + udp6)
+    yield "ipv6_hop_by_hop_late", ipv6(2, out6, 60, b"\x00\0" + bytes(6) + dest_opts + udp6)
+    yield "ipv6_ext_truncated", ipv6(2, out6, 60, b"\x11\x08" + bytes(6))
+    yield "ipv6_fragment", ipv6(2, out6, 44, b"\x11\0\0\x01" + bytes(4) + udp6)
+    yield "ipv6_atomic_fragment", ipv6(2, out6, 44, b"\x11\0\0\0" + bytes(4) + udp6)
+    yield "ipv6_no_next_header", ipv6(2, out6, 59, b"")
+    yield "ipv6_udp_multicast", ipv6(2, bytes([0xFF, 2]) + bytes(13) + b"\xfb", 17, udp6)
+    yield "ipv6_echo_elsewhere", ipv6(2, out6, 58, b"\x80\0\0\0\0\1\0\1ping")
     yield (
         "ipv6_plen_long",
         ipv6(2, out6, 17, bytes(8))[:4] + b"\x05\xdc" + ipv6(2, out6, 17, bytes(8))[6:],
@@ -555,6 +570,10 @@ def main() -> None:
         seeds.append(("inner_" + name, inner(packet)))
         seeds.append(("inner_fixed_" + name, inner(packet, flags=2)))
     seeds.extend(conversations())
+    global _OVER_IPV6
+    _OVER_IPV6 = True  # everything the fuzzer reaches over IPv4, over IPv6 too
+    seeds.extend(("v6_" + name, data) for name, data in conversations())
+    _OVER_IPV6 = False
     seeds.extend(sessions())
     seeds.extend(splices())
     write(CORPUS, seeds)

@@ -256,6 +256,10 @@ static fz_flow *flow_find(fz_state *st, uint32_t peer_id, uint32_t server_ip, ui
     return free_slot;
 }
 
+/* A flow's server key for an IPv6 server address fd77::N (N = 1..4, from the flow bits):
+ * IPv4 flows key on the server's address, IPv6 ones on this. */
+static uint32_t server6_key(const uint8_t *addr) { return 0x60000000u | addr[15]; }
+
 static void learn_output(fz_state *st, const uint8_t *msg, size_t len) {
     if (len < 32 || rdle32(msg) != 4) return;
     uint32_t remote = rdle32(msg + 4);
@@ -270,17 +274,20 @@ static void learn_output(fz_state *st, const uint8_t *msg, size_t len) {
         if (crypto_aead_chacha20poly1305_ietf_decrypt(plain, &plen, NULL, msg + 16, len - 16, NULL,
                                                       0, nonce, kp->send_key) != 0)
             __builtin_trap(); /* the engine sent something its own keys do not open */
-        if (plen < 40 || plain[0] != 0x45 || plain[9] != 6) return;
-        const uint8_t *tcp = plain + 20;
-        size_t total = get16(plain + 2);
-        if (total > plen || total < 40) return;
+        bool v6 = plen >= 60 && plain[0] >> 4 == 6 && plain[6] == 6;
+        if (!v6 && (plen < 40 || plain[0] != 0x45 || plain[9] != 6)) return;
+        size_t iphl = v6 ? 40 : 20;
+        const uint8_t *tcp = plain + iphl;
+        size_t total = v6 ? 40 + (size_t)get16(plain + 4) : get16(plain + 2);
+        if (total > plen || total < iphl + 20) return;
         size_t doff = (size_t)(tcp[12] >> 4) * 4;
-        if (doff < 20 || 20 + doff > total) return;
-        fz_flow *f = flow_find(st, kp->peer_id, get32(plain + 12), get16(tcp), get16(tcp + 2), true);
+        if (doff < 20 || iphl + doff > total) return;
+        uint32_t server = v6 ? server6_key(plain + 8) : get32(plain + 12);
+        fz_flow *f = flow_find(st, kp->peer_id, server, get16(tcp), get16(tcp + 2), true);
         if (!f) return;
         uint8_t fl = tcp[13];
         uint32_t seq = get32(tcp + 4);
-        f->their_next = seq + (uint32_t)(total - 20 - doff) + !!(fl & 2) + !!(fl & 1);
+        f->their_next = seq + (uint32_t)(total - iphl - doff) + !!(fl & 2) + !!(fl & 1);
         if (fl & 0x10) f->their_ack = get32(tcp + 8);
         f->known = !(fl & 4);
         return;
@@ -415,6 +422,8 @@ static void op_tcpseg(fz_state *st, reader *r) {
     uint32_t server_ip = server_ips[(flow >> 2) & 3];
     uint16_t server_port = server_ports[(flow >> 4) & 3];
     if (flow & 0x40) server_ip = LOOPBACK, server_port = host_port[0];
+    uint8_t server6[16] = {0xfd, 0x77, [15] = (uint8_t)(1 + ((flow >> 2) & 3))};
+    if (v6) server_ip = server6_key(server6); /* fd77::1 (the gateway) .. fd77::4 */
     fz_flow *f = flow_find(st, peer_id, server_ip, server_port, client_port, false);
     uint32_t base_seq = 1000, base_ack = 0;
     if (f && f->known) base_seq = f->their_ack, base_ack = f->their_next;
@@ -440,7 +449,7 @@ static void op_tcpseg(fz_state *st, reader *r) {
         pkt[6] = 6;
         pkt[7] = 64;
         memcpy(pkt + 8, peer_ip6[peer_id], 16);
-        pkt[24] = 0xfd, pkt[25] = 0x77, pkt[39] = 1;
+        memcpy(pkt + 24, server6, 16);
     } else {
         pkt[0] = 0x45;
         put16(pkt + 2, (uint16_t)(20 + tcplen));
@@ -591,6 +600,7 @@ static fz_state *state_new(void) {
     wg_config cfg = {
         .tunnel_ip = TUNNEL_IP,
         .tunnel_prefix_len = 24,
+        .tunnel_ip6 = {0xfd, 0x77, [15] = 1},
         .mtu = 1420,
         .max_peers = NPEERS + 1,
         .staged_per_peer = 8,

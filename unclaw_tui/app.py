@@ -6,6 +6,11 @@ second, and a worker takes subscribed events in batches straight from the subscr
 one buffer between the gateway and the console; what it drops is counted and shown in the
 status bar) into the model, then announces them with a collapsing `EventsArrived` message; the
 panes then update only the rows that changed.
+
+Policy (issue 14): prompts queue in the model from their events (and from `gateway.prompts()`
+when a snapshot's count disagrees, e.g. after dropped events); a new one pops the prompt screen
+over the dashboard unless the operator said "later"; the status bar counts them.  Rules,
+answers and peer policies go through the gateway's API, as the CLI's do.
 """
 
 from __future__ import annotations
@@ -30,12 +35,17 @@ from unclaw_tui.screens.add_peer import AddPeerScreen
 from unclaw_tui.screens.confirm_remove import ConfirmRemoveScreen
 from unclaw_tui.screens.dashboard import DashboardScreen
 from unclaw_tui.screens.help import HelpScreen
+from unclaw_tui.screens.peer_policy import PeerPolicyScreen
 from unclaw_tui.screens.peer_qr import PeerQrScreen
+from unclaw_tui.screens.prompt import PromptScreen, headline
+from unclaw_tui.screens.rule_form import RuleDraft, RuleFormScreen, draft_from_row
+from unclaw_tui.screens.rules import RulesScreen
 from unclaw_tui.widgets.filter_bar import FilterBar
 from unclaw_tui.widgets.live_table import LiveTable
 from unclaw_tui.widgets.messages import EventsArrived, PeerCreated, PeerDeleted, SnapshotTaken
 from unclaw_tui.widgets.model import ConsoleModel
 from unclaw_tui.widgets.peers_table import PeersTable
+from unclaw_tui.widgets.rules_table import describe_rule
 
 if TYPE_CHECKING:
     from unclaw_tui import config
@@ -49,7 +59,16 @@ EVENT_INTERVAL = 0.05
 FILTER_DEBOUNCE_S = 0.15
 # Events that change the peer list or its counters: take a snapshot now rather than later.
 PEER_EVENTS = (ev.PeerAdded, ev.PeerRemoved, ev.PeerHandshake, ev.PeerEndpointChanged)
-DASHBOARD_ACTIONS = {"add_peer", "remove_peer", "filter", "toggle_scope", "toggle_pause"}
+DASHBOARD_ACTIONS = {
+    "add_peer",
+    "remove_peer",
+    "filter",
+    "toggle_scope",
+    "toggle_pause",
+    "rules",
+    "rule_from_row",
+    "peer_policy",
+}
 
 
 class UnclawApp(App[int]):
@@ -62,6 +81,10 @@ class UnclawApp(App[int]):
         Binding("slash", "filter", "Filter"),
         Binding("c", "toggle_scope", "Conns scope"),
         Binding("p", "toggle_pause", "Pause"),
+        Binding("r", "rules", "Rules"),
+        Binding("n", "rule_from_row", "New rule"),
+        Binding("e", "peer_policy", "Policy"),
+        Binding("w", "prompts", "Prompts"),
         Binding("t", "toggle_dark", "Theme", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
@@ -98,6 +121,10 @@ class UnclawApp(App[int]):
         self._filter_target: LiveTable[Any] | None = None
         self._filter_timer: Timer | None = None
         self._scope_timer: Timer | None = None
+        # Prompts: how many had opened when last looked, and whether the operator said
+        # "later" (no pop-ups then until the queue empties or `w`).
+        self._prompts_seen = 0
+        self._prompts_later = False
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -162,11 +189,16 @@ class UnclawApp(App[int]):
     def _apply(self, events: Iterable[ev.Event]) -> None:
         peers_changed = False
         model = self.model
+        prompts, rules = model.prompts.version, model.rules_version
         for event in events:
             model.apply(event)
             peers_changed = peers_changed or isinstance(event, PEER_EVENTS)
         if peers_changed and self.is_running:
             self.take_snapshot()
+        if model.prompts.version != prompts and self.is_running:
+            self.call_later(self._prompts_changed)
+        if model.rules_version != rules and self.is_running:
+            self.call_later(self._rules_changed)
 
     def inject_events(self, events: Iterable[ev.Event]) -> None:
         """Feed events as if they came from the subscription (used by tests and demos)."""
@@ -184,6 +216,8 @@ class UnclawApp(App[int]):
         self.model.connections.live_bytes(message.snapshot.flow_bytes)
         self.model.connections.prune(now)
         self.dashboard.refresh_panes(now, live=not self.paused)
+        if message.snapshot.prompts_open != len(self.model.prompts):
+            self._sync_prompts()
         self._show_status(now)
 
     @on(EventsArrived)
@@ -202,7 +236,10 @@ class UnclawApp(App[int]):
     # -- actions -------------------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        # Dashboard keys do nothing (and are hidden) while a dialog or the QR screen is up.
+        # Dashboard keys do nothing (and are hidden) while a dialog or the QR screen is up;
+        # the prompt queue opens from the dashboard and the Rules screen.
+        if action == "prompts":
+            return isinstance(self.screen, DashboardScreen | RulesScreen)
         return action not in DASHBOARD_ACTIONS or isinstance(self.screen, DashboardScreen)
 
     def action_add_peer(self) -> None:
@@ -254,7 +291,9 @@ class UnclawApp(App[int]):
 
     def _show_status(self, now: float) -> None:
         dropped = self.events_dropped
-        self.dashboard.show_status(self.snapshot, now, paused=self.paused, dropped=dropped)
+        self.dashboard.show_status(
+            self.snapshot, now, paused=self.paused, dropped=dropped, prompts=len(self.model.prompts)
+        )
 
     def action_toggle_pause(self) -> None:
         self.paused = not self.paused
@@ -327,6 +366,135 @@ class UnclawApp(App[int]):
         if self._filter_target is not None:
             self._filter_target.focus()
 
+    # -- policy: prompts, rules, peer policies ---------------------------------------------------
+
+    def _sync_prompts(self) -> None:
+        """Take the gateway's own list of open prompts (the events may have been dropped)."""
+        try:
+            views = self.gateway.prompts()
+        except Exception as exc:  # the gateway stopping: the next snapshot tries again
+            self.log.warning(f"prompts: {exc}")
+            return
+        before = self.model.prompts.version
+        self.model.prompts.replace(views)
+        if self.model.prompts.version != before:
+            self._prompts_changed()
+
+    def _prompt_screen(self) -> PromptScreen | None:
+        return next((s for s in self.screen_stack if isinstance(s, PromptScreen)), None)
+
+    def _prompts_changed(self) -> None:
+        if self.closing:
+            return
+        prompts = self.model.prompts
+        self._show_status(self.clock())
+        if not prompts:
+            self._prompts_later = False
+        new = prompts.opened_count > self._prompts_seen
+        self._prompts_seen = prompts.opened_count
+        screen = self._prompt_screen()
+        if screen is not None:
+            if screen is self.screen:
+                screen.follow_queue()
+            return
+        if not new or not prompts or self._prompts_later:
+            return
+        focused = self.screen.focused
+        if isinstance(self.screen, DashboardScreen) and not isinstance(focused, FilterBar):
+            self.action_prompts()
+        else:  # over a dialog or a form: say so, do not take the keys being typed
+            first = prompts.queue()[-1]
+            self.notify(f"Prompt: {headline(first)} · w answers", severity="warning", timeout=6)
+
+    def action_prompts(self) -> None:
+        if not self.model.prompts:
+            self.notify("No prompts waiting")
+            return
+        self._prompts_later = False
+        if self._prompt_screen() is None:
+            self.push_screen(
+                PromptScreen(
+                    self.model.prompts,
+                    self._answer,
+                    self._fallback_of,
+                    self.clock,
+                    sync=self._sync_prompts,
+                ),
+                callback=self._prompt_closed,
+            )
+
+    def _answer(self, prompt_id: str, access: str, duration: str, scope: str) -> str | None:
+        """Answer through the gateway; the prompt leaves the queue now, not at its event."""
+        prompts = self.model.prompts
+        try:
+            made = self.gateway.answer_prompt(prompt_id, access, duration, scope, by="console")
+        except KeyError:  # answered elsewhere or timed out a moment ago: its event is on the way
+            prompts.close(prompt_id, "closed")
+            self._show_status(self.clock())
+            raise
+        prompts.close(prompt_id, f"{access} ({duration}) by you")
+        self._show_status(self.clock())
+        return made
+
+    def _fallback_of(self, peer: str) -> str:
+        peers = self.snapshot.peers if self.snapshot is not None else ()
+        return next((p.fallback for p in peers if p.name == peer), "deny")
+
+    def _prompt_closed(self, later: bool | None) -> None:
+        self._prompts_later = bool(later) and bool(self.model.prompts)
+        self._show_status(self.clock())
+
+    def _rules_changed(self) -> None:
+        for screen in self.screen_stack:
+            if isinstance(screen, RulesScreen):
+                screen.refresh_rules()
+
+    def action_rules(self) -> None:
+        self.push_screen(RulesScreen(self.gateway, self.clock))
+
+    def action_rule_from_row(self) -> None:
+        dashboard = self.dashboard
+        focused = dashboard.focused
+        draft: RuleDraft | None = None
+        if isinstance(focused, LiveTable) and (key := focused.selected_key) is not None:
+            row = focused.store.get(key)
+            if row is not None:
+                draft = draft_from_row(row)
+        if draft is None:
+            self.notify(
+                "Select a row in Connections, DNS, TLS hosts or Peers first", severity="warning"
+            )
+            return
+        self.push_screen(
+            RuleFormScreen("Rule from this row", draft, self.gateway.add_rule, self.clock),
+            callback=self._rule_added,
+        )
+
+    def _rule_added(self, view: Any) -> None:
+        if view is not None:
+            self.notify(f"Rule {view.rule.id}: {describe_rule(view)}")
+
+    def action_peer_policy(self) -> None:
+        peer = self.dashboard.peers.selected_peer()
+        if peer is None:
+            self.notify("Select a peer in the Peers pane first", severity="warning")
+            return
+
+        def chosen(choice: tuple[str, str] | None) -> None:
+            if choice is None:
+                return
+            policy, fallback = choice
+            try:
+                self.gateway.set_peer_policy(peer.name, policy, fallback)
+            except (KeyError, ValueError) as exc:
+                self.notify(f"{peer.name}: {exc}", severity="error")
+                return
+            self.take_snapshot()
+            what = f"ask, else {fallback}" if policy == "ask" else policy
+            self.notify(f"{peer.name}: {what}")
+
+        self.push_screen(PeerPolicyScreen(peer.name, peer.policy, peer.fallback), callback=chosen)
+
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())
@@ -358,6 +526,19 @@ class UnclawApp(App[int]):
                 "Connections of all peers / of the selected peer",
                 self.action_toggle_scope,
             )
+            yield SystemCommand(
+                "Rules", "Every rule with its hits: add, edit, remove", self.action_rules
+            )
+            yield SystemCommand(
+                "Rule from this row",
+                "A rule prefilled from the selected row of the focused pane",
+                self.action_rule_from_row,
+            )
+            yield SystemCommand(
+                "Peer policy", "Allow, deny or ask for the selected peer", self.action_peer_policy
+            )
+        if isinstance(screen, DashboardScreen | RulesScreen):
+            yield SystemCommand("Prompts", "Answer the waiting prompts", self.action_prompts)
         yield SystemCommand("Help", "What each key does", self.action_help)
         yield SystemCommand(
             "Dark / light", "Switch between dark and light", self.action_toggle_dark

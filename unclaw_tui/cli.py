@@ -2,27 +2,35 @@
 
 Every user error prints one line `unclaw-tui: error: <reason>` on stderr and exits 2 with
 nothing written: arguments are validated before the state dir is created or touched.  A
-command that asks a running gateway (`status`) exits 3 when none runs on the state dir, and 1
-when the gateway answers with an error or not at all.
+command that asks a running gateway (`status`, `prompts`, `decide`, `rule add --for
+once|restart`) exits 3 when none runs on the state dir, and 1 when the gateway answers with an
+error or not at all; `rule remove` of an unknown rule exits 1 too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import ipaddress
 import itertools
 import json
 import os
+import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from unclaw_tui import config, version, wgquick
+from unclaw_tui.policy.durations import Duration, Lifetime, parse_duration
+from unclaw_tui.policy.rules import Action, parse_note, parse_who
+from unclaw_tui.policy.targets import parse_ports, parse_target, parse_target_port
 from unclaw_tui.services.egress import parse_cidr
 from unclaw_tui.state import (
+    PEER_FALLBACKS,
+    PEER_POLICIES,
     SETTING_KEYS,
     PeerRecord,
     PeerRuntime,
@@ -102,6 +110,14 @@ def _dns_server(text: str) -> tuple[str, int]:
     return host, 53 if port is None else port
 
 
+def _rule_target(text: str) -> Any:
+    """A rule's TARGET (policy.parse_target); an IPv6 address may come in brackets."""
+    stripped = text.strip()
+    if stripped.startswith("[") and stripped.endswith("]"):
+        stripped = stripped[1:-1]
+    return parse_target(stripped)
+
+
 def _host_glob(text: str) -> str:
     pattern = text.strip().lower().rstrip(".")
     if not pattern or any(c.isspace() or c in "/:@" for c in pattern):
@@ -117,16 +133,27 @@ COMMANDS = {
     "peer list": "list peers with live stats",
     "peer show": "print a peer's client config",
     "peer remove": "remove a peer",
+    "peer set": "change a peer's policy (allow, deny, ask) or ask's fallback",
     "ca": "print the local CA certificate (PEM) to install on devices, and its path",
     "status": "ask the running gateway for its version, uptime, peers and open flows",
+    # Policy (issue 14).
+    "rule": "manage the rules deciding peers' flows (allow, deny, intercept, passthrough)",
+    "rule add": "add a rule and print its id",
+    "rule list": "list the rules with their hits and expiry",
+    "rule remove": "remove a rule",
+    "rule test": "the verdict a peer's flow to TARGET would get, and the rule deciding it",
+    "decide": "answer a prompt of the running gateway",
+    "prompts": "list the running gateway's open prompts (their ids are for `decide`)",
     "requests": "list the requests a running gateway saw inside intercepted TLS, or export "
     "them as HAR",
 }
 RUN = ("",)  # `unclaw-tui` itself, which runs the gateway
 EVERYWHERE = ("", *COMMANDS)
-# Commands that save --listen-port, --endpoint and --address (not those asking a gateway).
-ASKING = ("status", "requests")  # commands that ask the running gateway
-SAVING = tuple(command for command in EVERYWHERE if command not in ASKING)
+RULE_ACTIONS = ("add", "list", "remove", "test")
+POLICY = ("rule", *(f"rule {action}" for action in RULE_ACTIONS), "decide", "prompts")
+# Commands that save --listen-port, --endpoint and --address (not those asking a gateway, nor
+# the rule commands, which have nothing to do with them).
+SAVING = tuple(command for command in EVERYWHERE if command not in ("status", "requests", *POLICY))
 
 
 def _opt(flag: str, where: tuple[str, ...], help: str, **kwargs: Any) -> tuple[Any, ...]:
@@ -152,8 +179,8 @@ OPTIONS = (
     _opt("--address", SAVING,
          f"the gateway's tunnel address (saved; default {config.DEFAULT_ADDRESS})",
          type=_checked(lambda text: str(validate_address(text))), metavar="A.B.C.D/N"),
-    _opt("--json", ("", "peer list", "status", "requests"),
-         "machine-readable output (events, peer list, status, requests)",
+    _opt("--json", ("", "peer list", "status", "rule list", "rule test", "prompts", "requests"),
+         "machine-readable output (events, peer list, status, rules, verdict, prompts, requests)",
          action="store_true"),
     _opt("--no-ui", RUN, "run headless, no console UI", action="store_true"),
     # The gateway run's own flags: this run only, never saved.
@@ -213,7 +240,7 @@ OPTIONS = (
     # The subcommands' own arguments.
     _opt("name", ("peer add",), "the peer's name", type=_checked(validate_peer_name),
          metavar="NAME"),
-    _opt("name", ("peer show", "peer remove"), "the peer's name", metavar="NAME"),
+    _opt("name", ("peer show", "peer remove", "peer set"), "the peer's name", metavar="NAME"),
     _opt("--ip", ("peer add",), "tunnel IP (default: next free)",
          type=_checked(lambda text: str(parse_ipv4(text))), metavar="A.B.C.D"),
     _opt("--qr", ("peer add", "peer show"), "also print the config as a QR code",
@@ -226,6 +253,44 @@ OPTIONS = (
          metavar="FILE"),
     _opt("--limit", ("requests",), "the most recent N only (default: all the gateway keeps)",
          type=_int_range("limit", 1, 1_000_000), metavar="N"),
+    # Policy (issue 14): peers' defaults, rules, prompts.
+    _opt("--policy", ("peer add", "peer set"),
+         "what flows no rule decides get: allow, deny, or ask the operator (default allow)",
+         choices=PEER_POLICIES, metavar="allow|deny|ask"),
+    _opt("--fallback", ("peer add", "peer set"),
+         "for --policy ask: the answer when nobody answers in time (default deny)",
+         choices=PEER_FALLBACKS, metavar="allow|deny"),
+    _opt("action", ("rule add",), "allow, deny (access) or intercept, passthrough (TLS mode)",
+         choices=tuple(a.value for a in Action), type=str.lower,
+         metavar="allow|deny|intercept|passthrough"),
+    _opt("target", ("rule add",),
+         "a hostname, a glob like '*.example.com', an IP or a CIDR",
+         type=_checked(_rule_target), metavar="TARGET"),
+    _opt("--peer", ("rule add",), "only for this peer (a name or a public key; default: all)",
+         type=_checked(parse_who), metavar="NAME"),
+    _opt("--port", ("rule add",), "only this port or range (default: any)",
+         type=_checked(parse_ports), metavar="N[-M]"),
+    _opt("--proto", ("rule add",), "only this protocol (default any)",
+         choices=("tcp", "udp", "any"), default="any", metavar="tcp|udp|any"),
+    _opt("--for", ("rule add", "decide"),
+         "how long: once, restart, always, or a number with s, m, h or d (default always)",
+         dest="duration", type=_checked(parse_duration), default=Duration(Lifetime.ALWAYS),
+         metavar="DURATION"),
+    _opt("--note", ("rule add",), "a note shown with the rule", type=_checked(parse_note),
+         default="", metavar="TEXT"),
+    _opt("id", ("rule remove",), "the rule's id (see `rule list`)", metavar="ID"),
+    _opt("peer", ("rule test",), "the peer's name or public key", metavar="PEER"),
+    _opt("target", ("rule test",), "a hostname, an IP or a VIP, with a port or without "
+         "(then only rules for any port count); IPv6 with a port as [v6]:port",
+         type=_checked(parse_target_port), metavar="TARGET[:PORT]"),
+    _opt("--proto", ("rule test",), "the flow's protocol (default tcp)",
+         choices=("tcp", "udp"), default="tcp", metavar="tcp|udp"),
+    _opt("id", ("decide",), "the prompt's id (see `unclaw-tui prompts`)", metavar="ID"),
+    _opt("answer", ("decide",), "allow or deny", choices=("allow", "deny"), type=str.lower,
+         metavar="allow|deny"),
+    _opt("--scope", ("decide",), "what the answer covers: this port of the host, the host "
+         "(any port), or its registrable domain and every name below it (default host)",
+         choices=("port", "host", "domain"), default="host", metavar="port|host|domain"),
 )  # fmt: skip
 
 
@@ -348,18 +413,25 @@ def _peer_row(peer: PeerRecord, runtime: PeerRuntime | None) -> dict[str, Any]:
         "ip": peer.ip,
         "public_key": peer.public_key,
         "created": peer.created,
+        "policy": peer.policy,
+        "fallback": peer.fallback,
         **dataclasses.asdict(runtime or PeerRuntime()),
     }
 
 
+def _policy_text(policy: str, fallback: str) -> str:
+    return f"ask (else {fallback})" if policy == "ask" else policy
+
+
 def _print_table(rows: list[dict[str, Any]], out: TextIO) -> None:
     now = time.time()
-    headers = ("NAME", "IP", "PUBLIC KEY", "ENDPOINT", "HANDSHAKE", "RX", "TX")
+    headers = ("NAME", "IP", "PUBLIC KEY", "POLICY", "ENDPOINT", "HANDSHAKE", "RX", "TX")
     cells = [
         (
             row["name"],
             row["ip"],
             row["public_key"],
+            _policy_text(row["policy"], row["fallback"]),
             row["endpoint"] or "-",
             _ago(row["last_handshake"], now),
             _human_bytes(row["rx_bytes"]),
@@ -367,6 +439,10 @@ def _print_table(rows: list[dict[str, Any]], out: TextIO) -> None:
         )
         for row in rows
     ]
+    _write_columns(headers, cells, out)
+
+
+def _write_columns(headers: Sequence[str], cells: Sequence[Sequence[str]], out: TextIO) -> None:
     widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(headers)]
     for line in (headers, *cells):
         out.write("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() + "\n")
@@ -400,7 +476,14 @@ def _cmd_peer_add(args: argparse.Namespace, out: TextIO) -> int:
         # touching the dir at all (not even creating the lock file).
         existing.check_new_peer(args.name, args.ip, settings.tunnel_network, settings.gateway_ip)
     state = existing or StateDir(path)
-    peer = state.add_peer(args.name, args.ip, settings.tunnel_network, settings.gateway_ip)
+    peer = state.add_peer(
+        args.name,
+        args.ip,
+        settings.tunnel_network,
+        settings.gateway_ip,
+        policy=args.policy or "allow",
+        fallback=args.fallback or "deny",
+    )
     _persist(state, explicit)
     _print_config(_peer_config(state, peer, settings), args.qr, out)
     return 0
@@ -618,6 +701,406 @@ def _print_requests(records: list[Any], out: TextIO) -> None:
         out.write("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() + "\n")
 
 
+# --- policy commands (issue 14): peer set, rule add/list/remove/test, decide, prompts ---------
+#
+# Always and timed rules live in rules.json: the CLI writes it under the state lock whether or
+# not a gateway runs (a running one reloads it within a second).  Once and restart rules, the
+# built-in rules of a run's flags, hit counts of this run and prompts live in a running
+# gateway's memory: those go through its control socket (control/commands.py).
+
+MAX_PAGES = 10_000  # pages of a list from the gateway (rules.list, prompts.list), at most
+
+
+class _GatewayFailed(Exception):
+    """Asking the running gateway failed: the message and the exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _state_path(args: argparse.Namespace) -> Path:
+    path = args.state_dir if args.state_dir is not None else config.default_state_dir()
+    return Path(path).expanduser()
+
+
+@contextlib.contextmanager
+def _talking(why: str = "") -> Iterator[None]:
+    """Control errors as _GatewayFailed: 3 when no gateway runs (after `why` one is needed),
+    1 when it fails."""
+    from unclaw_tui.control.client import ClientError, GatewayNotRunning
+    from unclaw_tui.control.protocol import ControlError
+
+    try:
+        yield
+    except GatewayNotRunning as exc:
+        raise _GatewayFailed(f"{why}{exc}", EXIT_NO_GATEWAY) from None
+    except ClientError as exc:
+        raise _GatewayFailed(str(exc), EXIT_FAILURE) from None
+    except ControlError as exc:
+        raise _GatewayFailed(f"the gateway answered: {exc.message}", EXIT_FAILURE) from None
+
+
+@contextlib.contextmanager
+def _gateway(path: Path, *, required: bool, why: str = "") -> Iterator[Any]:
+    """A ControlClient of the gateway running on path; None if none runs and not required."""
+    from unclaw_tui.control.client import ControlClient, GatewayNotRunning
+
+    with _talking(why):
+        try:
+            client = ControlClient.connect(path)
+        except GatewayNotRunning:
+            if required:
+                raise
+            client = None
+        try:
+            yield client
+        finally:
+            if client is not None:
+                client.close()
+
+
+def _call(client: Any, method: str, params: dict[str, Any] | None = None) -> Any:
+    result = client.call(method, params or {})
+    if not isinstance(result, dict):
+        raise _GatewayFailed(f"the gateway's {method} answer is not an object", EXIT_FAILURE)
+    return result
+
+
+def _fetch_all(client: Any, method: str, key: str) -> list[dict[str, Any]]:
+    """Every page of a list method."""
+    items: list[dict[str, Any]] = []
+    offset = 0
+    for _ in range(MAX_PAGES):
+        result = _call(client, method, {"offset": offset} if offset else {})
+        page, following = result.get(key), result.get("next")
+        if not isinstance(page, list) or not all(isinstance(item, dict) for item in page):
+            raise _GatewayFailed(f"the gateway's {method} answer has no {key} list", EXIT_FAILURE)
+        items.extend(page)
+        if following is None:
+            return items
+        if not isinstance(following, int) or following <= offset:
+            raise _GatewayFailed(f"the gateway's {method} pages do not move on", EXIT_FAILURE)
+        offset = following
+    raise _GatewayFailed(f"the gateway's {method} has more than {MAX_PAGES} pages", EXIT_FAILURE)
+
+
+def _cmd_peer_set(args: argparse.Namespace, out: TextIO) -> int:
+    if args.policy is None and args.fallback is None:
+        raise UsageError("peer set: give --policy, --fallback or both")
+    existing, explicit, _settings, _peer = _prepare_peer(args)
+    _persist(existing, explicit)
+    peer = existing.set_peer_policy(args.name, args.policy, args.fallback)
+    out.write(f"peer {peer.name}: policy {peer.policy}, fallback {peer.fallback}\n")
+    return 0
+
+
+def _peer_exists(state: StateDir | None, who: str) -> None:
+    """KeyError (exit 2) unless who is every peer, a public key, or a peer's name."""
+    if who == "*" or len(who) == 44:  # a key may belong to a peer added later
+        return
+    if state is None:
+        raise KeyError(f"unknown peer {who!r}")
+    state.peer(who)
+
+
+def _cmd_rule_add(args: argparse.Namespace, out: TextIO) -> int:
+    from unclaw_tui.policy.rules import make_rule
+    from unclaw_tui.policy.store import RuleStore
+
+    path = _state_path(args)
+    existing = _open_existing(path)
+    who = args.peer or "*"
+    _peer_exists(existing, who)
+    duration: Duration = args.duration
+    if duration.lifetime in (Lifetime.ONCE, Lifetime.RESTART):
+        # Neither means anything outside a running gateway's memory.
+        why = f"a {duration.lifetime} rule lives in a running gateway's memory: "
+        with _gateway(path, required=True, why=why) as client:
+            params = {"action": args.action, "target": args.target.text, "peer": who,
+                      "proto": args.proto, "duration": str(duration), "note": args.note,
+                      "by": "cli"}  # fmt: skip
+            if args.port is not None:
+                params["port"] = str(args.port)
+            result = _call(client, "rule.add", params)
+        out.write(f"{result.get('id')}\n")
+        return 0
+    rule = make_rule(
+        args.action,
+        args.target.text,
+        now=time.time(),
+        who=who,
+        ports=None if args.port is None else str(args.port),
+        proto=args.proto,
+        duration=duration,
+        note=args.note,
+    )
+    RuleStore(existing or StateDir(path)).add(rule)
+    out.write(f"{rule.id}\n")
+    return 0
+
+
+def _file_rules(state: StateDir | None) -> list[dict[str, Any]]:
+    """rules.json's rules with the hit counts of rule-hits.json."""
+    from unclaw_tui.control.commands import rule_doc
+    from unclaw_tui.policy.store import RuleStore
+
+    if state is None:
+        return []
+    store = RuleStore(state)
+    hits = store.load_hits().hits
+    docs = []
+    for rule in store.load():
+        counted = hits.get(rule.id)
+        docs.append(rule_doc(rule, counted.count if counted else 0, counted and counted.last))
+    return docs
+
+
+def _until(doc: dict[str, Any], now: float) -> str:
+    expires = doc.get("expires")
+    if not _is_number(expires):
+        return str(doc.get("lifetime", "?"))
+    if expires <= now:
+        return "expired"
+    return f"in {_duration(expires - now).replace(' 0s', '').replace(' 0m', '')}"
+
+
+def _print_rules(rules: list[dict[str, Any]], out: TextIO) -> None:
+    now = time.time()
+    headers = ("ID", "ACTION", "TARGET", "PEER", "PORT", "PROTO", "UNTIL", "HITS", "LAST HIT",
+               "NOTE")  # fmt: skip
+    cells = [
+        (
+            str(doc.get("id")),
+            str(doc.get("action")),
+            str(doc.get("what")),
+            "all" if doc.get("who") == "*" else str(doc.get("who")),
+            str(doc.get("port")),
+            str(doc.get("proto")),
+            _until(doc, now),
+            str(doc.get("hits", 0)),
+            _ago(doc["last_hit"], now) if _is_number(doc.get("last_hit")) else "never",
+            str(doc.get("note", "")),
+        )
+        for doc in rules
+    ]
+    _write_columns(headers, cells, out)
+
+
+def _cmd_rule_list(args: argparse.Namespace, out: TextIO) -> int:
+    path = _state_path(args)
+    with _gateway(path, required=False) as client:
+        if client is not None:
+            rules = _fetch_all(client, "rules.list", "rules")
+        else:
+            rules = _file_rules(_open_existing(path))
+    if args.json:
+        out.write(json.dumps({"gateway": client is not None, "rules": rules}, indent=2) + "\n")
+        return 0
+    _print_rules(rules, out)
+    if client is None:
+        sys.stderr.write(
+            f"# no gateway runs on {path}: these are {RULES_NAME}'s rules; a running gateway "
+            "also shows its flags' built-in rules and its once and restart rules\n"
+        )
+    return 0
+
+
+RULES_NAME = "rules.json"
+
+
+def _builtin_message(rule_id: str, rules: list[dict[str, Any]]) -> str:
+    for doc in rules:
+        if doc.get("id") == rule_id and doc.get("builtin"):
+            return (
+                f"rule {rule_id} is built in: it comes from the gateway's flag "
+                f"--{doc.get('action')} {doc.get('what')}; restart the gateway without it"
+            )
+    return (
+        f"no rule {rule_id}: b1, b2, ... are the built-in rules of a running gateway's "
+        "--allow, --deny and --passthrough flags (see `unclaw-tui rule list`)"
+    )
+
+
+def _cmd_rule_remove(args: argparse.Namespace, out: TextIO) -> int:
+    from unclaw_tui.policy.rules import DEFAULT_RULE, validate_rule_id
+    from unclaw_tui.policy.store import RuleStore
+
+    rule_id = args.id.strip().lower()
+    path = _state_path(args)
+    if rule_id == DEFAULT_RULE:
+        raise UsageError("'default' is no rule but each peer's policy: see `unclaw-tui peer set`")
+    builtin = re.fullmatch(r"b[0-9]+", rule_id) is not None
+    if not builtin:
+        validate_rule_id(rule_id)  # ValueError: exit 2
+    existing = _open_existing(path)
+    if builtin:
+        with _gateway(path, required=False) as client:
+            rules = _fetch_all(client, "rules.list", "rules") if client is not None else []
+        raise _GatewayFailed(_builtin_message(rule_id, rules), EXIT_FAILURE)
+    if existing is not None:
+        try:
+            removed = RuleStore(existing).remove(rule_id)
+        except KeyError:
+            pass
+        else:
+            out.write(f"removed rule {removed.id} ({removed.action} {removed.target.text})\n")
+            return 0
+    # Not in the file: a once or restart rule of the running gateway, if any.
+    with _gateway(path, required=False) as client:
+        if client is None:
+            raise _GatewayFailed(
+                f"no rule {rule_id} in {path / RULES_NAME}, and no gateway runs on {path} "
+                "(whose once and restart rules live in its memory)",
+                EXIT_FAILURE,
+            )
+        result = _call(client, "rule.remove", {"id": rule_id, "by": "cli"})
+    out.write(f"removed rule {result.get('id')} ({result.get('action')} {result.get('what')})\n")
+    return 0
+
+
+def _vip_hostname(state: StateDir | None, address: str) -> str | None:
+    """The hostname our DNS gave this VIP, from vips.json (None: not a VIP)."""
+    if state is None:
+        return None
+    try:
+        doc = state.read_json("vips.json")
+    except StateError:
+        return None
+    entries = doc.get("vips") if isinstance(doc, dict) else None
+    for entry in entries if isinstance(entries, list) else ():
+        if isinstance(entry, dict) and entry.get("ip") == address:
+            hostname = entry.get("hostname")
+            return hostname if isinstance(hostname, str) else None
+    return None
+
+
+def _find_peer_record(state: StateDir | None, who: str) -> PeerRecord:
+    for record in state.peers() if state is not None else []:
+        if who in (record.name, record.public_key):
+            return record
+    raise KeyError(f"unknown peer {who!r}")
+
+
+def _cmd_rule_test(args: argparse.Namespace, out: TextIO) -> int:
+    from unclaw_tui.policy.matcher import Policy
+    from unclaw_tui.policy.store import RuleStore
+    from unclaw_tui.policy.targets import TargetKind
+    from unclaw_tui.policy.verdict_for import FlowQuery, describe_verdict, verdict_for
+
+    target, port = args.target
+    if target.kind is TargetKind.GLOB:
+        raise UsageError(f"{target.text} is a glob: test one name, e.g. www.{target.suffix}")
+    if target.kind is TargetKind.NET and target.network.prefixlen != target.network.max_prefixlen:
+        raise UsageError(f"{target.text} is a network: test one address of it")
+    path = _state_path(args)
+    state = _open_existing(path)
+    hostname = target.text if target.kind is TargetKind.HOST else None
+    address = None if hostname is not None else target.text
+    vip = None
+    if address is not None:
+        vip = _vip_hostname(state, address)
+        if vip is not None:
+            # A VIP stands for its hostname; the real address is known only once resolved.
+            hostname, address = vip, None
+    with _gateway(path, required=False) as client:
+        if client is not None:
+            result = _call(client, "rule.test", {"peer": args.peer, "hostname": hostname,
+                           "address": address, "port": port, "proto": args.proto})  # fmt: skip
+        else:
+            peer = _find_peer_record(state, args.peer)
+            policy = Policy(RuleStore(state).load() if state is not None else [])
+            query = FlowQuery(hostname, address, port, args.proto)
+            result = verdict_for(policy, peer, query, time.time())
+    result["gateway"] = client is not None
+    if vip is not None:
+        result["vip"] = target.text
+    if args.json:
+        out.write(json.dumps(result, indent=2) + "\n")
+        return 0
+    query = FlowQuery(hostname, address, port, args.proto)
+    out.write(f"{result.get('peer')} -> {query.describe()}")
+    out.write(f"  (VIP {target.text})\n" if vip is not None else "\n")
+    for line in describe_verdict(result):
+        out.write(line + "\n")
+    if client is None:
+        sys.stderr.write(
+            f"# no gateway runs on {path}: judged by {RULES_NAME} alone (a running gateway "
+            "also counts its flags' built-in rules and its once and restart rules)\n"
+        )
+    return 0
+
+
+_PROMPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _cmd_decide(args: argparse.Namespace, out: TextIO) -> int:
+    if not _PROMPT_ID.fullmatch(args.id):
+        raise UsageError(f"invalid prompt id {args.id!r} (see `unclaw-tui prompts`)")
+    path = _state_path(args)
+    with _gateway(path, required=True) as client:
+        params = {"id": args.id, "access": args.answer, "duration": str(args.duration),
+                  "scope": args.scope, "by": "cli"}  # fmt: skip
+        result = _call(client, "prompt.answer", params)
+    rule_id = result.get("rule")
+    if rule_id is None:
+        out.write(f"prompt {args.id}: {args.answer} once\n")
+    else:
+        out.write(
+            f"prompt {args.id}: {args.answer}, rule {rule_id} ({args.duration}, {args.scope})\n"
+        )
+    return 0
+
+
+def _print_prompts(prompts: list[dict[str, Any]], out: TextIO) -> None:
+    now = time.time()
+    headers = ("ID", "PEER", "DESTINATION", "PROTO", "ROUTE", "WAITING", "OPENED", "FALLBACK IN")
+    cells = []
+    for doc in prompts:
+        ip, port = str(doc.get("dst_ip")), doc.get("dst_port")
+        where = f"[{ip}]" if ":" in ip else ip
+        if doc.get("hostname"):
+            where = f"{doc['hostname']} ({ip})"
+        deadline = doc.get("deadline")
+        left = _duration(deadline - now) if _is_number(deadline) and deadline > now else "now"
+        cells.append((
+            str(doc.get("id")), str(doc.get("peer")), f"{where}:{port}", str(doc.get("proto")),
+            str(doc.get("route")), str(doc.get("waiting")),
+            _ago(doc["opened"], now) if _is_number(doc.get("opened")) else "?", left,
+        ))  # fmt: skip
+    _write_columns(headers, cells, out)
+
+
+def _cmd_prompts(args: argparse.Namespace, out: TextIO) -> int:
+    path = _state_path(args)
+    with _gateway(path, required=True) as client:
+        prompts = _fetch_all(client, "prompts.list", "prompts")
+    if args.json:
+        out.write(json.dumps({"prompts": prompts}, indent=2) + "\n")
+    elif prompts:
+        _print_prompts(prompts, out)
+    else:
+        out.write("no open prompts\n")
+    return 0
+
+
+def _cmd_rule(args: argparse.Namespace, out: TextIO) -> int:
+    return RULE_COMMANDS[args.rule_command](args, out)
+
+
+RULE_COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
+    "add": _cmd_rule_add,
+    "list": _cmd_rule_list,
+    "remove": _cmd_rule_remove,
+    "test": _cmd_rule_test,
+}
+POLICY_COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
+    "rule": _cmd_rule,
+    "decide": _cmd_decide,
+    "prompts": _cmd_prompts,
+}
+
+
 def _prepare_run(args: argparse.Namespace) -> tuple[config.Settings, Callable[[], None]]:
     """Create/validate the state dir and identity; the settings, and what saves the explicit
     ones: called once the gateway has started, so a start that fails (the port is in use)
@@ -640,6 +1123,7 @@ PEER_COMMANDS = {
     "list": _cmd_peer_list,
     "show": _cmd_peer_show,
     "remove": _cmd_peer_remove,
+    "set": _cmd_peer_set,
 }
 
 
@@ -668,8 +1152,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_status(args, sys.stdout)
         elif args.command == "requests":
             return _cmd_requests(args, sys.stdout)
+        elif args.command in POLICY_COMMANDS:
+            return POLICY_COMMANDS[args.command](args, sys.stdout)
         else:
             return PEER_COMMANDS[args.peer_command](args, sys.stdout)
+    except _GatewayFailed as exc:
+        return _fail(str(exc), exc.status)
     except (UsageError, StateError, ValueError) as exc:
         return _fail(str(exc))
     except KeyError as exc:

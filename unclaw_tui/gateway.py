@@ -16,6 +16,7 @@ from unclaw_tui import version
 from unclaw_tui.budget import DescriptorBudget, raise_descriptor_limit
 from unclaw_tui.bus import EventBus, Subscription
 from unclaw_tui.config import Settings
+from unclaw_tui.control.commands import register_policy_commands
 from unclaw_tui.control.requests import register as register_requests
 from unclaw_tui.control.server import ControlServer
 from unclaw_tui.control.status import status
@@ -242,7 +243,6 @@ class Gateway:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-
         s = self.settings
         # First: a second gateway on this state dir stops here, before it touches anything.
         self.control = ControlServer(s.state_dir, version())
@@ -250,6 +250,7 @@ class Gateway:
             "status", lambda params: status(self.snapshot(), version(), time.time())
         )
         register_requests(self.control, self.request_log)
+        register_policy_commands(self.control, self)
         await self.control.start()
         try:
             await self._start_tunnel()

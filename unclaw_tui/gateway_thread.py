@@ -10,8 +10,9 @@ the GIL while it works.  The UI thread never calls into the engine:
 - `subscribe()` gives a subscription on the gateway's own bus, which the console reads from
   its thread in batches (see `bus`): the subscription is the one buffer between the gateway and
   the console, and its `dropped` count is all the console lost;
-- commands (add/remove peer, client config) run on the gateway loop and the caller waits for
-  their result, which they produce at once (a state-file write and an engine call).
+- commands (add/remove peer, client config, rules, prompt answers, peer policies) run on the
+  gateway loop and the caller waits for their result, which they produce at once (a
+  state-file write and an engine call).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from unclaw_tui.bus import EventBus, Subscription
 from unclaw_tui.config import Settings
 from unclaw_tui.gateway import GatewaySnapshot, PeerSnapshot
+from unclaw_tui.policy import Rule
+from unclaw_tui.policy.views import PromptView, RuleView
 
 if TYPE_CHECKING:
     from unclaw_tui.gateway import Gateway
@@ -164,6 +167,33 @@ class ThreadedGateway:
         if gateway is None:
             raise KeyError(f"request {request_id} is no longer kept")
         return gateway.reveal(request_id, where, index)
+
+    def set_peer_policy(
+        self, name: str, policy: str | None = None, fallback: str | None = None
+    ) -> PeerSnapshot:
+        return self._command(lambda gw: gw.set_peer_policy(name, policy, fallback))
+
+    def rules(self) -> list[RuleView]:
+        return self._command(lambda gw: gw.rules())
+
+    def add_rule(self, rule: Rule, by: str = "console") -> RuleView:
+        return self._command(lambda gw: gw.add_rule(rule, by))
+
+    def remove_rule(self, rule_id: str, by: str = "console") -> Rule:
+        return self._command(lambda gw: gw.remove_rule(rule_id, by))
+
+    def prompts(self) -> list[PromptView]:
+        return self._command(lambda gw: gw.prompts())
+
+    def answer_prompt(
+        self,
+        prompt_id: str,
+        access: str,
+        duration: str = "always",
+        scope: str = "host",
+        by: str = "console",
+    ) -> str | None:
+        return self._command(lambda gw: gw.answer_prompt(prompt_id, access, duration, scope, by))
 
     def _command(self, fn: Callable[[Gateway], T]) -> T:
         loop = self._loop

@@ -20,7 +20,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,14 @@ def validate_address(value: str) -> ipaddress.IPv4Interface:
     if iface.ip in (iface.network.network_address, iface.network.broadcast_address):
         raise ValueError(f"invalid address {value!r}: the gateway needs a host address of the net")
     return iface
+
+
+def validate_peer_policy(policy: str | None, fallback: str | None) -> None:
+    """ValueError unless policy is allow/deny/ask and fallback allow/deny (None: not given)."""
+    if policy is not None and policy not in PEER_POLICIES:
+        raise ValueError(f"invalid policy {policy!r}: expected allow, deny or ask")
+    if fallback is not None and fallback not in PEER_FALLBACKS:
+        raise ValueError(f"invalid fallback {fallback!r}: expected allow or deny")
 
 
 def validate_listen_port(value: Any) -> int:
@@ -500,10 +508,15 @@ class StateDir:
         ip: str | None,
         network: ipaddress.IPv4Network,
         gateway_ip: ipaddress.IPv4Address,
+        *,
+        policy: str = "allow",
+        fallback: str = "deny",
     ) -> PeerRecord:
         """Add a peer with fresh keys; the record is on disk when this returns.  ValueError (one
         line) for an invalid or duplicate name, an IP outside the net or in use, or a full net.
-        With ip=None the lowest free host address is taken (.2 upward when the gateway is .1)."""
+        With ip=None the lowest free host address is taken (.2 upward when the gateway is .1).
+        The policy comes with the peer in one write: no moment sees it with another."""
+        validate_peer_policy(policy, fallback)
         with self.locked():
             peers = self.peers()
             chosen = self._choose_ip(peers, name, ip, network, gateway_ip)
@@ -515,6 +528,8 @@ class StateDir:
                 preshared_key=keys.generate_preshared_key(),
                 ip=str(chosen),
                 created=time.time(),
+                policy=policy,
+                fallback=fallback,
             )
             self._write_peers([*peers, record])
             return record
@@ -526,6 +541,27 @@ class StateDir:
                 if record.name == name:
                     self._write_peers([p for p in peers if p is not record])
                     return record
+        raise KeyError(f"unknown peer {name!r}")
+
+    def set_peer_policy(
+        self, name: str, policy: str | None = None, fallback: str | None = None
+    ) -> PeerRecord:
+        """Change a peer's policy and/or fallback (None: unchanged) in peers.json; a running
+        gateway reads it within its poll.  KeyError if unknown, ValueError for a bad value
+        (nothing written either way); no write if nothing changes."""
+        validate_peer_policy(policy, fallback)
+        with self.locked():
+            peers = self.peers()
+            for i, record in enumerate(peers):
+                if record.name == name:
+                    changed = replace(
+                        record,
+                        policy=record.policy if policy is None else policy,
+                        fallback=record.fallback if fallback is None else fallback,
+                    )
+                    if changed != record:
+                        self._write_peers([*peers[:i], changed, *peers[i + 1 :]])
+                    return changed
         raise KeyError(f"unknown peer {name!r}")
 
     def peers_signature(self) -> tuple[int, int, int]:

@@ -4,7 +4,8 @@
         --rate 4000 --seconds 10
         WireGuard initiations from unknown keys (valid MAC1: it only needs the gateway's public
         key), a pool replayed round-robin from one UDP socket per source address; counts the
-        cookie replies that come back.
+        cookie replies that come back.  --connect: each socket is connected to HOST PORT, so the
+        kernel only lets through replies from exactly that address (IPv6 HOST and sources too).
     python -m tests.interop.flood syn HOST PORT --count 40
         `count` TCP connects at once (one SYN each); reports which were refused (RST) at once.
     python -m tests.interop.flood hold HOST PORT --count 16 --hold 2
@@ -42,13 +43,22 @@ def initiation_pool(gateway_public_key: bytes, size: int) -> list[bytes]:
 
 
 def handshake_flood(
-    host: str, port: int, public_key: bytes, sources: list[str], rate: int, seconds: float
+    host: str,
+    port: int,
+    public_key: bytes,
+    sources: list[str],
+    rate: int,
+    seconds: float,
+    connect: bool = False,
 ) -> dict[str, Any]:
     pool = initiation_pool(public_key, 128)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     socks = []
     for src in sources:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.bind((src, 0))
+        if connect:
+            sock.connect((host, port))
         sock.setblocking(False)
         socks.append(sock)
     sent = cookies = 0
@@ -61,14 +71,17 @@ def handshake_flood(
         for _ in range(max(0, burst)):
             sock = socks[sent % len(socks)]
             with contextlib.suppress(BlockingIOError):  # a full socket buffer: the flood goes on
-                sock.sendto(pool[sent % len(pool)], (host, port))
+                if connect:
+                    sock.send(pool[sent % len(pool)])
+                else:
+                    sock.sendto(pool[sent % len(pool)], (host, port))
             sent += 1
         readable, _, _ = select.select(socks, [], [], tick)
         for sock in readable:
             for _ in range(256):
                 try:
                     data = sock.recv(2048)
-                except BlockingIOError:
+                except (BlockingIOError, ConnectionRefusedError):
                     break
                 if data[:1] == bytes([COOKIE_REPLY_TYPE]):
                     cookies += 1
@@ -154,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     hs.add_argument("--sources", required=True, help="comma-separated source addresses")
     hs.add_argument("--rate", type=int, default=4000)
     hs.add_argument("--seconds", type=float, default=10.0)
+    hs.add_argument("--connect", action="store_true", help="connected sockets (see above)")
     syn = kinds.add_parser("syn")
     syn.add_argument("host")
     syn.add_argument("port", type=int)
@@ -175,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             args.sources.split(","),
             min(args.rate, 50_000),
             min(args.seconds, 60.0),
+            args.connect,
         )
     elif args.kind == "hold":
         result = hold_connections(

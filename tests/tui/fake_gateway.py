@@ -15,6 +15,16 @@ from tests.helpers import FakeClock
 from unclaw_tui import events as ev
 from unclaw_tui.bus import EventBus, Subscription
 from unclaw_tui.gateway import GatewaySnapshot, PeerSnapshot
+from unclaw_tui.policy import (
+    Lifetime,
+    Rule,
+    builtin_rules,
+    domain_scope,
+    make_rule,
+    parse_duration,
+)
+from unclaw_tui.policy.rules import rule_to_doc
+from unclaw_tui.policy.views import PromptView, RuleView
 from unclaw_tui.services.requests import RequestLog, RequestRecord, keep_headers
 from unclaw_tui.services.websocket import WebSocketSummary
 from unclaw_tui.widgets.model import PeersModel
@@ -46,6 +56,11 @@ class FakeGateway:
         self._network = ipaddress.IPv4Network("10.77.0.0/16")
         self._next_host = 2
         self.request_log = RequestLog()  # what requests() answers; see demo_requests
+        self._rules: dict[str, RuleView] = {r.id: RuleView(r) for r in builtin_rules()}
+        self._prompts: dict[str, PromptView] = {}
+        self._next_rule = 1
+        self._next_prompt = 1
+        self.prompt_timeout = 30.0
 
     # -- lifecycle (the real Gateway has these too) --------------------------------------
 
@@ -68,6 +83,7 @@ class FakeGateway:
             started_at=self.started_at,
             peers=tuple(self.peers.values()),
             open_flows=self.open_flows,
+            prompts_open=len(self._prompts),
         )
 
     def subscribe(self) -> Subscription:
@@ -134,13 +150,177 @@ class FakeGateway:
             raise KeyError(f"request {request_id} is no longer kept")
         return record.reveal(where, index)
 
+    # -- policy (GatewayProtocol) -----------------------------------------------------------
+
+    def set_peer_policy(
+        self, name: str, policy: str | None = None, fallback: str | None = None
+    ) -> PeerSnapshot:
+        self.calls.append(("set_peer_policy", name, str(policy), str(fallback)))
+        peer = self.peers[name]  # KeyError if unknown
+        if policy not in (None, "allow", "deny", "ask"):
+            raise ValueError(f"invalid policy {policy!r}: expected allow, deny or ask")
+        if fallback not in (None, "allow", "deny"):
+            raise ValueError(f"invalid fallback {fallback!r}: expected allow or deny")
+        self.peers[name] = replace(
+            peer, policy=policy or peer.policy, fallback=fallback or peer.fallback
+        )
+        return self.peers[name]
+
+    def rules(self) -> list[RuleView]:
+        return sorted(self._rules.values(), key=lambda v: not v.rule.builtin)
+
+    def add_rule(self, rule: Rule, by: str = "console") -> RuleView:
+        self.calls.append(("add_rule", rule.id, by))
+        if rule.id in self._rules:
+            raise ValueError(f"a rule with id {rule.id!r} exists already")
+        view = self._rules[rule.id] = RuleView(rule)
+        self.bus.publish(ev.RuleAdded(ts=self.clock(), rule=rule_doc(rule), by=by))
+        return view
+
+    def remove_rule(self, rule_id: str, by: str = "console") -> Rule:
+        self.calls.append(("remove_rule", rule_id, by))
+        view = self._rules[rule_id]  # KeyError if unknown
+        if view.rule.builtin:
+            raise ValueError(f"rule {rule_id} is built in (a flag): change the flag")
+        del self._rules[rule_id]
+        self.bus.publish(ev.RuleRemoved(ts=self.clock(), rule=rule_doc(view.rule), by=by))
+        return view.rule
+
+    def prompts(self) -> list[PromptView]:
+        return sorted(self._prompts.values(), key=lambda p: (p.opened, p.id))
+
+    def answer_prompt(
+        self,
+        prompt_id: str,
+        access: str,
+        duration: str = "always",
+        scope: str = "host",
+        by: str = "console",
+    ) -> str | None:
+        self.calls.append(("answer_prompt", prompt_id, access, duration, scope, by))
+        prompt = self._prompts[prompt_id]  # KeyError: answered or timed out already
+        if access not in ("allow", "deny"):
+            raise ValueError(f"invalid access {access!r}: expected allow or deny")
+        if scope not in ("port", "host", "domain"):
+            raise ValueError(f"invalid scope {scope!r}: expected port, host or domain")
+        if scope == "domain" and prompt.hostname is None:
+            raise ValueError("a prompt for an IP address has no domain: use port or host")
+        lifetime = parse_duration(duration)
+        del self._prompts[prompt_id]
+        made: str | None = None
+        if lifetime.lifetime is not Lifetime.ONCE:
+            target = prompt.hostname or prompt.dst_ip
+            # The domain scope: the glob and the registrable name, two rules.
+            targets = domain_scope(target) if scope == "domain" else (target,)
+            for what in sorted(targets, reverse=True):  # *.example.com first
+                rule = make_rule(
+                    access,
+                    what,
+                    now=self.clock(),
+                    who=prompt.peer,
+                    ports=str(prompt.dst_port) if scope == "port" else None,
+                    proto=prompt.proto if scope == "port" else "any",
+                    duration=lifetime,
+                    note=f"prompt {prompt_id}",
+                    rule_id=self._new_rule_id(),
+                )
+                self.add_rule(rule, by=by)
+                made = made or rule.id
+        self.bus.publish(
+            ev.PromptAnswered(
+                ts=self.clock(),
+                id=prompt_id,
+                peer=prompt.peer,
+                access=access,
+                duration=duration,
+                scope=scope,
+                rule=made,
+                by=by,
+                flows=prompt.waiting,
+            )
+        )
+        return made
+
+    def _new_rule_id(self) -> str:
+        while f"r{self._next_rule}" in self._rules:
+            self._next_rule += 1
+        return f"r{self._next_rule}"
+
     # -- test helpers ------------------------------------------------------------------------
+
+    def open_prompt(
+        self,
+        peer: str,
+        hostname: str | None,
+        dst_ip: str,
+        dst_port: int,
+        proto: str = "tcp",
+        route: str = "tls",
+        waiting: int = 1,
+        publish: bool = True,
+    ) -> PromptView:
+        """A held flow of `peer` meets no rule: a prompt opens (as PromptBook.ask); without
+        `publish` its event is lost (as when a console's subscription drops it)."""
+        prompt_id = f"p{self._next_prompt}"
+        self._next_prompt += 1
+        now = self.clock()
+        view = self._prompts[prompt_id] = PromptView(
+            id=prompt_id,
+            peer=peer,
+            peer_public_key=self.peers[peer].public_key,
+            hostname=hostname,
+            dst_ip=dst_ip,
+            dst_port=dst_port,
+            proto=proto,
+            route=route,
+            opened=now,
+            deadline=now + self.prompt_timeout,
+            waiting=waiting,
+        )
+        if not publish:
+            return view
+        self.bus.publish(
+            ev.PromptOpened(
+                ts=now,
+                id=prompt_id,
+                peer=peer,
+                peer_public_key=view.peer_public_key,
+                hostname=hostname,
+                dst_ip=dst_ip,
+                dst_port=dst_port,
+                proto=proto,
+                route=route,
+                timeout=self.prompt_timeout,
+            )
+        )
+        return view
+
+    def time_out_prompt(self, prompt_id: str) -> None:
+        prompt = self._prompts.pop(prompt_id)
+        fallback = self.peers[prompt.peer].fallback
+        self.bus.publish(
+            ev.PromptTimedOut(
+                ts=self.clock(), id=prompt_id, peer=prompt.peer, fallback=fallback, flows=1
+            )
+        )
+
+    def put_rule(self, rule: Rule, hits: int = 0, last_hit: float | None = None) -> None:
+        """A rule in force from before (no event), with its hits."""
+        self._rules[rule.id] = RuleView(rule, hits, last_hit)
 
     def set_peer(self, name: str, **changes: object) -> None:
         self.peers[name] = replace(self.peers[name], **changes)  # type: ignore[arg-type]
 
     def publish(self, event: ev.Event) -> None:
         self.bus.publish(event)
+
+
+def rule_doc(rule: Rule) -> dict[str, object]:
+    """The rule as events carry it (the file's form; once and restart say so)."""
+    doc: dict[str, object] = rule_to_doc(rule)
+    if rule.lifetime in (Lifetime.ONCE, Lifetime.RESTART):
+        doc["until"] = rule.lifetime.value
+    return doc
 
 
 def demo_gateway(clock: FakeClock | None = None) -> FakeGateway:
@@ -172,9 +352,52 @@ def demo_gateway(clock: FakeClock | None = None) -> FakeGateway:
         rx_bytes=4_096,
         tx_bytes=8_192,
     )
+    gw.set_peer("phone", policy="ask")
+    gw.set_peer("vm-build", policy="deny", fallback="deny")
     gw.open_flows = 4
+    demo_rules(gw)
     gw.calls.clear()
     return gw
+
+
+def demo_rules(gw: FakeGateway) -> None:
+    """A built-in rule from a flag and three of the operator's, with hits."""
+    now = gw.clock()
+    gw.put_rule(builtin_rules(passthrough=["pinned.example.org"])[0])
+    gw.put_rule(
+        make_rule("deny", "tracker.example", now=now - 86400, note="ads", rule_id="r1"),
+        hits=4,
+        last_hit=now - 12,
+    )
+    gw.put_rule(
+        make_rule(
+            "allow",
+            "*.example.com",
+            now=now - 600,
+            who="phone",
+            ports="443",
+            proto="tcp",
+            duration=parse_duration("1h"),
+            note="prompt p1",
+            rule_id="r2",
+        ),
+        hits=12,
+        last_hit=now - 28,
+    )
+    gw.put_rule(
+        make_rule(
+            "allow",
+            "git.internal",
+            now=now - 300,
+            who="laptop",
+            ports="22",
+            proto="tcp",
+            duration=parse_duration("restart"),
+            rule_id="r3",
+        ),
+        hits=1,
+        last_hit=now - 18,
+    )
 
 
 def demo_events(gw: FakeGateway) -> list[ev.Event]:
@@ -232,6 +455,7 @@ def demo_events(gw: FakeGateway) -> list[ev.Event]:
             dst_port=443,
             hostname="api.example.com",
             route="tls",
+            rule="r2",
         ),
         ev.TlsHost(ts=now - 28, peer="phone", sni="api.example.com", alpn="h2"),
         ev.HttpRequest(
@@ -279,6 +503,7 @@ def demo_events(gw: FakeGateway) -> list[ev.Event]:
             dst_port=22,
             hostname="git.internal",
             route="vip",
+            rule="r3",
         ),
         ev.TcpOpened(
             ts=now - 15,
@@ -313,6 +538,8 @@ def demo_events(gw: FakeGateway) -> list[ev.Event]:
             route="tls",
             duration=0.2,
             error="denied by policy",
+            verdict="deny",
+            rule="r1",
         ),
     ]
     return sorted(out, key=lambda e: e.ts)

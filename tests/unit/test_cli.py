@@ -178,6 +178,8 @@ def test_list_shows_live_stats(capsys: pytest.CaptureFixture[str], state_dir: Pa
         "ip",
         "public_key",
         "created",
+        "policy",
+        "fallback",
         "endpoint",
         "last_handshake",
         "rx_bytes",

@@ -23,6 +23,9 @@ from unclaw_tui.engine._wgstack_cffi import ffi, lib
 from unclaw_tui.engine.outcomes import CloseReason, SpliceOutcome
 
 Endpoint = tuple[str, int]  # (host, port); IPv6 host without brackets
+# Our side of an endpoint: (the local address a datagram arrived on, its interface index), to
+# send the answers from; None: the kernel picks (see wg_endpoint in _wgstack.h).
+Local = tuple[str, int]
 
 EV_HANDSHAKE_PACKET: int = lib.WG_EV_HANDSHAKE_PACKET
 EV_NEED_HANDSHAKE: int = lib.WG_EV_NEED_HANDSHAKE
@@ -134,6 +137,7 @@ class EngineEvent:
     arg: int
     src: Endpoint | None
     data: bytes
+    local: Local | None = None  # where src's datagram arrived; answers leave from there
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +153,7 @@ class PeerStats:
     has_current: bool
     staged: int
     udp_share_drops: int = 0  # UDP datagrams refused: the peer held its share of the queue
+    local: Local | None = None  # our address the peer last wrote to
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +235,7 @@ def _peer_stats(out: Any) -> PeerStats:
         has_current=bool(out.has_current),
         staged=out.staged,
         udp_share_drops=out.udp_share_drops,
+        local=_local_from_c(out.endpoint),
     )
 
 
@@ -266,8 +272,8 @@ def _parse_endpoint(
     return addr, port
 
 
-def _endpoint_to_c(endpoint: Endpoint, out: Any) -> Any:
-    """Fill the `wg_endpoint *` out, and return it."""
+def _endpoint_to_c(endpoint: Endpoint, out: Any, local: Local | None = None) -> Any:
+    """Fill the `wg_endpoint *` out (with our side, local, when known), and return it."""
     addr, port = _parse_endpoint(endpoint, "endpoint")
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped  # the engine reports v4-mapped sources as IPv4 too
@@ -275,7 +281,31 @@ def _endpoint_to_c(endpoint: Endpoint, out: Any) -> Any:
     packed = addr.packed
     out.addr[0 : len(packed)] = packed
     out.port = port
+    out.local[0:16] = bytes(16)
+    out.ifindex = 0
+    if local is not None:
+        try:
+            laddr = ipaddress.ip_address(local[0])
+            ifindex = _u32(local[1], "ifindex")
+        except (TypeError, ValueError, IndexError) as exc:
+            raise EngineError(EINVAL, f"bad local address {local!r}") from exc
+        if isinstance(laddr, ipaddress.IPv6Address) and laddr.ipv4_mapped is not None:
+            laddr = laddr.ipv4_mapped
+        if laddr.version != addr.version:
+            raise EngineError(EINVAL, f"local address {local!r} is not of {endpoint!r}'s family")
+        out.local[0 : len(laddr.packed)] = laddr.packed
+        out.ifindex = ifindex
     return out
+
+
+def _local_from_c(ep: Any) -> Local | None:
+    size = {4: 4, 6: 16}.get(ep.family)
+    if size is None:
+        return None
+    packed = bytes(ep.local[0:size])
+    if not any(packed):
+        return None
+    return str(ipaddress.ip_address(packed)), int(ep.ifindex)
 
 
 def _endpoint_from_c(ep: Any) -> Endpoint | None:
@@ -292,8 +322,22 @@ def _ipv4_str(addr: int) -> str:
 
 
 def _flow(c: Any) -> tuple[Endpoint, Endpoint]:
-    """(src, dst) of a C struct's IPv4 src_ip, src_port, dst_ip, dst_port."""
+    """(src, dst) of a C struct's src_ip, src_port, dst_ip, dst_port (IPv4), or of its
+    src_addr / dst_addr when it has a family and that is 6."""
+    if getattr(c, "family", 4) == 6:
+        src = str(ipaddress.IPv6Address(bytes(c.src_addr[0:16])))
+        dst = str(ipaddress.IPv6Address(bytes(c.dst_addr[0:16])))
+        return (src, c.src_port), (dst, c.dst_port)
     return (_ipv4_str(c.src_ip), c.src_port), (_ipv4_str(c.dst_ip), c.dst_port)
+
+
+def _addr_pair(a: Endpoint, b: Endpoint) -> tuple[int, bytes, int, bytes, int]:
+    """(family, a's packed address, a's port, b's, b's) of two endpoints of one family."""
+    a_addr, a_port = _parse_endpoint(a, "endpoint")
+    b_addr, b_port = _parse_endpoint(b, "endpoint")
+    if a_addr.version != b_addr.version:
+        raise EngineError(EINVAL, f"{a!r} and {b!r} are not of one family")
+    return a_addr.version, a_addr.packed, a_port, b_addr.packed, b_port
 
 
 def _ipv4_endpoint_to_c(endpoint: Endpoint, what: str) -> tuple[int, int]:
@@ -339,9 +383,11 @@ class Engine:
         tcp_max_conns: int = 0,
         tcp_max_conns_per_peer: int = 0,
         tcp_max_half_open_per_peer: int = 0,
+        tunnel_ip6: str | None = None,
     ) -> None:
         """TCP settings 0 take the engine's defaults (256 KiB buffers each way, 65536
-        connections, 4096 per peer, 256 half-open per peer)."""
+        connections, 4096 per peer, 256 half-open per peer).  tunnel_ip6: the gateway's IPv6
+        tunnel address (ICMPv6 echo to it is answered), None for none."""
         self._engine: Any = None
         self._worker: Any = None
         self._lock_owner: int | None = None
@@ -351,6 +397,11 @@ class Engine:
         cfg = ffi.new("wg_config *")
         cfg.tunnel_ip = ip
         cfg.tunnel_prefix_len = prefix_len
+        if tunnel_ip6 is not None:
+            try:
+                cfg.tunnel_ip6 = list(ipaddress.IPv6Address(tunnel_ip6).packed)
+            except ValueError as exc:
+                raise EngineError(EINVAL, f"bad tunnel_ip6 {tunnel_ip6!r}") from exc
         cfg.mtu = mtu
         cfg.max_peers = max_peers
         cfg.staged_per_peer = staged_per_peer
@@ -517,8 +568,12 @@ class Engine:
         packed = net.network_address.packed
         self._peer_call(lib.wg_peer_add_allowed_ip, peer_id, net.version, packed, net.prefixlen)
 
-    def peer_set_endpoint(self, peer_id: int, endpoint: Endpoint) -> None:
-        self._peer_call(lib.wg_peer_set_endpoint, peer_id, _endpoint_to_c(endpoint, self._endpoint))
+    def peer_set_endpoint(
+        self, peer_id: int, endpoint: Endpoint, local: Local | None = None
+    ) -> None:
+        """Without local, an unchanged endpoint keeps the local side its packets taught C."""
+        ep = _endpoint_to_c(endpoint, self._endpoint, local)
+        self._peer_call(lib.wg_peer_set_endpoint, peer_id, ep)
 
     def install_keypair(
         self,
@@ -569,15 +624,18 @@ class Engine:
 
     # The sans-IO core
 
-    def input(self, data: bytes, src: Endpoint, now: float) -> None:
+    def input(self, data: bytes, src: Endpoint, now: float, local: Local | None = None) -> None:
         if not isinstance(data, bytes):
             raise EngineError(EINVAL, "data must be bytes")  # the batch path is io_recv
-        self._call(lib.wg_input, data, len(data), _endpoint_to_c(src, self._endpoint), now)
+        ep = _endpoint_to_c(src, self._endpoint, local)
+        self._call(lib.wg_input, data, len(data), ep, now)
 
-    def send_raw(self, data: bytes, dst: Endpoint) -> None:
+    def send_raw(self, data: bytes, dst: Endpoint, local: Local | None = None) -> None:
+        """Queue data for dst, leaving from our address local (None: the kernel picks)."""
         if not isinstance(data, bytes) or not data:
             raise EngineError(EINVAL, "data must be non-empty bytes")
-        self._call(lib.wg_send_raw, data, len(data), _endpoint_to_c(dst, self._endpoint))
+        ep = _endpoint_to_c(dst, self._endpoint, local)
+        self._call(lib.wg_send_raw, data, len(data), ep)
 
     def send_inner(self, packet: bytes, now: float) -> None:
         if not isinstance(packet, bytes) or not packet:
@@ -614,12 +672,23 @@ class Engine:
             out.append((ffi.buffer(buf, n)[:], endpoint))
         return out
 
+    def outputs_local(self) -> list[tuple[bytes, Endpoint, Local | None]]:
+        """outputs(), each with the local address it is to leave from."""
+        e, buf, dst = self._e, self._out_buf, self._out_dst
+        out: list[tuple[bytes, Endpoint, Local | None]] = []
+        while (n := _check(lib.wg_next_output(e, buf, _OUTPUT_BUF_SIZE, dst), "outputs")) > 0:
+            endpoint = _endpoint_from_c(dst)
+            assert endpoint is not None
+            out.append((ffi.buffer(buf, n)[:], endpoint, _local_from_c(dst)))
+        return out
+
     def events(self) -> list[EngineEvent]:
         e, ev = self._e, self._event
         out: list[EngineEvent] = []
         while lib.wg_next_event(e, ev):
             data = ffi.buffer(ev.data, ev.len)[:]
-            out.append(EngineEvent(ev.type, ev.peer_id, ev.arg, _endpoint_from_c(ev.src), data))
+            src, local = _endpoint_from_c(ev.src), _local_from_c(ev.src)
+            out.append(EngineEvent(ev.type, ev.peer_id, ev.arg, src, data, local))
         return out
 
     def drop_counts(self) -> dict[str, int]:
@@ -832,26 +901,31 @@ class Engine:
 
     def udp_send(self, src: Endpoint, dst: Endpoint, data: bytes, now: float) -> None:
         """A datagram to a peer: src = (the original destination ip, port), dst = (the peer's
-        tunnel ip, port).  EngineError(EMSGSIZE) when it would not fit in the MTU."""
-        src_ip, src_port = _ipv4_endpoint_to_c(src, "src")
-        dst_ip, dst_port = _ipv4_endpoint_to_c(dst, "dst")
+        tunnel ip, port), both IPv4 or both IPv6.  EngineError(EMSGSIZE) when it would not fit
+        in the MTU."""
+        family, src_addr, src_port, dst_addr, dst_port = _addr_pair(src, dst)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise EngineError(EINVAL, "data must be bytes")
         source = data if isinstance(data, bytes) else ffi.from_buffer(data)
-        self._call(lib.wg_udp_send, src_ip, src_port, dst_ip, dst_port, source, len(source), now)
+        self._call(
+            lib.wg_udp_send_addr,
+            family, src_addr, src_port, dst_addr, dst_port, source, len(source), now,
+        )  # fmt: skip
 
     def icmp_unreachable(
         self, peer: Endpoint, dst: Endpoint, proto: int, code: int, now: float
     ) -> None:
         """ICMP destination unreachable (code: ICMP_PORT_UNREACHABLE, ICMP_ADMIN_PROHIBITED,
         ICMP_HOST_UNREACHABLE...) to the peer's (ip, port), as if from dst, about its proto flow."""
-        peer_ip, peer_port = _ipv4_endpoint_to_c(peer, "peer")
-        dst_ip, dst_port = _ipv4_endpoint_to_c(dst, "dst")
+        family, peer_ip, peer_port, dst_ip, dst_port = _addr_pair(peer, dst)
         if not isinstance(proto, int) or not 0 <= proto < 256:
             raise EngineError(EINVAL, "proto must be 0..255")
         if not isinstance(code, int) or not 0 <= code < 16:
             raise EngineError(EINVAL, "code must be 0..15")
-        self._call(lib.wg_icmp_unreachable, peer_ip, peer_port, dst_ip, dst_port, proto, code, now)
+        self._call(
+            lib.wg_icmp_unreachable_addr,
+            family, peer_ip, peer_port, dst_ip, dst_port, proto, code, now,
+        )  # fmt: skip
 
     # The IO helper over a UDP socket Python owns
 

@@ -29,6 +29,9 @@
 #include <sys/uio.h>
 
 #define IO_BATCH 64
+/* Room for one IP_PKTINFO or IPV6_PKTINFO (the larger), with a spare: a datagram's ancillary
+ * data; a cmsg that does not fit is cut off (MSG_CTRUNC) and only costs the local address. */
+#define IO_CMSG_SPACE (CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(struct in_pktinfo)))
 #define IO_RX_BUF_SIZE 65536u /* a whole UDP datagram, so nothing is silently truncated */
 #define ICMP_DEST_UNREACHABLE 3
 
@@ -59,6 +62,7 @@ static const char *const drop_reason_names[WG_DROP__COUNT] = {
     [WG_DROP_UDP_TOO_LARGE] = "udp_too_large",
     [WG_DROP_UDP_PEER_SHARE] = "udp_peer_share",
     [WG_DROP_HANDSHAKE_FLOOD] = "handshake_flood",
+    [WG_DROP_IPV6_EXT] = "ipv6_ext",
 };
 
 /* ---- Fast relay: SYNs to approved destinations spliced without the owner ------------------ */
@@ -138,6 +142,7 @@ static bool fast_report_room(wg_engine *e) {
 static bool fast_relay_take(wg_engine *e, uint32_t conn_id) {
     tcp_conn_info info;
     if (tcp_get_info(e->tcp, conn_id, &info) != 0) return false;
+    if (info.family != 4) return false; /* approvals are of IPv4 destinations (yet) */
     if (!fast_relay_approved(e, info.peer_id, info.dst_ip, info.dst_port) ||
         !fast_relay_room(e, info.peer_id) || !fast_report_room(e))
         return false;
@@ -255,12 +260,15 @@ static bool ipv4_is_group(const wg_engine *e, uint32_t addr) {
 int hub_udp_input(wg_engine *e, uint32_t id, const wire_ip_repr *ip) {
     const uint8_t *udp = ip->payload;
     size_t udp_len = ip->payload_len >= 8 ? rd16be(udp + 4) : 0;
+    bool v6 = ip->family == 6;
     if (udp_len < 8 || udp_len > ip->payload_len || rd16be(udp + 2) == 0) return WG_DROP_BAD_IP;
+    if (v6 && rd16be(udp + 6) == 0) return WG_DROP_BAD_IP; /* IPv6 UDP must carry one (RFC 8200 8.1) */
     if (rd16be(udp + 6) != 0 && /* zero: no checksum (RFC 768) */
-        csum_finish(csum_add(wire_pseudo_sum(4, ip->src, ip->dst, ip->proto, udp_len), udp, udp_len)))
+        csum_finish(csum_add(wire_pseudo_sum(ip->family, ip->src, ip->dst, ip->proto, udp_len), udp, udp_len)))
         return WG_DROP_BAD_IP;
-    uint32_t dst = rd32be(ip->dst);
-    if (ipv4_is_group(e, dst)) return WG_DROP_UNHANDLED; /* mDNS, SSDP, broadcasts: no flow */
+    uint32_t dst = v6 ? 0 : rd32be(ip->dst);
+    /* mDNS, SSDP, broadcasts, IPv6 multicast: no flow */
+    if (v6 ? !wire_addr_unicast(6, ip->dst) : ipv4_is_group(e, dst)) return WG_DROP_UNHANDLED;
     uint32_t payload_len = (uint32_t)(udp_len - 8);
     if (e->udp_count == WG_UDP_QUEUE_MAX || payload_len > WG_UDP_ARENA_SIZE - e->udp_arena_used)
         return WG_DROP_UDP_OVERFLOW;
@@ -279,8 +287,13 @@ int hub_udp_input(wg_engine *e, uint32_t id, const wire_ip_repr *ip) {
     p->udp_bytes += payload_len;
     wg_udp_meta *m = &e->udp_meta[e->udp_count++];
     m->peer_id = (int32_t)id;
-    m->src_ip = rd32be(ip->src);
+    m->family = ip->family;
+    m->src_ip = v6 ? 0 : rd32be(ip->src);
     m->dst_ip = dst;
+    memset(m->src_addr, 0, sizeof m->src_addr);
+    memset(m->dst_addr, 0, sizeof m->dst_addr);
+    memcpy(m->src_addr, ip->src, wire_addr_len(ip->family));
+    memcpy(m->dst_addr, ip->dst, wire_addr_len(ip->family));
     m->src_port = rd16be(udp);
     m->dst_port = rd16be(udp + 2);
     m->offset = e->udp_arena_used;
@@ -314,25 +327,42 @@ int wg_udp_drain(wg_engine *e, wg_udp_meta *out, int max, const uint8_t **arena)
     return n;
 }
 
-int wg_udp_send(wg_engine *e, uint32_t src_ip, uint16_t src_port, uint32_t dst_ip,
-                uint16_t dst_port, const uint8_t *data, size_t len, double now) {
-    if (!data && len) return WG_EINVAL;
-    if (len > (size_t)e->cfg.mtu - 28) {
+/* An IPv6 packet the engine builds to the peer owning its destination. */
+static bool ipv6_send(wg_engine *e, wire_ip_repr *ip, uint8_t *pkt, double now) {
+    wire_ip_emit(ip, pkt);
+    return dp_route_send(e, 6, ip->dst, pkt, 40 + ip->payload_len, now);
+}
+
+int wg_udp_send_addr(wg_engine *e, uint8_t family, const uint8_t *src, uint16_t src_port,
+                     const uint8_t *dst, uint16_t dst_port, const uint8_t *data, size_t len,
+                     double now) {
+    if ((!data && len) || !src || !dst || (family != 4 && family != 6)) return WG_EINVAL;
+    size_t hlen = family == 4 ? 20 : 40;
+    if (len > (size_t)e->cfg.mtu - hlen - 8) {
         count_drop(e, WG_DROP_UDP_TOO_LARGE);
         return WG_EMSGSIZE;
     }
     e->now = now;
-    wire_ip_repr ip = wire_ipv4_repr(src_ip, dst_ip, WIRE_PROTO_UDP, 8 + len);
-    uint8_t *udp = e->tx_scratch + 20;
+    wire_ip_repr ip = wire_ip_repr_of(family, src, dst, WIRE_PROTO_UDP, 8 + len);
+    uint8_t *udp = e->tx_scratch + hlen;
     wr16be(udp, src_port);
     wr16be(udp + 2, dst_port);
     wr16be(udp + 4, (uint16_t)(8 + len));
     wr16be(udp + 6, 0);
     if (len) memcpy(udp + 8, data, len);
-    uint16_t sum = csum_finish(csum_add(wire_pseudo_sum(4, ip.src, ip.dst, WIRE_PROTO_UDP, 8 + len), udp, 8 + len));
+    uint16_t sum = csum_finish(csum_add(wire_pseudo_sum(family, ip.src, ip.dst, WIRE_PROTO_UDP, 8 + len), udp, 8 + len));
     wr16be(udp + 6, sum ? sum : 0xffff); /* a computed zero is sent as all ones (RFC 768) */
-    if (ipv4_send(e, &ip, e->tx_scratch, now)) e->stats.udp_tx++;
+    bool sent = family == 4 ? ipv4_send(e, &ip, e->tx_scratch, now) : ipv6_send(e, &ip, e->tx_scratch, now);
+    if (sent) e->stats.udp_tx++;
     return 0;
+}
+
+int wg_udp_send(wg_engine *e, uint32_t src_ip, uint16_t src_port, uint32_t dst_ip,
+                uint16_t dst_port, const uint8_t *data, size_t len, double now) {
+    uint8_t src[4], dst[4];
+    wr32be(src, src_ip);
+    wr32be(dst, dst_ip);
+    return wg_udp_send_addr(e, 4, src, src_port, dst, dst_port, data, len, now);
 }
 
 int wg_icmp_unreachable(wg_engine *e, uint32_t peer_ip, uint16_t peer_port, uint32_t dst_ip,
@@ -353,6 +383,42 @@ int wg_icmp_unreachable(wg_engine *e, uint32_t peer_ip, uint16_t peer_port, uint
     if (proto == WIRE_PROTO_UDP) wr16be(ports + 4, 8); /* length; checksum 0 = none */
     wr16be(icmp + 2, csum_finish(csum_add(0, icmp, 8 + 28)));
     if (ipv4_send(e, &ip, e->tx_scratch, now)) e->stats.icmp_unreachables++;
+    return 0;
+}
+
+#define ICMPV6_DEST_UNREACHABLE 1
+
+int wg_icmp_unreachable_addr(wg_engine *e, uint8_t family, const uint8_t *peer_ip,
+                             uint16_t peer_port, const uint8_t *dst_ip, uint16_t dst_port,
+                             uint8_t proto, uint8_t code, double now) {
+    if (!peer_ip || !dst_ip) return WG_EINVAL;
+    if (family == 4)
+        return wg_icmp_unreachable(e, rd32be(peer_ip), peer_port, rd32be(dst_ip), dst_port, proto,
+                                   code, now);
+    if (family != 6) return WG_EINVAL;
+    uint8_t code6; /* RFC 4443 3.1 for RFC 792's */
+    switch (code) {
+    case 3: code6 = 4; break;  /* port unreachable */
+    case 13: code6 = 1; break; /* administratively prohibited */
+    case 1: code6 = 3; break;  /* host / address unreachable */
+    default: return WG_EINVAL;
+    }
+    e->now = now;
+    size_t l4 = proto == WIRE_PROTO_TCP ? 20 : 8;
+    wire_ip_repr ip = wire_ip_repr_of(6, dst_ip, peer_ip, WIRE_PROTO_ICMPV6, 8 + 40 + l4);
+    uint8_t *icmp = e->tx_scratch + 40;
+    memset(icmp, 0, 8 + 40 + l4);
+    icmp[0] = ICMPV6_DEST_UNREACHABLE;
+    icmp[1] = code6;
+    /* The packet that "failed": the client's own, as it would have looked. */
+    wire_ip_repr orig = wire_ip_repr_of(6, peer_ip, dst_ip, proto, l4);
+    uint8_t *ports = icmp + 8 + wire_ip_emit(&orig, icmp + 8);
+    wr16be(ports, peer_port);
+    wr16be(ports + 2, dst_port);
+    if (proto == WIRE_PROTO_UDP) wr16be(ports + 4, 8);
+    uint32_t sum = wire_pseudo_sum(6, ip.src, ip.dst, WIRE_PROTO_ICMPV6, 8 + 40 + l4);
+    wr16be(icmp + 2, csum_finish(csum_add(sum, icmp, 8 + 40 + l4)));
+    if (ipv6_send(e, &ip, e->tx_scratch, now)) e->stats.icmp_unreachables++;
     return 0;
 }
 
@@ -504,7 +570,78 @@ int wg_io_attach(wg_engine *e, int fd, int family) {
     }
     e->io_fd = fd;
     e->io_family = family;
+    /* Learn each datagram's local address, to answer from it.  Best effort: without it replies
+     * leave from the address the route picks, as before. */
+    int on = 1;
+    if (family == 4) {
+        (void)setsockopt(fd, IPPROTO_IP, IP_PKTINFO, &on, sizeof on);
+    } else {
+        /* IPv4 datagrams on the dual-stack socket come with a v4-mapped IPV6_PKTINFO */
+        (void)setsockopt(fd, IPPROTO_IPV6, IPV6_RECVPKTINFO, &on, sizeof on);
+    }
     return 0;
+}
+
+static const uint8_t v4mapped_prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+
+/* ep's local side from a received datagram's ancillary data (IP_PKTINFO / IPV6_PKTINFO). */
+static void endpoint_local_from_cmsg(struct msghdr *mh, wg_endpoint *ep) {
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c)) {
+        if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO && ep->family == 4 &&
+            c->cmsg_len >= CMSG_LEN(sizeof(struct in_pktinfo))) {
+            struct in_pktinfo pi;
+            memcpy(&pi, CMSG_DATA(c), sizeof pi);
+            memcpy(ep->local, &pi.ipi_addr, 4);
+            ep->ifindex = (uint32_t)pi.ipi_ifindex;
+            return;
+        }
+        if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO &&
+            c->cmsg_len >= CMSG_LEN(sizeof(struct in6_pktinfo))) {
+            struct in6_pktinfo pi;
+            memcpy(&pi, CMSG_DATA(c), sizeof pi);
+            const uint8_t *a = (const uint8_t *)&pi.ipi6_addr;
+            bool mapped = !memcmp(a, v4mapped_prefix, 12);
+            if ((ep->family == 4) != mapped) return; /* does not match the source's family */
+            memcpy(ep->local, mapped ? a + 12 : a, mapped ? 4 : 16);
+            ep->ifindex = pi.ipi6_ifindex;
+            return;
+        }
+    }
+}
+
+/* The ancillary data that makes a datagram to dst leave from dst's local side: writes it at
+ * buf (IO_CMSG_SPACE bytes, aligned) and returns its length; 0 when the kernel is to pick. */
+static size_t endpoint_local_to_cmsg(const wg_engine *e, const wg_endpoint *dst, uint8_t *buf) {
+    static const uint8_t zero[16];
+    size_t alen = wire_addr_len(dst->family);
+    if (memcmp(dst->local, zero, alen) == 0) return 0;
+    struct msghdr mh = {.msg_control = buf, .msg_controllen = IO_CMSG_SPACE};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    memset(buf, 0, IO_CMSG_SPACE);
+    if (e->io_family == 4) {
+        struct in_pktinfo pi = {0};
+        memcpy(&pi.ipi_spec_dst, dst->local, 4); /* the source; routing still picks the way */
+        c->cmsg_level = IPPROTO_IP;
+        c->cmsg_type = IP_PKTINFO;
+        c->cmsg_len = CMSG_LEN(sizeof pi);
+        memcpy(CMSG_DATA(c), &pi, sizeof pi);
+        return CMSG_SPACE(sizeof pi);
+    }
+    struct in6_pktinfo pi = {0};
+    uint8_t *a = (uint8_t *)&pi.ipi6_addr;
+    if (dst->family == 4) {
+        memcpy(a, v4mapped_prefix, 12);
+        memcpy(a + 12, dst->local, 4);
+    } else {
+        memcpy(a, dst->local, 16);
+        /* a link-local source is only meaningful on its own link */
+        if (a[0] == 0xfe && (a[1] & 0xc0) == 0x80) pi.ipi6_ifindex = dst->ifindex;
+    }
+    c->cmsg_level = IPPROTO_IPV6;
+    c->cmsg_type = IPV6_PKTINFO;
+    c->cmsg_len = CMSG_LEN(sizeof pi);
+    memcpy(CMSG_DATA(c), &pi, sizeof pi);
+    return CMSG_SPACE(sizeof pi);
 }
 
 static bool sockaddr_to_endpoint(const struct sockaddr_storage *ss, wg_endpoint *ep) {
@@ -569,10 +706,12 @@ int wg_io_flush(wg_engine *e) {
         struct mmsghdr msgs[IO_BATCH];
         struct iovec iov[IO_BATCH];
         struct sockaddr_storage addrs[IO_BATCH];
+        _Alignas(struct cmsghdr) uint8_t ctl[IO_BATCH][IO_CMSG_SPACE];
         unsigned n = 0;
         while (n < IO_BATCH && n < e->out_count) {
             uint32_t slot = (e->out_head + n) % OUTPUT_RING_SIZE;
-            socklen_t alen = endpoint_to_sockaddr(e, &e->out_meta[slot].dst, &addrs[n]);
+            const wg_endpoint *dst = &e->out_meta[slot].dst;
+            socklen_t alen = endpoint_to_sockaddr(e, dst, &addrs[n]);
             if (!alen) break;
             iov[n].iov_base = e->out_bufs + (size_t)slot * e->out_slot_size;
             iov[n].iov_len = e->out_meta[slot].len;
@@ -581,6 +720,11 @@ int wg_io_flush(wg_engine *e) {
             msgs[n].msg_hdr.msg_namelen = alen;
             msgs[n].msg_hdr.msg_iov = &iov[n];
             msgs[n].msg_hdr.msg_iovlen = 1;
+            size_t clen = endpoint_local_to_cmsg(e, dst, ctl[n]);
+            if (clen) {
+                msgs[n].msg_hdr.msg_control = ctl[n];
+                msgs[n].msg_hdr.msg_controllen = clen;
+            }
             n++;
         }
         if (n == 0) { /* the head datagram's address is unusable on this socket */
@@ -592,6 +736,13 @@ int wg_io_flush(wg_engine *e) {
         if (r < 0) {
             if (errno == EINTR) continue;
             if (errno_is_again(errno)) break;
+            wg_endpoint *head = &e->out_meta[e->out_head].dst;
+            if ((errno == EINVAL || errno == EADDRNOTAVAIL) && memcmp(head->local, (uint8_t[16]){0}, 16)) {
+                /* our address went away (or moved): send it from whatever the route picks */
+                memset(head->local, 0, sizeof head->local);
+                head->ifindex = 0;
+                continue;
+            }
             count_drop(e, WG_DROP_SEND_ERROR);
             output_pop(e);
             continue;
@@ -611,6 +762,7 @@ int wg_io_recv(wg_engine *e, double now, int max_datagrams) {
         struct mmsghdr msgs[IO_BATCH];
         struct iovec iov[IO_BATCH];
         struct sockaddr_storage addrs[IO_BATCH];
+        _Alignas(struct cmsghdr) uint8_t ctl[IO_BATCH][IO_CMSG_SPACE];
         unsigned want = (unsigned)(max_datagrams - total < IO_BATCH ? max_datagrams - total : IO_BATCH);
         for (unsigned i = 0; i < want; i++) {
             iov[i].iov_base = e->io_rx_bufs + (size_t)i * IO_RX_BUF_SIZE;
@@ -620,6 +772,8 @@ int wg_io_recv(wg_engine *e, double now, int max_datagrams) {
             msgs[i].msg_hdr.msg_namelen = sizeof addrs[i];
             msgs[i].msg_hdr.msg_iov = &iov[i];
             msgs[i].msg_hdr.msg_iovlen = 1;
+            msgs[i].msg_hdr.msg_control = ctl[i];
+            msgs[i].msg_hdr.msg_controllen = IO_CMSG_SPACE;
         }
         int r = recvmmsg(e->io_fd, msgs, want, MSG_DONTWAIT, NULL);
         if (r < 0) {
@@ -633,6 +787,7 @@ int wg_io_recv(wg_engine *e, double now, int max_datagrams) {
                 continue;
             }
             if (!sockaddr_to_endpoint(&addrs[i], &src)) continue;
+            endpoint_local_from_cmsg(&msgs[i].msg_hdr, &src);
             wg_input(e, iov[i].iov_base, msgs[i].msg_len, &src, now);
         }
         total += r;

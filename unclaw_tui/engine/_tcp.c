@@ -79,7 +79,10 @@ typedef struct {
 } seq_range;
 
 typedef struct tcp_conn {
-    uint32_t id, peer_id, src_ip, dst_ip;
+    uint32_t id, peer_id;
+    uint32_t src_ip, dst_ip;               /* table keys: the IPv4 address, an IPv6 one's fold */
+    uint8_t family;                        /* 4 or 6 */
+    uint8_t src_addr[16], dst_addr[16];    /* network order, 4 bytes used for IPv4 */
     uint16_t src_port, dst_port;
     uint8_t state, close_reason;
     uint8_t released, hashed, closed_notified;
@@ -315,12 +318,22 @@ static uint32_t tuple_hash(const tcp_stack *s, uint32_t peer_id, uint32_t src_ip
     return h & s->bucket_mask;
 }
 
-static tcp_conn *conn_lookup(tcp_stack *s, uint32_t peer_id, uint32_t src_ip, uint16_t sport,
-                             uint32_t dst_ip, uint16_t dport) {
+/* The table key of an address: IPv4's own 32 bits, or a fold of IPv6's 128 (lookups compare
+ * the whole address after the key). */
+static uint32_t addr_key(uint8_t family, const uint8_t *a) {
+    if (family == 4) return rd32be(a);
+    return mix32(rd32be(a) ^ mix32(rd32be(a + 4) ^ mix32(rd32be(a + 8) ^ mix32(rd32be(a + 12)))));
+}
+
+static tcp_conn *conn_lookup(tcp_stack *s, uint32_t peer_id, uint8_t family, const uint8_t *src,
+                             uint32_t src_ip, uint16_t sport, const uint8_t *dst, uint32_t dst_ip,
+                             uint16_t dport) {
     tcp_conn *c = s->buckets[tuple_hash(s, peer_id, src_ip, sport, dst_ip, dport)];
+    size_t alen = wire_addr_len(family);
     for (; c; c = c->hnext)
         if (c->peer_id == peer_id && c->src_ip == src_ip && c->dst_ip == dst_ip &&
-            c->src_port == sport && c->dst_port == dport)
+            c->src_port == sport && c->dst_port == dport && c->family == family &&
+            (family == 4 || (!memcmp(c->src_addr, src, alen) && !memcmp(c->dst_addr, dst, alen))))
             return c;
     return NULL;
 }
@@ -420,16 +433,18 @@ static void conn_closed(tcp_stack *s, tcp_conn *c, int reason) {
 }
 
 /* ---- Output -------------------------------------------------------------------------------- */
-static void emit_packet(tcp_stack *s, uint32_t peer_id, uint32_t src_ip, uint16_t sport,
-                        uint32_t dst_ip, uint16_t dport, uint32_t seq, uint32_t ack, uint8_t flags,
-                        uint16_t wnd, const uint8_t *opt, uint32_t optlen, const tcp_conn *c,
-                        uint32_t data_off, uint32_t dlen) {
+static void emit_packet(tcp_stack *s, uint32_t peer_id, uint8_t family, const uint8_t *src,
+                        uint16_t sport, const uint8_t *dst, uint16_t dport, uint32_t seq,
+                        uint32_t ack, uint8_t flags, uint16_t wnd, const uint8_t *opt,
+                        uint32_t optlen, const tcp_conn *c, uint32_t data_off, uint32_t dlen) {
     uint8_t *p = s->pkt;
-    uint32_t thl = 20 + optlen, tot = 20 + thl + dlen;
-    wire_ip_repr ip = wire_ipv4_repr(src_ip, dst_ip, WIRE_PROTO_TCP, thl + dlen);
+    uint32_t thl = 20 + optlen;
+    wire_ip_repr ip = wire_ip_repr_of(family, src, dst, WIRE_PROTO_TCP, thl + dlen);
     ip.id = s->ip_id++;
     ip.dont_fragment = true; /* the tunnel MTU is known, MSS fits it */
-    uint8_t *t = p + wire_ip_emit(&ip, p);
+    size_t hlen = wire_ip_emit(&ip, p);
+    uint32_t tot = (uint32_t)hlen + thl + dlen;
+    uint8_t *t = p + hlen;
     wr16be(t, sport);
     wr16be(t + 2, dport);
     wr32be(t + 4, seq);
@@ -446,7 +461,7 @@ static void emit_packet(tcp_stack *s, uint32_t peer_id, uint32_t src_ip, uint16_
         memcpy(t + thl, c->sbuf + pos, first);
         memcpy(t + thl + first, c->sbuf, dlen - first);
     }
-    uint32_t sum = wire_pseudo_sum(4, ip.src, ip.dst, WIRE_PROTO_TCP, thl + dlen);
+    uint32_t sum = wire_pseudo_sum(family, ip.src, ip.dst, WIRE_PROTO_TCP, thl + dlen);
     wr16be(t + 16, csum_finish(csum_add(sum, t, thl + dlen)));
     s->st.segs_out++;
     if (flags & F_RST) s->st.rsts_out++;
@@ -491,7 +506,7 @@ static void conn_emit(tcp_stack *s, tcp_conn *c, uint32_t seq, uint8_t flags, ui
         opt[3] = (uint8_t)(2 + 8 * nb);
         optlen = 4 + 8 * nb;
     }
-    emit_packet(s, c->peer_id, c->dst_ip, c->dst_port, c->src_ip, c->src_port, seq,
+    emit_packet(s, c->peer_id, c->family, c->dst_addr, c->dst_port, c->src_addr, c->src_port, seq,
                 (flags & F_ACK) ? c->rcv_nxt : 0, flags, wnd, optlen ? opt : NULL, optlen, c,
                 data_off, dlen);
     if (flags & F_ACK) {
@@ -543,7 +558,7 @@ static void send_synack(tcp_stack *s, tcp_conn *c) {
     uint32_t optlen = 4;
     opt[0] = 2; /* MSS */
     opt[1] = 4;
-    wr16be(opt + 2, s->mss);
+    wr16be(opt + 2, (uint16_t)(s->mss - (c->family == 6 ? 20 : 0))); /* IPv6's header is 20 longer */
     if (c->wscale_ok) {
         opt[optlen++] = 1; /* NOP */
         opt[optlen++] = 3; /* window scale */
@@ -559,15 +574,15 @@ static void send_synack(tcp_stack *s, tcp_conn *c) {
     /* the window in a SYN is never scaled (RFC 7323 2.2) */
     uint32_t wnd = min_u32(c->rcap, 0xffff);
     c->rcv_adv = c->rcv_nxt + wnd;
-    emit_packet(s, c->peer_id, c->dst_ip, c->dst_port, c->src_ip, c->src_port, c->iss, c->rcv_nxt,
+    emit_packet(s, c->peer_id, c->family, c->dst_addr, c->dst_port, c->src_addr, c->src_port, c->iss, c->rcv_nxt,
                 F_SYN | F_ACK, (uint16_t)wnd, opt, optlen, c, 0, 0);
 }
 
-static void send_rst_reply(tcp_stack *s, uint32_t peer_id, uint32_t src_ip, uint16_t sport,
-                           uint32_t dst_ip, uint16_t dport, uint32_t seq, uint32_t ack,
-                           uint8_t flags) {
+static void send_rst_reply(tcp_stack *s, uint32_t peer_id, uint8_t family, const uint8_t *src,
+                           uint16_t sport, const uint8_t *dst, uint16_t dport, uint32_t seq,
+                           uint32_t ack, uint8_t flags) {
     /* src/dst as in the incoming segment; the reply swaps them */
-    emit_packet(s, peer_id, dst_ip, dport, src_ip, sport, seq, ack, flags, 0, NULL, 0, NULL, 0, 0);
+    emit_packet(s, peer_id, family, dst, dport, src, sport, seq, ack, flags, 0, NULL, 0, NULL, 0, 0);
 }
 
 static double rto_now(const tcp_conn *c) {
@@ -764,7 +779,9 @@ static void on_fin_received(tcp_stack *s, tcp_conn *c, double now) {
 
 /* ---- Input: parse once ---------------------------------------------------------------------- */
 typedef struct {
-    uint32_t src_ip, dst_ip;
+    uint32_t src_ip, dst_ip; /* keys (addr_key) */
+    uint8_t family;
+    const uint8_t *src, *dst; /* the IP header's addresses */
     uint16_t sport, dport;
     uint32_t seq, ack;
     uint8_t flags;
@@ -782,17 +799,20 @@ typedef struct {
 static int parse_segment(tcp_stack *s, const wire_ip_repr *ip, seg_repr *g) {
     const uint8_t *t = ip->payload;
     uint32_t tlen = (uint32_t)ip->payload_len;
-    if (ip->family != 4 || tlen < 20) return drop(s, TCP_DROP_MALFORMED);
+    if ((ip->family != 4 && ip->family != 6) || tlen < 20) return drop(s, TCP_DROP_MALFORMED);
     uint32_t doff = (uint32_t)(t[12] >> 4) * 4;
     if (doff < 20 || doff > tlen) return drop(s, TCP_DROP_MALFORMED);
-    g->src_ip = rd32be(ip->src);
-    g->dst_ip = rd32be(ip->dst);
-    if (csum_finish(csum_add(wire_pseudo_sum(4, ip->src, ip->dst, WIRE_PROTO_TCP, tlen), t, tlen)) != 0)
-        return drop(s, TCP_DROP_BAD_CHECKSUM);
+    g->family = ip->family;
+    g->src = ip->src;
+    g->dst = ip->dst;
+    g->src_ip = addr_key(ip->family, ip->src);
+    g->dst_ip = addr_key(ip->family, ip->dst);
+    uint32_t psum = wire_pseudo_sum(ip->family, ip->src, ip->dst, WIRE_PROTO_TCP, tlen);
+    if (csum_finish(csum_add(psum, t, tlen)) != 0) return drop(s, TCP_DROP_BAD_CHECKSUM);
     g->sport = rd16be(t);
     g->dport = rd16be(t + 2);
-    if (g->sport == 0 || g->dport == 0 || g->dst_ip >= 0xe0000000u || g->src_ip >= 0xe0000000u ||
-        g->src_ip == 0 || g->dst_ip == 0)
+    if (g->sport == 0 || g->dport == 0 || !wire_addr_unicast(ip->family, ip->src) ||
+        !wire_addr_unicast(ip->family, ip->dst))
         return drop(s, TCP_DROP_BAD_ADDRESS);
     g->seq = rd32be(t + 4);
     g->ack = rd32be(t + 8);
@@ -830,10 +850,10 @@ static int parse_segment(tcp_stack *s, const wire_ip_repr *ip, seg_repr *g) {
 static void reply_rst(tcp_stack *s, uint32_t peer_id, const seg_repr *g) {
     if (g->flags & F_RST) return;
     if (g->flags & F_ACK) {
-        send_rst_reply(s, peer_id, g->src_ip, g->sport, g->dst_ip, g->dport, g->ack, 0, F_RST);
+        send_rst_reply(s, peer_id, g->family, g->src, g->sport, g->dst, g->dport, g->ack, 0, F_RST);
     } else {
         uint32_t seglen = g->dlen + ((g->flags & F_SYN) ? 1 : 0) + ((g->flags & F_FIN) ? 1 : 0);
-        send_rst_reply(s, peer_id, g->src_ip, g->sport, g->dst_ip, g->dport, 0, g->seq + seglen,
+        send_rst_reply(s, peer_id, g->family, g->src, g->sport, g->dst, g->dport, 0, g->seq + seglen,
                        F_RST | F_ACK);
     }
 }
@@ -882,6 +902,9 @@ static int new_connection(tcp_stack *s, uint32_t peer_id, const seg_repr *g, dou
     c->peer_id = peer_id;
     c->src_ip = g->src_ip;
     c->dst_ip = g->dst_ip;
+    c->family = g->family;
+    memcpy(c->src_addr, g->src, wire_addr_len(g->family));
+    memcpy(c->dst_addr, g->dst, wire_addr_len(g->family));
     c->src_port = g->sport;
     c->dst_port = g->dport;
     c->heap_idx = -1;
@@ -889,7 +912,8 @@ static int new_connection(tcp_stack *s, uint32_t peer_id, const seg_repr *g, dou
     c->rcv_nxt = g->seq + 1;
     c->rcap = s->cfg.rcvbuf;
     c->scap = s->cfg.sndbuf;
-    c->snd_mss = (uint16_t)min_u32(g->mss ? g->mss : DEFAULT_PEER_MSS, s->mss);
+    c->snd_mss = (uint16_t)min_u32(g->mss ? g->mss : DEFAULT_PEER_MSS,
+                                   s->mss - (g->family == 6 ? 20u : 0u));
     if (c->snd_mss < 64) c->snd_mss = 64; /* a silly MSS option must not make us send 1-byte segments */
     c->sack_ok = g->sack_permitted;
     if (g->wscale >= 0) {
@@ -1218,7 +1242,7 @@ static int conn_input(tcp_stack *s, tcp_conn *c, uint32_t peer_id, seg_repr *g, 
     /* ACK */
     if (c->state == TCP_ST_SYN_RECEIVED) {
         if (!(SEQ_GT(g->ack, c->snd_una) && SEQ_LEQ(g->ack, c->snd_max))) {
-            send_rst_reply(s, peer_id, g->src_ip, g->sport, g->dst_ip, g->dport, g->ack, 0, F_RST);
+            send_rst_reply(s, peer_id, g->family, g->src, g->sport, g->dst, g->dport, g->ack, 0, F_RST);
             return drop(s, TCP_DROP_BAD_ACK);
         }
         if (c->backoff == 0) rtt_sample(c, now - c->rtt_time);
@@ -1377,7 +1401,7 @@ int tcp_process(tcp_stack *s, uint32_t peer_id, const struct wire_ip_repr *ip, d
     s->st.segs_in++;
     seg_repr g;
     if (parse_segment(s, ip, &g)) return 1;
-    tcp_conn *c = conn_lookup(s, peer_id, g.src_ip, g.sport, g.dst_ip, g.dport);
+    tcp_conn *c = conn_lookup(s, peer_id, g.family, g.src, g.src_ip, g.sport, g.dst, g.dst_ip, g.dport);
     int r;
     if (c) {
         r = conn_input(s, c, peer_id, &g, now);
@@ -1421,7 +1445,7 @@ int tcp_reject(tcp_stack *s, uint32_t conn_id, double now) {
     if (!c) return TCP_ENOCONN;
     s->now = now;
     if (c->state != TCP_ST_SYN_PENDING) return TCP_ESTATE;
-    send_rst_reply(s, c->peer_id, c->src_ip, c->src_port, c->dst_ip, c->dst_port, 0, c->rcv_nxt,
+    send_rst_reply(s, c->peer_id, c->family, c->src_addr, c->src_port, c->dst_addr, c->dst_port, 0, c->rcv_nxt,
                    F_RST | F_ACK);
     conn_closed(s, c, TCP_CLOSE_REJECTED);
     reap(s);
@@ -1590,10 +1614,10 @@ int tcp_shutdown_write(tcp_stack *s, uint32_t conn_id, double now) {
 static void abort_conn(tcp_stack *s, tcp_conn *c, int reason) {
     if (c->state == TCP_ST_CLOSED) return;
     if (c->state == TCP_ST_SYN_PENDING)
-        send_rst_reply(s, c->peer_id, c->src_ip, c->src_port, c->dst_ip, c->dst_port, 0,
+        send_rst_reply(s, c->peer_id, c->family, c->src_addr, c->src_port, c->dst_addr, c->dst_port, 0,
                        c->rcv_nxt, F_RST | F_ACK);
     else if (c->state != TCP_ST_TIME_WAIT)
-        emit_packet(s, c->peer_id, c->dst_ip, c->dst_port, c->src_ip, c->src_port, c->snd_nxt,
+        emit_packet(s, c->peer_id, c->family, c->dst_addr, c->dst_port, c->src_addr, c->src_port, c->snd_nxt,
                     c->rcv_nxt, F_RST | F_ACK, 0, NULL, 0, NULL, 0, 0);
     conn_closed(s, c, reason);
 }
@@ -1683,8 +1707,11 @@ int tcp_get_info(tcp_stack *s, uint32_t conn_id, tcp_conn_info *out) {
     memset(out, 0, sizeof *out);
     out->conn_id = c->id;
     out->peer_id = c->peer_id;
-    out->src_ip = c->src_ip;
-    out->dst_ip = c->dst_ip;
+    out->family = c->family;
+    out->src_ip = c->family == 4 ? c->src_ip : 0;
+    out->dst_ip = c->family == 4 ? c->dst_ip : 0;
+    memcpy(out->src_addr, c->src_addr, sizeof out->src_addr);
+    memcpy(out->dst_addr, c->dst_addr, sizeof out->dst_addr);
     out->src_port = c->src_port;
     out->dst_port = c->dst_port;
     out->state = c->state;

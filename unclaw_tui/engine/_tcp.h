@@ -107,8 +107,10 @@
 typedef struct {
     uint32_t conn_id;
     uint32_t peer_id;
-    uint32_t src_ip, dst_ip;     /* src = the peer's tunnel-side address, dst = where it wanted to go */
+    uint32_t src_ip, dst_ip;     /* src = the peer's tunnel-side address, dst = where it wanted to go (IPv4; 0 for IPv6) */
     uint16_t src_port, dst_port;
+    uint32_t family;             /* 4 or 6 */
+    uint8_t src_addr[16], dst_addr[16]; /* the same addresses, network order (4 bytes used for IPv4) */
     uint32_t state;              /* TCP_ST_* */
     uint32_t close_reason;       /* TCP_CLOSE_* once closed, else 0 */
     uint64_t bytes_in;           /* payload bytes received in order from the peer */

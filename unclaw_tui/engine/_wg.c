@@ -6,7 +6,7 @@
  *   -> replay update -> (authenticated) endpoint roaming, counters, keypair confirmation, timers
  *   -> the inner IP header parsed once (wire_ip_parse) -> cryptokey routing check -> dispatch
  *      of the parsed header: ICMP echo (answered here), TCP (tcp_process of _tcp.c), UDP
- *      (hub_udp_input of _hub.c), IPv6 TCP SYN / UDP (refused with an RST / ICMPv6 unreachable).
+ *      (hub_udp_input of _hub.c), IPv4 and IPv6 alike; ICMPv6 echo to the IPv6 tunnel address.
  * Send pipeline:
  *   wg_send_inner / dp_route_send -> route by destination over allowed IPs -> dp_peer_send
  *   (also the TCP stack's emit callback) -> stage when no usable keypair, else pad, encrypt with
@@ -76,9 +76,8 @@
 
 #define ICMP_ECHO_REPLY 0
 #define ICMP_ECHO_REQUEST 8
-#define ICMPV6_DEST_UNREACHABLE 1
-#define ICMPV6_PORT_UNREACHABLE 4
-#define IPV6_MIN_MTU 1280 /* an ICMPv6 error quotes no more than fits in it (RFC 4443 2.4) */
+#define ICMPV6_ECHO_REQUEST 128
+#define ICMPV6_ECHO_REPLY 129
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_RST 0x04
@@ -106,6 +105,17 @@ static bool endpoint_equal(const wg_endpoint *a, const wg_endpoint *b) {
     return memcmp(a->addr, b->addr, wire_addr_len(a->family)) == 0;
 }
 
+/* Our side of two endpoints is the same (the remote sides are compared by endpoint_equal). */
+static bool endpoint_local_equal(const wg_endpoint *a, const wg_endpoint *b) {
+    return a->ifindex == b->ifindex && memcmp(a->local, b->local, wire_addr_len(a->family)) == 0;
+}
+
+static bool endpoint_has_local(const wg_endpoint *ep) {
+    static const uint8_t zero[16];
+    return (ep->family == 4 || ep->family == 6) &&
+           memcmp(ep->local, zero, wire_addr_len(ep->family)) != 0;
+}
+
 /* Copy only the meaningful bytes so endpoints compare and print the same way everywhere. */
 static void endpoint_copy(wg_endpoint *dst, const wg_endpoint *src) {
     memset(dst, 0, sizeof *dst);
@@ -113,6 +123,8 @@ static void endpoint_copy(wg_endpoint *dst, const wg_endpoint *src) {
     dst->family = src->family;
     dst->port = src->port;
     memcpy(dst->addr, src->addr, wire_addr_len(src->family));
+    memcpy(dst->local, src->local, wire_addr_len(src->family));
+    dst->ifindex = src->ifindex;
 }
 
 /* ---- Events ------------------------------------------------------------------------------- */
@@ -595,6 +607,9 @@ int wg_peer_set_endpoint(wg_engine *e, uint32_t peer_id, const wg_endpoint *ep) 
     peer *p = peer_get(e, peer_id);
     if (!p) return WG_ENOPEER;
     if (!ep || (ep->family != 0 && ep->family != 4 && ep->family != 6)) return WG_EINVAL;
+    /* The same remote side without a local one (the owner knew only the address): keep the
+     * local side the peer's packets taught us. */
+    if (!endpoint_has_local(ep) && endpoint_equal(&p->endpoint, ep)) return 0;
     endpoint_copy(&p->endpoint, ep);
     return 0;
 }
@@ -710,72 +725,39 @@ static int icmp4_input(wg_engine *e, uint32_t id, const wire_ip_repr *ip, double
     return WG_PASS;
 }
 
-/* IPv6 inside the tunnel, until the stack speaks it: a TCP SYN gets an RST+ACK and a UDP
- * datagram an ICMPv6 port unreachable, so a dual-stack client falls back to IPv4 at once
- * instead of waiting for its own timeouts. */
-static int ipv6_refuse(wg_engine *e, uint32_t id, const wire_ip_repr *ip, double now) {
-    if (ip->dst[0] == 0xff) return WG_DROP_UNHANDLED; /* never answer multicast (RFC 4443 2.4 e) */
-    const uint8_t *l4 = ip->payload;
-    size_t l4_len = ip->payload_len;
-    /* the answer comes as if from the destination they tried */
-    wire_ip_repr out = {.family = 6, .proto = ip->proto, .ttl = WIRE_TTL};
-    memcpy(out.src, ip->dst, 16);
-    memcpy(out.dst, ip->src, 16);
-    uint8_t *l4_out = e->tx_scratch + 40;
-    if (ip->proto == WIRE_PROTO_TCP) {
-        size_t thl = l4_len >= 20 ? (size_t)(l4[12] >> 4) * 4 : 0;
-        if (thl < 20 || thl > l4_len ||
-            csum_finish(csum_add(wire_pseudo_sum(6, ip->src, ip->dst, ip->proto, l4_len), l4, l4_len)))
-            return WG_DROP_BAD_IP;
-        uint8_t flags = l4[13];
-        if ((flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) != TCP_FLAG_SYN)
-            return WG_DROP_UNHANDLED;
-        /* RFC 9293 3.10.7.1: <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK> */
-        uint32_t seg_len = (uint32_t)(l4_len - thl) + 1 + (flags & TCP_FLAG_FIN ? 1 : 0);
-        out.payload_len = 20;
-        memset(l4_out, 0, 20);
-        memcpy(l4_out, l4 + 2, 2); /* source port = their destination port */
-        memcpy(l4_out + 2, l4, 2);
-        wr32be(l4_out + 8, rd32be(l4 + 4) + seg_len);
-        l4_out[12] = 5 << 4;
-        l4_out[13] = TCP_FLAG_RST | TCP_FLAG_ACK;
-    } else if (ip->proto == WIRE_PROTO_UDP) {
-        size_t udp_len = l4_len >= 8 ? rd16be(l4 + 4) : 0;
-        /* IPv6 UDP must carry a checksum (RFC 8200 8.1): zero is invalid too. */
-        if (udp_len < 8 || udp_len > l4_len || rd16be(l4 + 6) == 0 ||
-            csum_finish(csum_add(wire_pseudo_sum(6, ip->src, ip->dst, ip->proto, udp_len), l4, udp_len)))
-            return WG_DROP_BAD_IP;
-        size_t quote = 40 + l4_len, room = (e->cfg.mtu < IPV6_MIN_MTU ? e->cfg.mtu : IPV6_MIN_MTU) - 48;
-        if (quote > room) quote = room;
-        out.proto = WIRE_PROTO_ICMPV6;
-        out.payload_len = 8 + quote;
-        l4_out[0] = ICMPV6_DEST_UNREACHABLE;
-        l4_out[1] = ICMPV6_PORT_UNREACHABLE;
-        memset(l4_out + 2, 0, 6);
-        memcpy(l4_out + 8, ip->header, quote);
-    } else {
+/* ICMPv6: answer echo requests to the gateway's IPv6 tunnel address (RFC 4443 4.2). */
+static int icmp6_input(wg_engine *e, uint32_t id, const wire_ip_repr *ip, double now) {
+    static const uint8_t zero[16];
+    if (!memcmp(e->cfg.tunnel_ip6, zero, 16) || memcmp(ip->dst, e->cfg.tunnel_ip6, 16) ||
+        ip->payload_len < 8 || ip->payload[0] != ICMPV6_ECHO_REQUEST || ip->payload[1] != 0)
         return WG_DROP_UNHANDLED;
-    }
-    uint32_t sum = wire_pseudo_sum(6, out.src, out.dst, out.proto, out.payload_len);
-    wr16be(l4_out + (out.proto == WIRE_PROTO_TCP ? 16 : 2),
-           csum_finish(csum_add(sum, l4_out, out.payload_len)));
-    wire_ip_emit(&out, e->tx_scratch);
-    e->stats.ipv6_refused++;
-    peer_send_data(e, id, e->tx_scratch, 40 + out.payload_len, now);
+    uint32_t psum = wire_pseudo_sum(6, ip->src, ip->dst, WIRE_PROTO_ICMPV6, ip->payload_len);
+    if (csum_finish(csum_add(psum, ip->payload, ip->payload_len)) != 0) return WG_DROP_BAD_IP;
+    if (40 + ip->payload_len > e->cfg.mtu) return WG_DROP_UNHANDLED;
+    wire_ip_repr reply = wire_ip_repr_of(6, e->cfg.tunnel_ip6, ip->src, WIRE_PROTO_ICMPV6,
+                                         ip->payload_len);
+    uint8_t *icmp = e->tx_scratch + wire_ip_emit(&reply, e->tx_scratch);
+    memcpy(icmp, ip->payload, ip->payload_len); /* same id, sequence and data */
+    icmp[0] = ICMPV6_ECHO_REPLY;
+    icmp[2] = icmp[3] = 0;
+    psum = wire_pseudo_sum(6, reply.src, reply.dst, WIRE_PROTO_ICMPV6, ip->payload_len);
+    wr16be(icmp + 2, csum_finish(csum_add(psum, icmp, ip->payload_len)));
+    e->stats.icmp_echo_replies++;
+    peer_send_data(e, id, e->tx_scratch, 40 + ip->payload_len, now);
     return WG_PASS;
 }
 
-/* An authenticated inner packet from peer id: its IP header is validated here, once, and the
- * parsed header handed to the protocol handlers that hang off the switch. */
 static int inner_input(wg_engine *e, uint32_t id, const uint8_t *pkt, size_t len, double now) {
     wire_ip_repr ip;
-    if (!wire_ip_parse(pkt, len, &ip)) return WG_DROP_BAD_IP;
+    if (!wire_ip_parse(pkt, len, &ip)) {
+        return ip.error == WIRE_ERR_EXT ? WG_DROP_IPV6_EXT : WG_DROP_BAD_IP;
+    }
     /* Cryptokey routing: the source must route back to this very peer. */
     if (route_lookup(&e->routes, ip.family, ip.src) != (int64_t)id) return WG_DROP_SPOOFED_SRC;
     if (ip.fragment) return WG_DROP_FRAGMENT;
-    if (ip.family == 6) return ipv6_refuse(e, id, &ip, now);
     switch (ip.proto) {
-    case WIRE_PROTO_ICMP: return icmp4_input(e, id, &ip, now);
+    case WIRE_PROTO_ICMP: return ip.family == 4 ? icmp4_input(e, id, &ip, now) : WG_DROP_UNHANDLED;
+    case WIRE_PROTO_ICMPV6: return ip.family == 6 ? icmp6_input(e, id, &ip, now) : WG_DROP_UNHANDLED;
     case WIRE_PROTO_TCP: tcp_process(e->tcp, id, &ip, now); return WG_PASS; /* counts its own */
     case WIRE_PROTO_UDP: return hub_udp_input(e, id, &ip);
     default: return WG_DROP_UNHANDLED;
@@ -840,7 +822,10 @@ static int transport_input(wg_engine *e, const uint8_t *data, size_t len, const 
     /* Authenticated from here on. */
     uint32_t id = kp->peer_id;
     peer *p = &e->peers[id];
-    if (!endpoint_equal(&p->endpoint, src)) endpoint_changed(e, id, src);
+    if (!endpoint_equal(&p->endpoint, src))
+        endpoint_changed(e, id, src);
+    else if (!endpoint_local_equal(&p->endpoint, src))
+        endpoint_copy(&p->endpoint, src); /* the peer now writes to another of our addresses */
     p->rx_bytes += len;
     p->rx_packets++;
     p->last_rx = now;

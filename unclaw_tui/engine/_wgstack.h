@@ -19,11 +19,10 @@
  * resulting keypairs here; C does per-packet work (transport encrypt/decrypt, replay window,
  * cryptokey routing, inner IP, ICMP echo, keepalives, counters, TCP and UDP).
  *
- * Inner traffic from peers: IPv4 TCP goes to one userspace TCP stack per engine (_tcp.h; Python
- * drives it through wg_engine_tcp + the tcp_* calls and learns what happened from
- * wg_tcp_events); IPv4 UDP datagrams are queued for wg_udp_drain; ICMP echo to the tunnel
- * address is answered here.  IPv6 is refused at once (TCP SYN -> RST, UDP -> ICMPv6 port
- * unreachable) so clients fall back to IPv4.  Everything else is counted as unhandled.
+ * Inner traffic from peers, IPv4 and IPv6 alike: TCP goes to one userspace TCP stack per engine
+ * (_tcp.h; Python drives it through wg_engine_tcp + the tcp_* calls and learns what happened
+ * from wg_tcp_events); UDP datagrams are queued for wg_udp_drain; ICMP / ICMPv6 echo to the
+ * tunnel addresses is answered here.  Everything else is counted as unhandled.
  *
  * Conventions: IPv4 addresses are uint32_t in host byte order; times are seconds (double) on
  * Python's monotonic clock; peer ids are small integers chosen by Python (< max_peers).
@@ -63,16 +62,23 @@ typedef void (*wg_memzero_fn)(void *pnt, size_t len);
 #define WG_EMSGSIZE -7 /* a packet to build would exceed the tunnel MTU */
 #define WG_ENOMEM -8
 
-/* A UDP endpoint. family is 4 or 6 (0: none); addr holds 4 or 16 bytes in network order. */
+/* A UDP endpoint. family is 4 or 6 (0: none); addr holds 4 or 16 bytes in network order.
+ * local is our side of it, the address (same family) a datagram from it arrived on and the one
+ * a datagram to it leaves from (IP_PKTINFO / IPV6_PKTINFO, as the kernel's WireGuard and
+ * wireguard-go do: a client behind NAT or on a connected socket drops replies from another
+ * address); all zero: the kernel picks.  ifindex: the interface it arrived on (0: unknown). */
 typedef struct {
     uint8_t family;
     uint8_t addr[16];
     uint16_t port; /* host byte order */
+    uint8_t local[16];
+    uint32_t ifindex;
 } wg_endpoint;
 
 typedef struct {
     uint32_t tunnel_ip;        /* the gateway's tunnel address, e.g. 10.77.0.1 */
     uint8_t tunnel_prefix_len; /* e.g. 24 */
+    uint8_t tunnel_ip6[16];    /* its IPv6 tunnel address, e.g. fd77::1 (network order; zero: none) */
     uint16_t mtu;              /* inner MTU (1420) */
     uint32_t max_peers;        /* peer ids are 0 .. max_peers-1 */
     uint32_t staged_per_peer;  /* inner packets queued per peer while waiting for a handshake (128) */
@@ -130,7 +136,8 @@ typedef struct {
 #define WG_DROP_UDP_TOO_LARGE 17   /* a datagram for a peer larger than the tunnel MTU allows */
 #define WG_DROP_UDP_PEER_SHARE 18  /* UDP datagram from a peer that holds its share of the queue */
 #define WG_DROP_HANDSHAKE_FLOOD 19 /* handshake message while they hold their half of the events */
-#define WG_DROP__COUNT 20
+#define WG_DROP_IPV6_EXT 20        /* inner IPv6: extension headers truncated, misplaced or too many */
+#define WG_DROP__COUNT 21
 
 typedef struct {
     wg_endpoint endpoint;
@@ -155,7 +162,7 @@ typedef struct {
     uint64_t udp_rx;          /* UDP datagrams queued for wg_udp_drain */
     uint64_t udp_tx;          /* UDP datagrams sent by wg_udp_send */
     uint64_t icmp_unreachables; /* ICMP destination unreachable sent by wg_icmp_unreachable */
-    uint64_t ipv6_refused;    /* IPv6 TCP SYNs answered with RST, UDP with ICMPv6 unreachable */
+    uint64_t ipv6_refused;    /* (no longer counted: IPv6 is carried like IPv4) */
     uint64_t fast_relayed;    /* SYNs spliced by the engine itself (wg_fast_relay_allow) */
 } wg_engine_stats;
 
@@ -276,9 +283,11 @@ uint32_t wg_reports_waiting(wg_engine *e);
  * newcomer its own share, however hard the others flood. */
 typedef struct {
     int32_t peer_id;
-    uint32_t src_ip, dst_ip;     /* src = the peer's tunnel-side address, dst = where it was sent */
+    uint32_t src_ip, dst_ip;     /* src = the peer's tunnel-side address, dst = where it was sent (IPv4; 0 for IPv6) */
     uint16_t src_port, dst_port;
     uint32_t offset, len;        /* payload bytes at arena + offset */
+    uint32_t family;             /* 4 or 6 */
+    uint8_t src_addr[16], dst_addr[16]; /* the same addresses, network order (4 bytes used for IPv4) */
 } wg_udp_meta;
 #define WG_UDP_QUEUE_MAX 8192          /* datagrams queued between drains */
 #define WG_UDP_ARENA_SIZE 4194304      /* payload bytes queued between drains */
@@ -298,6 +307,17 @@ int wg_udp_send(wg_engine *e, uint32_t src_ip, uint16_t src_port, uint32_t dst_i
  * number is 0 and stacks check it against the connection's).  Routed and counted as wg_udp_send. */
 int wg_icmp_unreachable(wg_engine *e, uint32_t peer_ip, uint16_t peer_port, uint32_t dst_ip,
                         uint16_t dst_port, uint8_t proto, uint8_t code, double now);
+
+/* wg_udp_send and wg_icmp_unreachable for either family: addresses of 4 (family 4) or 16 bytes
+ * in network order.  Over IPv6 the answer is ICMPv6 destination unreachable (type 1) with code
+ * 4 (port) for IPv4's 3, 1 (administratively prohibited) for 13 and 3 (address) for 1; other
+ * codes are WG_EINVAL there. */
+int wg_udp_send_addr(wg_engine *e, uint8_t family, const uint8_t *src, uint16_t src_port,
+                     const uint8_t *dst, uint16_t dst_port, const uint8_t *data, size_t len,
+                     double now);
+int wg_icmp_unreachable_addr(wg_engine *e, uint8_t family, const uint8_t *peer_ip,
+                             uint16_t peer_port, const uint8_t *dst_ip, uint16_t dst_port,
+                             uint8_t proto, uint8_t code, double now);
 
 /* Counters. */
 uint64_t wg_drop_count(wg_engine *e, int reason);

@@ -20,7 +20,37 @@ uint32_t wire_pseudo_sum(uint8_t family, const uint8_t *src, const uint8_t *dst,
            (uint32_t)(len & 0xffff);
 }
 
+/* Follows the IPv6 extension headers after the fixed header: ip->proto and ip->payload(_len)
+ * end as the upper layer's.  False (WIRE_ERR_EXT) on a truncated or misplaced header or a
+ * chain longer than WIRE_IP6_MAX_EXT. */
+static bool ipv6_ext_walk(wire_ip_repr *ip) {
+    const uint8_t *p = ip->payload;
+    size_t left = ip->payload_len;
+    for (int n = 0;; n++) {
+        uint8_t nh = ip->proto;
+        size_t hlen;
+        if (nh == 0 || nh == 43 || nh == 60) { /* hop-by-hop, routing, destination options */
+            if (nh == 0 && n > 0) return false; /* hop-by-hop only right after the header */
+            if (left < 8) return false;
+            hlen = ((size_t)p[1] + 1) * 8;
+        } else if (nh == 44) { /* fragment */
+            if (left < 8) return false;
+            hlen = 8;
+            if (rd16be(p + 2) != 0) ip->fragment = true; /* an offset or more to come */
+        } else {
+            return true; /* the upper layer, or a header we do not follow (AH, ESP, none) */
+        }
+        if (n >= WIRE_IP6_MAX_EXT || hlen > left) return false;
+        ip->proto = p[0];
+        p += hlen;
+        left -= hlen;
+        ip->payload = p;
+        ip->payload_len = left;
+    }
+}
+
 bool wire_ip_parse(const uint8_t *pkt, size_t len, wire_ip_repr *ip) {
+    ip->error = WIRE_ERR_HEADER;
     if (len < 1) return false;
     size_t hlen;
     ip->family = pkt[0] >> 4;
@@ -41,17 +71,43 @@ bool wire_ip_parse(const uint8_t *pkt, size_t len, wire_ip_repr *ip) {
         hlen = 40;
         ip->payload_len = rd16be(pkt + 4);
         if (40 + ip->payload_len > len) return false;
-        ip->fragment = false; /* extension headers are not followed */
+        ip->fragment = false;
         ip->proto = pkt[6];
         ip->ttl = pkt[7];
         memcpy(ip->src, pkt + 8, 16);
         memcpy(ip->dst, pkt + 24, 16);
+        ip->header = pkt;
+        ip->payload = pkt + hlen;
+        if (!ipv6_ext_walk(ip)) {
+            ip->error = WIRE_ERR_EXT;
+            return false;
+        }
+        ip->error = 0;
+        return true;
     } else {
         return false;
     }
     ip->header = pkt;
     ip->payload = pkt + hlen;
+    ip->error = 0;
     return true;
+}
+
+wire_ip_repr wire_ip_repr_of(uint8_t family, const uint8_t *src, const uint8_t *dst, uint8_t proto,
+                             size_t payload_len) {
+    wire_ip_repr ip = {.family = family, .proto = proto, .ttl = WIRE_TTL, .payload_len = payload_len};
+    memcpy(ip.src, src, wire_addr_len(family));
+    memcpy(ip.dst, dst, wire_addr_len(family));
+    return ip;
+}
+
+bool wire_addr_unicast(uint8_t family, const uint8_t *a) {
+    if (family == 4) {
+        uint32_t v = rd32be(a);
+        return v != 0 && v < 0xe0000000u; /* not 0, multicast, class E or broadcast */
+    }
+    static const uint8_t zero[16];
+    return a[0] != 0xff && memcmp(a, zero, 16) != 0; /* not multicast, not unspecified */
 }
 
 wire_ip_repr wire_ipv4_repr(uint32_t src, uint32_t dst, uint8_t proto, size_t payload_len) {

@@ -60,6 +60,8 @@ typedef struct wire_ip_repr {
     bool dont_fragment;       /* emit: IPv4 DF */
     uint16_t id;              /* emit: IPv4 identification */
     uint8_t src[16], dst[16]; /* network order, 4 bytes used for IPv4 */
+    uint8_t error;            /* parse: why it was refused (WIRE_ERR_*), 0 when valid */
+    uint8_t ext_len_unused;   /* (padding) */
     const uint8_t *header;    /* parse: the packet's first byte */
     const uint8_t *payload;   /* parse: right after the header */
     size_t payload_len;       /* without WireGuard's zero padding */
@@ -69,9 +71,17 @@ typedef struct wire_ip_repr {
  * from src to dst (4 or 16 bytes by family) carrying len bytes of proto. */
 uint32_t wire_pseudo_sum(uint8_t family, const uint8_t *src, const uint8_t *dst, uint8_t proto,
                          size_t len);
+/* Why wire_ip_parse refused a packet. */
+#define WIRE_ERR_HEADER 1  /* bad version, header length, total / payload length or checksum */
+#define WIRE_ERR_EXT 2     /* IPv6 extension headers: truncated, misplaced, or more than WIRE_IP6_MAX_EXT */
+#define WIRE_IP6_MAX_EXT 8 /* extension headers followed before giving up (bounds the walk) */
+
 /* Validates the IP header of a packet of len bytes: IPv4 version, IHL, total length and header
- * checksum; IPv6 version and payload length.  False if invalid; else fills every field of ip
- * but dont_fragment and id. */
+ * checksum; IPv6 version and payload length, then its extension headers (hop-by-hop first
+ * only, routing, destination options, fragment) in a walk bounded by WIRE_IP6_MAX_EXT and the
+ * payload: proto and payload are then the upper layer's (an IPv6 fragment other than an atomic
+ * one sets fragment; AH, ESP and unknown headers end the walk as the proto).  False if invalid
+ * (ip->error says why); else fills every field of ip but dont_fragment and id. */
 bool wire_ip_parse(const uint8_t *pkt, size_t len, wire_ip_repr *ip);
 /* An IPv4 repr from host-order addresses, to emit (TTL WIRE_TTL, id 0, no DF). */
 wire_ip_repr wire_ipv4_repr(uint32_t src, uint32_t dst, uint8_t proto, size_t payload_len);
@@ -80,5 +90,12 @@ wire_ip_repr wire_ipv4_repr(uint32_t src, uint32_t dst, uint8_t proto, size_t pa
 size_t wire_ip_emit(const wire_ip_repr *ip, uint8_t *buf);
 
 static inline size_t wire_addr_len(uint8_t family) { return family == 4 ? 4 : 16; }
+
+/* A repr of either family from network-order addresses (4 or 16 bytes), to emit. */
+wire_ip_repr wire_ip_repr_of(uint8_t family, const uint8_t *src, const uint8_t *dst, uint8_t proto,
+                             size_t payload_len);
+/* A unicast address a connection or datagram may use: not unspecified, not multicast (nor
+ * IPv4 broadcast or class E). */
+bool wire_addr_unicast(uint8_t family, const uint8_t *a);
 
 #endif

@@ -31,6 +31,7 @@ from unclaw_tui.engine.tunnel_events import (
 log = logging.getLogger(__name__)
 
 Endpoint = tuple[str, int]
+Local = _ffi.Local
 
 SOCKET_BUFFER_BYTES = 8 * 1024 * 1024
 
@@ -378,7 +379,7 @@ class Tunnel:
         for ev in self._engine.events():
             if ev.type == _ffi.EV_HANDSHAKE_PACKET:
                 assert ev.src is not None
-                self._handle_handshake_packet(ev.data, ev.src, now)
+                self._handle_handshake_packet(ev.data, ev.src, ev.local, now)
                 continue
             peer = self._by_id.get(ev.peer_id)
             if peer is None:
@@ -400,7 +401,10 @@ class Tunnel:
             self._under_load = under
             self._on_event(LoadChanged(under))
 
-    def _handle_handshake_packet(self, data: bytes, src: Endpoint, now: float) -> None:
+    def _handle_handshake_packet(
+        self, data: bytes, src: Endpoint, local: Local | None, now: float
+    ) -> None:
+        """Every answer leaves from local, the address src wrote to (see wg_endpoint)."""
         self._load.note(now)
         msg_type = data[0]
         try:
@@ -414,27 +418,29 @@ class Tunnel:
                 src_bytes = endpoint_bytes(src)
                 if not self._core.check_mac2(data, src_bytes, now):
                     reply = self._core.create_cookie_reply(data, src_bytes, now)
-                    self._engine.send_raw(reply, src)
+                    self._engine.send_raw(reply, src, local)
                     self.cookies_sent += 1
                     return
                 if not self._limiter.allow(src_bytes[:-2], now):
                     self.handshake_drops["rate_limited"] += 1
                     return
             if msg_type == constants.MESSAGE_INITIATION_TYPE:
-                self._answer_initiation(data, src, now)
+                self._answer_initiation(data, src, local, now)
             elif msg_type == constants.MESSAGE_RESPONSE_TYPE:
                 peer_key, keypair = self._core.consume_response(data, now)
                 peer = self._peers.get(peer_key)
                 if peer is None:
                     self.handshake_drops["unknown_peer"] += 1
                     return
-                self._engine.peer_set_endpoint(peer.peer_id, src)
+                self._engine.peer_set_endpoint(peer.peer_id, src, local)
                 self._install(peer, keypair, now)
                 self._handshake_complete(peer, initiator=True)
         except HandshakeError as exc:
             self.handshake_drops[exc.reason] += 1
 
-    def _answer_initiation(self, data: bytes, src: Endpoint, now: float) -> None:
+    def _answer_initiation(
+        self, data: bytes, src: Endpoint, local: Local | None, now: float
+    ) -> None:
         consumed = self._core.consume_initiation(data, now)
         peer = self._peers.get(consumed.peer_public_key)
         if peer is None:  # removed between the core's check and now
@@ -445,10 +451,10 @@ class Tunnel:
         # The initiation authenticated the peer: its source is now its endpoint (roaming).
         # C then sees no change on the next packet, so a roam through a handshake is told here.
         previous = self._engine.peer_stats(peer.peer_id).endpoint
-        self._engine.peer_set_endpoint(peer.peer_id, src)
+        self._engine.peer_set_endpoint(peer.peer_id, src, local)
         if previous is not None and previous != src:
             self._on_event(EndpointChanged(peer.public_key, src))
-        self._engine.send_raw(response, src)
+        self._engine.send_raw(response, src, local)
         self._install(peer, keypair, now)
 
     def _install(self, peer: _Peer, keypair: Keypair, now: float) -> None:
@@ -484,12 +490,12 @@ class Tunnel:
             self._send_initiation(peer, now)
 
     def _send_initiation(self, peer: _Peer, now: float) -> None:
-        endpoint = self._engine.peer_stats(peer.peer_id).endpoint
-        if endpoint is None:  # never heard from it: nowhere to send an initiation
+        st = self._engine.peer_stats(peer.peer_id)
+        if st.endpoint is None:  # never heard from it: nowhere to send an initiation
             self._set_retransmit(peer, None)
             return
         message = self._core.create_initiation(peer.public_key, self._allocate_index(), now)
-        self._engine.send_raw(message, endpoint)
+        self._engine.send_raw(message, st.endpoint, st.local)
         self._set_retransmit(
             peer,
             now + constants.REKEY_TIMEOUT + random.uniform(0, constants.REKEY_TIMEOUT_JITTER_MAX),

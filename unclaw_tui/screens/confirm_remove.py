@@ -1,4 +1,4 @@
-"""Asks before a peer is removed: its key stops working at once."""
+"""Asks before something is removed: a peer (its key stops working at once) or a rule."""
 
 from __future__ import annotations
 
@@ -12,22 +12,24 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Label
 
 
-class ConfirmRemoveScreen(ModalScreen[bool]):
+class ConfirmScreen(ModalScreen[bool]):
+    """`y` (or the red button) dismisses with True; `n`, escape or Keep with False."""
+
     CSS_PATH = "modals.tcss"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("y", "confirm", "Remove"),
         Binding("n,escape", "cancel", "Keep"),
     ]
 
-    def __init__(self, name: str, ip: str) -> None:
+    def __init__(self, question: str, hint: str) -> None:
         super().__init__()
-        self.peer_name = name
-        self.peer_ip = ip
+        self.question = question
+        self.hint = hint
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Label(f"Remove peer {self.peer_name} ({self.peer_ip})?", id="dialog-title")
-            yield Label("Its key stops working at once and its config is deleted.", classes="hint")
+            yield Label(self.question, id="dialog-title")
+            yield Label(self.hint, classes="hint")
             with Horizontal(id="buttons"):
                 yield Button("Remove", variant="error", id="remove")
                 yield Button("Keep", id="keep")
@@ -42,3 +44,13 @@ class ConfirmRemoveScreen(ModalScreen[bool]):
     @on(Button.Pressed, "#keep")
     def action_cancel(self) -> None:
         self.dismiss(False)
+
+
+class ConfirmRemoveScreen(ConfirmScreen):
+    def __init__(self, name: str, ip: str) -> None:
+        super().__init__(
+            f"Remove peer {name} ({ip})?",
+            "Its key stops working at once and its config is deleted.",
+        )
+        self.peer_name = name
+        self.peer_ip = ip

@@ -99,10 +99,16 @@ class DashboardScreen(Screen[None]):
                 table.refresh_visible(now)
 
     def show_status(
-        self, snapshot: GatewaySnapshot | None, now: float, *, paused: bool, dropped: int
+        self,
+        snapshot: GatewaySnapshot | None,
+        now: float,
+        *,
+        paused: bool,
+        dropped: int,
+        prompts: int = 0,
     ) -> None:
         if not self.ready:
             return
         peers = self.model.peers
-        text = status_text(snapshot, now, peers, paused=paused, dropped=dropped)
+        text = status_text(snapshot, now, peers, paused=paused, dropped=dropped, prompts=prompts)
         self._status.show(text, peers.total_history)

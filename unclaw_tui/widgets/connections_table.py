@@ -7,6 +7,12 @@ from unclaw_tui.widgets.live_table import Cell, LiveTable
 from unclaw_tui.widgets.model import ConnectionRow, RowStore
 
 ROUTE_STYLES = {"tls": "magenta", "dns": "cyan", "vip": "blue", "relay": ""}
+VERDICT_STYLES = {"allow": "", "deny": "bold red", "ask": "bold yellow"}
+
+
+def verdict_text(verdict: str, rule: str) -> str:
+    """'allow default', 'deny r3', 'ask' (held: no rule decided it yet)."""
+    return verdict if verdict == "ask" else f"{verdict} {rule}"
 
 
 class ConnectionsTable(LiveTable[ConnectionRow]):
@@ -16,6 +22,7 @@ class ConnectionsTable(LiveTable[ConnectionRow]):
         ("dst", "Destination"),
         ("host", "Hostname"),
         ("route", "Route"),
+        ("verdict", "Verdict"),
         ("state", "State"),
         ("up", "Up"),
         ("down", "Down"),
@@ -47,6 +54,7 @@ class ConnectionsTable(LiveTable[ConnectionRow]):
             (row.dst, base),
             (row.hostname or "-", base),
             (row.route, base or ROUTE_STYLES.get(row.route, "")),
+            (verdict_text(row.verdict, row.rule), base or VERDICT_STYLES.get(row.verdict, "")),
             state,
             (fmt_bytes(row.bytes_up), base),
             (fmt_bytes(row.bytes_down), base),
@@ -55,5 +63,6 @@ class ConnectionsTable(LiveTable[ConnectionRow]):
 
     def search_text(self, row: ConnectionRow) -> str:
         return (
-            f"{row.proto} {row.peer} {row.dst} {row.hostname or ''} {row.route} {row.error or ''}"
+            f"{row.proto} {row.peer} {row.dst} {row.hostname or ''} {row.route} "
+            f"{verdict_text(row.verdict, row.rule)} {row.error or ''}"
         )

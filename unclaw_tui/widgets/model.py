@@ -14,6 +14,7 @@ from typing import Generic, TypeVar
 
 from unclaw_tui import events as ev
 from unclaw_tui.gateway import GatewaySnapshot
+from unclaw_tui.policy.views import PromptView
 
 R = TypeVar("R")
 
@@ -83,6 +84,8 @@ class PeerRow:
     open_connections: int
     rate: float  # bytes/s, both directions
     history: tuple[float, ...]  # recent rates, oldest first
+    policy: str = "allow"  # the peer's default: allow / deny / ask
+    fallback: str = "deny"  # ask's answer when no one answers in time
 
 
 class RateSampler:
@@ -137,6 +140,8 @@ class PeersModel:
                 open_connections=peer.open_connections,
                 rate=history[-1] if history else 0.0,
                 history=tuple(history),
+                policy=peer.policy,
+                fallback=peer.fallback,
             )
             if self.store.get(key) != row:
                 self.store.put(key, row)
@@ -167,10 +172,14 @@ class ConnectionRow:
     hostname: str | None
     route: str
     opened_at: float
+    dst_ip: str = ""
+    dst_port: int = 0
     closed_at: float | None = None
     bytes_up: int = 0
     bytes_down: int = 0
     error: str | None = None
+    verdict: str = "allow"  # the policy's answer: allow / deny / ask (held, undecided)
+    rule: str = "default"  # the rule that gave it, or "default" (the peer's policy)
 
 
 OpenedEvent = ev.TcpOpened | ev.UdpFlowOpened
@@ -206,6 +215,10 @@ class ConnectionsModel:
             hostname=event.hostname,
             route=event.route,
             opened_at=opened_at,
+            dst_ip=event.dst_ip,
+            dst_port=event.dst_port,
+            verdict=event.verdict,
+            rule=event.rule,
         )
 
     def opened(self, event: OpenedEvent) -> None:
@@ -223,6 +236,8 @@ class ConnectionsModel:
         row.bytes_down = event.bytes_down
         row.error = event.error
         row.hostname = row.hostname or event.hostname
+        # A held flow opened as "ask"; its close says how the prompt was answered.
+        row.verdict, row.rule = event.verdict, event.rule
         self.store.touch(key)
         self._closed_order.append((event.ts, key))
         self._bound()
@@ -343,6 +358,67 @@ class TlsHostsModel:
         self._row(host, event).last_request = f"{event.method} {event.path} {status}"
 
 
+# -- prompts -------------------------------------------------------------------------------------
+
+
+class PromptsModel:
+    """The open prompts, oldest first: kept from the prompt events, and replaced by the
+    gateway's own list (`replace`) whenever the two might disagree (events dropped, a console
+    started after a prompt opened).  `version` moves at every change."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, PromptView] = {}
+        self.version = 0
+        self.opened_count = 0  # prompts seen to open, ever: "is there a new one?"
+        # The last answer or timeout of each prompt closed lately, for the prompt screen to
+        # say why the one it showed went away (bounded: only the newest are kept).
+        self.closed: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def __contains__(self, prompt_id: object) -> bool:
+        return prompt_id in self._open
+
+    def queue(self) -> list[PromptView]:
+        return sorted(self._open.values(), key=lambda p: (p.opened, p.id))
+
+    def get(self, prompt_id: str) -> PromptView | None:
+        return self._open.get(prompt_id)
+
+    def opened(self, event: ev.PromptOpened) -> None:
+        if event.id in self.closed:  # the gateway's list, read meanwhile, had it closed
+            return
+        self._open[event.id] = PromptView(
+            id=event.id,
+            peer=event.peer,
+            peer_public_key=event.peer_public_key,
+            hostname=event.hostname,
+            dst_ip=event.dst_ip,
+            dst_port=event.dst_port,
+            proto=event.proto,
+            route=event.route,
+            opened=event.ts,
+            deadline=event.ts + event.timeout,
+        )
+        self.version += 1
+        self.opened_count += 1
+
+    def close(self, prompt_id: str, why: str) -> None:
+        self.closed[prompt_id] = why
+        while len(self.closed) > 256:
+            del self.closed[next(iter(self.closed))]
+        if self._open.pop(prompt_id, None) is not None:
+            self.version += 1
+
+    def replace(self, views: list[PromptView]) -> None:
+        fresh = {view.id: view for view in views}
+        if fresh != self._open:
+            self.opened_count += len(fresh.keys() - self._open.keys())
+            self._open = fresh
+            self.version += 1
+
+
 class ConsoleModel:
     """All panes' rows; `apply()` takes any event and ignores what no pane shows."""
 
@@ -351,6 +427,8 @@ class ConsoleModel:
         self.connections = ConnectionsModel(max_connections, closed_ttl)
         self.dns = DnsModel()
         self.tls = TlsHostsModel()
+        self.prompts = PromptsModel()
+        self.rules_version = 0  # moves when a rule is added, removed or expires
 
     def apply(self, event: ev.Event) -> None:
         match event:
@@ -364,3 +442,12 @@ class ConsoleModel:
                 self.tls.host(event)
             case ev.HttpRequest():
                 self.tls.request(event)
+            case ev.PromptOpened():
+                self.prompts.opened(event)
+            case ev.PromptAnswered():
+                until = event.duration if event.rule is None else f"{event.duration}, {event.rule}"
+                self.prompts.close(event.id, f"{event.access} ({until}) by {event.by}")
+            case ev.PromptTimedOut():
+                self.prompts.close(event.id, f"timed out: {event.fallback}")
+            case ev.RuleAdded() | ev.RuleRemoved() | ev.RuleExpired() | ev.RulesRejected():
+                self.rules_version += 1

@@ -12,12 +12,19 @@ from unclaw_tui.widgets.live_table import Cell, LiveTable
 from unclaw_tui.widgets.model import STALE_AFTER_S, PeerRow
 
 SPARK_WIDTH = 8
+POLICY_STYLES = {"allow": "", "deny": "red", "ask": "yellow"}
+
+
+def policy_text(policy: str, fallback: str) -> str:
+    """'allow', 'deny', or 'ask→deny' (ask, and what an unanswered prompt gets)."""
+    return f"ask→{fallback}" if policy == "ask" else policy
 
 
 class PeersTable(LiveTable[PeerRow]):
     COLUMNS = (
         ("name", "Name"),
         ("ip", "Tunnel IP"),
+        ("policy", "Policy"),
         ("endpoint", "Endpoint"),
         ("handshake", "Handshake"),
         ("rx", "Rx"),
@@ -45,6 +52,7 @@ class PeersTable(LiveTable[PeerRow]):
         return (
             (row.name, base or "bold"),
             (row.ip, base),
+            (policy_text(row.policy, row.fallback), base or POLICY_STYLES.get(row.policy, "")),
             (row.endpoint or "-", base),
             (fmt_ago(row.last_handshake, now), handshake_style),
             (fmt_bytes(row.rx_bytes), base),
@@ -55,7 +63,7 @@ class PeersTable(LiveTable[PeerRow]):
         )
 
     def search_text(self, row: PeerRow) -> str:
-        return f"{row.name} {row.ip} {row.endpoint or ''} {row.public_key}"
+        return f"{row.name} {row.ip} {row.endpoint or ''} {row.public_key} {row.policy}"
 
     def action_show_peer(self) -> None:
         key = self.selected_key

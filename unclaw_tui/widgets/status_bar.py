@@ -1,5 +1,5 @@
 """The status bar: listen port, key, endpoint, uptime and totals, with a throughput sparkline;
-alerts (under load, events dropped, paused) lead its second line."""
+alerts (prompts waiting, under load, events dropped, paused) lead its second line."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def status_text(
     *,
     paused: bool = False,
     dropped: int = 0,  # events the console's subscription dropped, since it started
+    prompts: int = 0,  # prompts waiting for an answer
 ) -> Text:
     text = Text(no_wrap=True, overflow="ellipsis")
     if snap is None:
@@ -32,6 +33,9 @@ def status_text(
     text.append("  up ", style="dim").append(fmt_uptime(now - snap.started_at))
     text.append("\n")
     # Alerts lead the second line: at 80 columns its end is cut off, and they must be seen.
+    if prompts:  # held flows wait on these: the first thing the operator should see
+        waiting = f" {prompts} prompt{'s' if prompts > 1 else ''} waiting · w "
+        text.append(waiting, style="bold black on yellow").append("  ")
     if snap.under_load:
         text.append("UNDER LOAD", style="bold red").append("  ")
     if dropped:  # the console fell behind the gateway's events
